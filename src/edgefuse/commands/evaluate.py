@@ -1,0 +1,76 @@
+"""``edgefuse eval mmlu``: accuracy of a model (optionally with an adapter) on MMLU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+eval_app = typer.Typer(help="Evaluate a model on MMLU or MMLU-CD.", no_args_is_help=True)
+
+
+def load_with_adapter(model_spec: str, adapter: Optional[Path]):
+    """Model + tokenizer, with a PEFT adapter applied when given (checked: safetensors only)."""
+    from edgefuse.models import load_model
+    from edgefuse.peft_utils import apply_adapter
+
+    model, tok = load_model(model_spec)
+    if adapter is not None:
+        model = apply_adapter(model, adapter)
+    return model, tok
+
+
+@eval_app.command("mmlu")
+def eval_mmlu(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, tiny-llama, HF dir, .gguf or hub id."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory to apply."),
+    data: Optional[str] = typer.Option(None, "--data", help="MMLU source: .jsonl, CSV dir or hub id (default: embedded)."),
+    split: str = typer.Option("test", "--split", help="edge | public | test | all"),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject split."),
+    domains: Optional[list[str]] = typer.Option(None, "--domains", help="Category/subcategory/subject names."),
+    subjects: Optional[list[str]] = typer.Option(None, "--subjects", help="Subject names."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Seeded stratified subsample of N items."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subsample and bootstrap."),
+    shots: int = typer.Option(0, "--shots", min=0, max=5, help="Few-shot examples from the public split."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    strict: bool = typer.Option(False, "--strict", help="Fail on malformed MMLU rows."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results JSON here."),
+    subjects_table: bool = typer.Option(False, "--per-subject", help="Also print per-subject rows."),
+):
+    """Letter-scored MMLU accuracy with 95% bootstrap intervals (overall, per category, per subject)."""
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
+    from edgefuse.evaluate.mmlu import evaluate_mmlu
+    from edgefuse.io import atomic_write_json, sha256_file
+    from edgefuse.models import fingerprint
+    from edgefuse.ui import accuracy_table, console, progress_bar
+
+    ds = load_mmlu(data, strict=strict)
+    spec = SplitSpec(seed=split_seed)
+    items = select(ds, split, domains, subjects, limit, seed, spec)
+    if not items:
+        from edgefuse.errors import EdgefuseError
+
+        raise EdgefuseError("the selection holds no items")
+    public = []
+    if shots:
+        ids = set(make_splits(ds, spec)["public"])
+        public = [it for it in ds.items if it.id in ids]
+    m, tok = load_with_adapter(model, adapter)
+    meta = {"model": model, "model_fingerprint": fingerprint(m), "split": split, "split_seed": split_seed,
+            "adapter": str(adapter) if adapter else None,
+            "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None,
+            "selection": {"domains": domains, "subjects": subjects, "limit": limit, "seed": seed}}
+    with progress_bar("MMLU", len(items)) as advance:
+        res = evaluate_mmlu(m, tok, items, shots=shots, public=public, batch_size=batch_size, progress=advance,
+                            meta=meta)
+    console.print(accuracy_table(f"MMLU ({model}{' + ' + str(adapter) if adapter else ''}, {shots}-shot, {split})",
+                                 res["accuracy"], subjects=subjects_table))
+    console.print(f"{res['n']} items, {res['wall_s']:.1f} s, {res['tokens_per_s']} tokens/s")
+    if out:
+        atomic_write_json(out, res)
+        console.print(f"results written to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")

@@ -1,0 +1,53 @@
+"""``edgefuse info``: what is installed and where (embedded model, MMLU, versions, device, cache)."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+
+import typer
+from rich.table import Table
+
+from edgefuse.errors import EdgefuseError
+
+
+def info(strict: bool = typer.Option(False, "--strict", help="Fail on malformed MMLU rows instead of skipping them.")):
+    """Show the embedded model and MMLU files, library versions, device and cache directory."""
+    import torch
+
+    from edgefuse import __version__, assets
+    from edgefuse.data.mmlu import load_jsonl
+    from edgefuse.models import default_device
+    from edgefuse.ui import console
+
+    t = Table(title=f"edgefuse {__version__}", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    try:
+        g = assets.smollm2_gguf()
+        t.add_row("embedded model", f"{g} ({g.stat().st_size / 2**20:.1f} MiB, SmolLM2-135M-Instruct Q4_1)")
+    except EdgefuseError as e:
+        t.add_row("embedded model", f"[red]{e}")
+    try:
+        path = assets.mmlu_jsonl()
+        ds = load_jsonl(path, strict=strict)
+        t.add_row("MMLU file", str(path))
+        t.add_row("MMLU items", f"{len(ds.items)} items, {len(ds.subjects())} subjects")
+        skipped = ", ".join(f"line {n} ({why})" for n, why in ds.skipped) or "none"
+        t.add_row("MMLU rows skipped", f"{len(ds.skipped)}: {skipped}")
+    except EdgefuseError as e:
+        if strict:
+            raise
+        t.add_row("MMLU file", f"[red]{e}")
+    for dist in ("torch", "transformers", "peft", "safetensors", "flwr"):
+        try:
+            t.add_row(dist, md.version(dist))
+        except md.PackageNotFoundError:
+            t.add_row(dist, "not installed")
+    t.add_row("device", default_device() + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
+    t.add_row("torch threads", str(torch.get_num_threads()))
+    t.add_row("cache directory", str(assets.cache_dir()) + "  (override with EDGEFUSE_CACHE)")
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)

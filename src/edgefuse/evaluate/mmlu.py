@@ -1,0 +1,77 @@
+"""MMLU evaluation: letter log-likelihood scoring, accuracy with bootstrap intervals, results JSON."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Callable, Sequence
+
+from edgefuse.data.mmlu import LETTERS, MMLUItem
+from edgefuse.data.prompts import mc_prompt
+from edgefuse.evaluate.scoring import LetterScorer
+from edgefuse.evaluate.stats import bootstrap_ci
+
+RESULTS_VERSION = 1
+
+
+def few_shot_pool(public: Sequence[MMLUItem]) -> dict[str, list[MMLUItem]]:
+    """Few-shot examples come from the ``public`` split only, in id order (deterministic)."""
+    pool: dict[str, list[MMLUItem]] = defaultdict(list)
+    for it in sorted(public, key=lambda it: it.id):
+        pool[it.subject].append(it)
+    return pool
+
+
+def build_prompts(items: Sequence[MMLUItem], shots: int = 0, public: Sequence[MMLUItem] = ()) -> list[str]:
+    pool = few_shot_pool(public) if shots else {}
+    return [mc_prompt(it, pool.get(it.subject, [])[:shots]) for it in items]
+
+
+def summarise(items: Sequence[MMLUItem], correct: Sequence[int], seed: int = 0) -> dict:
+    """Overall, per-category and per-subject accuracy, each with a 95% bootstrap interval."""
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    by_sub: dict[str, list[int]] = defaultdict(list)
+    for it, c in zip(items, correct):
+        by_cat[it.category].append(c)
+        by_sub[it.subject].append(c)
+    return {
+        "overall": bootstrap_ci(correct, seed=seed),
+        "categories": {k: bootstrap_ci(v, seed=seed) for k, v in sorted(by_cat.items())},
+        "subjects": {k: bootstrap_ci(v, seed=seed) for k, v in sorted(by_sub.items())},
+    }
+
+
+def evaluate_mmlu(
+    model,
+    tokenizer,
+    items: Sequence[MMLUItem],
+    shots: int = 0,
+    public: Sequence[MMLUItem] = (),
+    batch_size: int = 8,
+    padding_side: str = "right",
+    progress: Callable[[int], None] | None = None,
+    meta: dict | None = None,
+) -> dict:
+    """Score every item; return the results document (per-item predictions and the four scores)."""
+    t0 = time.perf_counter()
+    scorer = LetterScorer(model, tokenizer, batch_size=batch_size, padding_side=padding_side)
+    scores = scorer.score(build_prompts(items, shots, public), progress=progress)
+    preds = scores.argmax(dim=1).tolist()
+    correct = [int(p == it.answer) for p, it in zip(preds, items)]
+    wall = time.perf_counter() - t0
+    return {
+        "version": RESULTS_VERSION,
+        "benchmark": "mmlu",
+        **(meta or {}),
+        "shots": shots,
+        "n": len(items),
+        "accuracy": summarise(items, correct),
+        "wall_s": round(wall, 3),
+        "tokens": scorer.tokens_scored,
+        "tokens_per_s": round(scorer.tokens_scored / wall, 1) if wall > 0 else None,
+        "items": [
+            {"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
+             "correct": bool(c), "scores": [round(float(x), 6) for x in s]}
+            for it, p, c, s in zip(items, preds, correct, scores.tolist())
+        ],
+    }

@@ -1,0 +1,136 @@
+"""Batched log-likelihood scoring of single-token answers (the answer letters).
+
+Why this shape: every choice of a multiple-choice question is one token after the same prompt, so a
+single forward pass scores all four; the LM head (49k × 576 for SmolLM2, the largest matmul per
+position) runs only at the one position per prompt where a score is needed; prompts are sorted by
+length so batches carry little padding; position ids are derived from the attention mask so left
+and right padding give the same scores as running each prompt alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from edgefuse.errors import EdgefuseError
+
+
+def unwrap(model):
+    """The underlying transformers causal LM (PEFT wrappers inject LoRA in place, so this keeps it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def lm_parts(model):
+    """(decoder body, output head, final logit soft-cap or None) of a causal LM."""
+    lm = unwrap(model)
+    body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    head = lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    return body, head, softcap
+
+
+def head_logprobs(head, softcap, hidden: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary log-probabilities for a few hidden states (rows)."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def continuation_token_ids(tokenizer, continuations: Sequence[str]) -> list[int]:
+    """Token id of each single-token continuation (e.g. ' A'), checked in context.
+
+    A tokenizer may merge the space with the preceding text; we encode ``'Answer:' + cont`` and take
+    the tokens added after ``'Answer:'``, and insist on exactly one.
+    """
+    ctx = tokenizer("Answer:", add_special_tokens=False).input_ids
+    ids = []
+    for c in continuations:
+        full = tokenizer("Answer:" + c, add_special_tokens=False).input_ids
+        extra = full[len(ctx):]
+        if full[: len(ctx)] != ctx or len(extra) != 1:
+            raise EdgefuseError(f"continuation {c!r} is not a single token for this tokenizer")
+        ids.append(extra[0])
+    if len(set(ids)) != len(ids):
+        raise EdgefuseError("answer continuations map to the same token")
+    return ids
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    last_index: torch.Tensor  # position of each row's last real token
+
+
+def make_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str, device) -> Batch:
+    """Pad token sequences; positions count real tokens only, so padding cannot shift RoPE."""
+    n, width = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    last = torch.empty(n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if padding_side == "left":
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+            last[i] = width - 1
+        else:
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            last[i] = len(s) - 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids.to(device), mask.to(device), pos.to(device), last.to(device))
+
+
+class LetterScorer:
+    """Scores prompts by the log-probability of each answer continuation at the next position."""
+
+    def __init__(self, model, tokenizer, continuations: Sequence[str] = (" A", " B", " C", " D"),
+                 batch_size: int = 8, padding_side: str = "right", max_length: int | None = None,
+                 add_bos: bool = False):
+        if padding_side not in ("left", "right"):
+            raise ValueError("padding_side must be 'left' or 'right'")
+        self.model, self.tokenizer = model, tokenizer
+        self.choice_ids = torch.tensor(continuation_token_ids(tokenizer, continuations))
+        self.batch_size, self.padding_side = batch_size, padding_side
+        self.max_length = max_length or getattr(unwrap(model).config, "max_position_embeddings", 4096)
+        self.add_bos = add_bos
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.tokens_scored = 0
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        enc = self.tokenizer(list(prompts), add_special_tokens=False).input_ids
+        if self.add_bos and self.tokenizer.bos_token_id is not None:
+            enc = [[self.tokenizer.bos_token_id] + e for e in enc]
+        # keep the end of over-long prompts: the question and "Answer:" matter most
+        return [e[-self.max_length:] for e in enc]
+
+    def batches(self, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Index groups, longest first, so each batch holds prompts of similar length."""
+        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    @torch.inference_mode()
+    def score_tokens(self, seqs: Sequence[Sequence[int]], progress=None) -> torch.Tensor:
+        """(n, n_choices) log-probabilities; ``progress(k)`` is called after each batch of k prompts."""
+        body, head, softcap = lm_parts(self.model)
+        device = next(self.model.parameters()).device
+        out = torch.empty((len(seqs), len(self.choice_ids)), dtype=torch.float32)
+        for idx in self.batches(seqs):
+            b = make_batch([seqs[i] for i in idx], self.pad_id, self.padding_side, device)
+            hidden = body(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                          use_cache=False).last_hidden_state
+            h = hidden[torch.arange(len(idx), device=device), b.last_index]
+            lp = head_logprobs(head, softcap, h)[:, self.choice_ids.to(device)]
+            out[torch.tensor(idx)] = lp.float().cpu()
+            self.tokens_scored += int(b.attention_mask.sum())
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    def score(self, prompts: Sequence[str], progress=None) -> torch.Tensor:
+        return self.score_tokens(self.encode(prompts), progress)

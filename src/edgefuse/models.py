@@ -1,0 +1,189 @@
+"""Load any causal LM and fingerprint it.
+
+Specs: ``smollm2-135m`` (the embedded GGUF, the default), ``tiny-llama`` (a seeded random tiny Llama
+with a small byte-level tokenizer, for tests), a local HF directory, a ``.gguf`` file, or a hub id.
+GGUF weights are dequantized once and cached as safetensors so later loads take a second, not 20.
+
+The fingerprint (config + tensor names, shapes, content digest) lets every later stage refuse an
+artifact made for another base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from edgefuse.assets import cache_dir, smollm2_gguf
+from edgefuse.errors import EdgefuseError
+from edgefuse.io import atomic_dir, refuse_pickles
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-llama"
+_FP_ATTR = "_edgefuse_fingerprint"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_tokenizer():
+    """A deterministic byte-level BPE tokenizer trained on a fixed text (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "The following are multiple choice questions (with answers) about science, law and medicine.",
+        "Question: what is the answer? A. one B. two C. three D. four Answer: A B C D",
+        "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?()[]{}'\"-+*/=<>_\n",
+    ] * 4
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 96):
+    """A randomly initialised tiny Llama (GQA) and its tokenizer, identical for the same seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False, rope_theta=10000.0,
+    )
+    g = torch.random.fork_rng(devices=[])
+    with g:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.config.name_or_path = TINY_MODEL
+    model.eval()
+    return model, tok
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _load_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    refuse_pickles(path)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    return model, tok
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype, name: str):
+    """Dequantize a GGUF once, cache it as a safetensors HF directory, load from the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = _gguf_cache_dir(gguf)
+    if not (cached / "config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as e:  # transformers raises many types for bad GGUF files
+            raise EdgefuseError(f"cannot load GGUF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", path=gguf) from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model.config.name_or_path = name
+        with atomic_dir(cached) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            (tmp / "edgefuse_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
+    model, tok = _load_dir(cached, dtype)
+    model.config.name_or_path = name
+    return model, tok
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``device``."""
+    _quiet_transformers()
+    spec = spec or DEFAULT_MODEL
+    if spec == TINY_MODEL:
+        model, tok = tiny_model()
+    elif spec == DEFAULT_MODEL:
+        model, tok = _load_gguf(smollm2_gguf(), dtype, DEFAULT_MODEL)
+    elif spec.endswith(".gguf"):
+        p = Path(spec)
+        if not p.is_file():
+            raise EdgefuseError("GGUF file not found", path=p)
+        model, tok = _load_gguf(p, dtype, p.name)
+    elif Path(spec).is_dir():
+        p = Path(spec)
+        if not (p / "config.json").is_file():
+            raise EdgefuseError("not a Hugging Face model directory (no config.json)", path=p)
+        model, tok = _load_dir(p, dtype)
+        edgefuse_meta = p / "edgefuse_model.json"
+        if edgefuse_meta.is_file():
+            model.config.name_or_path = json.loads(edgefuse_meta.read_text()).get("name", str(p))
+    elif "/" in spec and not Path(spec).exists() and not spec.startswith((".", "/")):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(spec)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+        except OSError as e:
+            raise EdgefuseError(f"cannot load hub model {spec!r} ({str(e).splitlines()[0]})") from None
+    else:
+        raise EdgefuseError(
+            f"unknown model spec {spec!r}: use {DEFAULT_MODEL}, {TINY_MODEL}, a local HF directory, a .gguf file or a hub id"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device or default_device())
+    model.eval()
+    return model, tok
+
+
+def fingerprint(model) -> str:
+    """Stable digest of a model's architecture and weights (config, tensor names, shapes, content).
+
+    The content digest samples a fixed strided subset of each tensor so it costs milliseconds while
+    still telling apart two checkpoints of the same architecture.
+    """
+    cached = getattr(model, _FP_ATTR, None)
+    if cached:
+        return cached
+    cfg = model.config.to_dict()
+    keep = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+    h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in keep}, sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        h.update(flat[::step][:64].float().cpu().numpy().tobytes())
+    fp = h.hexdigest()[:32]
+    try:
+        object.__setattr__(model, _FP_ATTR, fp)
+    except Exception:  # noqa: BLE001 - caching is an optimisation only
+        pass
+    return fp
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
