@@ -1,7 +1,124 @@
-"""CLI commands for this stage (filled in by its issue)."""
+"""``edgefuse mmlu-cd build`` (compose the cross-domain benchmark) and ``edgefuse eval mmlu-cd``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from edgefuse.commands.evaluate import eval_app, load_with_adapter
+
+cd_app = typer.Typer(help="MMLU-CD: cross-domain instances of k questions from k distinct domains.",
+                     no_args_is_help=True)
+
+
+def _split_names(values: Optional[list[str]]) -> Optional[list[str]]:
+    """Accept both ``--domains a --domains b`` and ``--domains a,b``."""
+    if not values:
+        return None
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+@cd_app.command("build")
+def build(
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write."),
+    k: int = typer.Option(2, "--k", help="Questions (= distinct domains) per instance, 2..number of domains."),
+    n: int = typer.Option(500, "--n", help="Number of instances."),
+    seed: int = typer.Option(0, "--seed", help="Seed of combination order, answer order and item draws."),
+    domains: Optional[list[str]] = typer.Option(
+        None, "--domains", help="Disjoint domains (categories, subcategories or subjects; repeat or comma-separate). "
+                                "Default: the 4 MMLU categories."),
+    split: str = typer.Option("test", "--split", help="Split the items come from: test | edge | public | all."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject MMLU split."),
+    no_reuse: bool = typer.Option(False, "--no-reuse", help="Never use an item in two instances."),
+    data: Optional[str] = typer.Option(None, "--data", help="MMLU source: .jsonl, CSV dir or hub id (default: embedded)."),
+):
+    """Compose a balanced, seeded MMLU-CD benchmark and print its content hash."""
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu
+    from edgefuse.data.mmlu_cd import build_instances, write_benchmark
+    from edgefuse.ui import console
+
+    ds = load_mmlu(data)
+    doc = build_instances(ds, k=k, n=n, seed=seed, domains=_split_names(domains), split=split, no_reuse=no_reuse,
+                          split_spec=SplitSpec(seed=split_seed))
+    digest = write_benchmark(doc, out)
+    h = doc["header"]
+    console.print(f"{h['n']} instances, k={h['k']}, domains {', '.join(h['domains'])}, split {split} "
+                  f"(split seed {split_seed}), seed {seed} → {out}")
+    for combo, count in h["combinations"].items():
+        console.print(f"  {combo}: {count}")
+    typer.echo(f"sha256 {digest}")
+
+
+@eval_app.command("mmlu-cd")
+def eval_mmlu_cd(
+    bench: Path = typer.Option(..., "--bench", help="MMLU-CD JSONL made by `edgefuse mmlu-cd build`."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, tiny-llama, HF dir, .gguf or hub id."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory to apply."),
+    data: Optional[str] = typer.Option(None, "--data", help="MMLU source the benchmark was built from (default: embedded)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results JSON here."),
+):
+    """Strict / per-position / single-item accuracy, cross-domain penalty and domain matrix (95% CIs)."""
+    from edgefuse.data.mmlu import load_mmlu
+    from edgefuse.data.mmlu_cd import load_benchmark
+    from edgefuse.evaluate.mmlu_cd import evaluate_mmlu_cd, resolve
+    from edgefuse.io import atomic_write_json, sha256_file
+    from edgefuse.models import fingerprint
+    from edgefuse.ui import console, progress_bar
+
+    doc = load_benchmark(bench)
+    ds = load_mmlu(data)
+    resolve(doc, ds)  # fail on unknown ids before loading the model
+    m, tok = load_with_adapter(model, adapter)
+    meta = {"model": model, "model_fingerprint": fingerprint(m), "bench": str(bench),
+            "adapter": str(adapter) if adapter else None,
+            "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None}
+    with progress_bar("MMLU-CD", len(doc["instances"])) as advance:
+        res = evaluate_mmlu_cd(m, tok, doc, ds, batch_size=batch_size, progress=advance, meta=meta)
+    for table in results_tables(res, f"MMLU-CD k={res['k']} ({model}{' + ' + str(adapter) if adapter else ''})"):
+        console.print(table)
+    console.print(f"{res['n']} instances, {res['wall_s']:.1f} s, benchmark sha256 {res['benchmark_sha256'][:16]}…")
+    if out:
+        atomic_write_json(out, res)
+        console.print(f"results written to {out}")
+
+
+def results_tables(res: dict, title: str) -> list:
+    """The summary table (metric, n, value with CI) and the domain × domain strict-accuracy matrix."""
+    from rich.table import Table
+
+    from edgefuse.evaluate.stats import fmt_ci
+
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("n", justify="right")
+    t.add_column("% [95% CI]", justify="right")
+    t.add_row("[bold]strict (all answers right)", str(res["strict"]["n"]), fmt_ci(res["strict"]))
+    for j, r in enumerate(res["per_position"], 1):
+        t.add_row(f"answer {j}", str(r["n"]), fmt_ci(r))
+    t.add_row("all answers, in instance", str(res["answer"]["n"]), fmt_ci(res["answer"]))
+    if res.get("single"):
+        t.add_row("same items asked alone", str(res["single"]["n"]), fmt_ci(res["single"]))
+        t.add_row("penalty (alone − in instance)", str(res["penalty"]["n"]), fmt_ci(res["penalty"]))
+        t.add_row("alone: all k right", str(res["single_strict"]["n"]), fmt_ci(res["single_strict"]))
+        t.add_row("strict penalty (alone − in instance)", str(res["penalty_strict"]["n"]), fmt_ci(res["penalty_strict"]))
+    t.add_row("chance (0.25^k)", "", f"{100 * res['chance']:.2f}")
+    names = list(res["domain_matrix"])
+    mt = Table(title="strict accuracy % (n) of instances containing both domains")
+    mt.add_column("")
+    for b in names:
+        mt.add_column(b, justify="right")
+    for a in names:
+        cells = []
+        for b in names:
+            c = res["domain_matrix"][a][b]
+            cells.append("–" if c["n"] == 0 else f"{100 * c['acc']:.1f} ({c['n']})")
+        mt.add_row(a, *cells)
+    return [t, mt]
+
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the app."""
+    """Add ``mmlu-cd build``; ``eval mmlu-cd`` is registered on the shared eval group at import."""
+    app.add_typer(cd_app, name="mmlu-cd")

@@ -1,0 +1,254 @@
+"""MMLU-CD evaluation: chained letter scoring of k answers in one prompt, with a KV cache.
+
+Prompt (see ``docs/mmlu_cd.md``)::
+
+    The following are multiple choice questions (with answers) about <s1>, <s2> and <s3>.
+
+    Question 1: <q1>
+    A. ...            (B., C., D.)
+
+    Question 2: <q2>
+    ...
+
+    Answer 1: X1
+    Answer 2: X2
+    ...
+
+Answer j is scored by the log-probabilities of the letter tokens `` A``..`` D`` after ``Answer j:``,
+and the text that follows contains the model's *own* earlier predictions X1..X(j-1), never the gold
+letters. The shared prefix (header, all questions, ``Answer 1:``) runs through the decoder once;
+each later answer feeds only the new tokens (`` Xj-1`` + ``\\nAnswer j:``) against the cached keys
+and values, and the LM head runs only at the k scoring positions. Instances are batched with left
+padding, so every row's scoring position is the last column and the per-step blocks (same length
+for every row) need no padding at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Callable, Sequence
+
+import torch
+
+from edgefuse.data.mmlu import LETTERS, MMLUDataset, MMLUItem
+from edgefuse.data.mmlu_cd import content_hash
+from edgefuse.data.prompts import subject_words
+from edgefuse.errors import EdgefuseError
+from edgefuse.evaluate.mmlu import evaluate_mmlu
+from edgefuse.evaluate.scoring import continuation_token_ids, head_logprobs, lm_parts, make_batch, unwrap
+from edgefuse.evaluate.stats import bootstrap_ci, paired_diff_ci
+
+RESULTS_VERSION = 1
+CONTINUATIONS = (" A", " B", " C", " D")
+
+
+def _join(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def cd_header(items: Sequence[MMLUItem]) -> str:
+    subjects = list(dict.fromkeys(subject_words(it.subject) for it in items))
+    return f"The following are multiple choice questions (with answers) about {_join(subjects)}.\n\n"
+
+
+def cd_prefix(items: Sequence[MMLUItem]) -> str:
+    """Header, all numbered questions with lettered choices, then ``Answer 1:`` (no trailing space)."""
+    blocks = []
+    for j, it in enumerate(items, 1):
+        lines = [f"Question {j}: {it.question.strip()}"]
+        lines += [f"{letter}. {choice}" for letter, choice in zip(LETTERS, it.choices)]
+        blocks.append("\n".join(lines))
+    return cd_header(items) + "\n\n".join(blocks) + "\n\nAnswer 1:"
+
+
+def answer_cue(j: int) -> str:
+    """Text that follows answer j-1's letter and precedes answer j's (1-based j ≥ 2)."""
+    return f"\nAnswer {j}:"
+
+
+def cd_text(items: Sequence[MMLUItem], letters: Sequence[int]) -> str:
+    """The growing prompt after answering ``letters`` (indices): the scoring point of answer len+1,
+    or, with all k letters, the full instance text."""
+    text = cd_prefix(items)
+    for j, letter in enumerate(letters, 1):
+        text += f" {LETTERS[letter]}"
+        if j < len(items):
+            text += answer_cue(j + 1)
+    return text
+
+
+class ChainedScorer:
+    """Scores all k answers of many instances: one cached prefix pass, then k-1 short cached steps."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.letter_ids = continuation_token_ids(tokenizer, CONTINUATIONS)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_length = getattr(unwrap(model).config, "max_position_embeddings", None)
+        self.tokens = 0  # tokens run through the decoder (prefix + steps, padding excluded)
+
+    def encode(self, instances: Sequence[Sequence[MMLUItem]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Prefix token ids per instance and the cue ids per answer position 2..k."""
+        k = len(instances[0])
+        enc = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+        prefixes = [enc(cd_prefix(items)) for items in instances]
+        cues = [enc(answer_cue(j)) for j in range(2, k + 1)]
+        # the chain concatenates separately tokenized pieces; make sure that equals tokenizing the text
+        for x, letter_id in enumerate(self.letter_ids):
+            for j, cue in enumerate(cues, 2):
+                if enc(f" {LETTERS[x]}{answer_cue(j)}") != [letter_id, *cue]:
+                    raise EdgefuseError(f"tokenizer merges the answer letter with {answer_cue(j)!r}; "
+                                        "MMLU-CD's chained scoring needs them as separate tokens")
+        if self.max_length:
+            longest = max(len(p) for p in prefixes) + sum(1 + len(c) for c in cues)
+            if longest > self.max_length:
+                raise EdgefuseError(f"an MMLU-CD prompt has {longest} tokens, more than the model's "
+                                    f"{self.max_length}; use a smaller k or shorter domains")
+        return prefixes, cues
+
+    @torch.inference_mode()
+    def score(self, instances: Sequence[Sequence[MMLUItem]],
+              progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """(n, k, 4) letter log-probabilities; position j is conditioned on the argmax of 1..j-1."""
+        if not instances:
+            return torch.empty((0, 0, len(self.letter_ids)))
+        k = len(instances[0])
+        prefixes, cues = self.encode(instances)
+        body, head, softcap = lm_parts(self.model)
+        device = next(self.model.parameters()).device
+        letters = torch.tensor(self.letter_ids, device=device)
+        out = torch.empty((len(instances), k, len(self.letter_ids)), dtype=torch.float32)
+        order = sorted(range(len(instances)), key=lambda i: (-len(prefixes[i]), i))
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s: s + self.batch_size]
+            b = make_batch([prefixes[i] for i in idx], self.pad_id, "left", device)
+            res = body(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                       use_cache=True)
+            cache, mask, pos = res.past_key_values, b.attention_mask, b.position_ids[:, -1:]
+            self.tokens += int(mask.sum())
+            lp = head_logprobs(head, softcap, res.last_hidden_state[:, -1])[:, letters]
+            out[idx, 0] = lp.float().cpu()
+            for j, cue in enumerate(cues, 1):
+                pred = lp.argmax(-1)
+                new = torch.cat([letters[pred][:, None], torch.tensor(cue, device=device).expand(len(idx), -1)], 1)
+                step_pos = pos + torch.arange(1, new.shape[1] + 1, device=device)
+                mask = torch.cat([mask, torch.ones_like(new)], 1)
+                res = body(input_ids=new, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                           use_cache=True)
+                cache, pos = res.past_key_values, step_pos[:, -1:]
+                self.tokens += new.numel()
+                lp = head_logprobs(head, softcap, res.last_hidden_state[:, -1])[:, letters]
+                out[idx, j] = lp.float().cpu()
+            del cache, res
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+
+def resolve(doc: dict, dataset: MMLUDataset) -> list[list[MMLUItem]]:
+    """The MMLU items of each instance, in answer order; ids missing from the dataset are an error."""
+    by_id = dataset.by_id()
+    out = []
+    for no, inst in enumerate(doc["instances"], 2):
+        missing = [i for i in inst["items"] if i not in by_id]
+        if missing:
+            raise EdgefuseError(f"instance {inst['id']!r} (benchmark line {no}): item {missing[0]!r} is not in "
+                                f"the MMLU source {dataset.source} (build and evaluate with the same data)")
+        out.append([by_id[i] for i in inst["items"]])
+    return out
+
+
+def cd_metrics(domains: Sequence[Sequence[str]], correct: Sequence[Sequence[int]],
+               single: Sequence[Sequence[int]] | None = None, all_domains: Sequence[str] | None = None,
+               seed: int = 0) -> dict:
+    """Instance metrics from per-position 0/1 outcomes (instances × k), each with a 95% bootstrap CI.
+
+    strict: all k answers right; per_position[j]: answer j right; answer: all answers pooled;
+    domain_matrix[a][b]: strict accuracy of the instances containing both domains a and b (the
+    diagonal: instances containing a); with ``single`` (the same items asked alone) also the
+    single-item accuracy and the paired cross-domain penalties (single − in-instance).
+    """
+    k = len(correct[0])
+    strict = [int(all(c)) for c in correct]
+    pooled = [c for row in correct for c in row]
+    names = list(all_domains) if all_domains else sorted({d for row in domains for d in row})
+    cells: dict[tuple[str, str], list[int]] = defaultdict(list)
+    by_domain: dict[str, list[int]] = defaultdict(list)
+    by_domain_single: dict[str, list[int]] = defaultdict(list)
+    for r, (doms, s) in enumerate(zip(domains, strict)):
+        for a in doms:
+            for b in doms:
+                cells[a, b].append(s)
+        for j, d in enumerate(doms):
+            by_domain[d].append(correct[r][j])
+            if single is not None:
+                by_domain_single[d].append(single[r][j])
+    out = {
+        "chance": 0.25 ** k,
+        "strict": bootstrap_ci(strict, seed=seed),
+        "per_position": [bootstrap_ci([row[j] for row in correct], seed=seed) for j in range(k)],
+        "answer": bootstrap_ci(pooled, seed=seed),
+        "domain_matrix": {a: {b: bootstrap_ci(cells.get((a, b), []), seed=seed) for b in names} for a in names},
+        "per_domain": {d: {"in_instance": bootstrap_ci(by_domain[d], seed=seed)} for d in names},
+    }
+    if single is not None:
+        single_pooled = [c for row in single for c in row]
+        single_strict = [int(all(row)) for row in single]
+        out["single"] = bootstrap_ci(single_pooled, seed=seed)
+        out["single_strict"] = bootstrap_ci(single_strict, seed=seed)
+        out["penalty"] = paired_diff_ci(single_pooled, pooled, seed=seed)
+        out["penalty_strict"] = paired_diff_ci(single_strict, strict, seed=seed)
+        for d in names:
+            out["per_domain"][d]["single"] = bootstrap_ci(by_domain_single[d], seed=seed)
+    return out
+
+
+def evaluate_mmlu_cd(model, tokenizer, doc: dict, dataset: MMLUDataset, *, batch_size: int = 8,
+                     progress: Callable[[int], None] | None = None, meta: dict | None = None,
+                     single: bool = True) -> dict:
+    """Score every instance (chained, KV-cached) and the same items alone; return the results document."""
+    header = doc["header"]
+    instances = resolve(doc, dataset)
+    if not instances:
+        raise EdgefuseError("the MMLU-CD benchmark holds no instances")
+    t0 = time.perf_counter()
+    scorer = ChainedScorer(model, tokenizer, batch_size=batch_size)
+    scores = scorer.score(instances, progress=progress)
+    t_chain = time.perf_counter() - t0
+    preds = scores.argmax(-1).tolist()
+    correct = [[int(p == it.answer) for p, it in zip(row, items)] for row, items in zip(preds, instances)]
+    single_res, single_correct = None, None
+    if single:
+        unique = list({it.id: it for items in instances for it in items}.values())
+        single_res = evaluate_mmlu(model, tokenizer, unique, batch_size=batch_size)
+        alone = {r["id"]: r for r in single_res["items"]}
+        single_correct = [[int(alone[it.id]["correct"]) for it in items] for items in instances]
+    metrics = cd_metrics([inst["domains"] for inst in doc["instances"]], correct, single_correct,
+                         header.get("domains"))
+    wall = time.perf_counter() - t0
+    records = []
+    for inst, items, row, sc in zip(doc["instances"], instances, preds, scores.tolist()):
+        records.append({
+            "id": inst["id"], "items": [it.id for it in items], "domains": inst["domains"],
+            "answers": [LETTERS[it.answer] for it in items], "preds": [LETTERS[p] for p in row],
+            "correct": [p == it.answer for p, it in zip(row, items)],
+            "strict": all(p == it.answer for p, it in zip(row, items)),
+            "scores": [[round(float(x), 6) for x in pos] for pos in sc],
+            **({"single_preds": [alone[it.id]["pred"] for it in items]} if single else {}),
+        })
+    return {
+        "version": RESULTS_VERSION,
+        "benchmark": "mmlu-cd",
+        **(meta or {}),
+        "benchmark_sha256": content_hash(doc),
+        "benchmark_header": header,
+        "k": len(instances[0]),
+        "n": len(instances),
+        **metrics,
+        "wall_s": round(wall, 3),
+        "chained_wall_s": round(t_chain, 3),
+        "tokens": scorer.tokens,
+        "single_items": single_res["items"] if single_res else None,
+        "instances": records,
+    }
