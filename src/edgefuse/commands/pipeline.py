@@ -1,7 +1,38 @@
-"""CLI commands for this stage (filled in by its issue)."""
+"""``edgefuse run CONFIG.yaml``: the whole study with a stage cache, ending in a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def run(
+    config: Path = typer.Argument(..., help="Study config (YAML); see configs/quick.yaml."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where stages, logs and the report go "
+                                           "(default: runs/<config name>)."),
+    force: Optional[str] = typer.Option(None, "--force", help="Redo this stage kind and all after it: "
+                                        "data, prune, train, recover, fuse, eval."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw progress bars."),
+):
+    """Prune, train every edge, recover, fuse (± LoRA-CR), evaluate on MMLU and MMLU-CD, write a report."""
+    from edgefuse.config import load_config
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.pipeline import run_study
+    from edgefuse.report import headline_table
+    from edgefuse.stages import KINDS
+    from edgefuse.ui import console
+
+    cfg = load_config(config)
+    if force is not None and force not in KINDS:
+        raise EdgefuseError(f"--force {force!r}: unknown stage kind; valid: {', '.join(KINDS)}")
+    run_dir = run_dir or Path("runs") / config.stem
+    doc = run_study(cfg, run_dir, force=force, show_progress=not no_progress)
+    console.print(f"\n[bold]Headline ({cfg.name}, {doc['wall_s']:.0f} s)[/bold]")
+    console.print(headline_table(doc))
+    console.print(f"\nreport: {run_dir / 'report.md'}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the app."""
+    app.command("run")(run)

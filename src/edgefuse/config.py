@@ -1,0 +1,174 @@
+"""The study configuration (``edgefuse run CONFIG.yaml``), validated by pydantic before any work starts.
+
+Every section forbids unknown keys, so a typo fails at once with the key's path instead of being
+silently ignored after an hour of training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgefuse.errors import EdgefuseError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    source: str = "embedded"
+    split_seed: int = 0
+    public_per_subject: int = Field(5, ge=1)
+    edge_fraction: float = Field(0.4, gt=0, lt=1)
+
+
+class PruningConfig(_Strict):
+    method: Literal["magnitude", "wanda", "taylor", "random"] = "magnitude"
+    structure: Literal["width", "depth", "unstructured", "2:4"] = "width"
+    ratio: Optional[float] = Field(0.25, ge=0, lt=1)
+    memory_budget_gib: Optional[float] = Field(None, gt=0)
+    calib: int = Field(16, ge=0, description="calibration prompts from the public split")
+
+
+class TrainingConfig(_Strict):
+    steps: int = Field(30, ge=1)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    batch: int = Field(8, ge=1)
+    seq: int = Field(384, ge=16)
+    grad_accum: int = Field(1, ge=1)
+    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class FusionConfig(_Strict):
+    methods: list[str] = ["task_arithmetic", "ties"]
+    cr: list[str] = ["off", "element"]
+    rank: Optional[int] = Field(None, ge=1)
+    density: Optional[float] = Field(None, gt=0, le=1)
+    weights: Optional[list[float]] = None
+    params: dict[str, dict] = {}
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        from edgefuse.fusion import list_methods
+
+        known = list(list_methods())
+        bad = [m for m in v if m not in known]
+        if bad:
+            raise ValueError(f"unknown fusion method {bad[0]!r}; valid: {', '.join(known)}")
+        return v
+
+    @field_validator("cr")
+    @classmethod
+    def _known_cr(cls, v: list[str]) -> list[str]:
+        from edgefuse.fusion import list_cr_strategies
+
+        known = ["off", *list_cr_strategies()]
+        bad = [s for s in v if s not in known]
+        if bad:
+            raise ValueError(f"unknown LoRA-CR strategy {bad[0]!r}; valid: {', '.join(known)}")
+        return v
+
+
+class MMLUBench(_Strict):
+    enabled: bool = True
+    limit: Optional[int] = Field(200, ge=1)
+    shots: int = Field(0, ge=0, le=5)
+    domains: Optional[list[str]] = None
+
+
+class MMLUCDBench(_Strict):
+    enabled: bool = True
+    ks: list[int] = [2]
+    n: int = Field(60, ge=1)
+    domains: Optional[list[str]] = None
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if any(k < 2 for k in v):
+            raise ValueError("every k must be at least 2")
+        return v
+
+
+class BenchmarksConfig(_Strict):
+    mmlu: MMLUBench = MMLUBench()
+    mmlu_cd: MMLUCDBench = MMLUCDBench()
+    batch_size: int = Field(8, ge=1)
+    edges_alone: bool = True
+
+
+class OutputConfig(_Strict):
+    figures: bool = True
+    headline_k: int = 2
+
+
+class StudyConfig(_Strict):
+    name: str = "study"
+    model: str = "smollm2-135m"
+    seeds: list[int] = [0]
+    data: DataConfig = DataConfig()
+    edges: dict[str, list[str]]
+    pruning: PruningConfig = PruningConfig()
+    training: TrainingConfig = TrainingConfig()
+    fusion: FusionConfig = FusionConfig()
+    benchmarks: BenchmarksConfig = BenchmarksConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("edges")
+    @classmethod
+    def _edges(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        from edgefuse.data.taxonomy import domain_subjects
+
+        if len(v) < 1:
+            raise ValueError("at least one edge is needed")
+        for name, domains in v.items():
+            if not domains:
+                raise ValueError(f"edge {name!r} has no domains")
+            for d in domains:
+                try:
+                    domain_subjects(d)
+                except EdgefuseError as e:
+                    raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> "StudyConfig":
+        if self.pruning.ratio is None and self.pruning.memory_budget_gib is None:
+            raise ValueError("pruning needs a ratio or a memory_budget_gib")
+        if self.fusion.weights is not None and len(self.fusion.weights) != len(self.edges):
+            raise ValueError(f"fusion.weights has {len(self.fusion.weights)} entries for {len(self.edges)} edges")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        return self
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Parse and validate a YAML study config; every problem becomes one line naming file and key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgefuseError("config file not found", path=path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise EdgefuseError(f"malformed YAML ({getattr(e, 'problem', e)})", path=path,
+                            line=None if line is None else line + 1) from None
+    if not isinstance(raw, dict):
+        raise EdgefuseError("config must be a YAML mapping", path=path)
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise EdgefuseError(f"{key}: {msg}", path=path) from None

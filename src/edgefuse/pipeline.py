@@ -1,0 +1,430 @@
+"""``edgefuse run``: the whole cloud–edge study as cached stages, ending in a report.
+
+Stages (each a pure function over files, cached by `StageCache`):
+  data → mmlu-cd build (per k) → base eval → per seed: per edge prune → train → recover → eval alone;
+  per fusion method × LoRA-CR strategy: fuse → eval → report.
+The same stage functions are used by the Flower apps (`edgefuse.federated`), so a federated study and a
+single-process study with the same seeds produce the same adapters and scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgefuse.config import StudyConfig
+from edgefuse.io import atomic_write_json, read_json, sha256_file
+from edgefuse.stages import StageCache
+
+log = logging.getLogger("edgefuse.run")
+
+
+# ----------------------------------------------------------------------------------------------- progress
+class StudyProgress:
+    """One overall bar (stage i of N, elapsed, remaining) and one bar for the current stage's work."""
+
+    def __init__(self, total_stages: int, enabled: bool = True):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        from edgefuse.ui import err_console
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=err_console, disable=not enabled)
+        self.overall = self.progress.add_task("study", total=total_stages, info="")
+        self.current = None
+        self.n_done = 0
+        self.total = total_stages
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def stage(self, name: str, total: int | None) -> Callable[..., None]:
+        if self.current is not None:
+            self.progress.remove_task(self.current)
+        self.progress.update(self.overall, description=f"study: stage {self.n_done + 1} of {self.total}")
+        self.current = self.progress.add_task(f"  {name}", total=total, info="")
+
+        def advance(k: int = 1, **fields) -> None:
+            info = " ".join(f"{a}={b:.3g}" if isinstance(b, float) else f"{a}={b}" for a, b in fields.items())
+            self.progress.update(self.current, advance=k, **({"info": info} if info else {}))
+
+        return advance
+
+    def stage_done(self) -> None:
+        self.n_done += 1
+        self.progress.update(self.overall, advance=1)
+
+
+# ----------------------------------------------------------------------------------------------- context
+@dataclass
+class Study:
+    """Everything the stages share: config, data, base model, cache and progress."""
+
+    cfg: StudyConfig
+    run_dir: Path
+    cache: StageCache
+    progress: StudyProgress
+    dataset: Any = None
+    split_spec: Any = None
+    model: Any = None
+    tokenizer: Any = None
+    base_fingerprint: str = ""
+    mmlu_items: list = field(default_factory=list)
+    cd_docs: dict[int, dict] = field(default_factory=dict)
+    cd_hashes: dict[int, str] = field(default_factory=dict)
+
+    def stage(self, kind: str, name: str, inputs: Any, fn: Callable[[Path, Callable], dict],
+              total: int | None = None) -> tuple[Path, dict]:
+        advance = self.progress.stage(name, total)
+        try:
+            return self.cache.run(kind, name, inputs, lambda work: fn(work, advance))
+        finally:
+            self.progress.stage_done()
+
+    def items_of(self, split: str, domains: list[str] | None = None):
+        from edgefuse.data.mmlu import select
+
+        return select(self.dataset, split, domains, None, None, self.cfg.data.split_seed, self.split_spec)
+
+
+def _edge_names(cfg: StudyConfig) -> list[str]:
+    return list(cfg.edges)
+
+
+def count_stages(cfg: StudyConfig) -> int:
+    b = cfg.benchmarks
+    n = 1 + (len(b.mmlu_cd.ks) if b.mmlu_cd.enabled else 0) + 1
+    per_edge = 3 + (1 if b.edges_alone else 0)
+    n += len(cfg.seeds) * (len(cfg.edges) * per_edge + len(cfg.fusion.methods) * len(cfg.fusion.cr) * 2)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def stage_data(st: Study) -> None:
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
+
+    d = st.cfg.data
+    st.dataset = load_mmlu(None if d.source == "embedded" else d.source)
+    st.split_spec = SplitSpec(seed=d.split_seed, public_per_subject=d.public_per_subject,
+                              edge_fraction=d.edge_fraction)
+
+    def run(work: Path, advance) -> dict:
+        splits = make_splits(st.dataset, st.split_spec)
+        atomic_write_json(work / "splits.json", splits, indent=None)
+        return {k: len(v) for k, v in splits.items()} | {"skipped_rows": st.dataset.skipped}
+
+    st.stage("data", "data", d.model_dump(), run)
+    m = st.cfg.benchmarks.mmlu
+    st.mmlu_items = select(st.dataset, "test", m.domains, None, m.limit, d.split_seed, st.split_spec)
+
+
+def stage_cd_build(st: Study) -> None:
+    from edgefuse.data.mmlu_cd import build_instances, load_benchmark, write_benchmark
+
+    cd = st.cfg.benchmarks.mmlu_cd
+    if not cd.enabled:
+        return
+    for k in cd.ks:
+        def run(work: Path, advance, k=k) -> dict:
+            doc = build_instances(st.dataset, k=k, n=cd.n, seed=st.cfg.data.split_seed, domains=cd.domains,
+                                  split="test", split_spec=st.split_spec)
+            return {"hash": write_benchmark(doc, work / f"mmlu_cd_k{k}.jsonl"), "file": f"mmlu_cd_k{k}.jsonl"}
+
+        out, res = st.stage("data", f"mmlu-cd-k{k}", {"data": st.cfg.data.model_dump(), "cd": cd.model_dump(),
+                                                     "k": k}, run)
+        st.cd_docs[k] = load_benchmark(out / res["file"])
+        st.cd_hashes[k] = res["hash"]
+
+
+def evaluate_model(st: Study, model, work: Path, advance, label: str) -> dict:
+    """MMLU and MMLU-CD (each k) for one model; full results to files, summary returned."""
+    from edgefuse.evaluate.mmlu import evaluate_mmlu
+    from edgefuse.evaluate.mmlu_cd import evaluate_mmlu_cd
+
+    b = st.cfg.benchmarks
+    summary: dict[str, Any] = {"label": label}
+    if b.mmlu.enabled:
+        res = evaluate_mmlu(model, st.tokenizer, st.mmlu_items, shots=b.mmlu.shots,
+                            public=st.items_of("public") if b.mmlu.shots else (), batch_size=b.batch_size,
+                            progress=advance, meta={"label": label})
+        atomic_write_json(work / "mmlu.json", res)
+        summary["mmlu"] = {"accuracy": res["accuracy"], "file": "mmlu.json",
+                           "correct": {i["id"]: int(i["correct"]) for i in res["items"]}}
+    for k, doc in st.cd_docs.items():
+        res = evaluate_mmlu_cd(model, st.tokenizer, doc, st.dataset, batch_size=b.batch_size,
+                               progress=advance, meta={"label": label})
+        atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
+        summary[f"mmlu_cd_k{k}"] = {key: res[key] for key in ("strict", "per_position", "single", "penalty", "chance")
+                                    if key in res}
+        summary[f"mmlu_cd_k{k}"]["file"] = f"mmlu_cd_k{k}.json"
+        summary[f"mmlu_cd_k{k}"]["strict_outcomes"] = [int(all(p["correct"] for p in inst["positions"]))
+                                                       if "positions" in inst else int(inst.get("strict", 0))
+                                                       for inst in res["instances"]]
+    return summary
+
+
+def _eval_total(st: Study) -> int:
+    b = st.cfg.benchmarks
+    return (len(st.mmlu_items) if b.mmlu.enabled else 0) + sum(len(d["instances"]) for d in st.cd_docs.values())
+
+
+def _with_adapter(st: Study, adapter_dir: Path, fn: Callable[[Any], dict]) -> dict:
+    """Apply an adapter to the shared base model, run ``fn``, then remove the adapter again."""
+    from edgefuse.peft_utils import apply_adapter
+
+    peft_model = apply_adapter(st.model, adapter_dir)
+    try:
+        return fn(peft_model)
+    finally:
+        st.model = peft_model.unload()
+        st.model.eval()
+
+
+def eval_inputs(st: Study) -> dict:
+    b = st.cfg.benchmarks
+    return {"model": st.base_fingerprint, "data": st.cfg.data.model_dump(), "bench": b.model_dump(),
+            "cd": st.cd_hashes}
+
+
+def stage_base_eval(st: Study) -> dict:
+    _, res = st.stage("eval", "eval-base", eval_inputs(st),
+                      lambda work, adv: evaluate_model(st, st.model, work, adv, "base"), total=_eval_total(st))
+    return res
+
+
+@dataclass
+class TrainJob:
+    """One edge's training request: what a local trainer or a Flower edge needs, and where the package goes."""
+
+    edge: str
+    seed: int
+    domains: list[str]
+    pruned_dir: Path
+    config: Any  # edgefuse.edge.train.TrainConfig
+    work_dir: Path  # the package must be written to work_dir / "package"
+    stage_name: str = ""
+    inputs: dict = field(default_factory=dict)
+    advance: Callable[..., None] | None = None
+
+    @property
+    def package_dir(self) -> Path:
+        return self.work_dir / "package"
+
+
+def local_trainer(st: Study, jobs: list[TrainJob]) -> None:
+    """Train each edge in this process, one after the other, resuming from checkpoints when present."""
+    from edgefuse.edge.train import train_edge
+
+    for job in jobs:
+        items = st.items_of("edge", job.domains)
+        train_edge(job.pruned_dir, job.edge, items, job.config, job.package_dir, progress=job.advance,
+                   resume=True)
+
+
+def train_config(st: Study, seed: int):
+    from edgefuse.edge.train import TrainConfig
+
+    return TrainConfig(**st.cfg.training.model_dump(), seed=seed)
+
+
+def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
+    """Prune the base model for one edge; returns (pruned dir, result, stage inputs)."""
+    from edgefuse.data.prompts import answer_text, mc_prompt
+    from edgefuse.edge.prune import prune_model, save_pruned
+    from edgefuse.models import count_parameters
+
+    cfg, domains = st.cfg, st.cfg.edges[edge]
+
+    def run_prune(work: Path, advance) -> dict:
+        calib = [mc_prompt(it) + answer_text(it.answer) for it in st.items_of("public", domains)[: cfg.pruning.calib]]
+        p = cfg.pruning
+        res = prune_model(st.model, st.tokenizer, method=p.method, structure=p.structure,
+                          ratio=p.ratio if p.memory_budget_gib is None else None,
+                          memory_budget_gib=p.memory_budget_gib, calib_prompts=calib or None,
+                          train_cfg=train_config(st, seed), seed=seed)
+        save_pruned(res, st.tokenizer, work / "pruned")
+        return {"dir": "pruned", "ratio": res.plan.get("ratio"), "params": count_parameters(res.model),
+                "base_params": count_parameters(st.model), "estimate": _jsonable(res.estimate)}
+
+    inputs = {"model": st.base_fingerprint, "pruning": cfg.pruning.model_dump(), "edge": edge, "domains": domains,
+              "seed": seed, "training": cfg.training.model_dump()}
+    out, res = st.stage("prune", f"prune-{edge}-s{seed}", inputs, run_prune)
+    return out / res["dir"], res, inputs
+
+
+def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed: int,
+                    trainer: Callable[[Study, list[TrainJob]], None]) -> dict[str, tuple[Path, dict]]:
+    """Train every edge whose package is not cached, through ``trainer`` (local or Flower), then store them."""
+    out: dict[str, tuple[Path, dict]] = {}
+    jobs: list[TrainJob] = []
+    tcfg = train_config(st, seed)
+    for edge, (pdir, _, pinputs) in pruned.items():
+        name = f"train-{edge}-s{seed}"
+        inputs = {"prune": pinputs, "plan": sha256_file(pdir / "plan.json"), "train": tcfg.model_dump()}
+        hit = st.cache.lookup("train", name, inputs)
+        if hit is not None:
+            out[edge] = (hit[0] / hit[1]["dir"], hit[1])
+            st.progress.stage_done()
+            continue
+        jobs.append(TrainJob(edge, seed, st.cfg.edges[edge], pdir, tcfg, st.cache.begin("train", name, inputs), name,
+                             inputs))
+    if jobs:
+        t0 = time.perf_counter()
+        if len(jobs) == 1 or trainer is local_trainer:
+            for job in jobs:
+                job.advance = st.progress.stage(job.stage_name, tcfg.steps)
+                t1 = time.perf_counter()
+                trainer(st, [job])
+                out[job.edge] = _finish_train(st, job, time.perf_counter() - t1)
+                st.progress.stage_done()
+        else:
+            st.progress.stage(f"train {len(jobs)} edges", None)
+            trainer(st, jobs)
+            for job in jobs:
+                out[job.edge] = _finish_train(st, job, time.perf_counter() - t0)
+                st.progress.stage_done()
+    return out
+
+
+def _finish_train(st: Study, job: TrainJob, wall: float) -> tuple[Path, dict]:
+    man = read_json(job.package_dir / "edgefuse.json")
+    result = {"dir": "package", "stats": man.get("training", man.get("stats", {}))}
+    final = st.cache.finish("train", job.stage_name, job.inputs, result, wall)
+    return final / "package", result
+
+
+def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, package: Path, train_res: dict,
+                       prune_res: dict) -> dict:
+    from edgefuse.edge.recover import recover
+
+    inputs = {"package": sha256_file(package / "adapter_model.safetensors"), "plan": sha256_file(pruned_dir / "plan.json")}
+
+    def run_recover(work: Path, advance) -> dict:
+        recover(package, pruned_dir / "plan.json", work / "adapter")
+        return {"dir": "adapter", "sha256": sha256_file(work / "adapter" / "adapter_model.safetensors")}
+
+    rec_dir, rec_res = st.stage("recover", f"recover-{edge}-s{seed}", inputs, run_recover)
+    adapter = rec_dir / rec_res["dir"]
+    out = {"edge": edge, "seed": seed, "domains": st.cfg.edges[edge], "adapter": str(adapter), "prune": prune_res,
+           "train": train_res["stats"]}
+    if st.cfg.benchmarks.edges_alone:
+        _, res = st.stage("eval", f"eval-edge-{edge}-s{seed}", {"eval": eval_inputs(st), "adapter": rec_res["sha256"]},
+                          lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(st, m, work, adv, edge)),
+                          total=_eval_total(st))
+        out["eval"] = res
+    return out
+
+
+def stage_edges(st: Study, seed: int, trainer: Callable[[Study, list[TrainJob]], None]) -> list[dict]:
+    """prune all → train all (one dispatch, so federated edges train in parallel) → recover and evaluate each."""
+    pruned = {e: stage_prune(st, e, seed) for e in _edge_names(st.cfg)}
+    packages = stage_train_all(st, pruned, seed, trainer)
+    return [stage_recover_eval(st, e, seed, pruned[e][0], packages[e][0], packages[e][1], pruned[e][1])
+            for e in _edge_names(st.cfg)]
+
+
+def stage_fusions(st: Study, edges: list[dict], seed: int) -> list[dict]:
+    from edgefuse.fusion import fuse_dirs
+
+    f = st.cfg.fusion
+    results = []
+    for method in f.methods:
+        for cr in f.cr:
+            name = f"{method}+{cr}" if cr != "off" else method
+            inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
+                      "cr": cr, "rank": f.rank, "density": f.density, "weights": f.weights,
+                      "params": f.params.get(method, {}), "seed": seed}
+
+            def run_fuse(work: Path, advance, method=method, cr=cr) -> dict:
+                stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
+                                  cr=None if cr == "off" else cr, weights=f.weights, rank=f.rank, density=f.density,
+                                  seed=seed, **f.params.get(method, {}))
+                return {"dir": "fused", "stats": _jsonable(stats)}
+
+            fdir, fres = st.stage("fuse", f"fuse-{name}-s{seed}", inputs, run_fuse)
+            adapter = fdir / fres["dir"]
+            _, res = st.stage("eval", f"eval-{name}-s{seed}",
+                              {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
+                              lambda work, adv, adapter=adapter, name=name: _with_adapter(
+                                  st, adapter, lambda m: evaluate_model(st, m, work, adv, name)),
+                              total=_eval_total(st))
+            results.append({"name": name, "method": method, "cr": cr, "seed": seed, "adapter": str(adapter),
+                            "fusion": fres["stats"], "eval": res})
+    return results
+
+
+def _jsonable(obj: Any) -> Any:
+    """Fusion statistics may hold tensors or numpy scalars; keep what JSON can carry."""
+    import numbers
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool)) or obj is None:
+        return obj
+    if isinstance(obj, numbers.Number):
+        return float(obj) if not isinstance(obj, int) else int(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------------------------- entry
+def setup_logging(run_dir: Path) -> logging.Handler:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    h = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("edgefuse")
+    root.setLevel(logging.INFO)
+    root.addHandler(h)
+    return h
+
+
+def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, show_progress: bool = True,
+              trainer: Callable[[Study, list[TrainJob]], None] | None = None) -> dict:
+    """Run (or resume) the whole study; returns the results document also written to ``results.json``.
+
+    ``trainer`` trains the edges that are not cached (default: in this process); the Flower ServerApp
+    passes one that sends the jobs to real or simulated edges.
+    """
+    from edgefuse.models import fingerprint, load_model
+    from edgefuse.report import write_report
+
+    run_dir = Path(run_dir)
+    handler = setup_logging(run_dir)
+    t0 = time.perf_counter()
+    try:
+        atomic_write_json(run_dir / "config.json", cfg.model_dump())
+        log.info("study %s in %s", cfg.name, run_dir)
+        with StudyProgress(count_stages(cfg), enabled=show_progress) as progress:
+            st = Study(cfg, run_dir, StageCache(run_dir, force), progress)
+            st.model, st.tokenizer = load_model(cfg.model)
+            st.base_fingerprint = fingerprint(st.model)
+            stage_data(st)
+            stage_cd_build(st)
+            base = stage_base_eval(st)
+            seeds = []
+            for seed in cfg.seeds:
+                edges = stage_edges(st, seed, trainer or local_trainer)
+                fused = stage_fusions(st, edges, seed)
+                seeds.append({"seed": seed, "edges": edges, "fused": fused})
+        doc = {"name": cfg.name, "model": cfg.model, "base_fingerprint": st.base_fingerprint,
+               "config": cfg.model_dump(), "base": base, "seeds": seeds,
+               "stages": st.cache.records, "wall_s": round(time.perf_counter() - t0, 1),
+               "mmlu_n": len(st.mmlu_items), "cd_n": {k: len(d["instances"]) for k, d in st.cd_docs.items()}}
+        write_report(doc, run_dir)
+        log.info("study finished in %.1f s", doc["wall_s"])
+        return doc
+    finally:
+        logging.getLogger("edgefuse").removeHandler(handler)
+        handler.close()

@@ -1,0 +1,221 @@
+"""The study report: ``report.md`` tables, ``results.json``, ``results.csv`` and PNG figures.
+
+Every accuracy carries its 95% bootstrap interval; every change against the base model is a *paired*
+bootstrap interval over the same items, so "inside the interval" has a precise meaning.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from pathlib import Path
+from typing import Any
+
+from edgefuse.evaluate.stats import bootstrap_ci, fmt_ci, paired_diff_ci
+from edgefuse.io import atomic_write_json, atomic_write_text
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return "–"
+    sig = "" if d["lo"] <= 0 <= d["hi"] else " *"
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{sig}"
+
+
+def mmlu_diff(ev: dict, base: dict) -> dict | None:
+    if "mmlu" not in ev or "mmlu" not in base:
+        return None
+    ids = sorted(base["mmlu"]["correct"])
+    return paired_diff_ci([ev["mmlu"]["correct"][i] for i in ids], [base["mmlu"]["correct"][i] for i in ids])
+
+
+def cd_diff(ev: dict, base: dict, k: int) -> dict | None:
+    key = f"mmlu_cd_k{k}"
+    if key not in ev or key not in base:
+        return None
+    return paired_diff_ci(ev[key]["strict_outcomes"], base[key]["strict_outcomes"])
+
+
+def domain_acc(ev: dict, subjects: set[str], ids_subject: dict[str, str]) -> dict | None:
+    if "mmlu" not in ev:
+        return None
+    xs = [c for i, c in ev["mmlu"]["correct"].items() if ids_subject.get(i) in subjects]
+    return bootstrap_ci(xs) if xs else None
+
+
+def _ks(doc: dict) -> list[int]:
+    return sorted(int(k) for k in doc.get("cd_n", {}))
+
+
+def headline_rows(doc: dict) -> list[dict]:
+    """One row per model: base, then each fused method ± LoRA-CR (first seed; mean±std in its own table)."""
+    base = doc["base"]
+    rows = [{"model": "base", "ev": base}]
+    if doc["seeds"]:
+        rows += [{"model": f["name"], "ev": f["eval"], "fusion": f.get("fusion")} for f in doc["seeds"][0]["fused"]]
+    return rows
+
+
+def headline_table(doc: dict) -> str:
+    ks = _ks(doc)
+    head = "| model | MMLU % [95% CI] | Δ vs base (paired) |" + "".join(
+        f" MMLU-CD k={k} strict % [95% CI] | Δ vs base (paired) |" for k in ks)
+    sep = "|---|---:|---:|" + "---:|---:|" * len(ks)
+    lines = [head, sep]
+    base = doc["base"]
+    for r in headline_rows(doc):
+        ev = r["ev"]
+        cells = [r["model"], fmt_ci(ev["mmlu"]["accuracy"]["overall"]) if "mmlu" in ev else "–",
+                 "–" if r["model"] == "base" else _diff(mmlu_diff(ev, base))]
+        for k in ks:
+            key = f"mmlu_cd_k{k}"
+            cells += [fmt_ci(ev[key]["strict"]) if key in ev else "–",
+                      "–" if r["model"] == "base" else _diff(cd_diff(ev, base, k))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _subject_index(doc: dict) -> dict[str, str]:
+    return {i: i.split("/", 1)[0] for i in doc["base"].get("mmlu", {}).get("correct", {})}
+
+
+def edges_table(doc: dict) -> str:
+    from edgefuse.data.taxonomy import domain_subjects
+
+    subj = _subject_index(doc)
+    lines = ["| edge | domains | seed | pruning ratio | params (pruned / base) | peak train memory MiB | tokens/s | "
+             "train s | final loss | own domain % [CI] (base) | all MMLU % [CI] | Δ all vs base |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in doc["seeds"]:
+        for e in s["edges"]:
+            tr, pr = e.get("train") or {}, e.get("prune") or {}
+            subjects = {x for d in e["domains"] for x in domain_subjects(d)}
+            ev = e.get("eval") or {}
+            own, own_base = domain_acc(ev, subjects, subj), domain_acc(doc["base"], subjects, subj)
+            peak = tr.get("peak_memory_mib") or tr.get("peak_mem_mib") or tr.get("peak_memory_bytes")
+            if isinstance(peak, (int, float)) and peak > 1e6:
+                peak = peak / 2**20
+            loss = tr.get("loss_curve") or tr.get("losses") or []
+            lines.append("| " + " | ".join([
+                e["edge"], ", ".join(e["domains"]), str(e["seed"]), f"{pr.get('ratio', 0) or 0:.2f}",
+                f"{pr.get('params', 0) / 1e6:.1f}M / {pr.get('base_params', 0) / 1e6:.1f}M",
+                f"{peak:.0f}" if isinstance(peak, (int, float)) else "–",
+                f"{tr.get('tokens_per_s', 0):.0f}" if tr.get("tokens_per_s") else "–",
+                f"{tr.get('wall_s', tr.get('wall_time_s', 0)):.0f}",
+                f"{_last_loss(loss):.3f}" if loss else "–",
+                (fmt_ci(own) + f" ({_pct(own_base['acc'])})") if own and own_base else "–",
+                fmt_ci(ev["mmlu"]["accuracy"]["overall"]) if "mmlu" in ev else "–",
+                _diff(mmlu_diff(ev, doc["base"])) if ev else "–",
+            ]) + " |")
+    return "\n".join(lines)
+
+
+def _last_loss(curve: list) -> float:
+    last = curve[-1]
+    return float(last["loss"] if isinstance(last, dict) else last[-1] if isinstance(last, (list, tuple)) else last)
+
+
+def seeds_table(doc: dict) -> str:
+    """Mean ± std across seeds for every fused model (only meaningful with ≥ 2 seeds)."""
+    ks = _ks(doc)
+    names = [f["name"] for f in doc["seeds"][0]["fused"]]
+    lines = ["| model | MMLU mean ± std |" + "".join(f" MMLU-CD k={k} mean ± std |" for k in ks),
+             "|---|---:|" + "---:|" * len(ks)]
+    for name in names:
+        evs = [f["eval"] for s in doc["seeds"] for f in s["fused"] if f["name"] == name]
+        cells = [name]
+        for key in ["mmlu"] + [f"mmlu_cd_k{k}" for k in ks]:
+            vals = [(ev[key]["accuracy"]["overall"]["acc"] if key == "mmlu" else ev[key]["strict"]["acc"])
+                    for ev in evs if key in ev]
+            cells.append(f"{100 * statistics.mean(vals):.1f} ± {100 * (statistics.stdev(vals) if len(vals) > 1 else 0):.1f}"
+                         if vals else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def conflict_table(doc: dict) -> str:
+    lines = ["| fused model | seed | mean conflict score | modules changed | share of parameters changed |",
+             "|---|---:|---:|---:|---:|"]
+    for s in doc["seeds"]:
+        for f in s["fused"]:
+            cs = (f.get("fusion") or {}).get("conflict") or (f.get("fusion") or {}).get("cr") or {}
+            summ = cs.get("summary", cs) if isinstance(cs, dict) else {}
+            lines.append(f"| {f['name']} | {s['seed']} | {_num(summ.get('mean_conflict', summ.get('mean_score')))} | "
+                         f"{_num(summ.get('modules_changed'))} | {_num(summ.get('share_changed', summ.get('fraction_changed')), pct=True)} |")
+    return "\n".join(lines)
+
+
+def _num(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, (int,)) and not pct:
+        return str(x)
+    try:
+        return f"{100 * float(x):.2f}%" if pct else f"{float(x):.4g}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def stages_table(doc: dict) -> str:
+    lines = ["| stage | status | wall s |", "|---|---|---:|"]
+    for r in doc["stages"]:
+        lines.append(f"| {r['stage']} | {r['status']} | {r['wall_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def results_csv(doc: dict) -> str:
+    ks = _ks(doc)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "seed", "mmlu_acc", "mmlu_lo", "mmlu_hi", "mmlu_diff_vs_base", "mmlu_diff_lo", "mmlu_diff_hi"]
+               + [f"cd_k{k}_{x}" for k in ks for x in ("strict", "lo", "hi", "diff_vs_base", "diff_lo", "diff_hi")])
+    entries = [("base", "", doc["base"])] + [(e["edge"], s["seed"], e["eval"]) for s in doc["seeds"]
+                                             for e in s["edges"] if e.get("eval")] \
+        + [(f["name"], s["seed"], f["eval"]) for s in doc["seeds"] for f in s["fused"]]
+    for name, seed, ev in entries:
+        row: list[Any] = [name, seed]
+        m = ev.get("mmlu", {}).get("accuracy", {}).get("overall")
+        d = mmlu_diff(ev, doc["base"]) if name != "base" else None
+        row += [m and m["acc"], m and m["lo"], m and m["hi"], d and d["diff"], d and d["lo"], d and d["hi"]]
+        for k in ks:
+            c = ev.get(f"mmlu_cd_k{k}", {}).get("strict")
+            d = cd_diff(ev, doc["base"], k) if name != "base" else None
+            row += [c and c["acc"], c and c["lo"], c and c["hi"], d and d["diff"], d and d["lo"], d and d["hi"]]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def write_report(doc: dict, run_dir: Path) -> Path:
+    from edgefuse.report_figures import draw_figures
+
+    run_dir = Path(run_dir)
+    figures = draw_figures(doc, run_dir) if doc["config"]["output"]["figures"] else {}
+    ks = _ks(doc)
+    md = [f"# edgefuse study: {doc['name']}", "",
+          f"Model `{doc['model']}` (fingerprint `{doc['base_fingerprint']}`); {len(doc['config']['edges'])} edges; "
+          f"seeds {doc['config']['seeds']}; MMLU items: {doc['mmlu_n']}; MMLU-CD instances: "
+          + ", ".join(f"k={k}: {n}" for k, n in doc["cd_n"].items()) + f"; total wall time {doc['wall_s']:.0f} s.", "",
+          "Accuracies in %, with 95% bootstrap intervals. Δ columns are paired bootstrap intervals over the same "
+          "items; `*` marks a difference whose interval excludes 0.", "",
+          "## Headline: base model vs fused edge adapters (± LoRA-CR)", "", headline_table(doc), ""]
+    for k in ks:
+        b = doc["base"].get(f"mmlu_cd_k{k}", {})
+        if b:
+            md.append(f"MMLU-CD k={k}: chance {100 * b.get('chance', 0.25 ** k):.2f}%; base single-item accuracy on the "
+                      f"same items {fmt_ci(b['single']) if isinstance(b.get('single'), dict) else '–'}.")
+    md += ["", "## Edges", "", edges_table(doc), ""]
+    if len(doc["seeds"]) > 1:
+        md += ["## Across seeds", "", seeds_table(doc), ""]
+    md += ["## Conflict statistics (LoRA-CR)", "", conflict_table(doc), ""]
+    if figures:
+        md += ["## Figures", ""] + [f"![{cap}]({name})\n\n*{cap}*\n" for name, cap in figures.items()]
+    md += ["## Stage wall times", "", stages_table(doc), ""]
+    atomic_write_json(run_dir / "results.json", doc)
+    atomic_write_text(run_dir / "results.csv", results_csv(doc))
+    atomic_write_text(run_dir / "report.md", "\n".join(md))
+    return run_dir / "report.md"

@@ -1,0 +1,141 @@
+"""PNG figures of a study (matplotlib, Agg backend): each returns a caption that says what it shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _err(ci: dict) -> tuple[float, float, float]:
+    return 100 * ci["acc"], 100 * (ci["acc"] - ci["lo"]), 100 * (ci["hi"] - ci["acc"])
+
+
+def fig_cd_methods(doc: dict, path: Path, k: int) -> str:
+    """Grouped bars: MMLU-CD strict accuracy per fusion method, LoRA-CR off vs each strategy, with 95% CIs."""
+    plt = _plt()
+    key = f"mmlu_cd_k{k}"
+    fused = doc["seeds"][0]["fused"]
+    methods = list(dict.fromkeys(f["method"] for f in fused))
+    crs = list(dict.fromkeys(f["cr"] for f in fused))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(methods) + 2), 4.2))
+    width = 0.8 / max(1, len(crs))
+    for j, cr in enumerate(crs):
+        vals, lo, hi = [], [], []
+        for m in methods:
+            f = next((f for f in fused if f["method"] == m and f["cr"] == cr), None)
+            v, l, h = _err(f["eval"][key]["strict"]) if f and key in f["eval"] else (np.nan, 0, 0)
+            vals.append(v), lo.append(l), hi.append(h)
+        x = np.arange(len(methods)) + (j - (len(crs) - 1) / 2) * width
+        ax.bar(x, vals, width, yerr=[lo, hi], capsize=3, label="LoRA-CR off" if cr == "off" else f"LoRA-CR {cr}")
+    base = doc["base"][key]["strict"]["acc"] * 100
+    ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"base model ({base:.1f}%)")
+    ax.axhline(100 * 0.25 ** k, color="grey", linestyle=":", linewidth=1, label=f"chance ({100 * 0.25 ** k:.2f}%)")
+    ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
+    ax.set_ylabel(f"MMLU-CD k={k} strict accuracy (%)")
+    ax.set_title(f"MMLU-CD (k={k}): fusion methods with and without LoRA-CR (95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"MMLU-CD k={k} strict accuracy of each fusion method with LoRA-CR off and on; error bars are 95% bootstrap intervals; dashed line: base model; dotted: chance."
+
+
+def fig_per_domain(doc: dict, path: Path) -> str:
+    """Per-category MMLU accuracy for base, each edge alone and each fused model."""
+    plt = _plt()
+    models = [("base", doc["base"])]
+    s0 = doc["seeds"][0]
+    models += [(f"edge {e['edge']}", e["eval"]) for e in s0["edges"] if e.get("eval")]
+    models += [(f["name"], f["eval"]) for f in s0["fused"]]
+    models = [(n, ev) for n, ev in models if "mmlu" in ev]
+    cats = list(doc["base"]["mmlu"]["accuracy"]["categories"])
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(models) + 3), 4.2))
+    width = 0.8 / len(cats)
+    for j, c in enumerate(cats):
+        vals = [100 * ev["mmlu"]["accuracy"]["categories"].get(c, {}).get("acc", np.nan) for _, ev in models]
+        ax.bar(np.arange(len(models)) + (j - (len(cats) - 1) / 2) * width, vals, width, label=c)
+    ax.axhline(25, color="grey", linestyle=":", linewidth=1, label="chance (25%)")
+    ax.set_xticks(np.arange(len(models)), [n for n, _ in models], rotation=30, ha="right")
+    ax.set_ylabel("MMLU accuracy (%)")
+    ax.set_title("MMLU accuracy per category: base, edges alone, fused models")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return "MMLU accuracy per category (STEM, humanities, social sciences, other) of the base model, each edge adapter alone and each fused model."
+
+
+def fig_loss(doc: dict, path: Path) -> str | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    drawn = False
+    for s in doc["seeds"]:
+        for e in s["edges"]:
+            curve = (e.get("train") or {}).get("loss_curve") or []
+            if not curve:
+                continue
+            if isinstance(curve[0], dict):
+                xs, ys = [c["step"] for c in curve], [c["loss"] for c in curve]
+            elif isinstance(curve[0], (list, tuple)):
+                xs, ys = [c[0] for c in curve], [c[-1] for c in curve]
+            else:
+                xs, ys = list(range(1, len(curve) + 1)), curve
+            ax.plot(xs, ys, label=f"{e['edge']} (seed {s['seed']})")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Edge LoRA training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return "Training loss of each edge's LoRA adapter on its pruned model."
+
+
+def draw_figures(doc: dict, run_dir: Path) -> dict[str, str]:
+    """Draw every figure the data allows; returns {file name: caption}."""
+    out: dict[str, str] = {}
+    ks = sorted(int(k) for k in doc.get("cd_n", {}))
+    if doc["seeds"] and doc["seeds"][0]["fused"]:
+        for k in ks:
+            name = f"mmlu_cd_k{k}_methods.png"
+            out[name] = fig_cd_methods(doc, run_dir / name, k)
+    if doc["seeds"] and "mmlu" in doc["base"]:
+        out["per_domain.png"] = fig_per_domain(doc, run_dir / "per_domain.png")
+    if doc["seeds"]:
+        cap = fig_loss(doc, run_dir / "loss_curves.png")
+        if cap:
+            out["loss_curves.png"] = cap
+        heat = _conflict_heatmap(doc, run_dir / "conflict_heatmap.png")
+        if heat:
+            out["conflict_heatmap.png"] = heat
+    return out
+
+
+def _conflict_heatmap(doc: dict, path: Path) -> str | None:
+    """Layer × module-type conflict heatmap of the first seed's edge adapters (drawn by edgefuse.fusion)."""
+    from edgefuse.adapters import load_adapter
+
+    try:
+        from edgefuse.fusion import analyze_conflicts
+        from edgefuse.fusion.conflict import plot_conflict_heatmap
+    except ImportError:
+        return None
+    adapters = [load_adapter(e["adapter"]) for e in doc["seeds"][0]["edges"]]
+    if len(adapters) < 2:
+        return None
+    plot_conflict_heatmap(analyze_conflicts(adapters), path)
+    return "Conflict score between the edge adapters per layer and module type (higher: adapters pull in more opposite directions)."

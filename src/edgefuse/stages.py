@@ -1,0 +1,88 @@
+"""A stage cache: each stage's output lives in a directory keyed by a hash of its inputs and settings.
+
+Why: a study is hours of work on a CPU. A rerun must reuse what is finished, an interrupted run must
+resume at the stage it was in, and ``--force KIND`` must redo a kind of stage and everything after it.
+A stage works in ``<name>-<key>.partial/`` (kept across interruptions so training can resume from its
+checkpoints) and is renamed to ``<name>-<key>/`` with a ``stage.json`` only when it has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgefuse.io import atomic_write_json, hash_obj
+
+# Stage kinds in dependency order: forcing one kind redoes it and every later kind.
+KINDS = ("data", "prune", "train", "recover", "fuse", "eval")
+STAGE_FILE = "stage.json"
+LOG_FILE = "stages.jsonl"
+
+log = logging.getLogger("edgefuse.run")
+
+
+class StageCache:
+    def __init__(self, run_dir: Path, force: str | None = None):
+        self.root = Path(run_dir) / "stages"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log_path = Path(run_dir) / LOG_FILE
+        self.forced = set(KINDS[KINDS.index(force):]) if force else set()
+        self.records: list[dict] = []
+
+    def key(self, kind: str, name: str, inputs: Any) -> str:
+        return hash_obj({"kind": kind, "name": name, "inputs": inputs})[:12]
+
+    def _log(self, rec: dict) -> None:
+        self.records.append(rec)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def lookup(self, kind: str, name: str, inputs: Any) -> tuple[Path, dict] | None:
+        """The finished stage's (dir, result), or None when it must (re)run."""
+        assert kind in KINDS, kind
+        key = self.key(kind, name, inputs)
+        final = self.root / f"{name}-{key}"
+        marker = final / STAGE_FILE
+        if not marker.is_file() or kind in self.forced:
+            return None
+        rec = json.loads(marker.read_text())
+        self._log({"stage": name, "kind": kind, "key": key, "status": "cached", "wall_s": rec["wall_s"],
+                   "time": time.time()})
+        log.info("stage %s: cached (%s)", name, final)
+        return final, rec["result"]
+
+    def begin(self, kind: str, name: str, inputs: Any) -> Path:
+        """Create (or reuse, after an interruption) the stage's work directory."""
+        work = self.root / f"{name}-{self.key(kind, name, inputs)}.partial"
+        log.info("stage %s: %s", name, "resuming" if work.exists() else "running")
+        work.mkdir(parents=True, exist_ok=True)
+        return work
+
+    def finish(self, kind: str, name: str, inputs: Any, result: dict, wall: float) -> Path:
+        """Mark the work directory finished and move it into place."""
+        key = self.key(kind, name, inputs)
+        work, final = self.root / f"{name}-{key}.partial", self.root / f"{name}-{key}"
+        atomic_write_json(work / STAGE_FILE, {"kind": kind, "name": name, "key": key, "wall_s": round(wall, 3),
+                                              "inputs": inputs, "result": result})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work, final)
+        self._log({"stage": name, "kind": kind, "key": key, "status": "ran", "wall_s": round(wall, 3),
+                   "time": time.time()})
+        log.info("stage %s: done in %.1f s", name, wall)
+        return final
+
+    def run(self, kind: str, name: str, inputs: Any, fn: Callable[[Path], dict]) -> tuple[Path, dict]:
+        """Return (stage dir, result) from the cache, or run ``fn(work_dir) -> result`` and store it."""
+        hit = self.lookup(kind, name, inputs)
+        if hit is not None:
+            return hit
+        work = self.begin(kind, name, inputs)
+        t0 = time.perf_counter()
+        result = fn(work)
+        return self.finish(kind, name, inputs, result, time.perf_counter() - t0), result

@@ -1,0 +1,66 @@
+"""Bad study configs fail with one clear line naming the key, before any work starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgefuse.config import load_config
+from edgefuse.errors import EdgefuseError
+
+GOOD = {"model": "tiny-llama", "edges": {"a": ["stem"], "b": ["law"]},
+        "fusion": {"methods": ["task_arithmetic"], "cr": ["off"]}}
+
+
+def write(tmp_path: Path, cfg: dict) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_shipped_configs_validate():
+    for p in sorted(Path("configs").glob("*.yaml")):
+        load_config(p)
+
+
+def test_good_config_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.training.steps > 0 and cfg.benchmarks.mmlu_cd.ks == [2]
+
+
+@pytest.mark.parametrize("patch, msg", [
+    ({"fusion": {"methods": ["averaging_magic"]}}, "fusion.methods: unknown fusion method 'averaging_magic'; valid:"),
+    ({"fusion": {"cr": ["maybe"]}}, "fusion.cr: unknown LoRA-CR strategy 'maybe'"),
+    ({"edges": {"a": ["astrology"]}}, "edges: unknown domain 'astrology'"),
+    ({"edges": {"a": []}}, "edge 'a' has no domains"),
+    ({"training": {"steps": -3}}, "training.steps: Input should be greater than or equal to 1"),
+    ({"trainig": {"steps": 3}}, "trainig: unknown key"),
+    ({"training": {"stepz": 3}}, "training.stepz: unknown key"),
+    ({"pruning": {"ratio": 1.5}}, "pruning.ratio: Input should be less than 1"),
+    ({"benchmarks": {"mmlu_cd": {"ks": [1]}}}, "every k must be at least 2"),
+])
+def test_bad_configs_name_the_key(tmp_path, patch, msg):
+    cfg = {**GOOD, **patch}
+    with pytest.raises(EdgefuseError) as e:
+        load_config(write(tmp_path, cfg))
+    assert msg in str(e.value) and "cfg.yaml" in str(e.value)
+
+
+def test_cli_rejects_bad_config_before_work(tmp_path):
+    p = write(tmp_path, {**GOOD, "fusion": {"methods": ["nope"]}})
+    r = subprocess.run([sys.executable, "-m", "edgefuse.cli", "run", str(p), "--run-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown fusion method 'nope'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: tiny-llama\nedges: [unclosed\n")
+    with pytest.raises(EdgefuseError, match=r"bad\.yaml:\d+: malformed YAML"):
+        load_config(p)
