@@ -1,0 +1,191 @@
+"""``edgefuse fuse`` and ``edgefuse conflicts``: thin wrappers over `edgefuse.fusion`.
+
+``--adapters DIR...`` marks the directories that follow (also ``--adapters A --adapters B`` style is fine
+because the directories are positional). ``--weights`` takes ``0.5,0.5`` or repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgefuse.errors import EdgefuseError
+
+_ADAPTERS_HELP = "the adapter directories follow: --adapters DIR DIR ..."
+
+
+def _weights(values: Optional[list[str]]) -> Optional[list[float]]:
+    if not values:
+        return None
+    try:
+        return [float(x) for v in values for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise EdgefuseError(f"--weights must be numbers (e.g. 0.5,0.5), got {' '.join(values)}") from None
+
+
+def _params(values: Optional[list[str]]) -> dict:
+    out = {}
+    for item in values or []:
+        if "=" not in item:
+            raise EdgefuseError(f"--param must be KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _print_list() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgefuse.fusion import list_cr_strategies, list_methods
+
+    t = Table(title="fusion methods (--method)")
+    t.add_column("method")
+    t.add_column("description")
+    for n, d in list_methods().items():
+        t.add_row(n, d)
+    c = Table(title="LoRA-CR strategies (--cr)")
+    c.add_column("strategy")
+    c.add_column("description")
+    for n, d in list_cr_strategies().items():
+        c.add_row(n, d)
+    Console().print(t, c)
+
+
+def _layer_type(name: str) -> tuple[str, str]:
+    m = re.search(r"layers\.(\d+)\.", name)
+    return (m.group(1) if m else "-"), name.rsplit(".", 1)[-1]
+
+
+def conflict_grid(stats: dict, key: str = "score"):
+    """Per-layer × module-type table of a conflict statistic (missing cells are None)."""
+    layers, types, cells = [], [], {}
+    for name, e in stats["modules"].items():
+        layer, typ = _layer_type(name)
+        layers.append(layer) if layer not in layers else None
+        types.append(typ) if typ not in types else None
+        cells[(layer, typ)] = e.get(key)
+    layers.sort(key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0))
+    return layers, types, cells
+
+
+def plot_heatmap(stats: dict, path: Path, key: str = "score") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers, types, cells = conflict_grid(stats, key)
+    grid = np.array([[np.nan if cells.get((l, t)) is None else cells[(l, t)] for t in types] for l in layers])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(types), 1.5 + 0.25 * len(layers)))
+    im = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("module type")
+    ax.set_ylabel("layer")
+    ax.set_title(f"adapter conflict ({key})")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``fuse`` and ``conflicts``."""
+
+    @app.command("fuse")
+    def fuse(
+        dirs: Optional[list[Path]] = typer.Argument(None, help="adapter directories (after --adapters)",
+                                                    show_default=False),
+        adapters_flag: bool = typer.Option(False, "--adapters", help=_ADAPTERS_HELP),
+        method: Optional[str] = typer.Option(None, "--method", "-m", help="fusion method (see --list)"),
+        cr: Optional[str] = typer.Option(None, "--cr", help="LoRA-CR strategy (see --list)"),
+        cr_threshold: float = typer.Option(0.1, "--cr-threshold", help="module conflict score above which LoRA-CR acts"),
+        weights: Optional[list[str]] = typer.Option(None, "--weights", help="one weight per adapter: 0.5,0.5"),
+        rank: Optional[int] = typer.Option(None, "--rank", help="output rank (default: method's choice)"),
+        density: Optional[float] = typer.Option(None, "--density", help="fraction kept, in (0, 1]"),
+        seed: int = typer.Option(0, "--seed"),
+        param: Optional[list[str]] = typer.Option(None, "--param", help="method parameter KEY=VALUE (repeatable)"),
+        force: bool = typer.Option(False, "--force", help="fuse adapters of different base models; overwrite outputs"),
+        out: Optional[Path] = typer.Option(None, "--out", help="output adapter directory"),
+        merged_out: Optional[Path] = typer.Option(None, "--merged-out", help="also write merged full weights here"),
+        model: Optional[str] = typer.Option(None, "--model", help="base model for --merged-out"),
+        list_: bool = typer.Option(False, "--list", help="list methods and LoRA-CR strategies"),
+    ) -> None:
+        """Fuse K LoRA adapters into one (optionally with LoRA-CR conflict resolution)."""
+        if list_:
+            _print_list()
+            return
+        from edgefuse.fusion import fuse_dirs
+
+        if method is None:
+            raise EdgefuseError("--method is required (see edgefuse fuse --list)")
+        if not dirs:
+            raise EdgefuseError("no adapters given (--adapters DIR DIR ...)")
+        if out is None:
+            raise EdgefuseError("--out is required")
+        res = fuse_dirs(dirs, out, method, _weights(weights), rank, density, seed, cr, cr_threshold, force,
+                        merged_out, model, **_params(param))
+        msg = f"fused {len(dirs)} adapters with {method}"
+        if cr:
+            c = res["cr"]
+            msg += f" + LoRA-CR[{cr}] ({c['modules_flagged']}/{c['modules_total']} modules, " \
+                   f"{100 * c['share_changed']:.2f}% of parameters changed)"
+        typer.echo(f"{msg}: rank {res['output_rank']}, {res['modules']} modules, {res['wall_s']:.2f}s -> {out}")
+        if merged_out:
+            typer.echo(f"merged weights -> {merged_out}")
+
+    @app.command("conflicts")
+    def conflicts(
+        dirs: Optional[list[Path]] = typer.Argument(None, help="adapter directories (after --adapters)",
+                                                    show_default=False),
+        adapters_flag: bool = typer.Option(False, "--adapters", help=_ADAPTERS_HELP),
+        weights: Optional[list[str]] = typer.Option(None, "--weights", help="one weight per adapter: 0.5,0.5"),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="write a layer × module-type heatmap (PNG)"),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="write the full statistics as JSON"),
+    ) -> None:
+        """Measure conflicts between adapters: per-layer table and optional heatmap."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from edgefuse.adapters import load_adapter
+        from edgefuse.fusion import analyze_conflicts
+        from edgefuse.io import atomic_write_json
+
+        if not dirs or len(dirs) < 2:
+            raise EdgefuseError("conflicts needs at least two adapters (--adapters DIR DIR ...)")
+        adapters = [load_adapter(d) for d in dirs]
+        w = _weights(weights)
+        if w is not None and len(w) != len(adapters):
+            raise EdgefuseError(f"{len(w)} weights given for {len(adapters)} adapters")
+        from edgefuse.fusion.api import _check_inputs
+
+        _check_inputs(adapters, w or [1.0] * len(adapters))
+        stats = analyze_conflicts(adapters, w)
+        layers, types, cells = conflict_grid(stats)
+        _, _, signs = conflict_grid(stats, "sign_conflict")
+        table = Table(title="conflict score max(0, −cos) / sign-conflict share, per layer and module type")
+        table.add_column("layer")
+        for t in types:
+            table.add_column(t, justify="right")
+        for layer in layers:
+            table.add_row(layer, *("-" if cells.get((layer, t)) is None else
+                                   f"{cells[(layer, t)]:.3f}/{signs[(layer, t)]:.2f}" for t in types))
+        Console().print(table)
+        s = stats["summary"]
+        typer.echo(f"{s['modules']} modules: max score {s['max_score']:.3f}, mean {s['mean_score']:.3f}, "
+                   f"mean sign conflict {s.get('mean_sign_conflict', 0):.3f}")
+        if plot:
+            plot_heatmap(stats, plot)
+            typer.echo(f"heatmap -> {plot}")
+        if json_out:
+            atomic_write_json(json_out, stats)

@@ -1,0 +1,192 @@
+"""Public entry points: validate inputs, fuse K adapters module by module, save with a manifest.
+
+Why one loop over modules: every method sees one module of the K adapters at a time, so memory stays at
+one module's worth whatever the model size, and a missing module in one adapter is a zero update.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, load_adapter, save_adapter
+from edgefuse.errors import EdgefuseError
+from edgefuse.fusion.conflict import STRATEGIES, analyze_conflicts, resolve_conflicts
+from edgefuse.fusion.context import Ctx, module_names
+from edgefuse.fusion.registry import get_method
+from edgefuse.io import atomic_dir, sha256_file
+
+FORMAT = "edgefuse-fused-adapter"
+_COMMON = {"svd_solver": "auto", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05}
+
+
+def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
+    if not adapters:
+        raise EdgefuseError("no adapters to fuse")
+    if len(weights) != len(adapters):
+        raise EdgefuseError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise EdgefuseError("weights must be finite numbers")
+    for name in module_names(adapters):
+        shapes = {tuple(a.modules[name].shape) for a in adapters if name in a.modules}
+        if len(shapes) > 1:
+            raise EdgefuseError(f"module {name} has different shapes across adapters {sorted(shapes)}: "
+                                "adapters for different base models cannot be fused")
+    for k, a in enumerate(adapters):
+        for name, m in a.modules.items():
+            if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all() and math.isfinite(m.scale)):
+                raise EdgefuseError(f"adapter {k} ({a.path or 'in memory'}) module {name} contains NaN or Inf")
+
+
+def _resolve_params(spec, density, params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    allowed = {**spec.params, **_COMMON}
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise EdgefuseError(f"method {spec.name} has no parameter(s) {', '.join(unknown)}; "
+                            f"valid: {', '.join(sorted(allowed))}")
+    if density is not None:
+        if spec.density is None:
+            raise EdgefuseError(f"method {spec.name} takes no density")
+        if not (isinstance(density, (int, float)) and 0 < density <= 1):
+            raise EdgefuseError(f"density must be in (0, 1], got {density}")
+    gamma = params.get("gamma", allowed.get("gamma", 0.0))
+    if not 0 <= gamma < 1:
+        raise EdgefuseError(f"gamma must be in [0, 1), got {gamma}")
+    resolved = {**allowed, **params}
+    for key, valid in (("svd_solver", ("auto", "exact", "randomized")), ("majority", ("total", "frequency")),
+                       ("rng", ("module", "sequential")), ("reweight", ("dual", "none"))):
+        if key in resolved and resolved[key] not in valid:
+            raise EdgefuseError(f"{key} must be one of {', '.join(valid)}, got {resolved[key]!r}")
+    return (spec.density if density is None else float(density)) or 1.0, resolved
+
+
+def fuse_adapters(adapters: list[LoraAdapter], method: str, weights: list[float] | None = None,
+                  rank: int | None = None, density: float | None = None, seed: int = 0, cr: str | None = None,
+                  cr_threshold: float = 0.1, **params) -> tuple[LoraAdapter, dict]:
+    """Fuse K adapters with ``method`` (optionally after LoRA-CR) into one adapter; returns (adapter, stats)."""
+    spec = get_method(method)
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    _check_inputs(adapters, weights)
+    density, resolved = _resolve_params(spec, density, params)
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise EdgefuseError(f"rank must be a positive integer, got {rank}")
+    if rank is not None and spec.exact_rank:
+        raise EdgefuseError(f"{method} keeps the exact concatenated rank; use svd or task_arithmetic to choose a rank")
+    if cr is not None and cr not in STRATEGIES:
+        raise EdgefuseError(f"unknown LoRA-CR strategy {cr!r}; valid: {', '.join(STRATEGIES)}")
+    t0 = time.perf_counter()
+    stats: dict[str, Any] = {"method": method, "weights": weights, "density": density if spec.density else None,
+                             "seed": seed, "params": resolved}
+    if cr is not None:
+        adapters, stats["cr"] = resolve_conflicts(adapters, weights, cr, cr_threshold,
+                                                  resolved["cr_element_threshold"], resolved["cr_direction_threshold"])
+    if rank is None and spec.default_rank == "max":
+        rank = max(m.rank for a in adapters for m in a.modules.values())
+    shared = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in module_names(adapters):
+        ctx = Ctx(name=name, rank=rank, density=density, gamma=resolved.get("gamma", 0.0),
+                  majority=resolved.get("majority", "total"), svd_solver=resolved["svd_solver"], seed=seed,
+                  rng=resolved.get("rng", "module"), shared_generator=shared, params=resolved)
+        try:
+            fused = spec.fn([a.modules.get(name) for a in adapters], weights, ctx)
+        except ValueError as e:
+            raise EdgefuseError(str(e)) from None
+        if not (torch.isfinite(fused.A).all() and torch.isfinite(fused.B).all()):
+            raise EdgefuseError(f"fusion produced NaN/Inf in module {name}")
+        out[name] = fused
+    stats["rank"] = rank
+    stats["output_rank"] = max((m.rank for m in out.values()), default=0)
+    stats["modules"] = len(out)
+    stats["wall_s"] = time.perf_counter() - t0
+    return LoraAdapter(out, base_model=adapters[0].base_model), stats
+
+
+def merge_into_model(model, adapter: LoraAdapter):
+    """Add every module's ΔW to the model's weights in place (all shapes checked before any change)."""
+    targets = {}
+    for name, mod in adapter.modules.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise EdgefuseError(f"module {name} of the adapter is not in the model") from None
+        W = getattr(layer, "weight", None)
+        if W is None or tuple(W.shape) != tuple(mod.shape):
+            raise EdgefuseError(f"module {name}: adapter shape {tuple(mod.shape)} does not match the model's "
+                                f"{None if W is None else tuple(W.shape)}")
+        targets[name] = W
+    with torch.no_grad():
+        for name, W in targets.items():
+            W.add_(adapter.modules[name].delta().to(device=W.device, dtype=W.dtype))
+    return model
+
+
+def _fingerprints(adapters: list[LoraAdapter]) -> set[str]:
+    return {str(a.manifest["base_fingerprint"]) for a in adapters if a.manifest and a.manifest.get("base_fingerprint")}
+
+
+def fuse_dirs(adapter_dirs: list[str | Path], out: str | Path, method: str, weights: list[float] | None = None,
+              rank: int | None = None, density: float | None = None, seed: int = 0, cr: str | None = None,
+              cr_threshold: float = 0.1, force: bool = False, merged_out: str | Path | None = None,
+              model: str | None = None, **params) -> dict:
+    """Load, check, fuse and save (PEFT adapter + ``edgefuse.json``); optionally merged full weights.
+
+    Nothing is written unless every check and the whole fusion succeed.
+    """
+    out = Path(out)
+    for target in (out, merged_out):
+        if target is not None and Path(target).exists() and not force:
+            raise EdgefuseError("output already exists (pass --force to overwrite)", path=target)
+    if merged_out is not None and model is None:
+        raise EdgefuseError("--merged-out needs --model (the base model to merge into)")
+    get_method(method)
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    fps = _fingerprints(adapters)
+    names = {a.base_model for a in adapters if a.base_model}
+    if (len(fps) > 1 or len(names) > 1) and not force:
+        what = f"fingerprints {sorted(fps)}" if len(fps) > 1 else f"base models {sorted(names)}"
+        raise EdgefuseError(f"adapters were made for different base models ({what}); pass --force to fuse anyway")
+    fused, stats = fuse_adapters(adapters, method, weights, rank, density, seed, cr, cr_threshold, **params)
+    conflicts = analyze_conflicts(adapters, stats["weights"], element=False)
+    merged = None
+    if merged_out is not None:
+        from edgefuse.models import fingerprint, load_model
+
+        merged, tok = load_model(model, device="cpu")
+        fp = fingerprint(merged)
+        if fps and fp not in fps and not force:
+            raise EdgefuseError(f"model {model} (fingerprint {fp}) is not the adapters' base model {sorted(fps)}; "
+                                "pass --force to merge anyway")
+        merge_into_model(merged, fused)
+    manifest = {
+        "format": FORMAT, "version": 1, "base_fingerprint": next(iter(fps)) if len(fps) == 1 else None,
+        "base_model": next(iter(names)) if len(names) == 1 else None,
+        "method": method, "parameters": {k: stats[k] for k in ("weights", "density", "seed", "params", "rank")},
+        "cr": {"strategy": cr, "threshold": cr_threshold} if cr else None,
+        "inputs": [{"path": str(Path(d)), "domain": (a.manifest or {}).get("domain"),
+                    "sha256": {f: sha256_file(Path(d) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)}}
+                   for d, a in zip(adapter_dirs, adapters)],
+        "conflicts": {"summary": conflicts["summary"],
+                      "module_scores": {n: e["score"] for n, e in conflicts["modules"].items()}},
+        "cr_stats": _compact_cr(stats.get("cr")), "output_rank": stats["output_rank"], "wall_s": stats["wall_s"],
+    }
+    save_adapter(fused, out, manifest, base_model=manifest["base_model"])
+    if merged is not None:
+        with atomic_dir(Path(merged_out)) as tmp:
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+    return {**stats, "out": str(out), "merged_out": str(merged_out) if merged_out else None, "conflicts": conflicts}
+
+
+def _compact_cr(cr: dict | None) -> dict | None:
+    """CR statistics for the manifest: totals plus each flagged module's score and changes."""
+    if cr is None:
+        return None
+    keep = ("score", "sign_conflict", "changed_params", "removed_directions", "edited_adapters", "refactor_error")
+    flagged = {n: {k: e[k] for k in keep if k in e} for n, e in cr["modules"].items() if e["flagged"]}
+    return {**{k: v for k, v in cr.items() if k != "modules"}, "flagged_modules": flagged,
+            "module_scores": {n: e["score"] for n, e in cr["modules"].items()}}

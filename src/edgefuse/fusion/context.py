@@ -1,0 +1,59 @@
+"""Per-module fusion context: resolved hyper-parameters and deterministic random streams."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgefuse.adapters import LoraModule
+
+
+@dataclass
+class Ctx:
+    """What a method needs to fuse one module (name, target rank, hyper-parameters, RNG)."""
+
+    name: str
+    rank: int | None
+    density: float = 1.0
+    gamma: float = 0.0
+    majority: str = "total"
+    svd_solver: str = "auto"
+    seed: int = 0
+    rng: str = "module"  # module: a stream per (seed, module) | sequential: one stream over modules (PEFT order)
+    shared_generator: torch.Generator | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self) -> torch.Generator:
+        """The random stream for this module: order-independent unless ``rng='sequential'``."""
+        if self.rng == "sequential" and self.shared_generator is not None:
+            return self.shared_generator
+        digest = hashlib.sha256(f"{self.seed}:{self.name}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def present(mods: list[LoraModule | None]) -> list[tuple[int, LoraModule]]:
+    return [(k, m) for k, m in enumerate(mods) if m is not None]
+
+
+def module_shape(mods: list[LoraModule | None]) -> tuple[int, int]:
+    return next(m.shape for m in mods if m is not None)
+
+
+def reference(mods: list[LoraModule | None]) -> torch.Tensor:
+    """A tensor carrying the device and dtype to compute in."""
+    return next(m.A for m in mods if m is not None)
+
+
+def natural_key(name: str):
+    """Sort ``layers.10`` after ``layers.9``."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def module_names(adapters) -> list[str]:
+    """Union of the adapters' module names in natural order."""
+    return sorted({n for a in adapters for n in a.modules}, key=natural_key)

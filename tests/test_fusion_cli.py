@@ -1,0 +1,155 @@
+"""``edgefuse fuse`` / ``edgefuse conflicts`` end to end, including every bad-input path (one line, exit ≠ 0,
+nothing written), PEFT loading of the fused adapter and merged full weights."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter, save_adapter, verify_hashes
+from edgefuse.cli import main
+from edgefuse.fusion import fuse_adapters
+from edgefuse.io import sha256_file
+from edgefuse.models import fingerprint, tiny_model
+from test_fusion_helpers import one_thread, rel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
+
+
+SHAPES = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64)}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _ = tiny_model()
+    return fingerprint(model)
+
+
+def _adapter(seed, rank=4, targets=("q_proj", "k_proj", "v_proj")):
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for layer in range(2):
+        for t in targets:
+            m, n = SHAPES[t]
+            mods[f"model.layers.{layer}.self_attn.{t}"] = LoraModule(0.1 * torch.randn(rank, n, generator=g),
+                                                                      0.1 * torch.randn(m, rank, generator=g), 1.0)
+    return LoraAdapter(mods, base_model="tiny-llama")
+
+
+@pytest.fixture()
+def dirs(tmp_path, tiny):
+    out = []
+    for k, (seed, rank) in enumerate([(1, 4), (2, 2), (3, 6)]):
+        d = tmp_path / f"edge{k}"
+        save_adapter(_adapter(seed, rank), d, {"base_fingerprint": tiny, "domain": f"d{k}"})
+        out.append(d)
+    return out
+
+
+def run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["edgefuse", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_fuse_writes_peft_adapter_manifest_and_merged_weights(tmp_path, dirs, monkeypatch, capsys):
+    out, merged = tmp_path / "fused", tmp_path / "merged"
+    code, so, se = run(monkeypatch, capsys, "fuse", "--method", "ties", "--cr", "element", "--weights", "1,1,1",
+                       "--rank", 4, "--density", 0.5, "--seed", 3, "--adapters", *dirs, "--out", out,
+                       "--merged-out", merged, "--model", "tiny-llama")
+    assert code == 0, se
+    assert "fused 3 adapters with ties + LoRA-CR[element]" in so
+    verify_hashes(out)
+    man = json.loads((out / "edgefuse.json").read_text())
+    assert man["method"] == "ties" and man["parameters"]["density"] == 0.5 and man["parameters"]["seed"] == 3
+    assert [i["sha256"]["adapter_model.safetensors"] for i in man["inputs"]] == \
+        [sha256_file(d / "adapter_model.safetensors") for d in dirs]
+    assert man["cr_stats"]["strategy"] == "element" and "module_scores" in man["conflicts"]
+    fused = load_adapter(out)
+    expect, _ = fuse_adapters([load_adapter(d) for d in dirs], "ties", [1, 1, 1], 4, 0.5, 3, cr="element")
+    for n, m in expect.modules.items():
+        assert rel(fused.modules[n].delta(), m.delta()) <= 1e-6
+    # PEFT loads it and applies the same ΔW; merged weights = base + ΔW
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, _ = tiny_model()
+    pm = PeftModel.from_pretrained(base, str(out))
+    layer = pm.base_model.model.model.layers[1].self_attn.k_proj
+    name = "model.layers.1.self_attn.k_proj"
+    assert rel(layer.get_delta_weight("default"), fused.modules[name].delta()) <= 1e-6
+    mm = AutoModelForCausalLM.from_pretrained(str(merged))
+    base2, _ = tiny_model()
+    W = mm.model.layers[1].self_attn.k_proj.weight - base2.model.layers[1].self_attn.k_proj.weight
+    assert rel(W.detach(), fused.modules[name].delta()) <= 1e-5
+
+
+def test_conflicts_table_and_heatmap(tmp_path, dirs, monkeypatch, capsys):
+    png = tmp_path / "c.png"
+    code, so, se = run(monkeypatch, capsys, "conflicts", "--adapters", *dirs, "--plot", png, "--json",
+                       tmp_path / "c.json")
+    assert code == 0, se
+    assert "q_proj" in so and "6 modules" in so
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    stats = json.loads((tmp_path / "c.json").read_text())
+    assert len(stats["modules"]) == 6 and "sign_conflict" in stats["modules"]["model.layers.0.self_attn.q_proj"]
+
+
+def test_list(monkeypatch, capsys):
+    code, so, _ = run(monkeypatch, capsys, "fuse", "--list")
+    assert code == 0 and "core_space" in so and "direction" in so
+
+
+def _bad(monkeypatch, capsys, out, *args):
+    code, so, se = run(monkeypatch, capsys, "fuse", *args, "--out", out)
+    assert code != 0
+    lines = [x for x in se.strip().splitlines() if x]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert not out.exists()
+    return lines[0]
+
+
+def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, monkeypatch, capsys, tiny):
+    out = tmp_path / "never"
+    assert "valid: linear, cat, task_arithmetic" in _bad(monkeypatch, capsys, out, "--method", "nope",
+                                                          "--adapters", *dirs)
+    for d in ("0", "1.5", "-0.1"):
+        assert "density must be in (0, 1]" in _bad(monkeypatch, capsys, out, "--method", "ties", "--density", d,
+                                                    "--adapters", *dirs)
+    other = tmp_path / "other"
+    save_adapter(_adapter(9), other, {"base_fingerprint": "f" * 32})
+    assert "different base models" in _bad(monkeypatch, capsys, out, "--method", "linear", "--adapters",
+                                           dirs[0], other)
+    code, _, se = run(monkeypatch, capsys, "fuse", "--method", "linear", "--force", "--adapters", dirs[0], other,
+                      "--out", out)
+    assert code == 0 and out.exists()
+    out2 = tmp_path / "never2"
+    shapes = tmp_path / "shapes"
+    save_adapter(LoraAdapter({"model.layers.0.self_attn.q_proj": LoraModule(torch.randn(2, 48), torch.randn(64, 2))}),
+                 shapes, {"base_fingerprint": tiny})
+    assert "different shapes" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], shapes)
+    nan = tmp_path / "nan"
+    a = _adapter(4)
+    a.modules["model.layers.0.self_attn.q_proj"].B[0, 0] = float("inf")
+    save_adapter(a, nan, {"base_fingerprint": tiny})
+    assert "NaN or Inf" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], nan)
+    ia3 = tmp_path / "ia3"
+    save_adapter(_adapter(5), ia3, {"base_fingerprint": tiny})
+    cfg = json.loads((ia3 / "adapter_config.json").read_text())
+    cfg["peft_type"] = "IA3"
+    (ia3 / "adapter_config.json").write_text(json.dumps(cfg))
+    assert "only LORA" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], ia3)
+    assert "2 weights given for 3 adapters" in _bad(monkeypatch, capsys, out2, "--method", "linear",
+                                                    "--weights", "1,2", "--adapters", *dirs)
+    assert "already exists" in run(monkeypatch, capsys, "fuse", "--method", "linear", "--adapters", *dirs,
+                                   "--out", out)[2]

@@ -1,0 +1,88 @@
+"""Shared synthetic adapters and dense references (from the papers' definitions) for the fusion tests (no tests here)."""
+
+from __future__ import annotations
+
+import torch
+
+from edgefuse.adapters import LoraAdapter, LoraModule
+
+NAMES = {"model.layers.0.self_attn.q_proj": (24, 16), "model.layers.1.mlp.up_proj": (16, 24)}
+
+
+def make_adapters(K=3, ranks=(2, 4, 6), seed=0, names=NAMES, scales=(0.5, 2.0, 1.3)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(K):
+        mods = {}
+        for name, (m, n) in names.items():
+            r = ranks[k % len(ranks)]
+            mods[name] = LoraModule(torch.randn(r, n, generator=g), torch.randn(m, r, generator=g),
+                                    scales[k % len(scales)])
+        out.append(LoraAdapter(mods))
+    return out
+
+
+def deltas(adapters, name):
+    m, n = next(a.modules[name].shape for a in adapters if name in a.modules)
+    return [a.modules[name].delta().double() if name in a.modules else torch.zeros(m, n, dtype=torch.float64)
+            for a in adapters]
+
+
+def rel(x, y):
+    return float((x.double() - y.double()).norm() / y.double().norm())
+
+
+def truncated(M, r):
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def topk_mask(t, density):
+    k = int(density * t.numel())
+    mask = torch.zeros(t.numel(), dtype=torch.bool)
+    mask[torch.topk(t.abs().flatten(), k).indices] = True
+    return mask.view_as(t)
+
+
+def ref_elementwise(ds, weights, *, trim=None, density=1.0, gamma=0.0, elect=False, majority="total", masks=None,
+                    rescale=False):
+    """sparsify → weight → (elect sign, disjoint mean) | sum, straight from TIES / DARE / Breadcrumbs."""
+    ts = []
+    for k, d in enumerate(ds):
+        if trim == "magnitude":
+            d = d * topk_mask(d, density)
+        elif trim == "breadcrumbs":
+            n = d.numel()
+            order = torch.argsort(d.abs().flatten(), descending=True)
+            keep = torch.zeros(n, dtype=torch.bool)
+            top = int(gamma * n)
+            keep[order[top:top + int(density * n)]] = True
+            d = d * keep.view_as(d)
+        elif trim == "random":
+            d = d * masks[k]
+            if rescale:
+                d = d / density
+        ts.append(d * weights[k])
+    T = torch.stack(ts)
+    if not elect:
+        return T.sum(0)
+    s = T.sum(0) if majority == "total" else torch.sign(T).sum(0)
+    sign = torch.where(s >= 0, 1.0, -1.0).double()
+    agree = (torch.sign(T) == sign)
+    return (T * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread wake-up costs on a loaded 2-core machine."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+    return ctx()

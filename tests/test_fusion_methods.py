@@ -1,0 +1,228 @@
+"""Each method against a dense computation written here from the papers' definitions."""
+
+import pytest
+import torch
+
+from edgefuse.adapters import LoraAdapter, LoraModule
+from edgefuse.errors import EdgefuseError
+from edgefuse.fusion import fuse_adapters
+from test_fusion_helpers import one_thread, NAMES, deltas, make_adapters, ref_elementwise, rel, truncated
+
+W = [0.5, 1.5, -0.7]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ads():
+    return make_adapters()
+
+
+def test_linear_cat_task_arithmetic_exact(ads):
+    for name in NAMES:
+        ds = deltas(ads, name)
+        s = sum(w * d for w, d in zip(W, ds))
+        lin, _ = fuse_adapters(ads, "linear", W)
+        assert rel(lin.modules[name].delta(), s / sum(W)) <= 1e-5
+        cat, _ = fuse_adapters(ads, "cat", W)
+        assert cat.modules[name].rank == 12 and rel(cat.modules[name].delta(), s) <= 1e-5
+        ta, _ = fuse_adapters(ads, "task_arithmetic", W, scaling=0.3)
+        assert rel(ta.modules[name].delta(), 0.3 * s) <= 1e-5
+
+
+def test_svd_equals_dense_truncated_svd(ads):
+    for r in (1, 3, 6):
+        out, _ = fuse_adapters(ads, "svd", W, rank=r)
+        for name in NAMES:
+            s = sum(w * d for w, d in zip(W, deltas(ads, name)))
+            assert out.modules[name].rank == r
+            assert rel(out.modules[name].delta(), truncated(s, r)) <= 1e-5
+    # linear/task_arithmetic with a chosen rank are the same exact truncation
+    ta, _ = fuse_adapters(ads, "task_arithmetic", W, rank=3)
+    name = next(iter(NAMES))
+    assert rel(ta.modules[name].delta(), truncated(sum(w * d for w, d in zip(W, deltas(ads, name))), 3)) <= 1e-5
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("ties", dict(trim="magnitude", elect=True)),
+    ("magnitude_prune", dict(trim="magnitude")),
+    ("breadcrumbs", dict(trim="breadcrumbs", gamma=0.05)),
+    ("breadcrumbs_ties", dict(trim="breadcrumbs", gamma=0.05, elect=True)),
+])
+@pytest.mark.parametrize("majority", ["total", "frequency"])
+def test_elementwise_equals_dense_reference(ads, method, kw, majority):
+    if majority == "frequency" and not kw.get("elect"):
+        pytest.skip("majority only matters with sign election")
+    density = 0.3
+    params = {"gamma": kw["gamma"]} if "gamma" in kw else {}
+    if kw.get("elect"):
+        params["majority"] = majority
+    full, _ = fuse_adapters(ads, method, W, rank=16, density=density, **params)
+    low, _ = fuse_adapters(ads, method, W, rank=4, density=density, **params)
+    for name in NAMES:
+        ref = ref_elementwise(deltas(ads, name), W, density=density, majority=majority, **kw)
+        assert rel(full.modules[name].delta(), ref) <= 1e-5
+        assert rel(low.modules[name].delta(), truncated(ref, 4)) <= 1e-5
+
+
+def _dare_masks(ads, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name in NAMES:  # natural order == insertion order here
+        masks[name] = [torch.bernoulli(torch.full(a.modules[name].shape, density), generator=g).double() for a in ads]
+    return masks
+
+
+@pytest.mark.parametrize("method,elect", [("dare_linear", False), ("dare_ties", True)])
+def test_dare_fixed_seed_equals_reference(ads, method, elect):
+    density, seed = 0.6, 7
+    out, _ = fuse_adapters(ads, method, W, rank=16, density=density, seed=seed, rng="sequential")
+    masks = _dare_masks(ads, density, seed)
+    for name in NAMES:
+        ref = ref_elementwise(deltas(ads, name), W, trim="random", density=density, masks=masks[name],
+                              rescale=True, elect=elect)
+        assert rel(out.modules[name].delta(), ref) <= 1e-5
+    again, _ = fuse_adapters(ads, method, W, rank=16, density=density, seed=seed)
+    other, _ = fuse_adapters(ads, method, W, rank=16, density=density, seed=seed + 1)
+    name = next(iter(NAMES))
+    assert torch.equal(again.modules[name].A, fuse_adapters(ads, method, W, rank=16, density=density, seed=seed)[0].modules[name].A)
+    assert rel(again.modules[name].delta(), other.modules[name].delta()) > 0.05
+
+
+def test_dare_mean_over_seeds_approaches_sum(ads):
+    name = next(iter(NAMES))
+    s = sum(w * d for w, d in zip(W, deltas(ads, name)))
+    acc = torch.zeros_like(s)
+    errs = {}
+    for i in range(1, 201):
+        out, _ = fuse_adapters(ads, "dare_linear", W, rank=16, density=0.5, seed=i)
+        acc += out.modules[name].delta().double()
+        if i in (10, 200):
+            errs[i] = rel(acc / i, s)
+    assert errs[200] < 0.12 and errs[200] < errs[10] / 2
+
+
+def test_k1_identity_where_defined():
+    (a,) = make_adapters(K=1, ranks=(4,))
+    cases = [("linear", {}), ("cat", {}), ("task_arithmetic", {}), ("svd", {}), ("lora_lego", {}),
+             ("ties", {"density": 1.0}), ("dare_linear", {"density": 1.0}), ("dare_ties", {"density": 1.0}),
+             ("magnitude_prune", {"density": 1.0}), ("knots", {"inner": "task_arithmetic"}),
+             ("core_space", {"inner": "task_arithmetic"}), ("knots", {"density": 1.0}),
+             ("core_space", {"density": 1.0})]
+    for method, kw in cases:
+        out, _ = fuse_adapters([a], method, **kw)
+        for name in NAMES:
+            assert rel(out.modules[name].delta(), a.modules[name].delta()) <= 1e-5, method
+
+
+def test_missing_module_counts_as_zero(ads):
+    name = "model.layers.1.mlp.up_proj"
+    partial = [ads[0], LoraAdapter({k: v for k, v in ads[1].modules.items() if k != name}), ads[2]]
+    ds = deltas(partial, name)
+    assert float(ds[1].abs().sum()) == 0
+    out, _ = fuse_adapters(partial, "cat", W)
+    assert rel(out.modules[name].delta(), sum(w * d for w, d in zip(W, ds))) <= 1e-5
+    out, _ = fuse_adapters(partial, "ties", W, rank=16, density=0.4)
+    assert rel(out.modules[name].delta(), ref_elementwise(ds, W, trim="magnitude", density=0.4, elect=True)) <= 1e-5
+
+
+def test_lora_lego_permutation_invariance_and_concat_sum(ads):
+    perm_ads = []
+    g = torch.Generator().manual_seed(3)
+    for a in reversed(ads):  # permuted adapter order and permuted rank units
+        mods = {}
+        for n, m in a.modules.items():
+            p = torch.randperm(m.rank, generator=g)
+            mods[n] = LoraModule(m.A[p], m.B[:, p], m.scale)
+        perm_ads.append(LoraAdapter(mods))
+    w_rev = list(reversed(W))
+    x, _ = fuse_adapters(ads, "lora_lego", W, rank=5)
+    y, _ = fuse_adapters(perm_ads, "lora_lego", w_rev, rank=5)
+    for name in NAMES:
+        assert x.modules[name].rank == 5
+        assert rel(x.modules[name].delta(), y.modules[name].delta()) <= 1e-5
+        # concatenation–summation equivalence: enough clusters for every unit → the exact weighted sum
+        full, _ = fuse_adapters(perm_ads, "lora_lego", w_rev, rank=12)
+        assert rel(full.modules[name].delta(), sum(w * d for w, d in zip(W, deltas(ads, name)))) <= 1e-5
+
+
+def test_lora_lego_merges_duplicate_units_exactly():
+    """Identical MSUs in two adapters form one cluster whose output reweighting restores their exact sum."""
+    (a,) = make_adapters(K=1, ranks=(3,))
+    out, _ = fuse_adapters([a, a], "lora_lego", [1.0, 1.0], rank=3)
+    for name in NAMES:
+        assert rel(out.modules[name].delta(), 2 * a.modules[name].delta()) <= 1e-5
+
+
+def _knots_ref(ds, weights, density, rank):
+    cat = torch.cat(ds, dim=1)
+    U, S, Vh = torch.linalg.svd(cat, full_matrices=False)
+    keep = S > 1e-6 * S[0]  # deltas come from float32 products: drop rounding-noise directions
+    U, S, Vh = U[:, keep], S[keep], Vh[keep]
+    n = ds[0].shape[1]
+    Vs = [Vh[:, k * n:(k + 1) * n].T for k in range(len(ds))]
+    Vm = ref_elementwise(Vs, weights, trim="magnitude", density=density, elect=True)
+    return truncated(U @ torch.diag(S) @ Vm.T, rank)
+
+
+def _core_ref(ads, name, weights, density, rank):
+    Bc = torch.cat([a.modules[name].B.double() * a.modules[name].scale for a in ads], dim=1)
+    Ac = torch.cat([a.modules[name].A.double() for a in ads], dim=0)
+    Ub = torch.linalg.svd(Bc, full_matrices=False)[0]
+    Va = torch.linalg.svd(Ac, full_matrices=False)[2].T
+    Ms = [Ub.T @ d @ Va for d in deltas(ads, name)]
+    Mm = ref_elementwise(Ms, weights, trim="magnitude", density=density, elect=True)
+    return truncated(Ub @ Mm @ Va.T, rank)
+
+
+def test_knots_and_core_space_against_dense_reference(ads):
+    w = [1.0, 0.8, 1.2]
+    for r in (12, 4):
+        k, _ = fuse_adapters(ads, "knots", w, rank=r, density=0.3)
+        c, _ = fuse_adapters(ads, "core_space", w, rank=r, density=0.3)
+        for name in NAMES:
+            assert rel(k.modules[name].delta(), _knots_ref(deltas(ads, name), w, 0.3, r)) <= 1e-4
+            assert rel(c.modules[name].delta(), _core_ref(ads, name, w, 0.3, r)) <= 1e-4
+    for method in ("knots", "core_space"):  # linear inner merge is lossless
+        out, _ = fuse_adapters(ads, method, W, rank=12, inner="task_arithmetic")
+        for name in NAMES:
+            assert rel(out.modules[name].delta(), sum(x * d for x, d in zip(W, deltas(ads, name)))) <= 1e-5
+
+
+def test_randomized_solver_close_to_exact():
+    ads = make_adapters(names={"model.layers.0.mlp.down_proj": (300, 200)}, ranks=(4, 4, 4))
+    ex, _ = fuse_adapters(ads, "ties", rank=4, density=0.3, svd_solver="exact")
+    rd, _ = fuse_adapters(ads, "ties", rank=4, density=0.3, svd_solver="randomized")
+    name = "model.layers.0.mlp.down_proj"
+    assert rel(rd.modules[name].delta(), ex.modules[name].delta()) < 0.05
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(method="nope"), "valid: linear, cat"),
+    (dict(method="ties", density=0.0), "density must be in (0, 1]"),
+    (dict(method="ties", density=1.5), "density must be in (0, 1]"),
+    (dict(method="linear", density=0.5), "takes no density"),
+    (dict(method="cat", rank=4), "exact concatenated rank"),
+    (dict(method="svd", weights=[1.0]), "1 weights given for 3 adapters"),
+    (dict(method="ties", foo=1), "no parameter(s) foo"),
+    (dict(method="svd", cr="bogus"), "valid: element, direction, hybrid"),
+])
+def test_bad_arguments(ads, kwargs, msg):
+    method = kwargs.pop("method")
+    with pytest.raises(EdgefuseError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        fuse_adapters(ads, method, **kwargs)
+
+
+def test_bad_tensors(ads):
+    name = next(iter(NAMES))
+    bad = LoraAdapter({name: LoraModule(ads[0].modules[name].A.clone(), ads[0].modules[name].B.clone())})
+    bad.modules[name].A[0, 0] = float("nan")
+    with pytest.raises(EdgefuseError, match="NaN or Inf"):
+        fuse_adapters([ads[1], bad], "linear")
+    wrong = LoraAdapter({name: LoraModule(torch.randn(2, 5), torch.randn(7, 2))})
+    with pytest.raises(EdgefuseError, match="different shapes"):
+        fuse_adapters([ads[1], wrong], "linear")
