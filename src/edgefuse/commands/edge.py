@@ -1,7 +1,118 @@
-"""CLI commands for this stage (filled in by its issue)."""
+"""``edgefuse prune`` / ``train`` / ``recover``: the edge side of the pipeline (thin over edgefuse.edge)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
+
+from edgefuse.errors import EdgefuseError
+
+
+def prune_cmd(
+    out: Path = typer.Option(..., "--out", help="Directory for the pruned model and plan.json."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, tiny-llama, HF dir, .gguf or hub id."),
+    method: str = typer.Option("magnitude", "--method", help="magnitude | wanda | taylor | random"),
+    structure: str = typer.Option("width", "--structure", help="width | depth | unstructured | 2:4"),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction to prune, in (0, 1)."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help="GiB for LoRA training; picks the ratio."),
+    calib: int = typer.Option(32, "--calib", min=0, help="Calibration prompts from the public split (wanda, taylor, depth)."),
+    batch: int = typer.Option(8, "--batch", min=1, help="Training batch the memory budget must fit."),
+    seq: int = typer.Option(256, "--seq", min=8, help="Training sequence length the memory budget must fit."),
+    rank: int = typer.Option(8, "--rank", min=1, help="LoRA rank the memory budget must fit."),
+    seed: int = typer.Option(0, "--seed"),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject MMLU split."),
+):
+    """Prune a model for an edge: structured width/depth, or unstructured / 2:4 masks."""
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
+    from edgefuse.data.prompts import answer_text, mc_prompt
+    from edgefuse.edge.prune import describe, prune_model, save_pruned
+    from edgefuse.edge.train import TrainConfig
+    from edgefuse.models import count_parameters, load_model
+    from edgefuse.ui import console
+
+    if (ratio is None) == (memory_budget is None):
+        raise EdgefuseError("give exactly one of --ratio and --memory-budget")
+    if ratio is not None and not 0.0 < ratio < 1.0:
+        raise EdgefuseError(f"--ratio must lie in (0, 1), got {ratio}")
+    m, tok = load_model(model)
+    prompts = None
+    if calib:
+        items = select(load_mmlu(), "public", limit=calib, seed=seed, split_spec=SplitSpec(seed=split_seed))
+        prompts = [mc_prompt(it) + answer_text(it.answer) for it in items]
+    cfg = TrainConfig(batch=batch, seq=seq, rank=rank)
+    before = count_parameters(m)
+    res = prune_model(m, tok, method=method, structure=structure, ratio=ratio, memory_budget_gib=memory_budget,
+                      calib_prompts=prompts, train_cfg=cfg, seed=seed)
+    if res.estimate:
+        e = res.estimate
+        console.print(f"memory budget {memory_budget} GiB → ratio {res.plan['ratio']:g}; estimated training peak "
+                      f"{e['total_gib']:.3f} GiB (weights {e['weights_bytes'] / 2**30:.3f}, LoRA+Adam "
+                      f"{e['lora_bytes'] / 2**30:.4f}, activations {e['activations_bytes'] / 2**30:.3f}, batch {batch}, "
+                      f"seq {seq}); `edgefuse train` records the measured peak next to it")
+    save_pruned(res, tok, out)
+    console.print(describe(res.plan, before, count_parameters(res.model)))
+    console.print(f"pruned model and plan.json written to {out}")
+
+
+def train_cmd(
+    pruned: Path = typer.Option(..., "--pruned", help="Pruned model directory (from edgefuse prune)."),
+    domain: str = typer.Option(..., "--domain", help="Category, subcategory or subject whose edge split is used."),
+    out: Path = typer.Option(..., "--out", help="Edge adapter package directory."),
+    steps: int = typer.Option(80, "--steps", min=1),
+    rank: int = typer.Option(8, "--rank", min=1),
+    alpha: float = typer.Option(16.0, "--alpha"),
+    lr: float = typer.Option(3e-4, "--lr"),
+    batch: int = typer.Option(8, "--batch", min=1),
+    seq: int = typer.Option(256, "--seq", min=8),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Projections to adapt (default: all 7)."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(20, "--checkpoint-every", min=0),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use a stratified subsample of the edge split."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject MMLU split."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside --out."),
+):
+    """Train a LoRA on the pruned model with the domain's private edge split; write the upload package."""
+    from pydantic import ValidationError
+
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
+    from edgefuse.edge.train import TrainConfig, train_edge
+    from edgefuse.io import read_json
+    from edgefuse.ui import console
+
+    try:
+        cfg = TrainConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, grad_accum=grad_accum,
+                          seed=seed, checkpoint_every=checkpoint_every, grad_checkpointing=grad_checkpointing,
+                          **({"targets": targets} if targets else {}))
+    except ValidationError as e:
+        raise EdgefuseError(f"invalid training option: {e.errors()[0]['msg']}") from None
+    items = select(load_mmlu(), "edge", domains=[domain], limit=limit, seed=seed, split_spec=SplitSpec(seed=split_seed))
+    pkg = train_edge(pruned, domain, items, cfg, out, resume=resume)
+    s = read_json(pkg / "edgefuse.json")["stats"]
+    console.print(f"{s['steps']} steps, {s['tokens']} tokens, loss {s['loss_curve'][0]:.3f} → {s['loss_curve'][-1]:.3f}, "
+                  f"{s['tokens_per_s']} tokens/s, peak memory {s['peak_memory_bytes'] / 2**30:.3f} GiB"
+                  + (f" (estimate {s['memory_estimate_bytes'] / 2**30:.3f} GiB)" if s.get("memory_estimate_bytes") else ""))
+    console.print(f"edge package written to {pkg}")
+
+
+def recover_cmd(
+    package: Path = typer.Option(..., "--package", help="Edge adapter package directory."),
+    plan: Path = typer.Option(..., "--plan", help="plan.json the package was trained on."),
+    out: Path = typer.Option(..., "--out", help="Recovered full-model adapter directory."),
+):
+    """Scatter an edge adapter back to the full model's shapes (PEFT format)."""
+    from edgefuse.edge.recover import recover
+    from edgefuse.ui import console
+
+    d = recover(package, plan, out)
+    console.print(f"recovered adapter written to {d}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the app."""
+    app.command("prune")(prune_cmd)
+    app.command("train")(train_cmd)
+    app.command("recover")(recover_cmd)

@@ -1,0 +1,101 @@
+"""Peak memory and speed of edge LoRA training on SmolLM2 pruned at ratios 0, 0.25, 0.5 (one run).
+
+Each ratio trains in a fresh child process (so one ratio's allocations cannot hide another's peak)
+with the same items, batch, sequence length, steps and seed; the child loads the pruned model from
+its directory, as an edge would. Peak memory = sampled resident memory above the child's level
+before the model was loaded (CPU) or the CUDA allocator peak (GPU). Speed = real (unpadded) tokens
+per second over the steps after the first (the first carries one-off allocation costs). Also shows
+the `--memory-budget` estimate next to every measured peak, and which ratio a budget picks.
+
+    .venv/bin/python bench/edge_memory.py [--steps 5 --batch 8 --seq 128 --repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from statistics import median
+
+
+def child(args) -> None:
+    from edgefuse.data.mmlu import load_mmlu, select
+    from edgefuse.edge.train import TrainConfig, train_edge
+
+    items = select(load_mmlu(), "edge", domains=["stem"], limit=args.batch * args.steps, seed=0)
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, checkpoint_every=0, seed=0)
+    out = Path(args.child) / "pkg"
+    pkg = train_edge(Path(args.child) / "model", "stem", items, cfg, out, progress=lambda *a, **k: None)
+    s = json.loads((pkg / "edgefuse.json").read_text())["stats"]
+    tok, wall = sum(s["step_tokens"][1:]), sum(s["step_wall_s"][1:])
+    print("RESULT " + json.dumps({"peak": s["peak_memory_bytes"], "tok_s": tok / wall, "tokens": s["tokens"],
+                                  "padded": s["padded_tokens"]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--child", default=None)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    from edgefuse.edge.prune import estimate_for, prune_model, ratio_for_budget, save_pruned
+    from edgefuse.edge.train import TrainConfig
+    from edgefuse.models import count_parameters, load_model
+
+    cfg = TrainConfig(batch=args.batch, seq=args.seq)
+    tmp = Path(tempfile.mkdtemp(prefix="edge-memory-"))
+    base, tok = load_model("smollm2-135m")
+    n_base = count_parameters(base)
+    info = {}
+    for r in args.ratios:
+        res = prune_model(base, tok, method="magnitude", structure="width", ratio=r)
+        save_pruned(res, tok, tmp / f"r{r}" / "model")
+        info[r] = {"params": count_parameters(res.model), "estimate": estimate_for(base, "width", r, cfg)["total_bytes"]}
+        del res
+    runs: dict[float, list[dict]] = {r: [] for r in args.ratios}
+    for _ in range(args.repeats):
+        for r in args.ratios:
+            cmd = [sys.executable, __file__, "--child", str(tmp / f"r{r}"), "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--seq", str(args.seq)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"child for ratio {r} failed:\n{out.stderr[-2000:]}")
+            runs[r].append(json.loads(line[0][7:]))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}, device {'cuda' if torch.cuda.is_available() else 'cpu'}; SmolLM2-135M, "
+          f"width/magnitude pruning, batch {args.batch}, seq ≤ {args.seq}, {args.steps} steps, {args.repeats} run(s) "
+          f"(median), r=8 on all 7 projections")
+    r0 = args.ratios[0]
+    peak0 = median(x["peak"] for x in runs[r0])
+    speed0 = median(x["tok_s"] for x in runs[r0])
+    print("| ratio | params | est. peak GiB | measured peak GiB | peak vs ratio 0 | tokens/s | speed vs ratio 0 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in args.ratios:
+        peak, speed = median(x["peak"] for x in runs[r]), median(x["tok_s"] for x in runs[r])
+        print(f"| {r:g} | {info[r]['params'] / 1e6:.1f} M ({info[r]['params'] / n_base:.0%}) | "
+              f"{info[r]['estimate'] / 2**30:.3f} | {peak / 2**30:.3f} | {peak / peak0:.2f}× | {speed:.0f} | "
+              f"{speed / speed0:.2f}× |")
+    for budget in (2.0, 1.6, 1.4, 1.0):
+        try:
+            r, est = ratio_for_budget(base, "width", budget, cfg)
+            print(f"--memory-budget {budget} GiB → ratio {r:g} (estimate {est['total_gib']:.3f} GiB)")
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"--memory-budget {budget} GiB → {e}")
+
+
+if __name__ == "__main__":
+    main()

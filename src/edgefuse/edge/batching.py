@@ -1,0 +1,54 @@
+"""Training examples and a deterministic, length-bucketed batch schedule.
+
+Why deterministic: exact resume needs step ``s`` to see the same prompts whether or not the run was
+interrupted, so the schedule is a pure function of (seed, epoch) rather than a stateful loader.
+Why bucketing: prompts of similar length share a batch, so padding (wasted compute) stays small,
+while the order of the batches stays random. Each epoch: shuffle the items, cut them into pools of
+``batch × bucket`` items, sort each pool by length, slice it into micro-batches, shuffle those.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from edgefuse.data.mmlu import MMLUItem
+from edgefuse.data.prompts import mc_prompt
+
+
+def encode_items(tokenizer, items: Sequence[MMLUItem], seq: int) -> list[list[int]]:
+    """Zero-shot prompt tokens ending at ``Answer:``; over-long prompts keep their end (question, choices)."""
+    enc = tokenizer([mc_prompt(it) for it in items], add_special_tokens=False).input_ids
+    return [e[-seq:] for e in enc]
+
+
+def epoch_batches(lengths: Sequence[int], batch: int, seed: int, epoch: int, bucket: int = 16) -> list[list[int]]:
+    """Micro-batches (lists of item indices) of one epoch."""
+    order = list(range(len(lengths)))
+    rng = random.Random(f"edgefuse-train:{seed}:{epoch}")
+    rng.shuffle(order)
+    pool = max(batch, batch * bucket)
+    out: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start:start + pool], key=lambda i: (lengths[i], i))
+        out += [chunk[j:j + batch] for j in range(0, len(chunk), batch)]
+    rng.shuffle(out)
+    return out
+
+
+class Schedule:
+    """Infinite stream of micro-batches over epochs; ``step(s, accum)`` gives the ones of optimizer step s."""
+
+    def __init__(self, lengths: Sequence[int], batch: int, seed: int, bucket: int = 16):
+        self.lengths, self.batch, self.seed, self.bucket = list(lengths), batch, seed, bucket
+        self.per_epoch = len(epoch_batches(self.lengths, batch, seed, 0, bucket))
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def micro(self, k: int) -> list[int]:
+        epoch, off = divmod(k, self.per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_batches(self.lengths, self.batch, self.seed, epoch, self.bucket)}
+        return self._cache[epoch][off]
+
+    def step(self, s: int, accum: int) -> list[list[int]]:
+        return [self.micro(s * accum + j) for j in range(accum)]

@@ -1,0 +1,186 @@
+"""Importance scores for pruning: weight magnitude, Wanda, first-order Taylor, random; block influence.
+
+Element scores of a weight W (out × in):
+- ``magnitude``: |W|.
+- ``wanda``: |W_ij|·‖x_j‖₂, x the layer's input over calibration tokens (Sun et al., "A Simple and
+  Effective Pruning Approach for Large Language Models", ICLR 2024).
+- ``taylor``: |W_ij·∂L/∂W_ij|, the first-order Taylor estimate of the loss change when the weight
+  is removed, L the next-token loss on calibration prompts (Ma et al., "LLM-Pruner: On the
+  Structural Pruning of Large Language Models", NeurIPS 2023).
+- ``random``: seeded uniform noise, the ablation baseline.
+
+Structured groups score as the sum of their elements' scores: an MLP channel owns a row of gate and
+up and a column of down; a KV group owns its k/v rows plus the q rows and o columns of every query
+head that shares it (grouped-query attention keeps them together).
+
+Layers (depth pruning) score by block influence, 1 − mean cos(h_in, h_out) over calibration tokens
+(Men et al., "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect", 2024);
+``taylor`` uses the layer's summed Taylor score instead and ``random`` noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from edgefuse.edge.plan import ATTN, PROJECTIONS
+from edgefuse.errors import EdgefuseError
+from edgefuse.evaluate.scoring import make_batch, unwrap
+
+CALIB_MAX_TOKENS = 256
+
+
+def decoder_layers(model):
+    return unwrap(model).model.layers
+
+
+def projection(layer, proj: str):
+    return getattr(layer.self_attn if proj in ATTN else layer.mlp, proj)
+
+
+@dataclass
+class CalibStats:
+    """What one pass over the calibration prompts measured."""
+
+    in_sq: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # Σ x_j² per input feature
+    grads: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # ∂L/∂W summed over prompts
+    influence: torch.Tensor | None = None  # (layers,) block influence
+    tokens: int = 0
+
+
+def needs_calibration(method: str, structure: str) -> bool:
+    return method in ("wanda", "taylor") or (structure == "depth" and method != "random")
+
+
+def collect_stats(model, tokenizer, prompts: list[str], *, inputs: bool = False, grads: bool = False,
+                  influence: bool = False, batch_size: int = 4) -> CalibStats:
+    """Run the calibration prompts once and gather input norms, gradients and/or block influence."""
+    if not prompts:
+        raise EdgefuseError("this pruning method needs calibration prompts (--calib N with N ≥ 1)")
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    stats = CalibStats()
+    state: dict[str, torch.Tensor] = {}
+    hooks = []
+    cos_sum = torch.zeros(len(layers), dtype=torch.float64)
+
+    def input_hook(key):
+        def hook(mod, args):
+            x = args[0].detach().float()
+            m = state["mask"].unsqueeze(-1).to(x.dtype)
+            s = ((x * x) * m).sum(dim=(0, 1)).cpu()
+            stats.in_sq[key] = stats.in_sq.get(key, 0) + s
+        return hook
+
+    def layer_pre(i):
+        def hook(mod, args, kwargs):
+            state[f"in{i}"] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    def layer_post(i):
+        def hook(mod, args, kwargs, out):
+            h_out = (out[0] if isinstance(out, tuple) else out).detach().float()
+            h_in = state.pop(f"in{i}").float()
+            c = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
+            cos_sum[i] += float((c * state["mask"]).sum())
+        return hook
+
+    for i, layer in enumerate(layers):
+        if inputs:
+            for p in PROJECTIONS:
+                hooks.append(projection(layer, p).register_forward_pre_hook(input_hook((i, p))))
+        if influence:
+            hooks.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
+            hooks.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
+    enc = [e[-CALIB_MAX_TOKENS:] for e in tokenizer(list(prompts), add_special_tokens=False).input_ids]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads and ".layers." in n)
+            p.grad = None
+        for start in range(0, len(enc), batch_size):
+            b = make_batch(enc[start:start + batch_size], pad, "right", device)
+            state["mask"] = b.attention_mask.float()
+            stats.tokens += int(b.attention_mask.sum())
+            with torch.set_grad_enabled(grads):
+                out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                            use_cache=False)
+                if grads:
+                    logits = out.logits[:, :-1].float()
+                    target = b.input_ids[:, 1:].masked_fill(b.attention_mask[:, 1:] == 0, -100)
+                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                             ignore_index=-100, reduction="sum")
+                    loss.backward()
+        if grads:
+            for i, layer in enumerate(layers):
+                for p in PROJECTIONS:
+                    w = projection(layer, p).weight
+                    stats.grads[(i, p)] = w.grad.detach().clone() if w.grad is not None else torch.zeros_like(w)
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(req[n])
+            p.grad = None
+        model.train(was_training)
+    if influence:
+        stats.influence = (1.0 - cos_sum / max(stats.tokens, 1)).float()
+    return stats
+
+
+def element_scores(model, method: str, stats: CalibStats | None, seed: int = 0) -> dict[tuple[int, str], torch.Tensor]:
+    """Score of every weight of every decoder projection (higher = more important)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for p in PROJECTIONS:
+            w = projection(layer, p).weight.detach().float()
+            if method == "magnitude":
+                s = w.abs()
+            elif method == "wanda":
+                s = w.abs() * stats.in_sq[(i, p)].to(w.device).sqrt().unsqueeze(0)
+            elif method == "taylor":
+                s = (w * stats.grads[(i, p)].float()).abs()
+            elif method == "random":
+                s = torch.rand(w.shape, generator=gen).to(w.device)
+            else:
+                raise EdgefuseError(f"unknown pruning method {method!r}")
+            out[(i, p)] = s
+    return out
+
+
+def group_scores(model, scores: dict[tuple[int, str], torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per layer: ``mlp`` (intermediate,) channel scores and ``kv`` (kv heads,) group scores."""
+    cfg = unwrap(model).config
+    nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nq
+    rep = nq // nkv
+    res = []
+    for i in range(len(decoder_layers(model))):
+        s = {p: scores[(i, p)] for p in PROJECTIONS}
+        mlp = s["gate_proj"].sum(1) + s["up_proj"].sum(1) + s["down_proj"].sum(0)
+        q_head = s["q_proj"].reshape(nq, hd, -1).sum(dim=(1, 2)) + s["o_proj"].reshape(-1, nq, hd).sum(dim=(0, 2))
+        kv = s["k_proj"].reshape(nkv, -1).sum(1) + s["v_proj"].reshape(nkv, -1).sum(1) + q_head.reshape(nkv, rep).sum(1)
+        res.append({"mlp": mlp.cpu(), "kv": kv.cpu()})
+    return res
+
+
+def layer_scores(model, method: str, stats: CalibStats | None, seed: int = 0) -> torch.Tensor:
+    """One score per decoder layer (higher = keep)."""
+    n = len(decoder_layers(model))
+    if method == "random":
+        return torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    if method == "taylor":
+        el = element_scores(model, "taylor", stats, seed)
+        return torch.tensor([float(sum(el[(i, p)].sum() for p in PROJECTIONS)) for i in range(n)])
+    return stats.influence
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores, ascending (ties broken by lower index)."""
+    order = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
+    return sorted(order[:k])

@@ -1,0 +1,110 @@
+"""Memory of LoRA training on a (pruned) Llama: an a-priori estimate and a measured peak.
+
+Why: ``--memory-budget`` must choose the pruning ratio *before* anything is trained, so the estimate
+is a closed formula over the architecture and the training shape; the measured peak (recorded in
+every package) shows how far off it is. The estimate counts, in float32:
+- frozen weights: embeddings (once when tied) and every decoder/norm parameter;
+- LoRA: parameters, gradients and AdamW's two moments (4 copies);
+- activations kept for backward, per token and layer: ~6 hidden-size tensors (norm inputs/outputs,
+  residual sums), 3 of each attention width (q, its RoPE output, the attention output) and of the
+  KV width, 4 of the MLP width (gate, up, SiLU, product) and the rank-r LoRA intermediates. The
+  training loss uses the head at one position per prompt (edgefuse.edge.train), so no vocabulary-
+  sized logits are stored;
+- a fixed runtime overhead (allocator, autograd bookkeeping).
+It is an upper bound at the configured ``seq``: batches are only as long as their longest prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import threading
+import time
+from typing import Iterator
+
+import torch
+
+GIB = 1024 ** 3
+RUNTIME_OVERHEAD = 64 * 1024 ** 2
+_LORA_OUT = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "h", "gate_proj": "i", "up_proj": "i",
+             "down_proj": "h"}
+_LORA_IN = {"q_proj": "h", "k_proj": "h", "v_proj": "h", "o_proj": "q", "gate_proj": "h", "up_proj": "h",
+            "down_proj": "i"}
+
+
+def estimate_training_bytes(dims: dict, *, batch: int, seq: int, rank: int, targets: list[str],
+                            vocab: int, tied: bool, grad_checkpointing: bool = False) -> dict:
+    """Estimated peak bytes of LoRA training; ``dims`` gives layers/hidden/widths of the model trained."""
+    L, h = dims["num_hidden_layers"], dims["hidden_size"]
+    hd = dims["head_dim"]
+    width = {"h": h, "q": dims["num_attention_heads"] * hd, "kv": dims["num_key_value_heads"] * hd,
+             "i": dims["intermediate_size"]}
+    per_layer = 2 * width["q"] * h + 2 * width["kv"] * h + 3 * width["i"] * h + 2 * h
+    weights = 4 * (vocab * h * (1 if tied else 2) + L * per_layer + h)
+    lora_params = L * sum(rank * (width[_LORA_IN[t]] + width[_LORA_OUT[t]]) for t in targets)
+    lora = 4 * 4 * lora_params
+    tokens = batch * seq
+    act_token_layer = 6 * h + 3 * width["q"] + 3 * width["kv"] + 4 * width["i"] + len(targets) * rank
+    if grad_checkpointing:
+        activations = 4 * tokens * (L * h + act_token_layer)
+    else:
+        activations = 4 * tokens * L * act_token_layer
+    activations += 4 * tokens * h * 2
+    total = weights + lora + activations + RUNTIME_OVERHEAD
+    return {"total_bytes": int(total), "weights_bytes": int(weights), "lora_bytes": int(lora),
+            "activations_bytes": int(activations), "overhead_bytes": RUNTIME_OVERHEAD,
+            "total_gib": round(total / GIB, 4), "batch": batch, "seq": seq, "rank": rank}
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; falls back to the lifetime peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA allocator peak on GPU, sampled RSS above the start on CPU."""
+
+    def __init__(self, device: str | torch.device = "cpu", interval_s: float = 0.01):
+        self.cuda = str(device).startswith("cuda")
+        self.interval_s = interval_s
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self.peak = current_rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, current_rss())
+
+    @property
+    def used_bytes(self) -> int:
+        """Peak above the level at entry."""
+        return max(0, self.peak - self.start)
+
+
+@contextlib.contextmanager
+def measure_peak(device="cpu") -> Iterator[PeakMemory]:
+    with PeakMemory(device) as pm:
+        yield pm

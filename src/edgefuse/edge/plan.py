@@ -1,0 +1,144 @@
+"""The pruning plan (``plan.json``): what was kept, enough to rebuild the pruned model and to recover.
+
+Why a separate module: pruning writes plans, recovery and training read them, and both must agree
+on one interpretation. The source of truth is per layer: ``kept_layers`` (original indices, in
+order) and, for each kept layer, its kept ``mlp_channels``, ``kv_heads`` and query ``heads``. Widths
+may differ per layer in the format even though the first pruner is uniform. ``modules`` spells the
+same information out per projection (kept output ``rows`` / input ``cols`` as ``[start, stop)``
+runs, ``null`` = all) and is checked against the layers on load, so a hand-edited plan that
+contradicts itself is refused. The plan holds no data (calibration prompts appear only as a hash).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from edgefuse.errors import EdgefuseError
+from edgefuse.io import hash_obj
+
+PLAN_FILE = "plan.json"
+PLAN_VERSION = 1
+PLAN_KIND = "edgefuse-prune-plan"
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTN + MLP
+METHODS = ("magnitude", "wanda", "taylor", "random")
+STRUCTURES = ("width", "depth", "unstructured", "2:4")
+
+
+def keep_count(n: int, ratio: float) -> int:
+    """How many of ``n`` groups survive pruning ``ratio`` of them: round half up, at least one.
+
+    E.g. SmolLM2's 3 KV groups at ratio 0.5 keep ``floor(1.5 + 0.5) = 2`` (a third pruned), its
+    1536 MLP channels keep 768.
+    """
+    return max(1, min(n, int((1.0 - ratio) * n + 0.5)))
+
+
+def to_runs(indices: Iterable[int]) -> list[list[int]]:
+    """Sorted indices as ``[start, stop)`` runs: compact for the contiguous blocks heads make."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+def from_runs(runs: list[list[int]] | None, full: int) -> list[int]:
+    if runs is None:
+        return list(range(full))
+    return [i for a, b in runs for i in range(a, b)]
+
+
+def plan_hash(plan: dict[str, Any]) -> str:
+    """Content hash of a plan (canonical JSON), recorded in every package trained on it."""
+    return hash_obj(plan)
+
+
+def module_name(layer: int, proj: str) -> str:
+    part = "self_attn" if proj in ATTN else "mlp"
+    return f"model.layers.{layer}.{part}.{proj}"
+
+
+def full_shape(base: dict[str, int], proj: str) -> tuple[int, int]:
+    """(out, in) of a projection in the unpruned model."""
+    h, hd = base["hidden_size"], base["head_dim"]
+    q, kv, inter = base["num_attention_heads"] * hd, base["num_key_value_heads"] * hd, base["intermediate_size"]
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}[proj]
+
+
+def head_rows(heads: Iterable[int], head_dim: int) -> list[int]:
+    return [h * head_dim + j for h in sorted(heads) for j in range(head_dim)]
+
+
+def derive_modules(base: dict[str, int], kept_layers: list[int], layers: dict[str, dict]) -> dict[str, dict]:
+    """Per-projection kept rows/cols (runs, None = all) and names in the pruned model."""
+    hd = base["head_dim"]
+    out: dict[str, dict] = {}
+    for new, old in enumerate(kept_layers):
+        spec = layers[str(old)]
+        nq, nkv, ni = base["num_attention_heads"], base["num_key_value_heads"], base["intermediate_size"]
+        q = None if len(spec["heads"]) == nq else to_runs(head_rows(spec["heads"], hd))
+        kv = None if len(spec["kv_heads"]) == nkv else to_runs(head_rows(spec["kv_heads"], hd))
+        ch = None if len(spec["mlp_channels"]) == ni else to_runs(spec["mlp_channels"])
+        rows_cols = {"q_proj": (q, None), "k_proj": (kv, None), "v_proj": (kv, None), "o_proj": (None, q),
+                     "gate_proj": (ch, None), "up_proj": (ch, None), "down_proj": (None, ch)}
+        for proj, (rows, cols) in rows_cols.items():
+            out[module_name(old, proj)] = {"pruned_name": module_name(new, proj), "rows": rows, "cols": cols}
+    return out
+
+
+def kept_shape(base: dict[str, int], entry: dict, proj: str) -> tuple[int, int]:
+    o, i = full_shape(base, proj)
+    return len(from_runs(entry["rows"], o)), len(from_runs(entry["cols"], i))
+
+
+_REQUIRED = ("format_version", "base_fingerprint", "method", "structure", "ratio", "base_config", "kept_layers",
+             "layers", "modules")
+
+
+def validate_plan(plan: Any, path: str | Path | None = None) -> dict[str, Any]:
+    """Check a plan's structure and internal consistency; return it or raise one clear error."""
+    where = path or PLAN_FILE
+    if not isinstance(plan, dict) or plan.get("kind", PLAN_KIND) != PLAN_KIND:
+        raise EdgefuseError("not an edgefuse pruning plan", path=where)
+    missing = [k for k in _REQUIRED if k not in plan]
+    if missing:
+        raise EdgefuseError(f"plan lacks {', '.join(missing)}", path=where)
+    if plan["format_version"] != PLAN_VERSION:
+        raise EdgefuseError(f"plan format_version {plan['format_version']} is not supported (expects {PLAN_VERSION})",
+                            path=where)
+    base = plan["base_config"]
+    try:
+        nl, nq, nkv = base["num_hidden_layers"], base["num_attention_heads"], base["num_key_value_heads"]
+        ni = base["intermediate_size"]
+        kept = [int(i) for i in plan["kept_layers"]]
+        if not kept or sorted(set(kept)) != kept or kept[0] < 0 or kept[-1] >= nl:
+            raise EdgefuseError("kept_layers must be distinct ascending layer indices of the base model", path=where)
+        if sorted(plan["layers"], key=int) != [str(i) for i in kept]:
+            raise EdgefuseError("layers must have one entry per kept layer", path=where)
+        rep = nq // nkv
+        for i in kept:
+            spec = plan["layers"][str(i)]
+            kv, heads, ch = spec["kv_heads"], spec["heads"], spec["mlp_channels"]
+            if not kv or any(not 0 <= g < nkv for g in kv) or len(set(kv)) != len(kv):
+                raise EdgefuseError(f"layer {i}: invalid kv_heads", path=where)
+            if sorted(heads) != [g * rep + j for g in sorted(kv) for j in range(rep)]:
+                raise EdgefuseError(f"layer {i}: heads must be exactly the query heads of the kept kv_heads (GQA)",
+                                    path=where)
+            if not ch or any(not 0 <= c < ni for c in ch) or len(set(ch)) != len(ch):
+                raise EdgefuseError(f"layer {i}: invalid mlp_channels", path=where)
+        if derive_modules(base, kept, plan["layers"]) != plan["modules"]:
+            raise EdgefuseError("modules contradict the per-layer kept heads/channels", path=where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EdgefuseError(f"malformed plan ({type(e).__name__}: {e})", path=where) from None
+    return plan
+
+
+def is_uniform(plan: dict[str, Any]) -> bool:
+    specs = [plan["layers"][str(i)] for i in plan["kept_layers"]]
+    return len({(len(s["heads"]), len(s["kv_heads"]), len(s["mlp_channels"])) for s in specs}) == 1

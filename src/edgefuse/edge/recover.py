@@ -1,0 +1,83 @@
+"""Recover an edge adapter (pruned shapes) to a PEFT adapter of the full base model.
+
+For a module kept with output rows R and input columns C, the edge update ΔW' = B'A' (|R| × |C|)
+becomes ΔW = B A with B = scatter of B' to rows R (zeros elsewhere) and A = scatter of A' to columns
+C: ΔW[R, C] = ΔW' and ΔW is zero on every pruned row and column — exact, and still rank r, so no
+dense matrix is ever formed. Layers removed by depth pruning carry no LoRA. This is LoRAM's recovery
+step (Zhang et al., ICLR 2025) for structured pruning; for unstructured/2:4 masks it is the identity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from edgefuse.adapters import (
+    CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule, load_adapter, peft_config_for, save_adapter,
+    verify_hashes,
+)
+from edgefuse.edge.plan import from_runs, full_shape, plan_hash
+from edgefuse.edge.prune import read_plan
+from edgefuse.edge.train import PACKAGE_KIND
+from edgefuse.errors import EdgefuseError
+from edgefuse.io import sha256_file
+
+RECOVERED_KIND = "edgefuse-recovered-adapter"
+
+
+def recover_adapter(adapter: LoraAdapter, plan: dict, where: Path | str = "package") -> LoraAdapter:
+    """Scatter every module's factors to the full shapes the plan describes."""
+    base = plan["base_config"]
+    by_pruned = {e["pruned_name"]: (orig, e) for orig, e in plan["modules"].items()}
+    full: dict[str, LoraModule] = {}
+    for name, mod in adapter.modules.items():
+        if name not in by_pruned:
+            raise EdgefuseError(f"package module {name} does not exist in the pruned model of this plan", path=where)
+        orig, entry = by_pruned[name]
+        proj = name.rsplit(".", 1)[-1]
+        out_f, in_f = full_shape(base, proj)
+        rows, cols = from_runs(entry["rows"], out_f), from_runs(entry["cols"], in_f)
+        if mod.shape != (len(rows), len(cols)):
+            raise EdgefuseError(f"package shapes contradict the plan: {name} is {mod.shape[0]}×{mod.shape[1]}, the plan "
+                                f"keeps {len(rows)}×{len(cols)} of {orig}", path=where)
+        A = torch.zeros(mod.rank, in_f, dtype=mod.A.dtype)
+        B = torch.zeros(out_f, mod.rank, dtype=mod.B.dtype)
+        A[:, torch.tensor(cols)] = mod.A
+        B[torch.tensor(rows)] = mod.B
+        full[orig] = LoraModule(A, B, mod.scale)
+    return LoraAdapter(full, plan.get("base_model"), adapter.config, adapter.manifest)
+
+
+def recover(package_dir: Path, plan_path: Path, out_dir: Path, force: bool = True) -> Path:
+    """Check the package against the plan (hashes, fingerprint, plan hash, shapes) and write the full adapter."""
+    package_dir, plan_path, out_dir = Path(package_dir), Path(plan_path), Path(out_dir)
+    if not (package_dir / MANIFEST_FILE).is_file():
+        raise EdgefuseError(f"not an edge package (no {MANIFEST_FILE})", path=package_dir)
+    verify_hashes(package_dir)
+    adapter = load_adapter(package_dir)
+    man = adapter.manifest or {}
+    if man.get("kind") != PACKAGE_KIND:
+        raise EdgefuseError(f"not an edge package ({MANIFEST_FILE} kind is {man.get('kind')!r})", path=package_dir)
+    plan = read_plan(plan_path)
+    if man.get("base_fingerprint") != plan["base_fingerprint"]:
+        raise EdgefuseError(f"package was trained for base model {man.get('base_fingerprint')}, the plan is for "
+                            f"{plan['base_fingerprint']}", path=plan_path)
+    if man.get("plan_hash") != plan_hash(plan):
+        raise EdgefuseError("package was trained on another pruning plan (plan hash differs)", path=plan_path)
+    full = recover_adapter(adapter, plan, package_dir)
+    dropped = sorted(set(range(plan["base_config"]["num_hidden_layers"])) - set(plan["kept_layers"]))
+    manifest = {k: v for k, v in man.items() if k != "files"}
+    manifest["kind"] = RECOVERED_KIND
+    manifest["recovery"] = {
+        "from_kind": PACKAGE_KIND, "plan_hash": plan_hash(plan),
+        "package_adapter_sha256": sha256_file(package_dir / WEIGHTS_FILE),
+        "dropped_layers": dropped, "modules": len(full.modules),
+        "note": "pruned rows/columns are zero; dropped layers carry no LoRA",
+    }
+    # dropped layers carry no LoRA: say so in the PEFT config too, so PEFT does not inject empty ones there
+    config = peft_config_for(full, plan.get("base_model"))
+    if dropped:
+        config["layers_to_transform"], config["layers_pattern"] = list(plan["kept_layers"]), "layers"
+    return save_adapter(full, out_dir, manifest=manifest, base_model=plan.get("base_model"),
+                        extra_files={CONFIG_FILE: config})
