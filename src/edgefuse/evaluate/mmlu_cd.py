@@ -206,8 +206,12 @@ def cd_metrics(domains: Sequence[Sequence[str]], correct: Sequence[Sequence[int]
 
 def evaluate_mmlu_cd(model, tokenizer, doc: dict, dataset: MMLUDataset, *, batch_size: int = 8,
                      progress: Callable[[int], None] | None = None, meta: dict | None = None,
-                     single: bool = True) -> dict:
-    """Score every instance (chained, KV-cached) and the same items alone; return the results document."""
+                     single: bool = True, single_items: Sequence[dict] | None = None) -> dict:
+    """Score every instance (chained, KV-cached) and the same items alone; return the results document.
+
+    ``single_items``: per-item records of an earlier `evaluate_mmlu` run of the same model (zero-shot),
+    reused instead of re-scoring those items alone (e.g. when evaluating k=2 and k=3 on one model).
+    """
     header = doc["header"]
     instances = resolve(doc, dataset)
     if not instances:
@@ -220,9 +224,12 @@ def evaluate_mmlu_cd(model, tokenizer, doc: dict, dataset: MMLUDataset, *, batch
     correct = [[int(p == it.answer) for p, it in zip(row, items)] for row, items in zip(preds, instances)]
     single_res, single_correct = None, None
     if single:
-        unique = list({it.id: it for items in instances for it in items}.values())
-        single_res = evaluate_mmlu(model, tokenizer, unique, batch_size=batch_size)
-        alone = {r["id"]: r for r in single_res["items"]}
+        alone = {r["id"]: r for r in (single_items or [])}
+        todo = list({it.id: it for items in instances for it in items if it.id not in alone}.values())
+        if todo:
+            alone.update({r["id"]: r for r in evaluate_mmlu(model, tokenizer, todo, batch_size=batch_size)["items"]})
+        used = list(dict.fromkeys(it.id for items in instances for it in items))
+        single_res = {"items": [alone[i] for i in used]}
         single_correct = [[int(alone[it.id]["correct"]) for it in items] for items in instances]
     metrics = cd_metrics([inst["domains"] for inst in doc["instances"]], correct, single_correct,
                          header.get("domains"))
