@@ -28,7 +28,7 @@ from edgefuse.evaluate.scoring import continuation_token_ids
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "edgefuse.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "edgefuse.cli", *args], capture_output=True, text=True, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_build_is_deterministic_in_fresh_processes(tmp_path, mmlu):
         out = tmp_path / f"cd{i}.jsonl"
         env = dict(os.environ, PYTHONHASHSEED=hashseed)
         r = subprocess.run([sys.executable, "-m", "edgefuse.cli", "mmlu-cd", "build", "--k", "3", "--n", "40",
-                            "--seed", "7", "--out", str(out)], capture_output=True, text=True, env=env)
+                            "--seed", "7", "--out", str(out)], capture_output=True, text=True, env=env, check=False)
         assert r.returncode == 0, r.stderr
         hashes.append(r.stdout.strip().splitlines()[-1].split()[-1])
         paths.append(out)
@@ -228,11 +228,11 @@ def test_write_load_roundtrip_and_validation(tmp_path, mmlu):
 
 
 @pytest.mark.parametrize("kwargs, msg", [
-    (dict(k=5), "k=5 must be between 2 and the number of domains (4"),
-    (dict(k=1), "k=1 must be between 2"),
-    (dict(domains=["stem", "astrology"]), "unknown domain 'astrology'"),
-    (dict(domains=["stem", "math"]), "domains 'stem' and 'math' overlap"),
-    (dict(split="dev"), "unknown split 'dev'"),
+    ({"k": 5}, "k=5 must be between 2 and the number of domains (4"),
+    ({"k": 1}, "k=1 must be between 2"),
+    ({"domains": ["stem", "astrology"]}, "unknown domain 'astrology'"),
+    ({"domains": ["stem", "math"]}, "domains 'stem' and 'math' overlap"),
+    ({"split": "dev"}, "unknown split 'dev'"),
 ])
 def test_bad_builder_arguments(mmlu, kwargs, msg):
     with pytest.raises(EdgefuseError) as e:

@@ -20,9 +20,9 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from edgefuse.data.mmlu import SPLITS, MMLUDataset, MMLUItem, SplitSpec, make_splits
 from edgefuse.data.taxonomy import CATEGORIES, domain_subjects, normalise_subject
@@ -45,7 +45,7 @@ def _check_domains(domains: Sequence[str] | None, k: int) -> tuple[list[str], di
     for a, b in itertools.combinations(names, 2):
         shared = subjects[a] & subjects[b]
         if shared:
-            raise EdgefuseError(f"domains {a!r} and {b!r} overlap (both contain {sorted(shared)[0]!r}); "
+            raise EdgefuseError(f"domains {a!r} and {b!r} overlap (both contain {min(shared)!r}); "
                                 "MMLU-CD needs disjoint domains")
     if not 2 <= k <= len(names):
         raise EdgefuseError(f"k={k} must be between 2 and the number of domains ({len(names)}: {', '.join(names)})")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -91,7 +91,10 @@ class ChainedScorer:
     def encode(self, instances: Sequence[Sequence[MMLUItem]]) -> tuple[list[list[int]], list[list[int]]]:
         """Prefix token ids per instance and the cue ids per answer position 2..k."""
         k = len(instances[0])
-        enc = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+
+        def enc(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+
         prefixes = [enc(cd_prefix(items)) for items in instances]
         cues = [enc(answer_cue(j)) for j in range(2, k + 1)]
         # the chain concatenates separately tokenized pieces; make sure that equals tokenizing the text
