@@ -81,6 +81,7 @@ class Study:
     mmlu_items: list = field(default_factory=list)
     cd_docs: dict[int, dict] = field(default_factory=dict)
     cd_hashes: dict[int, str] = field(default_factory=dict)
+    missing_edges: list[dict] = field(default_factory=list)  # edges a (federated) trainer could not deliver
 
     def stage(self, kind: str, name: str, inputs: Any, fn: Callable[[Path, Callable], dict],
               total: int | None = None) -> tuple[Path, dict]:
@@ -214,6 +215,7 @@ class TrainJob:
     stage_name: str = ""
     inputs: dict = field(default_factory=dict)
     advance: Callable[..., None] | None = None
+    failure: str | None = None  # set by a trainer that could not get this edge's package (the edge is left out)
 
     @property
     def package_dir(self) -> Path:
@@ -284,15 +286,27 @@ def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed:
                 job.advance = st.progress.stage(job.stage_name, tcfg.steps)
                 t1 = time.perf_counter()
                 trainer(st, [job])
-                out[job.edge] = _finish_train(st, job, time.perf_counter() - t1)
+                if _delivered(st, job):
+                    out[job.edge] = _finish_train(st, job, time.perf_counter() - t1)
                 st.progress.stage_done()
         else:
             st.progress.stage(f"train {len(jobs)} edges", None)
             trainer(st, jobs)
             for job in jobs:
-                out[job.edge] = _finish_train(st, job, time.perf_counter() - t0)
+                if _delivered(st, job):
+                    out[job.edge] = _finish_train(st, job, time.perf_counter() - t0)
                 st.progress.stage_done()
     return out
+
+
+def _delivered(st: Study, job: TrainJob) -> bool:
+    """Whether the trainer wrote this job's package; if not, the edge is left out and recorded with the reason."""
+    if job.failure is None and (job.package_dir / "edgefuse.json").is_file():
+        return True
+    reason = job.failure or "the trainer wrote no package"
+    st.missing_edges.append({"edge": job.edge, "seed": job.seed, "reason": reason})
+    log.warning("edge %s (seed %d) left out: %s", job.edge, job.seed, reason)
+    return False
 
 
 def _finish_train(st: Study, job: TrainJob, wall: float) -> tuple[Path, dict]:
@@ -329,24 +343,26 @@ def stage_edges(st: Study, seed: int, trainer: Callable[[Study, list[TrainJob]],
     pruned = {e: stage_prune(st, e, seed) for e in _edge_names(st.cfg)}
     packages = stage_train_all(st, pruned, seed, trainer)
     return [stage_recover_eval(st, e, seed, pruned[e][0], packages[e][0], packages[e][1], pruned[e][1])
-            for e in _edge_names(st.cfg)]
+            for e in _edge_names(st.cfg) if e in packages]
 
 
 def stage_fusions(st: Study, edges: list[dict], seed: int) -> list[dict]:
     from edgefuse.fusion import fuse_dirs
 
     f = st.cfg.fusion
+    names = _edge_names(st.cfg)
+    weights = [f.weights[names.index(e["edge"])] for e in edges] if f.weights else None  # without missing edges
     results = []
     for method in f.methods:
         for cr in f.cr:
             name = f"{method}+{cr}" if cr != "off" else method
             inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
-                      "cr": cr, "rank": f.rank, "density": f.density, "weights": f.weights,
+                      "cr": cr, "rank": f.rank, "density": f.density, "weights": weights,
                       "params": f.params.get(method, {}), "seed": seed}
 
             def run_fuse(work: Path, advance, method=method, cr=cr) -> dict:
                 stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
-                                  cr=None if cr == "off" else cr, weights=f.weights, rank=f.rank, density=f.density,
+                                  cr=None if cr == "off" else cr, weights=weights, rank=f.rank, density=f.density,
                                   seed=seed, **f.params.get(method, {}))
                 return {"dir": "fused", "stats": _jsonable(stats)}
 
@@ -417,9 +433,10 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
             for seed in cfg.seeds:
                 edges = stage_edges(st, seed, trainer or local_trainer)
                 fused = stage_fusions(st, edges, seed)
-                seeds.append({"seed": seed, "edges": edges, "fused": fused})
+                seeds.append({"seed": seed, "edges": edges, "fused": fused,
+                              "missing_edges": [m for m in st.missing_edges if m["seed"] == seed]})
         doc = {"name": cfg.name, "model": cfg.model, "base_fingerprint": st.base_fingerprint,
-               "config": cfg.model_dump(), "base": base, "seeds": seeds,
+               "config": cfg.model_dump(), "base": base, "seeds": seeds, "missing_edges": st.missing_edges,
                "stages": st.cache.records, "wall_s": round(time.perf_counter() - t0, 1),
                "mmlu_n": len(st.mmlu_items), "cd_n": {k: len(d["instances"]) for k, d in st.cd_docs.items()}}
         write_report(doc, run_dir)

@@ -209,6 +209,12 @@ def write_report(doc: dict, run_dir: Path) -> Path:
             md.append(f"MMLU-CD k={k}: chance {100 * b.get('chance', 0.25 ** k):.2f}%; base single-item accuracy on the "
                       f"same items {fmt_ci(b['single']) if isinstance(b.get('single'), dict) else '–'}.")
     md += ["", "## Edges", "", edges_table(doc), ""]
+    if doc.get("missing_edges"):
+        md += ["## Missing edges", "", "Left out of fusion and evaluation (federated run: the edge failed, timed out "
+               "or its package was rejected).", "", "| edge | seed | reason |", "|---|---:|---|"]
+        md += [f"| {m['edge']} | {m['seed']} | {' '.join(str(m['reason']).replace('|', '/').split())} |"
+               for m in doc["missing_edges"]]
+        md.append("")
     if len(doc["seeds"]) > 1:
         md += ["## Across seeds", "", seeds_table(doc), ""]
     md += ["## Conflict statistics (LoRA-CR)", "", conflict_table(doc), ""]

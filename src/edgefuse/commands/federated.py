@@ -1,7 +1,49 @@
-"""CLI commands for this stage (filled in by its issue)."""
+"""``edgefuse federated …``: the study with the edges on Flower (simulation here; deployment via ``flwr run``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+federated_app = typer.Typer(help="Run the study with edges as Flower clients (see docs/federated.md).",
+                            no_args_is_help=True)
+
+
+@federated_app.command("simulate")
+def simulate_cmd(
+    config: Path = typer.Argument(..., help="Study config (YAML), e.g. configs/federated-tiny.yaml."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Output directory (default: runs/<config "
+                                           "name>-federated)."),
+    min_edges: int = typer.Option(0, "--min-edges", min=0, help="Finish the study when at least this many edges "
+                                  "delivered a package, leaving the others out (0 = every edge must)."),
+    timeout: float = typer.Option(0, "--timeout", min=0, help="Seconds to wait for the edges' packages per round "
+                                  "(0 = no limit)."),
+    force: Optional[str] = typer.Option(None, "--force", help="Redo this stage kind and all after it: data, prune, "
+                                        "train, recover, fuse, eval."),
+    cpus_per_edge: int = typer.Option(1, "--cpus-per-edge", min=1, help="CPUs Ray gives each virtual edge."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw progress bars."),
+):
+    """Run the study on Flower's simulation engine, one virtual SuperNode per configured edge."""
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.federated.simulate import simulate
+    from edgefuse.report import headline_table
+    from edgefuse.stages import KINDS
+    from edgefuse.ui import console
+
+    if force is not None and force not in KINDS:
+        raise EdgefuseError(f"--force {force!r}: unknown stage kind; valid: {', '.join(KINDS)}")
+    run_dir = run_dir or Path("runs") / f"{config.stem}-federated"
+    doc = simulate(config, run_dir, min_edges=min_edges, timeout=timeout, force=force,
+                   show_progress=not no_progress, cpus_per_edge=cpus_per_edge)
+    console.print(f"\n[bold]Headline ({doc['name']}, federated simulation, {doc['wall_s']:.0f} s)[/bold]")
+    console.print(headline_table(doc))
+    for m in doc.get("missing_edges") or []:
+        console.print(f"[yellow]left out: edge {m['edge']} (seed {m['seed']}): {m['reason']}[/yellow]")
+    console.print(f"\nreport: {run_dir / 'report.md'}")
+
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the app."""
+    """Add ``edgefuse federated`` to the app."""
+    app.add_typer(federated_app, name="federated")

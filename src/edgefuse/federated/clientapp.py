@@ -1,0 +1,64 @@
+"""The edge role as a Flower ClientApp (``edgefuse.federated.clientapp:app``).
+
+Two messages:
+- ``query.identify``: answers with the node's identity from its node config (``edge``, optional
+  ``domains``), or in simulation with its ``partition-id``, so the cloud knows which node is which edge.
+- ``train``: rebuilds the pruned model from the plan, trains on the node's own partition and replies
+  with the edge package (adapter tensors + manifest fields, see `edgefuse.federated.records`).
+A failure becomes an error reply carrying the reason; the cloud then leaves this edge out.
+
+Node config keys: ``edge`` (this node's edge name in the study), ``domains`` (optional check),
+``data`` (MMLU source on this node, default embedded), ``model`` (local copy of the base model),
+``work-dir`` (where to build and train; default a temporary directory, removed after the upload).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+log = logging.getLogger("edgefuse.federated")
+
+# Error code in replies from a failed edge job (Flower reserves small codes for its own errors).
+EDGE_JOB_FAILED = 1001
+
+
+def handle_identify(msg: Message, context: Context) -> Message:
+    from edgefuse.federated.records import identity_content
+
+    return Message(identity_content(dict(context.node_config)), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    from edgefuse.federated.edge import run_job
+    from edgefuse.federated.records import content_to_job, package_to_content
+
+    try:
+        job = content_to_job(msg.content)
+        node = dict(context.node_config)
+        if node.get("edge") and node["edge"] != job["edge"]:
+            raise ValueError(f"this node is edge {node['edge']!r}, the job is for {job['edge']!r}")
+        work = node.get("work-dir")
+        package, tmp = run_job(job, node, Path(str(work)) / f"{job['edge']}-s{job['seed']}" if work else None)
+        try:
+            return Message(package_to_content(package), reply_to=msg)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+    except Exception as e:
+        log.exception("edge job failed")
+        return Message(Error(code=EDGE_JOB_FAILED, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+
+
+def make_client_app(mods=None) -> ClientApp:
+    """A ClientApp with the edge handlers; ``mods`` are Flower mods wrapped around them."""
+    app = ClientApp(mods=list(mods or []))
+    app.query("identify")(handle_identify)
+    app.train()(handle_train)
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,89 @@
+"""The edge's work for one job: rebuild the pruned model from the plan, train on local data, package.
+
+Why here and not in the ClientApp: this is plain edgefuse (no Flower types), so it can be tested
+directly and reused by any transport. The edge receives only the plan and a base-model reference;
+it loads the base model itself, rebuilds the pruned model with `edgefuse.edge.prune.apply_plan`
+and checks its fingerprint against the one the cloud pruned, so both sides train the very same
+weights. Its training items come from its own copy of the data (``node_config["data"]``, default the
+embedded MMLU) and the split settings in the job; they never leave the node.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgefuse.errors import EdgefuseError
+
+# Structures whose pruned model is fully described by the plan's kept indices (masks are not).
+REBUILDABLE = ("width", "depth")
+
+
+def parse_domains(value: Any) -> list[str] | None:
+    """Node config ``domains`` as a list: ``"stem,law"`` or ``"stem law"``."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [d for d in str(value).replace(",", " ").split() if d]
+
+
+def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Path) -> Path:
+    """Base model (node's ``model`` or the job's spec) + plan → pruned directory, checked by fingerprint."""
+    from edgefuse.edge.plan import validate_plan
+    from edgefuse.edge.prune import PruneResult, apply_plan, save_pruned
+    from edgefuse.models import fingerprint, load_model
+
+    plan = validate_plan(job["plan"], "plan received from the cloud")
+    if plan["structure"] not in REBUILDABLE and plan.get("sparsity"):
+        raise EdgefuseError(f"a {plan['structure']} plan cannot be rebuilt on the edge (masks are not in the plan)")
+    spec = str(node_config.get("model") or job["model"])
+    model, tok = load_model(spec)
+    fp = fingerprint(model)
+    if fp != plan["base_fingerprint"]:
+        raise EdgefuseError(f"this edge's base model {spec!r} has fingerprint {fp}, the plan was made for "
+                            f"{plan['base_fingerprint']}")
+    pruned = apply_plan(model, plan)
+    del model
+    if job.get("pruned_fingerprint") and fingerprint(pruned) != job["pruned_fingerprint"]:
+        raise EdgefuseError("the pruned model rebuilt from the plan differs from the cloud's (fingerprint)")
+    return save_pruned(PruneResult(pruned, plan), tok, out_dir)
+
+
+def local_items(job: dict[str, Any], domains: list[str], node_config: dict[str, Any]):
+    """This edge's private training items: its own data, the job's split settings, its domains."""
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
+
+    source = node_config.get("data") or "embedded"
+    ds = load_mmlu(None if source == "embedded" else source)
+    s = job["split"]
+    spec = SplitSpec(seed=int(s["seed"]), public_per_subject=int(s["public_per_subject"]),
+                     edge_fraction=float(s["edge_fraction"]))
+    return select(ds, "edge", domains, None, None, spec.seed, spec)
+
+
+def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | None = None,
+            progress: Callable[..., None] | None = None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """Train the job's edge adapter; returns (package dir, temp dir to clean up after uploading)."""
+    from edgefuse.edge.train import TrainConfig, train_edge
+
+    domains = parse_domains(node_config.get("domains")) or list(job["domains"])
+    if sorted(domains) != sorted(job["domains"]):
+        raise EdgefuseError(f"edge {job['edge']!r} holds domains {domains}, the study expects {job['domains']}")
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix=f"edgefuse-edge-{job['edge']}-")
+        work_dir = Path(tmp.name)
+    try:
+        pruned = rebuild_pruned(job, node_config, Path(work_dir) / "pruned")
+        items = local_items(job, domains, node_config)
+        cfg = TrainConfig(**job["train"])
+        package = train_edge(pruned, job["edge"], items, cfg, Path(work_dir) / "package",
+                             progress=progress or (lambda *a, **k: None))
+        return package, tmp
+    except BaseException:
+        if tmp is not None:
+            tmp.cleanup()
+        raise

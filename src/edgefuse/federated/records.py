@@ -1,0 +1,115 @@
+"""What crosses the wire, as Flower records: the cloud's training job and the edge's package.
+
+Why one module: the privacy promise ("an edge uploads its adapter and manifest, nothing else") is a
+property of exactly two functions here, `package_to_content` and `job_to_content`, so it can be read
+and tested in one place.
+
+- Job (cloud → edge), one ``ConfigRecord`` ``"job"``: edge name, domains, seed, base-model spec and
+  fingerprint, the pruning plan (JSON; it holds kept indices, no data), the pruned model's
+  fingerprint, training hyper-parameters and the split settings. Never any data item.
+- Package (edge → cloud): ``ArrayRecord`` ``"adapter"`` with the PEFT LoRA tensors of the edge
+  package, and ``ConfigRecord`` ``"package"`` with the text of ``adapter_config.json`` and of the
+  ``edgefuse.json`` manifest (file hashes, fingerprints, plan hash, training statistics).
+The cloud rebuilds the package directory from these and checks it (`edgefuse.federated.verify`)
+before anything else reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+from edgefuse.errors import EdgefuseError
+
+JOB_RECORD = "job"
+ADAPTER_RECORD = "adapter"
+PACKAGE_RECORD = "package"
+IDENTITY_RECORD = "identity"
+# The only keys a package's ConfigRecord may carry.
+PACKAGE_KEYS = ("manifest", "adapter_config")
+# Message types (Flower routes "<category>.<action>").
+MSG_IDENTIFY = "query.identify"
+MSG_TRAIN = "train"
+
+
+def job_to_content(job: dict[str, Any]):
+    """A training job as a RecordDict: scalars as they are, nested values as JSON text."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    rec = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in job.items()}
+    return RecordDict({JOB_RECORD: ConfigRecord(rec)})
+
+
+JSON_FIELDS = ("domains", "plan", "train", "split")
+
+
+def content_to_job(content) -> dict[str, Any]:
+    if JOB_RECORD not in content.config_records:
+        raise EdgefuseError("message carries no training job")
+    job = dict(content.config_records[JOB_RECORD])
+    for k in JSON_FIELDS:
+        if isinstance(job.get(k), str):
+            job[k] = json.loads(job[k])
+    return job
+
+
+def package_to_content(package_dir: Path):
+    """The edge's upload: the adapter tensors and the two JSON texts of its package, nothing else."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from edgefuse.io import load_safetensors
+
+    package_dir = Path(package_dir)
+    tensors = load_safetensors(package_dir / WEIGHTS_FILE)
+    arrays = ArrayRecord()
+    for name in sorted(tensors):
+        arrays[name] = Array.from_numpy_ndarray(tensors[name].detach().cpu().contiguous().numpy())
+    cfg = ConfigRecord({"manifest": (package_dir / MANIFEST_FILE).read_text(encoding="utf-8"),
+                        "adapter_config": (package_dir / CONFIG_FILE).read_text(encoding="utf-8")})
+    return RecordDict({ADAPTER_RECORD: arrays, PACKAGE_RECORD: cfg})
+
+
+def content_to_files(content, directory: Path) -> None:
+    """Write a received package into ``directory`` (PEFT files + manifest) exactly as the edge wrote them.
+
+    The safetensors file is re-serialised from the received tensors the way `save_adapter` writes it, so
+    its sha256 matches the manifest only if the tensors arrived unchanged. Raises on a malformed upload.
+    """
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    if ADAPTER_RECORD not in content.array_records or PACKAGE_RECORD not in content.config_records:
+        raise EdgefuseError(f"reply lacks the {ADAPTER_RECORD!r} tensors or the {PACKAGE_RECORD!r} record")
+    extra = sorted(set(content.array_records) - {ADAPTER_RECORD}) + sorted(
+        set(content.config_records) - {PACKAGE_RECORD}) + sorted(content.metric_records)
+    if extra:
+        raise EdgefuseError(f"reply carries records beyond the package: {', '.join(extra)}")
+    cfg = content.config_records[PACKAGE_RECORD]
+    if sorted(cfg) != sorted(PACKAGE_KEYS):
+        raise EdgefuseError(f"package record must hold exactly {', '.join(PACKAGE_KEYS)} (got {', '.join(sorted(cfg))})")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, arr in content.array_records[ADAPTER_RECORD].items():
+        a = arr.numpy()
+        if a.dtype != np.float32:
+            raise EdgefuseError(f"tensor {name} has dtype {a.dtype}; packages hold float32")
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(a))
+    for key in PACKAGE_KEYS:
+        try:
+            json.loads(cfg[key])
+        except (TypeError, ValueError):
+            raise EdgefuseError(f"package {key} is not JSON text") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(cfg["adapter_config"], encoding="utf-8")
+    (directory / MANIFEST_FILE).write_text(cfg["manifest"], encoding="utf-8")
+
+
+def identity_content(node_config: dict[str, Any]):
+    """An edge's answer to "who are you": its name (and domains) from its node config, or its simulation slot."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    keep = {k: node_config[k] for k in ("edge", "domains", "partition-id", "num-partitions") if k in node_config}
+    return RecordDict({IDENTITY_RECORD: ConfigRecord(keep)})

@@ -1,0 +1,137 @@
+"""The cloud's side of edge training over Flower: one round of messages, checked packages back.
+
+`FlowerTrainer` is a ``trainer`` for `edgefuse.pipeline.run_study`: it maps SuperNodes to edges
+(``query.identify``), sends every pending `TrainJob` to its edge at once (the edges train in
+parallel), writes each reply into the job's package directory only after `verify_package` accepts it,
+and marks a failed, timed-out or rejected edge on ``job.failure`` so the study leaves it out and the
+report names it, as long as at least ``min_edges`` edges delivered (0 = every edge must).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+from edgefuse.errors import EdgefuseError
+from edgefuse.io import read_json
+
+log = logging.getLogger("edgefuse.run")
+
+
+class FlowerTrainer:
+    def __init__(self, grid, min_edges: int = 0, timeout: float | None = None, wait_nodes: float = 120.0):
+        self.grid = grid
+        self.min_edges = int(min_edges)
+        self.timeout = timeout or None
+        self.wait_nodes = float(wait_nodes)
+        self.node_of: dict[str, int] = {}
+        self.rounds: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ nodes
+    def discover(self, edges: list[str]) -> dict[str, int]:
+        """Which SuperNode is which edge: ask every connected node for its node-config identity."""
+        from flwr.app import RecordDict
+
+        from edgefuse.federated.records import IDENTITY_RECORD, MSG_IDENTIFY
+
+        deadline = time.monotonic() + self.wait_nodes
+        node_ids: list[int] = []
+        while True:
+            node_ids = sorted(self.grid.get_node_ids())
+            if len(node_ids) >= len(edges) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        msgs = [self.grid.create_message(RecordDict(), MSG_IDENTIFY, nid, group_id="identify") for nid in node_ids]
+        replies = list(self.grid.send_and_receive(msgs, timeout=max(30.0, self.wait_nodes))) if msgs else []
+        node_of: dict[str, int] = {}
+        for r in replies:
+            if r.has_error() or IDENTITY_RECORD not in r.content.config_records:
+                continue
+            ident = dict(r.content.config_records[IDENTITY_RECORD])
+            name = ident.get("edge")
+            if name is None and "partition-id" in ident and int(ident["partition-id"]) < len(edges):
+                name = edges[int(ident["partition-id"])]  # simulation: one virtual node per edge, in config order
+            if name in edges:
+                if name in node_of:
+                    raise EdgefuseError(f"two SuperNodes claim edge {name!r} (node ids {node_of[name]} and "
+                                        f"{r.metadata.src_node_id}); give each node a distinct edge= node config")
+                node_of[name] = r.metadata.src_node_id
+        log.info("federation: %d nodes connected, edges mapped: %s", len(node_ids), node_of)
+        self.node_of = node_of
+        return node_of
+
+    # ------------------------------------------------------------------ round
+    def job_message(self, st, job) -> dict[str, Any]:
+        """Everything the edge needs and nothing of the data: plan, model reference, settings."""
+        meta_path = job.pruned_dir / "edgefuse_model.json"
+        meta = read_json(meta_path) if meta_path.is_file() else {}
+        d = st.cfg.data
+        return {"edge": job.edge, "seed": job.seed, "domains": list(job.domains), "model": st.cfg.model,
+                "base_fingerprint": st.base_fingerprint, "plan": read_json(job.pruned_dir / "plan.json"),
+                "pruned_fingerprint": meta.get("pruned_fingerprint", ""), "train": job.config.model_dump(),
+                "split": {"seed": d.split_seed, "public_per_subject": d.public_per_subject,
+                          "edge_fraction": d.edge_fraction}}
+
+    def __call__(self, st, jobs: list) -> None:
+        from edgefuse.federated.records import MSG_TRAIN, content_to_files, job_to_content
+
+        edges = list(st.cfg.edges)
+        if not self.node_of or any(j.edge not in self.node_of for j in jobs):
+            self.discover(edges)
+        msgs, by_node = [], {}
+        for job in jobs:
+            nid = self.node_of.get(job.edge)
+            if nid is None:
+                job.failure = "no SuperNode with this edge name is connected"
+                continue
+            by_node[nid] = job
+            msgs.append(self.grid.create_message(job_to_content(self.job_message(st, job)), MSG_TRAIN, nid,
+                                                 group_id=f"train-s{job.seed}"))
+        t0 = time.perf_counter()
+        log.info("federation: sending %d training jobs (timeout %s)", len(msgs), self.timeout)
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
+        for r in replies:
+            job = by_node.pop(r.metadata.src_node_id, None)
+            if job is None:
+                continue
+            if r.has_error():
+                job.failure = f"edge failed: {r.error.reason}"
+                continue
+            upload = job.work_dir / ".upload"
+            shutil.rmtree(upload, ignore_errors=True)
+            try:
+                content_to_files(r.content, upload)
+                self.accept(st, job, upload)
+            except EdgefuseError as e:
+                job.failure = f"package rejected: {e}"
+            finally:
+                shutil.rmtree(upload, ignore_errors=True)
+        for job in by_node.values():
+            job.failure = f"no reply within {self.timeout:g} s" if self.timeout else "no reply"
+        wall = time.perf_counter() - t0
+        failed = {j.edge: j.failure for j in jobs if getattr(j, "failure", None)}
+        for edge, why in failed.items():
+            log.warning("federation: edge %s left out: %s", edge, why)
+        self.rounds.append({"seed": jobs[0].seed if jobs else None, "sent": len(msgs), "wall_s": round(wall, 2),
+                            "failed": failed})
+        delivered = len(edges) - len(failed)
+        need = self.min_edges or len(edges)
+        if delivered < need:
+            detail = "; ".join(f"{e}: {w}" for e, w in failed.items())
+            raise EdgefuseError(f"only {delivered} of {len(edges)} edges delivered a package, min_edges is {need} "
+                                f"({detail})")
+
+    def accept(self, st, job, upload) -> None:
+        from edgefuse.federated.verify import verify_package
+
+        meta_path = job.pruned_dir / "edgefuse_model.json"
+        meta = read_json(meta_path) if meta_path.is_file() else {}
+        verify_package(upload, edge=job.edge, plan=read_json(job.pruned_dir / "plan.json"),
+                       base_fingerprint=st.base_fingerprint, pruned_fingerprint=meta.get("pruned_fingerprint"),
+                       rank=job.config.rank, targets=list(job.config.targets))
+        if job.package_dir.exists():
+            shutil.rmtree(job.package_dir)
+        os.replace(upload, job.package_dir)

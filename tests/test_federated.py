@@ -1,0 +1,406 @@
+"""The study on Flower: simulation equals the single-process run, real processes on loopback, faults, privacy.
+
+The reference is `run_study` in this process on configs/federated-tiny.yaml (tiny model, 2 edges).
+Fault and deployment runs start from a copy of the reference's stage cache with some edges' training
+removed, so only those edges are sent to Flower and everything else is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+from edgefuse.adapters import load_adapter
+from edgefuse.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "federated-tiny.yaml"
+BIN = Path(sys.executable).parent
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def fused_deltas(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {f["name"]: {n: m.delta() for n, m in load_adapter(f["adapter"]).modules.items()}
+            for f in results(run_dir)["seeds"][0]["fused"]}
+
+
+def scores(run_dir: Path) -> dict:
+    doc = results(run_dir)
+    rows = {"base": doc["base"]} | {f["name"]: f["eval"] for f in doc["seeds"][0]["fused"]}
+    return {k: (v["mmlu"]["correct"], v["mmlu_cd_k2"]["strict_outcomes"]) for k, v in rows.items()}
+
+
+def assert_same_fused(a: Path, b: Path) -> None:
+    da, db = fused_deltas(a), fused_deltas(b)
+    assert set(da) == set(db) and da
+    for name in da:
+        assert set(da[name]) == set(db[name])
+        for mod in da[name]:
+            assert (da[name][mod] - db[name][mod]).abs().max().item() <= 1e-6, (name, mod)
+
+
+def copy_without_training(ref: Path, dst: Path, edges: list[str]) -> Path:
+    """The reference run's cache minus these edges' training (and everything fused/evaluated after it)."""
+    shutil.copytree(ref, dst)
+    for d in (dst / "stages").iterdir():
+        if any(d.name.startswith(f"{k}-{e}-") for e in edges for k in ("train", "recover")) or \
+                (d.name.startswith(("fuse-", "eval-")) and not d.name.startswith("eval-base")):
+            shutil.rmtree(d)
+    for f in ("results.json", "report.md", "stages.jsonl"):
+        (dst / f).unlink(missing_ok=True)
+    return dst
+
+
+def write_config(path: Path, **changes) -> Path:
+    import yaml
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg.update(changes)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# Flower mods (module level so that Ray can ship them to the simulated edges by reference).
+def _job_edge(msg) -> str | None:
+    from edgefuse.federated.records import JOB_RECORD
+
+    if msg.metadata.message_type != "train" or JOB_RECORD not in msg.content.config_records:
+        return None
+    return msg.content.config_records[JOB_RECORD]["edge"]
+
+
+def record_mod(out_dir, msg, ctx, call_next):
+    """Dump every record of every reply this edge sends (names, dtypes, shapes, all config values)."""
+    reply = call_next(msg, ctx)
+    dump = {"type": msg.metadata.message_type, "error": reply.has_error(), "arrays": {}, "configs": {},
+            "metrics": {}}
+    if not reply.has_error():
+        c = reply.content
+        dump["arrays"] = {r: {k: [str(a.numpy().dtype), list(a.numpy().shape)] for k, a in rec.items()}
+                          for r, rec in c.array_records.items()}
+        dump["configs"] = {r: dict(rec) for r, rec in c.config_records.items()}
+        dump["metrics"] = {r: dict(rec) for r, rec in c.metric_records.items()}
+    name = f"{msg.metadata.message_type}-{ctx.node_config.get('partition-id', 'x')}-{time.time_ns()}.json"
+    Path(out_dir, name).write_text(json.dumps(dump, default=str))
+    return reply
+
+
+def fault_mod(msg, ctx, call_next):
+    """Edge 'science' crashes while training; edge 'law' returns a package whose tensor was altered."""
+    edge = _job_edge(msg)
+    if edge == "science":
+        raise RuntimeError("injected failure during training")
+    reply = call_next(msg, ctx)
+    if edge == "law" and not reply.has_error():
+        from flwr.app import Array
+
+        rec = reply.content.array_records["adapter"]
+        key = min(rec)
+        rec[key] = Array.from_numpy_ndarray(rec[key].numpy() + 1e-3)
+    return reply
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    from edgefuse.pipeline import run_study
+
+    run_dir = tmp_path_factory.mktemp("fed") / "reference"
+    run_study(load_config(CONFIG), run_dir, show_progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    from edgefuse.federated.clientapp import make_client_app
+    from edgefuse.federated.simulate import simulate
+
+    root = tmp_path_factory.mktemp("sim")
+    sent = root / "sent"
+    sent.mkdir()
+    simulate(CONFIG, root / "run", client_app=make_client_app([functools.partial(record_mod, str(sent))]))
+    return root / "run", sent
+
+
+@pytest.fixture(scope="module")
+def faulty(reference, tmp_path_factory):
+    """Three edges: 'science' crashes, 'law' is tampered with, 'history' trains normally; min_edges=1."""
+    from edgefuse.federated.clientapp import make_client_app
+    from edgefuse.federated.simulate import simulate
+
+    root = tmp_path_factory.mktemp("faults")
+    cfg = write_config(root / "three.yaml", edges={"science": ["stem"], "law": ["law"], "history": ["history"]})
+    run_dir = copy_without_training(reference, root / "run", ["science", "law"])
+    doc = simulate(cfg, run_dir, min_edges=1, client_app=make_client_app([fault_mod]))
+    return run_dir, doc
+
+
+# ----------------------------------------------------------------------------------------------- tests
+def test_simulation_equals_single_process_run(reference, simulated):
+    run_dir, _ = simulated
+    assert_same_fused(reference, run_dir)
+    assert scores(reference) == scores(run_dir)
+    ran = {json.loads(x)["stage"] for x in (run_dir / "stages.jsonl").read_text().splitlines()}
+    assert {"train-science-s0", "train-law-s0"} <= ran
+    assert "| base |" in (run_dir / "report.md").read_text()
+    assert not results(run_dir)["missing_edges"]
+
+
+def test_edges_send_only_adapter_tensors_and_manifest(simulated, mmlu):
+    from edgefuse.data.mmlu import SplitSpec, select
+
+    _, sent = simulated
+    dumps = [json.loads(p.read_text()) for p in sorted(sent.glob("train-*.json"))]
+    assert len(dumps) == 2 and not any(d["error"] for d in dumps)
+    cfg = load_config(CONFIG)
+    spec = SplitSpec(seed=cfg.data.split_seed, public_per_subject=cfg.data.public_per_subject,
+                     edge_fraction=cfg.data.edge_fraction)
+    grams = set()
+    for domains in cfg.edges.values():
+        for it in select(mmlu, "edge", domains, None, None, spec.seed, spec):
+            words = it.question.split()
+            grams |= {" ".join(words[i:i + 8]) for i in range(len(words) - 7)}
+    assert len(grams) > 100
+    edges_seen = set()
+    for d in dumps:
+        assert set(d["arrays"]) == {"adapter"} and set(d["configs"]) == {"package"} and not d["metrics"]
+        for key, (dtype, shape) in d["arrays"]["adapter"].items():
+            assert key.startswith("base_model.model.model.layers.") and key.endswith((".lora_A.weight", ".lora_B.weight"))
+            assert dtype == "float32" and len(shape) == 2
+        assert set(d["configs"]["package"]) == {"manifest", "adapter_config"}
+        text = " ".join(str(v) for v in d["configs"]["package"].values())
+        squashed = " ".join(text.split())
+        assert not [g for g in grams if g in squashed]
+        man = json.loads(d["configs"]["package"]["manifest"])
+        assert set(man["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+        edges_seen.add(man["domain"])
+    assert edges_seen == {"science", "law"}
+
+
+def test_failing_edge_is_left_out_and_named(faulty):
+    run_dir, doc = faulty
+    missing = {m["edge"]: m["reason"] for m in doc["missing_edges"]}
+    assert set(missing) == {"science", "law"}
+    assert "injected failure during training" in missing["science"]
+    assert [e["edge"] for e in doc["seeds"][0]["edges"]] == ["history"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Missing edges" in report and "| science | 0 |" in report
+    assert doc["seeds"][0]["fused"], "the study went on to fuse the delivered edge"
+
+
+def test_tampered_package_is_rejected_with_reason(faulty):
+    run_dir, doc = faulty
+    reason = {m["edge"]: m["reason"] for m in doc["missing_edges"]}["law"]
+    assert reason.startswith("package rejected: hash check failed: adapter_model.safetensors"), reason
+    assert "| law | 0 | package rejected" in (run_dir / "report.md").read_text()
+    # never stored, never fused: the fusion's inputs are history's recovered adapter alone
+    assert not list((run_dir / "stages").glob("train-law-*/package"))
+    fuse_stage = json.loads(next((run_dir / "stages").glob("fuse-*/stage.json")).read_text())
+    assert [Path(a).parts[0].rsplit("-", 1)[0] for a in fuse_stage["inputs"]["adapters"]] == ["recover-history-s0"]
+
+
+def test_not_enough_edges_is_one_clear_error(reference, tmp_path):
+    """With min_edges = 2 and one edge failing, the study stops with the reason instead of fusing one edge."""
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.federated.trainer import FlowerTrainer
+    from edgefuse.pipeline import run_study
+
+    class DeadGrid:  # no SuperNode ever connects
+        def get_node_ids(self):
+            return []
+
+    run_dir = copy_without_training(reference, tmp_path / "run", ["law"])
+    with pytest.raises(EdgefuseError, match=r"only 1 of 2 edges delivered a package, min_edges is 2 \(law: no "
+                                            r"SuperNode with this edge name is connected\)"):
+        run_study(load_config(CONFIG), run_dir, show_progress=False, trainer=FlowerTrainer(DeadGrid(), wait_nodes=0))
+
+
+# ----------------------------------------------------------------------------------------------- verification
+@pytest.fixture(scope="module")
+def package(reference):
+    pkg = next((reference / "stages").glob("train-science-s0-*/package"))
+    pruned = next((reference / "stages").glob("prune-science-s0-*/pruned"))
+    return pkg, pruned
+
+
+def _verify(pkg: Path, pruned: Path, **over):
+    from edgefuse.federated.verify import verify_package
+    from edgefuse.io import read_json
+
+    meta = read_json(pruned / "edgefuse_model.json")
+    kw = {"edge": "science", "plan": read_json(pruned / "plan.json"), "base_fingerprint": meta["base_fingerprint"],
+          "pruned_fingerprint": meta["pruned_fingerprint"], "rank": 4,
+          "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    kw.update(over)
+    return verify_package(pkg, **kw)
+
+
+def _resave(pkg: Path, dst: Path, edit) -> Path:
+    """A consistent package (hashes recomputed) whose tensors were edited: what a dishonest edge could send."""
+    from edgefuse.adapters import save_adapter
+
+    ad = load_adapter(pkg)
+    edit(ad)
+    man = {k: v for k, v in ad.manifest.items() if k != "files"}
+    return save_adapter(ad, dst, manifest=man, base_model=ad.config.get("base_model_name_or_path"))
+
+
+def test_records_round_trip_reproduces_the_package_bytes(package, tmp_path):
+    from edgefuse.federated.records import content_to_files, package_to_content
+    from edgefuse.io import sha256_file
+
+    pkg, pruned = package
+    content_to_files(package_to_content(pkg), tmp_path / "got")
+    for f in ("adapter_model.safetensors", "adapter_config.json", "edgefuse.json"):
+        assert sha256_file(tmp_path / "got" / f) == sha256_file(pkg / f), f
+    assert _verify(tmp_path / "got", pruned)["domain"] == "science"
+
+
+def test_verify_rejects_nan_wrong_shapes_and_wrong_identity(package, tmp_path):
+    from edgefuse.federated.verify import PackageRejected
+
+    pkg, pruned = package
+    name = min(load_adapter(pkg).modules)
+
+    def nan(ad):
+        ad.modules[name].A[0, 0] = float("nan")
+
+    def wide(ad):
+        m = ad.modules[name]
+        m.A = torch.cat([m.A, m.A[:, :1]], dim=1)
+
+    with pytest.raises(PackageRejected, match="NaN or Inf"):
+        _verify(_resave(pkg, tmp_path / "nan", nan), pruned)
+    with pytest.raises(PackageRejected, match=rf"module {name} is \d+×\d+ rank 4, the plan gives"):
+        _verify(_resave(pkg, tmp_path / "wide", wide), pruned)
+    with pytest.raises(PackageRejected, match="base fingerprint is"):
+        _verify(pkg, pruned, base_fingerprint="0" * 32)
+    with pytest.raises(PackageRejected, match="edge is 'science', expected 'law'"):
+        _verify(pkg, pruned, edge="law")
+    with pytest.raises(PackageRejected, match="pruned-model fingerprint"):
+        _verify(pkg, pruned, pruned_fingerprint="f" * 32)
+
+
+# ----------------------------------------------------------------------------------------------- deployment
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, deadline: float) -> None:
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Terminate the processes and every descendant they spawned (SuperExec, ServerApp, ClientApps)."""
+    import psutil
+
+    tree = []
+    for p in procs:
+        try:
+            tree += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for q in tree:
+        try:
+            q.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for q in alive:
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A SuperLink and two SuperNodes (edges 'science' and 'law') on 127.0.0.1, insecure; all stopped after."""
+    home = tmp_path / "flwr"
+    home.mkdir()
+    link, rt1, rt2 = free_port(), free_port(), free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    procs: list[subprocess.Popen] = []
+    files = contextlib.ExitStack()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(name: str, *args: str) -> None:
+        out = files.enter_context(open(logs / f"{name}.log", "w"))  # noqa: SIM115 - open while the process runs
+        procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                      cwd=tmp_path))
+
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+              "--port", str(link))
+        wait_port(link, time.time() + 60)
+        for name, rt, node_cfg in (("science", rt1, "edge='science'"), ("law", rt2, "edge='law' domains='law'")):
+            start(f"supernode-{name}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                  "--port", str(rt), "--node-config", node_cfg)
+        yield env, logs, procs
+    finally:
+        stop_all(procs)
+        files.close()
+
+
+def test_superlink_and_two_supernodes_run_the_study(reference, federation, tmp_path):
+    import psutil
+
+    env, logs, procs = federation
+    run_dir = copy_without_training(reference, tmp_path / "run", ["science", "law"])
+    cmd = [str(BIN / "flwr"), "run", str(ROOT), "loopback", "--stream", "--run-config",
+           f"config='{CONFIG}' run-dir='{run_dir}' wait-nodes=60 timeout=300"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs.append(p)
+    try:
+        out, _ = p.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        stop_all([p])
+        out = ""
+    logs_text = "\n".join(f.read_text()[-1500:] for f in sorted(logs.iterdir()))
+    assert (run_dir / "results.json").is_file(), (out or "")[-3000:] + logs_text
+    doc = results(run_dir)
+    assert not doc["missing_edges"]
+    ran = [json.loads(x) for x in (run_dir / "stages.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in ran if r["status"] == "ran" and r["kind"] == "train"} == {"train-science-s0",
+                                                                                        "train-law-s0"}
+    assert_same_fused(reference, run_dir)
+    assert scores(reference) == scores(run_dir)
+    assert "| task_arithmetic |" in (run_dir / "report.md").read_text()
+    # the processes are still the federation's own; the fixture's teardown stops them and their children
+    assert all(psutil.pid_exists(q.pid) for q in procs[:3])
