@@ -6,14 +6,16 @@ one module's worth whatever the model size, and a missing module in one adapter 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, load_adapter, save_adapter
+from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule, load_adapter, save_adapter
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import STRATEGIES, analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.context import Ctx, module_names
@@ -21,7 +23,24 @@ from edgefuse.fusion.registry import get_method
 from edgefuse.io import atomic_dir, sha256_file
 
 FORMAT = "edgefuse-fused-adapter"
-_COMMON = {"svd_solver": "auto", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05}
+_COMMON = {"svd_solver": "auto", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05, "workers": 1}
+
+
+@contextlib.contextmanager
+def single_threaded_ops():
+    """One intra-op thread while fusing (restored after).
+
+    Why: fusion is thousands of small or medium ops; with two intra-op threads every op synchronises, and
+    when the cores are shared (other jobs) each sync can wait a whole scheduler slice — measured 100× slower
+    for ``svd`` on a loaded 2-core machine. Parallelism comes from ``workers`` (modules fused concurrently,
+    each op single-threaded), which costs ``workers`` modules' memory instead of one.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
@@ -81,14 +100,19 @@ def fuse_adapters(adapters: list[LoraAdapter], method: str, weights: list[float]
     t0 = time.perf_counter()
     stats: dict[str, Any] = {"method": method, "weights": weights, "density": density if spec.density else None,
                              "seed": seed, "params": resolved}
+    if not isinstance(resolved["workers"], int) or resolved["workers"] < 1:
+        raise EdgefuseError(f"workers must be a positive integer, got {resolved['workers']!r}")
     if cr is not None:
-        adapters, stats["cr"] = resolve_conflicts(adapters, weights, cr, cr_threshold,
-                                                  resolved["cr_element_threshold"], resolved["cr_direction_threshold"])
+        with single_threaded_ops():
+            adapters, stats["cr"] = resolve_conflicts(adapters, weights, cr, cr_threshold,
+                                                      resolved["cr_element_threshold"],
+                                                      resolved["cr_direction_threshold"])
     if rank is None and spec.default_rank == "max":
         rank = max(m.rank for a in adapters for m in a.modules.values())
     shared = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in module_names(adapters):
+    names = module_names(adapters)
+
+    def one(name: str) -> LoraModule:
         ctx = Ctx(name=name, rank=rank, density=density, gamma=resolved.get("gamma", 0.0),
                   majority=resolved.get("majority", "total"), svd_solver=resolved["svd_solver"], seed=seed,
                   rng=resolved.get("rng", "module"), shared_generator=shared, params=resolved)
@@ -98,7 +122,17 @@ def fuse_adapters(adapters: list[LoraAdapter], method: str, weights: list[float]
             raise EdgefuseError(str(e)) from None
         if not (torch.isfinite(fused.A).all() and torch.isfinite(fused.B).all()):
             raise EdgefuseError(f"fusion produced NaN/Inf in module {name}")
-        out[name] = fused
+        return fused
+
+    workers = int(resolved["workers"])
+    if resolved.get("rng") == "sequential":
+        workers = 1  # one random stream in module order
+    with single_threaded_ops():
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                out = dict(zip(names, pool.map(one, names)))
+        else:
+            out = {name: one(name) for name in names}
     stats["rank"] = rank
     stats["output_rank"] = max((m.rank for m in out.values()), default=0)
     stats["modules"] = len(out)

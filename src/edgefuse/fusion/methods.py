@@ -16,7 +16,7 @@ import torch
 from edgefuse.adapters import LoraModule
 from edgefuse.fusion import lowrank
 from edgefuse.fusion.context import Ctx, module_shape, present, reference
-from edgefuse.fusion.pipeline import RECIPES, Recipe, merge_stack
+from edgefuse.fusion.pipeline import RECIPES, Recipe, merge_stack, sparsify_
 
 
 def _factored_sum(mods, coefs, rank: int | None) -> LoraModule:
@@ -78,16 +78,19 @@ def elementwise(mods, weights, ctx: Ctx, recipe: Recipe) -> LoraModule:
     """Form the K dense ΔW of ONE module, run the recipe in place, re-factorise to ``ctx.rank``."""
     m, n = module_shape(mods)
     ref = reference(mods)
-    K = len(mods)
-    T = torch.zeros((K, m, n), dtype=torch.float32, device=ref.device)
-    for k, mod in present(mods):
-        torch.matmul(mod.B.float() * mod.scale, mod.A.float(), out=T[k])
     gen = ctx.generator() if recipe.sparsify == "random" else None
+    T = []
+    for mod in mods:  # form and sparsify one ΔW at a time: only one unsparsified update is ever alive
+        if mod is None:
+            T.append(torch.zeros((m, n), dtype=torch.float32, device=ref.device))
+            continue
+        d = (mod.B.float() * mod.scale) @ mod.A.float()
+        T.append(sparsify_(d, recipe, ctx.density, ctx.gamma, gen))
     merged = merge_stack(T, list(weights), recipe, density=ctx.density, gamma=ctx.gamma, majority=ctx.majority,
-                         generators=[gen] * K, present=[x is not None for x in mods])
+                         present=[x is not None for x in mods], sparsified=True)
+    del T[1:]
     rank = ctx.rank or max(x.rank for _, x in present(mods))
     out = lowrank.dense_truncated_svd(merged, rank, ctx.svd_solver, generator=torch.Generator().manual_seed(ctx.seed))
-    del T
     return out
 
 
