@@ -183,8 +183,8 @@ def test_combinations_and_positions_are_balanced(mmlu, k, n, domains):
 
 def test_no_reuse_limit_is_exact_and_reported(mmlu):
     domains = ["abstract_algebra", "anatomy", "astronomy"]
-    pools = {d: [it for it in mmlu.items if it.subject == d and it.id in set(make_splits(mmlu)["test"])]
-             for d in domains}
+    test_ids = set(make_splits(mmlu)["test"])
+    pools = {d: [it for it in mmlu.items if it.subject == d and it.id in test_ids] for d in domains}
     import itertools
 
     m = max_instances_without_reuse(pools, list(itertools.combinations(domains, 2)), seed=0)
