@@ -37,6 +37,17 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _tokenizer_corpus(every: int = 40) -> list[str]:
+    """Every 40th line of the embedded MMLU file (fixed): words the tests will see, so prompts stay short."""
+    try:
+        from edgefuse.assets import mmlu_jsonl
+
+        with open(mmlu_jsonl(), encoding="utf-8") as f:
+            return [line for i, line in enumerate(f) if i % every == 0]
+    except (EdgefuseError, OSError):
+        return []
+
+
 def tiny_tokenizer():
     """A deterministic byte-level BPE tokenizer trained on a fixed text (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -49,9 +60,9 @@ def tiny_tokenizer():
         "The following are multiple choice questions (with answers) about science, law and medicine.",
         "Question: what is the answer? A. one B. two C. three D. four Answer: A B C D",
         "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?()[]{}'\"-+*/=<>_\n",
-    ] * 4
+    ] * 4 + _tokenizer_corpus()
     trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=1024, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)

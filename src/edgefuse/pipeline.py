@@ -167,9 +167,7 @@ def evaluate_model(st: Study, model, work: Path, advance, label: str) -> dict:
         summary[f"mmlu_cd_k{k}"] = {key: res[key] for key in ("strict", "per_position", "single", "penalty", "chance")
                                     if key in res}
         summary[f"mmlu_cd_k{k}"]["file"] = f"mmlu_cd_k{k}.json"
-        summary[f"mmlu_cd_k{k}"]["strict_outcomes"] = [int(all(p["correct"] for p in inst["positions"]))
-                                                       if "positions" in inst else int(inst.get("strict", 0))
-                                                       for inst in res["instances"]]
+        summary[f"mmlu_cd_k{k}"]["strict_outcomes"] = [int(inst["strict"]) for inst in res["instances"]]
     return summary
 
 
@@ -224,12 +222,12 @@ class TrainJob:
 
 def local_trainer(st: Study, jobs: list[TrainJob]) -> None:
     """Train each edge in this process, one after the other, resuming from checkpoints when present."""
-    from edgefuse.edge.train import train_edge
+    from edgefuse.edge.train import checkpoint_dir_for, train_edge
 
     for job in jobs:
         items = st.items_of("edge", job.domains)
         train_edge(job.pruned_dir, job.edge, items, job.config, job.package_dir, progress=job.advance,
-                   resume=True)
+                   resume=checkpoint_dir_for(job.package_dir).exists())
 
 
 def train_config(st: Study, seed: int):
@@ -348,6 +346,7 @@ def stage_edges(st: Study, seed: int, trainer: Callable[[Study, list[TrainJob]],
 
 def stage_fusions(st: Study, edges: list[dict], seed: int) -> list[dict]:
     from edgefuse.fusion import fuse_dirs
+    from edgefuse.fusion.registry import get_method
 
     f = st.cfg.fusion
     names = _edge_names(st.cfg)
@@ -361,9 +360,12 @@ def stage_fusions(st: Study, edges: list[dict], seed: int) -> list[dict]:
                       "params": f.params.get(method, {}), "seed": seed}
 
             def run_fuse(work: Path, advance, method=method, cr=cr) -> dict:
+                spec = get_method(method)  # the shared rank/density apply to the methods that take them
                 stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
-                                  cr=None if cr == "off" else cr, weights=weights, rank=f.rank, density=f.density,
-                                  seed=seed, **f.params.get(method, {}))
+                                  cr=None if cr == "off" else cr, weights=weights,
+                                  rank=None if spec.exact_rank else f.rank,
+                                  density=f.density if spec.density is not None else None,
+                                  seed=seed, force=True, **f.params.get(method, {}))
                 return {"dir": "fused", "stats": _jsonable(stats)}
 
             fdir, fres = st.stage("fuse", f"fuse-{name}-s{seed}", inputs, run_fuse)

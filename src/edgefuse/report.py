@@ -89,7 +89,7 @@ def edges_table(doc: dict) -> str:
 
     subj = _subject_index(doc)
     lines = ["| edge | domains | seed | pruning ratio | params (pruned / base) | peak train memory MiB | tokens/s | "
-             "train s | final loss | own domain % [CI] (base) | all MMLU % [CI] | Δ all vs base |",
+             "train s | final loss | own domain % [CI] n (base) | all MMLU % [CI] | Δ all vs base |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in doc["seeds"]:
         for e in s["edges"]:
@@ -108,7 +108,7 @@ def edges_table(doc: dict) -> str:
                 f"{tr.get('tokens_per_s', 0):.0f}" if tr.get("tokens_per_s") else "–",
                 f"{tr.get('wall_s', tr.get('wall_time_s', 0)):.0f}",
                 f"{_last_loss(loss):.3f}" if loss else "–",
-                (fmt_ci(own) + f" ({_pct(own_base['acc'])})") if own and own_base else "–",
+                (fmt_ci(own) + f" n={own['n']} (base {_pct(own_base['acc'])})") if own and own_base else "–",
                 fmt_ci(ev["mmlu"]["accuracy"]["overall"]) if "mmlu" in ev else "–",
                 _diff(mmlu_diff(ev, doc["base"])) if ev else "–",
             ]) + " |")
@@ -139,14 +139,17 @@ def seeds_table(doc: dict) -> str:
 
 
 def conflict_table(doc: dict) -> str:
-    lines = ["| fused model | seed | mean conflict score | modules changed | share of parameters changed |",
-             "|---|---:|---:|---:|---:|"]
+    """Conflict between the edge adapters (same for every method) and what LoRA-CR changed."""
+    lines = ["| fused model | seed | mean / max module conflict score | modules flagged by LoRA-CR | "
+             "share of parameters changed |", "|---|---:|---:|---:|---:|"]
     for s in doc["seeds"]:
         for f in s["fused"]:
-            cs = (f.get("fusion") or {}).get("conflict") or (f.get("fusion") or {}).get("cr") or {}
-            summ = cs.get("summary", cs) if isinstance(cs, dict) else {}
-            lines.append(f"| {f['name']} | {s['seed']} | {_num(summ.get('mean_conflict', summ.get('mean_score')))} | "
-                         f"{_num(summ.get('modules_changed'))} | {_num(summ.get('share_changed', summ.get('fraction_changed')), pct=True)} |")
+            st = f.get("fusion") or {}
+            summ = (st.get("conflicts") or {}).get("summary") or {}
+            cr = st.get("cr") or {}
+            flagged = f"{cr['modules_flagged']} / {cr['modules_total']}" if "modules_flagged" in cr else "– (off)"
+            lines.append(f"| {f['name']} | {s['seed']} | {_num(summ.get('mean_score'))} / {_num(summ.get('max_score'))} | "
+                         f"{flagged} | {_num(cr.get('share_changed'), pct=True) if cr else '0 (off)'} |")
     return "\n".join(lines)
 
 

@@ -126,16 +126,14 @@ def draw_figures(doc: dict, run_dir: Path) -> dict[str, str]:
 
 
 def _conflict_heatmap(doc: dict, path: Path) -> str | None:
-    """Layer × module-type conflict heatmap of the first seed's edge adapters (drawn by edgefuse.fusion)."""
+    """Layer × module-type conflict heatmap of the first seed's edge adapters."""
+    from edgefuse.fusion import analyze_conflicts
+    from edgefuse.commands.fusion import plot_heatmap as plot_conflict_heatmap  # TODO: move into edgefuse.fusion
     from edgefuse.adapters import load_adapter
 
-    try:
-        from edgefuse.fusion import analyze_conflicts
-        from edgefuse.fusion.conflict import plot_conflict_heatmap
-    except ImportError:
-        return None
     adapters = [load_adapter(e["adapter"]) for e in doc["seeds"][0]["edges"]]
     if len(adapters) < 2:
         return None
-    plot_conflict_heatmap(analyze_conflicts(adapters), path)
-    return "Conflict score between the edge adapters per layer and module type (higher: adapters pull in more opposite directions)."
+    plot_conflict_heatmap(analyze_conflicts(adapters, element=False), path)
+    return ("Conflict score between the edge adapters per layer (rows) and module type (columns); higher means the "
+            "adapters' updates pull in more opposite directions.")

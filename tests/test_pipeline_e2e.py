@@ -1,0 +1,138 @@
+"""End to end on the tiny model: every stage, the stage cache, resume after a kill, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgefuse.adapters import load_adapter
+
+TINY_STUDY = {
+    "name": "tiny",
+    "model": "tiny-llama",
+    "seeds": [0],
+    "edges": {"science": ["stem"], "law": ["law"]},
+    "pruning": {"method": "magnitude", "structure": "width", "ratio": 0.5, "calib": 4},
+    "training": {"steps": 6, "rank": 4, "alpha": 8, "lr": 0.005, "batch": 4, "seq": 256},
+    "fusion": {"methods": ["task_arithmetic", "ties"], "cr": ["off", "element"], "density": 0.5},
+    "benchmarks": {"batch_size": 8, "mmlu": {"limit": 24}, "mmlu_cd": {"ks": [2], "n": 8}},
+}
+
+
+def cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "edgefuse.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def stage_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
+
+
+def fused_tensors(run_dir: Path) -> dict:
+    doc = json.loads((run_dir / "results.json").read_text())
+    out = {}
+    for f in doc["seeds"][0]["fused"]:
+        ad = load_adapter(f["adapter"])
+        out[f["name"]] = {n: m.delta() for n, m in ad.modules.items()}
+    return out
+
+
+def scores(run_dir: Path) -> dict:
+    doc = json.loads((run_dir / "results.json").read_text())
+    rows = {"base": doc["base"]} | {f["name"]: f["eval"] for f in doc["seeds"][0]["fused"]}
+    return {k: (v["mmlu"]["correct"], v["mmlu_cd_k2"]["strict_outcomes"]) for k, v in rows.items()}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_STUDY))
+    run_dir = root / "run"
+    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    return cfg, run_dir, out
+
+
+def test_every_stage_runs_and_report_is_written(study):
+    cfg, run_dir, out = study
+    kinds = {r["kind"] for r in stage_log(run_dir) if r["status"] == "ran"}
+    assert kinds == {"data", "prune", "train", "recover", "fuse", "eval"}
+    names = {r["stage"] for r in stage_log(run_dir)}
+    for expected in ["train-science-s0", "train-law-s0", "fuse-task_arithmetic-s0", "fuse-ties+element-s0",
+                     "eval-ties+element-s0", "eval-edge-law-s0", "mmlu-cd-k2", "eval-base"]:
+        assert expected in names
+    report = (run_dir / "report.md").read_text()
+    assert "| base |" in report and "| ties+element |" in report
+    assert "Headline" in out
+    doc = json.loads((run_dir / "results.json").read_text())
+    base_correct = doc["base"]["mmlu"]["correct"]
+    assert len(base_correct) == 24
+    assert doc["base"]["mmlu"]["accuracy"]["overall"]["acc"] == pytest.approx(sum(base_correct.values()) / 24)
+    csv_rows = (run_dir / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 1 + 2 + 4  # header, base, 2 edges, 2 methods × 2 CR settings
+
+
+def test_figures_are_pngs(study):
+    _, run_dir, _ = study
+    for name in ["mmlu_cd_k2_methods.png", "per_domain.png", "loss_curves.png"]:
+        data = (run_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_second_run_trains_and_fuses_nothing(study):
+    cfg, run_dir, _ = study
+    before = len(stage_log(run_dir))
+    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    second = stage_log(run_dir)[before:]
+    assert second and all(r["status"] == "cached" for r in second), second
+
+
+def test_force_fuse_redoes_fusion_and_eval_only(study, tmp_path):
+    cfg, run_dir, _ = study
+    before = len(stage_log(run_dir))
+    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress", "--force", "fuse")
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    ran = {r["kind"] for r in stage_log(run_dir)[before:] if r["status"] == "ran"}
+    assert ran == {"fuse", "eval"}
+
+
+def test_killed_run_resumes_with_the_same_results(study, tmp_path):
+    cfg, ref_dir, _ = study
+    run_dir = tmp_path / "run"
+    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
+    deadline = time.time() + 300
+    killed_in = None
+    while time.time() < deadline and p.poll() is None:
+        partial = list((run_dir / "stages").glob("train-law-*.partial")) if (run_dir / "stages").exists() else []
+        if partial:
+            os.kill(p.pid, signal.SIGKILL)
+            killed_in = partial[0].name
+            break
+        time.sleep(0.02)
+    p.wait(timeout=60)
+    assert killed_in is not None, "the run finished before it could be interrupted"
+    assert not (run_dir / "results.json").exists()
+    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    log = stage_log(run_dir)
+    assert any(r["stage"] == "train-science-s0" and r["status"] == "cached" for r in log)
+    assert any(r["stage"] == "train-law-s0" and r["status"] == "ran" for r in log)
+    a, b = fused_tensors(ref_dir), fused_tensors(run_dir)
+    for name in a:
+        for mod in a[name]:
+            assert (a[name][mod] - b[name][mod]).abs().max() <= 1e-6, (name, mod)
+    assert scores(ref_dir) == scores(run_dir)
