@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from test_fusion_helpers import NAMES, make_adapters, one_thread
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.fusion import analyze_conflicts, fuse_adapters, resolve_conflicts
-from test_fusion_helpers import one_thread, NAMES, make_adapters, rel
 
 N = "model.layers.0.self_attn.q_proj"
 
@@ -70,8 +70,15 @@ def test_no_conflict_is_bit_identical(method, strategy):
     base = make_adapters(K=1, ranks=(4,))[0]
     g = torch.Generator().manual_seed(5)
     # same directions with positive scales and small positive noise on B: cosines are positive
-    others = [LoraAdapter({n: LoraModule(m.A, m.B * s + 0.01 * torch.randn(m.B.shape, generator=g), m.scale)
-                           for n, m in base.modules.items()}) for s in (0.5, 2.0)]
+    others = [
+        LoraAdapter(
+            {
+                n: LoraModule(m.A, m.B * s + 0.01 * torch.randn(m.B.shape, generator=g), m.scale)
+                for n, m in base.modules.items()
+            }
+        )
+        for s in (0.5, 2.0)
+    ]
     ads = [base] + others
     plain, _ = fuse_adapters(ads, method, seed=3)
     with_cr, stats = fuse_adapters(ads, method, seed=3, cr=strategy)
@@ -85,11 +92,16 @@ def test_constructed_opposing_adapters_detected_and_resolved():
     x, y = make_adapters(K=2, ranks=(4, 3), seed=2)
     names = list(NAMES)
     # adapter 2 = -0.5·adapter 1 on the first module (strong opposition) + its own update; second module clean
-    opp = LoraModule(torch.cat([x.modules[names[0]].A, y.modules[names[0]].A]),
-                     torch.cat([-0.5 * x.modules[names[0]].B * x.modules[names[0]].scale,
-                                0.2 * y.modules[names[0]].B], dim=1), 1.0)
-    clean = LoraModule(torch.randn(3, 24, generator=torch.Generator().manual_seed(1)),
-                       torch.zeros(16, 3), 1.0)  # zero update: no conflict possible
+    opp = LoraModule(
+        torch.cat([x.modules[names[0]].A, y.modules[names[0]].A]),
+        torch.cat(
+            [-0.5 * x.modules[names[0]].B * x.modules[names[0]].scale, 0.2 * y.modules[names[0]].B], dim=1
+        ),
+        1.0,
+    )
+    clean = LoraModule(
+        torch.randn(3, 24, generator=torch.Generator().manual_seed(1)), torch.zeros(16, 3), 1.0
+    )  # zero update: no conflict possible
     a1, a2 = x, LoraAdapter({names[0]: opp, names[1]: clean})
     st = analyze_conflicts([a1, a2])
     assert st["modules"][names[0]]["score"] > 0.5 and st["modules"][names[1]]["score"] == 0
@@ -104,7 +116,7 @@ def test_constructed_opposing_adapters_detected_and_resolved():
         assert 0 < cr["share_changed"] <= 1
     # element level: where both are non-zero and signs differ, only the dominant sign survives in the fused sum
     (r1, r2), _ = resolve_conflicts([a1, a2], strategy="element", element_threshold=0.0)
-    T1, T2 = r1.modules[names[0]].delta(), r2.modules[names[0]].delta()
+    T2 = r2.modules[names[0]].delta()
     d1, d2 = a1.modules[names[0]].delta(), opp.delta()
     dominant = torch.sign(d1.clamp(min=0) + d2.clamp(min=0) - (-d1).clamp(min=0) - (-d2).clamp(min=0))
     opposing = (d2 * dominant < 0) & (d1 * dominant > 0)

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
+from test_fusion_helpers import one_thread, rel
 
 from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter, save_adapter, verify_hashes
 from edgefuse.cli import main
 from edgefuse.fusion import fuse_adapters
 from edgefuse.io import sha256_file
 from edgefuse.models import fingerprint, tiny_model
-from test_fusion_helpers import one_thread, rel
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,8 +36,9 @@ def _adapter(seed, rank=4, targets=("q_proj", "k_proj", "v_proj")):
     for layer in range(2):
         for t in targets:
             m, n = SHAPES[t]
-            mods[f"model.layers.{layer}.self_attn.{t}"] = LoraModule(0.1 * torch.randn(rank, n, generator=g),
-                                                                      0.1 * torch.randn(m, rank, generator=g), 1.0)
+            mods[f"model.layers.{layer}.self_attn.{t}"] = LoraModule(
+                0.1 * torch.randn(rank, n, generator=g), 0.1 * torch.randn(m, rank, generator=g), 1.0
+            )
     return LoraAdapter(mods, base_model="tiny-llama")
 
 
@@ -64,16 +65,39 @@ def run(monkeypatch, capsys, *args):
 
 def test_fuse_writes_peft_adapter_manifest_and_merged_weights(tmp_path, dirs, monkeypatch, capsys):
     out, merged = tmp_path / "fused", tmp_path / "merged"
-    code, so, se = run(monkeypatch, capsys, "fuse", "--method", "ties", "--cr", "element", "--weights", "1,1,1",
-                       "--rank", 4, "--density", 0.5, "--seed", 3, "--adapters", *dirs, "--out", out,
-                       "--merged-out", merged, "--model", "tiny-llama")
+    code, so, se = run(
+        monkeypatch,
+        capsys,
+        "fuse",
+        "--method",
+        "ties",
+        "--cr",
+        "element",
+        "--weights",
+        "1,1,1",
+        "--rank",
+        4,
+        "--density",
+        0.5,
+        "--seed",
+        3,
+        "--adapters",
+        *dirs,
+        "--out",
+        out,
+        "--merged-out",
+        merged,
+        "--model",
+        "tiny-llama",
+    )
     assert code == 0, se
     assert "fused 3 adapters with ties + LoRA-CR[element]" in so
     verify_hashes(out)
     man = json.loads((out / "edgefuse.json").read_text())
     assert man["method"] == "ties" and man["parameters"]["density"] == 0.5 and man["parameters"]["seed"] == 3
-    assert [i["sha256"]["adapter_model.safetensors"] for i in man["inputs"]] == \
-        [sha256_file(d / "adapter_model.safetensors") for d in dirs]
+    assert [i["sha256"]["adapter_model.safetensors"] for i in man["inputs"]] == [
+        sha256_file(d / "adapter_model.safetensors") for d in dirs
+    ]
     assert man["cr_stats"]["strategy"] == "element" and "module_scores" in man["conflicts"]
     fused = load_adapter(out)
     expect, _ = fuse_adapters([load_adapter(d) for d in dirs], "ties", [1, 1, 1], 4, 0.5, 3, cr="element")
@@ -96,13 +120,16 @@ def test_fuse_writes_peft_adapter_manifest_and_merged_weights(tmp_path, dirs, mo
 
 def test_conflicts_table_and_heatmap(tmp_path, dirs, monkeypatch, capsys):
     png = tmp_path / "c.png"
-    code, so, se = run(monkeypatch, capsys, "conflicts", "--adapters", *dirs, "--plot", png, "--json",
-                       tmp_path / "c.json")
+    code, so, se = run(
+        monkeypatch, capsys, "conflicts", "--adapters", *dirs, "--plot", png, "--json", tmp_path / "c.json"
+    )
     assert code == 0, se
     assert "q_proj" in so and "6 modules" in so
     assert png.read_bytes()[:4] == b"\x89PNG"
     stats = json.loads((tmp_path / "c.json").read_text())
-    assert len(stats["modules"]) == 6 and "sign_conflict" in stats["modules"]["model.layers.0.self_attn.q_proj"]
+    assert (
+        len(stats["modules"]) == 6 and "sign_conflict" in stats["modules"]["model.layers.0.self_attn.q_proj"]
+    )
 
 
 def test_list(monkeypatch, capsys):
@@ -121,23 +148,42 @@ def _bad(monkeypatch, capsys, out, *args):
 
 def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, monkeypatch, capsys, tiny):
     out = tmp_path / "never"
-    assert "valid: linear, cat, task_arithmetic" in _bad(monkeypatch, capsys, out, "--method", "nope",
-                                                          "--adapters", *dirs)
+    assert "valid: linear, cat, task_arithmetic" in _bad(
+        monkeypatch, capsys, out, "--method", "nope", "--adapters", *dirs
+    )
     for d in ("0", "1.5", "-0.1"):
-        assert "density must be in (0, 1]" in _bad(monkeypatch, capsys, out, "--method", "ties", "--density", d,
-                                                    "--adapters", *dirs)
+        assert "density must be in (0, 1]" in _bad(
+            monkeypatch, capsys, out, "--method", "ties", "--density", d, "--adapters", *dirs
+        )
     other = tmp_path / "other"
     save_adapter(_adapter(9), other, {"base_fingerprint": "f" * 32})
-    assert "different base models" in _bad(monkeypatch, capsys, out, "--method", "linear", "--adapters",
-                                           dirs[0], other)
-    code, _, se = run(monkeypatch, capsys, "fuse", "--method", "linear", "--force", "--adapters", dirs[0], other,
-                      "--out", out)
+    assert "different base models" in _bad(
+        monkeypatch, capsys, out, "--method", "linear", "--adapters", dirs[0], other
+    )
+    code, _, se = run(
+        monkeypatch,
+        capsys,
+        "fuse",
+        "--method",
+        "linear",
+        "--force",
+        "--adapters",
+        dirs[0],
+        other,
+        "--out",
+        out,
+    )
     assert code == 0 and out.exists()
     out2 = tmp_path / "never2"
     shapes = tmp_path / "shapes"
-    save_adapter(LoraAdapter({"model.layers.0.self_attn.q_proj": LoraModule(torch.randn(2, 48), torch.randn(64, 2))}),
-                 shapes, {"base_fingerprint": tiny})
-    assert "different shapes" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], shapes)
+    save_adapter(
+        LoraAdapter({"model.layers.0.self_attn.q_proj": LoraModule(torch.randn(2, 48), torch.randn(64, 2))}),
+        shapes,
+        {"base_fingerprint": tiny},
+    )
+    assert "different shapes" in _bad(
+        monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], shapes
+    )
     nan = tmp_path / "nan"
     a = _adapter(4)
     a.modules["model.layers.0.self_attn.q_proj"].B[0, 0] = float("inf")
@@ -149,7 +195,10 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, monkeypatch, capsys
     cfg["peft_type"] = "IA3"
     (ia3 / "adapter_config.json").write_text(json.dumps(cfg))
     assert "only LORA" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], ia3)
-    assert "2 weights given for 3 adapters" in _bad(monkeypatch, capsys, out2, "--method", "linear",
-                                                    "--weights", "1,2", "--adapters", *dirs)
-    assert "already exists" in run(monkeypatch, capsys, "fuse", "--method", "linear", "--adapters", *dirs,
-                                   "--out", out)[2]
+    assert "2 weights given for 3 adapters" in _bad(
+        monkeypatch, capsys, out2, "--method", "linear", "--weights", "1,2", "--adapters", *dirs
+    )
+    assert (
+        "already exists"
+        in run(monkeypatch, capsys, "fuse", "--method", "linear", "--adapters", *dirs, "--out", out)[2]
+    )

@@ -16,16 +16,19 @@ def make_adapters(K=3, ranks=(2, 4, 6), seed=0, names=NAMES, scales=(0.5, 2.0, 1
         mods = {}
         for name, (m, n) in names.items():
             r = ranks[k % len(ranks)]
-            mods[name] = LoraModule(torch.randn(r, n, generator=g), torch.randn(m, r, generator=g),
-                                    scales[k % len(scales)])
+            mods[name] = LoraModule(
+                torch.randn(r, n, generator=g), torch.randn(m, r, generator=g), scales[k % len(scales)]
+            )
         out.append(LoraAdapter(mods))
     return out
 
 
 def deltas(adapters, name):
     m, n = next(a.modules[name].shape for a in adapters if name in a.modules)
-    return [a.modules[name].delta().double() if name in a.modules else torch.zeros(m, n, dtype=torch.float64)
-            for a in adapters]
+    return [
+        a.modules[name].delta().double() if name in a.modules else torch.zeros(m, n, dtype=torch.float64)
+        for a in adapters
+    ]
 
 
 def rel(x, y):
@@ -44,8 +47,18 @@ def topk_mask(t, density):
     return mask.view_as(t)
 
 
-def ref_elementwise(ds, weights, *, trim=None, density=1.0, gamma=0.0, elect=False, majority="total", masks=None,
-                    rescale=False):
+def ref_elementwise(
+    ds,
+    weights,
+    *,
+    trim=None,
+    density=1.0,
+    gamma=0.0,
+    elect=False,
+    majority="total",
+    masks=None,
+    rescale=False,
+):
     """sparsify → weight → (elect sign, disjoint mean) | sum, straight from TIES / DARE / Breadcrumbs."""
     ts = []
     for k, d in enumerate(ds):
@@ -56,7 +69,7 @@ def ref_elementwise(ds, weights, *, trim=None, density=1.0, gamma=0.0, elect=Fal
             order = torch.argsort(d.abs().flatten(), descending=True)
             keep = torch.zeros(n, dtype=torch.bool)
             top = int(gamma * n)
-            keep[order[top:top + int(density * n)]] = True
+            keep[order[top : top + int(density * n)]] = True
             d = d * keep.view_as(d)
         elif trim == "random":
             d = d * masks[k]
@@ -68,7 +81,7 @@ def ref_elementwise(ds, weights, *, trim=None, density=1.0, gamma=0.0, elect=Fal
         return T.sum(0)
     s = T.sum(0) if majority == "total" else torch.sign(T).sum(0)
     sign = torch.where(s >= 0, 1.0, -1.0).double()
-    agree = (torch.sign(T) == sign)
+    agree = torch.sign(T) == sign
     return (T * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from test_fusion_helpers import NAMES, deltas, make_adapters, one_thread, ref_elementwise, rel, truncated
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion import fuse_adapters
-from test_fusion_helpers import one_thread, NAMES, deltas, make_adapters, ref_elementwise, rel, truncated
 
 W = [0.5, 1.5, -0.7]
 
@@ -44,15 +44,20 @@ def test_svd_equals_dense_truncated_svd(ads):
     # linear/task_arithmetic with a chosen rank are the same exact truncation
     ta, _ = fuse_adapters(ads, "task_arithmetic", W, rank=3)
     name = next(iter(NAMES))
-    assert rel(ta.modules[name].delta(), truncated(sum(w * d for w, d in zip(W, deltas(ads, name))), 3)) <= 1e-5
+    assert (
+        rel(ta.modules[name].delta(), truncated(sum(w * d for w, d in zip(W, deltas(ads, name))), 3)) <= 1e-5
+    )
 
 
-@pytest.mark.parametrize("method,kw", [
-    ("ties", dict(trim="magnitude", elect=True)),
-    ("magnitude_prune", dict(trim="magnitude")),
-    ("breadcrumbs", dict(trim="breadcrumbs", gamma=0.05)),
-    ("breadcrumbs_ties", dict(trim="breadcrumbs", gamma=0.05, elect=True)),
-])
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("ties", dict(trim="magnitude", elect=True)),
+        ("magnitude_prune", dict(trim="magnitude")),
+        ("breadcrumbs", dict(trim="breadcrumbs", gamma=0.05)),
+        ("breadcrumbs_ties", dict(trim="breadcrumbs", gamma=0.05, elect=True)),
+    ],
+)
 @pytest.mark.parametrize("majority", ["total", "frequency"])
 def test_elementwise_equals_dense_reference(ads, method, kw, majority):
     if majority == "frequency" and not kw.get("elect"):
@@ -73,7 +78,9 @@ def _dare_masks(ads, density, seed):
     g = torch.Generator().manual_seed(seed)
     masks = {}
     for name in NAMES:  # natural order == insertion order here
-        masks[name] = [torch.bernoulli(torch.full(a.modules[name].shape, density), generator=g).double() for a in ads]
+        masks[name] = [
+            torch.bernoulli(torch.full(a.modules[name].shape, density), generator=g).double() for a in ads
+        ]
     return masks
 
 
@@ -83,13 +90,17 @@ def test_dare_fixed_seed_equals_reference(ads, method, elect):
     out, _ = fuse_adapters(ads, method, W, rank=16, density=density, seed=seed, rng="sequential")
     masks = _dare_masks(ads, density, seed)
     for name in NAMES:
-        ref = ref_elementwise(deltas(ads, name), W, trim="random", density=density, masks=masks[name],
-                              rescale=True, elect=elect)
+        ref = ref_elementwise(
+            deltas(ads, name), W, trim="random", density=density, masks=masks[name], rescale=True, elect=elect
+        )
         assert rel(out.modules[name].delta(), ref) <= 1e-5
     again, _ = fuse_adapters(ads, method, W, rank=16, density=density, seed=seed)
     other, _ = fuse_adapters(ads, method, W, rank=16, density=density, seed=seed + 1)
     name = next(iter(NAMES))
-    assert torch.equal(again.modules[name].A, fuse_adapters(ads, method, W, rank=16, density=density, seed=seed)[0].modules[name].A)
+    assert torch.equal(
+        again.modules[name].A,
+        fuse_adapters(ads, method, W, rank=16, density=density, seed=seed)[0].modules[name].A,
+    )
     assert rel(again.modules[name].delta(), other.modules[name].delta()) > 0.05
 
 
@@ -108,11 +119,21 @@ def test_dare_mean_over_seeds_approaches_sum(ads):
 
 def test_k1_identity_where_defined():
     (a,) = make_adapters(K=1, ranks=(4,))
-    cases = [("linear", {}), ("cat", {}), ("task_arithmetic", {}), ("svd", {}), ("lora_lego", {}),
-             ("ties", {"density": 1.0}), ("dare_linear", {"density": 1.0}), ("dare_ties", {"density": 1.0}),
-             ("magnitude_prune", {"density": 1.0}), ("knots", {"inner": "task_arithmetic"}),
-             ("core_space", {"inner": "task_arithmetic"}), ("knots", {"density": 1.0}),
-             ("core_space", {"density": 1.0})]
+    cases = [
+        ("linear", {}),
+        ("cat", {}),
+        ("task_arithmetic", {}),
+        ("svd", {}),
+        ("lora_lego", {}),
+        ("ties", {"density": 1.0}),
+        ("dare_linear", {"density": 1.0}),
+        ("dare_ties", {"density": 1.0}),
+        ("magnitude_prune", {"density": 1.0}),
+        ("knots", {"inner": "task_arithmetic"}),
+        ("core_space", {"inner": "task_arithmetic"}),
+        ("knots", {"density": 1.0}),
+        ("core_space", {"density": 1.0}),
+    ]
     for method, kw in cases:
         out, _ = fuse_adapters([a], method, **kw)
         for name in NAMES:
@@ -127,7 +148,10 @@ def test_missing_module_counts_as_zero(ads):
     out, _ = fuse_adapters(partial, "cat", W)
     assert rel(out.modules[name].delta(), sum(w * d for w, d in zip(W, ds))) <= 1e-5
     out, _ = fuse_adapters(partial, "ties", W, rank=16, density=0.4)
-    assert rel(out.modules[name].delta(), ref_elementwise(ds, W, trim="magnitude", density=0.4, elect=True)) <= 1e-5
+    assert (
+        rel(out.modules[name].delta(), ref_elementwise(ds, W, trim="magnitude", density=0.4, elect=True))
+        <= 1e-5
+    )
 
 
 def test_lora_lego_permutation_invariance_and_concat_sum(ads):
@@ -164,7 +188,7 @@ def _knots_ref(ds, weights, density, rank):
     keep = S > 1e-6 * S[0]  # deltas come from float32 products: drop rounding-noise directions
     U, S, Vh = U[:, keep], S[keep], Vh[keep]
     n = ds[0].shape[1]
-    Vs = [Vh[:, k * n:(k + 1) * n].T for k in range(len(ds))]
+    Vs = [Vh[:, k * n : (k + 1) * n].T for k in range(len(ds))]
     Vm = ref_elementwise(Vs, weights, trim="magnitude", density=density, elect=True)
     return truncated(U @ torch.diag(S) @ Vm.T, rank)
 
@@ -201,16 +225,19 @@ def test_randomized_solver_close_to_exact():
     assert rel(rd.modules[name].delta(), ex.modules[name].delta()) < 0.05
 
 
-@pytest.mark.parametrize("kwargs,msg", [
-    (dict(method="nope"), "valid: linear, cat"),
-    (dict(method="ties", density=0.0), "density must be in (0, 1]"),
-    (dict(method="ties", density=1.5), "density must be in (0, 1]"),
-    (dict(method="linear", density=0.5), "takes no density"),
-    (dict(method="cat", rank=4), "exact concatenated rank"),
-    (dict(method="svd", weights=[1.0]), "1 weights given for 3 adapters"),
-    (dict(method="ties", foo=1), "no parameter(s) foo"),
-    (dict(method="svd", cr="bogus"), "valid: element, direction, hybrid"),
-])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(method="nope"), "valid: linear, cat"),
+        (dict(method="ties", density=0.0), "density must be in (0, 1]"),
+        (dict(method="ties", density=1.5), "density must be in (0, 1]"),
+        (dict(method="linear", density=0.5), "takes no density"),
+        (dict(method="cat", rank=4), "exact concatenated rank"),
+        (dict(method="svd", weights=[1.0]), "1 weights given for 3 adapters"),
+        (dict(method="ties", foo=1), "no parameter(s) foo"),
+        (dict(method="svd", cr="bogus"), "valid: element, direction, hybrid"),
+    ],
+)
 def test_bad_arguments(ads, kwargs, msg):
     method = kwargs.pop("method")
     with pytest.raises(EdgefuseError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):

@@ -4,15 +4,15 @@ import math
 
 import pytest
 import torch
+from test_fusion_helpers import one_thread, rel
 
 from edgefuse.adapters import load_adapter
 from edgefuse.fusion import fuse_adapters
 from edgefuse.models import tiny_model
-from test_fusion_helpers import one_thread, rel
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,7 +97,11 @@ def _seed_after_injection(monkeypatch, seed):
 def test_ties_svd_and_dare_ties_svd_match_peft(tmp_path, monkeypatch):
     cfgs = [dict(r=r, lora_alpha=a, target_modules=["q_proj"]) for r, a in ((4, 8), (3, 3), (5, 10))]
     pm, names, ads = _build(tmp_path, cfgs)
-    w = [0.8, 0.8, 0.8]  # PEFT elects the sign on unweighted tensors: equal weights make the definitions coincide
+    w = [
+        0.8,
+        0.8,
+        0.8,
+    ]  # PEFT elects the sign on unweighted tensors: equal weights make the definitions coincide
     pm.add_weighted_adapter(names, w, "ties", combination_type="ties_svd", svd_rank=4, density=0.3)
     _compare(pm, fuse_adapters(ads, "ties", w, rank=4, density=0.3, svd_solver="exact")[0], "ties", 1e-4)
     pm.add_weighted_adapter(names, w, "mag", combination_type="magnitude_prune_svd", svd_rank=4, density=0.3)
@@ -105,12 +109,22 @@ def test_ties_svd_and_dare_ties_svd_match_peft(tmp_path, monkeypatch):
     # DARE: PEFT draws Bernoulli masks from the global RNG, module by module in model order, adapter by adapter.
     _seed_after_injection(monkeypatch, 11)
     pm.add_weighted_adapter(names, w, "dare", combination_type="dare_ties_svd", svd_rank=4, density=0.5)
-    _compare(pm, fuse_adapters(ads, "dare_ties", w, rank=4, density=0.5, seed=11, rng="sequential")[0], "dare", 1e-4)
+    _compare(
+        pm,
+        fuse_adapters(ads, "dare_ties", w, rank=4, density=0.5, seed=11, rng="sequential")[0],
+        "dare",
+        1e-4,
+    )
     _seed_after_injection(monkeypatch, 12)
-    pm.add_weighted_adapter(names, [0.5, 1.0, 2.0], "darel", combination_type="dare_linear_svd", svd_rank=4,
-                            density=0.5)
-    _compare(pm, fuse_adapters(ads, "dare_linear", [0.5, 1.0, 2.0], rank=4, density=0.5, seed=12,
-                               rng="sequential")[0], "darel", 1e-4)
+    pm.add_weighted_adapter(
+        names, [0.5, 1.0, 2.0], "darel", combination_type="dare_linear_svd", svd_rank=4, density=0.5
+    )
+    _compare(
+        pm,
+        fuse_adapters(ads, "dare_linear", [0.5, 1.0, 2.0], rank=4, density=0.5, seed=12, rng="sequential")[0],
+        "darel",
+        1e-4,
+    )
 
 
 def test_peft_linear_is_exact_only_without_cross_terms(tmp_path):
@@ -119,7 +133,9 @@ def test_peft_linear_is_exact_only_without_cross_terms(tmp_path):
     w = [0.2, 0.3, 0.5]
     pm, names, ads = _build(tmp_path / "d", [cfg] * 3, disjoint_slots=True)
     pm.add_weighted_adapter(names, w, "lin", combination_type="linear")
-    _compare(pm, fuse_adapters(ads, "linear", w)[0], "lin", 1e-5)  # weights sum to 1: normalisation is a no-op
+    _compare(
+        pm, fuse_adapters(ads, "linear", w)[0], "lin", 1e-5
+    )  # weights sum to 1: normalisation is a no-op
     pm2, names2, ads2 = _build(tmp_path / "g", [cfg] * 3, seed=1)
     pm2.add_weighted_adapter(names2, w, "lin", combination_type="linear")
     ours = fuse_adapters(ads2, "linear", w)[0]

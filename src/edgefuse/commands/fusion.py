@@ -84,7 +84,7 @@ def plot_heatmap(stats: dict, path: Path, key: str = "score") -> None:
     import numpy as np
 
     layers, types, cells = conflict_grid(stats, key)
-    grid = np.array([[np.nan if cells.get((l, t)) is None else cells[(l, t)] for t in types] for l in layers])
+    grid = np.array([[np.nan if cells.get((y, t)) is None else cells[(y, t)] for t in types] for y in layers])
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(types), 1.5 + 0.25 * len(layers)))
     im = ax.imshow(grid, aspect="auto", cmap="magma")
     ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
@@ -104,20 +104,31 @@ def register(app: typer.Typer) -> None:
 
     @app.command("fuse")
     def fuse(
-        dirs: Optional[list[Path]] = typer.Argument(None, help="adapter directories (after --adapters)",
-                                                    show_default=False),
+        dirs: Optional[list[Path]] = typer.Argument(
+            None, help="adapter directories (after --adapters)", show_default=False
+        ),
         adapters_flag: bool = typer.Option(False, "--adapters", help=_ADAPTERS_HELP),
         method: Optional[str] = typer.Option(None, "--method", "-m", help="fusion method (see --list)"),
         cr: Optional[str] = typer.Option(None, "--cr", help="LoRA-CR strategy (see --list)"),
-        cr_threshold: float = typer.Option(0.1, "--cr-threshold", help="module conflict score above which LoRA-CR acts"),
-        weights: Optional[list[str]] = typer.Option(None, "--weights", help="one weight per adapter: 0.5,0.5"),
+        cr_threshold: float = typer.Option(
+            0.1, "--cr-threshold", help="module conflict score above which LoRA-CR acts"
+        ),
+        weights: Optional[list[str]] = typer.Option(
+            None, "--weights", help="one weight per adapter: 0.5,0.5"
+        ),
         rank: Optional[int] = typer.Option(None, "--rank", help="output rank (default: method's choice)"),
         density: Optional[float] = typer.Option(None, "--density", help="fraction kept, in (0, 1]"),
         seed: int = typer.Option(0, "--seed"),
-        param: Optional[list[str]] = typer.Option(None, "--param", help="method parameter KEY=VALUE (repeatable)"),
-        force: bool = typer.Option(False, "--force", help="fuse adapters of different base models; overwrite outputs"),
+        param: Optional[list[str]] = typer.Option(
+            None, "--param", help="method parameter KEY=VALUE (repeatable)"
+        ),
+        force: bool = typer.Option(
+            False, "--force", help="fuse adapters of different base models; overwrite outputs"
+        ),
         out: Optional[Path] = typer.Option(None, "--out", help="output adapter directory"),
-        merged_out: Optional[Path] = typer.Option(None, "--merged-out", help="also write merged full weights here"),
+        merged_out: Optional[Path] = typer.Option(
+            None, "--merged-out", help="also write merged full weights here"
+        ),
         model: Optional[str] = typer.Option(None, "--model", help="base model for --merged-out"),
         list_: bool = typer.Option(False, "--list", help="list methods and LoRA-CR strategies"),
     ) -> None:
@@ -133,23 +144,43 @@ def register(app: typer.Typer) -> None:
             raise EdgefuseError("no adapters given (--adapters DIR DIR ...)")
         if out is None:
             raise EdgefuseError("--out is required")
-        res = fuse_dirs(dirs, out, method, _weights(weights), rank, density, seed, cr, cr_threshold, force,
-                        merged_out, model, **_params(param))
+        res = fuse_dirs(
+            dirs,
+            out,
+            method,
+            _weights(weights),
+            rank,
+            density,
+            seed,
+            cr,
+            cr_threshold,
+            force,
+            merged_out,
+            model,
+            **_params(param),
+        )
         msg = f"fused {len(dirs)} adapters with {method}"
         if cr:
             c = res["cr"]
-            msg += f" + LoRA-CR[{cr}] ({c['modules_flagged']}/{c['modules_total']} modules, " \
-                   f"{100 * c['share_changed']:.2f}% of parameters changed)"
-        typer.echo(f"{msg}: rank {res['output_rank']}, {res['modules']} modules, {res['wall_s']:.2f}s -> {out}")
+            msg += (
+                f" + LoRA-CR[{cr}] ({c['modules_flagged']}/{c['modules_total']} modules, "
+                f"{100 * c['share_changed']:.2f}% of parameters changed)"
+            )
+        typer.echo(
+            f"{msg}: rank {res['output_rank']}, {res['modules']} modules, {res['wall_s']:.2f}s -> {out}"
+        )
         if merged_out:
             typer.echo(f"merged weights -> {merged_out}")
 
     @app.command("conflicts")
     def conflicts(
-        dirs: Optional[list[Path]] = typer.Argument(None, help="adapter directories (after --adapters)",
-                                                    show_default=False),
+        dirs: Optional[list[Path]] = typer.Argument(
+            None, help="adapter directories (after --adapters)", show_default=False
+        ),
         adapters_flag: bool = typer.Option(False, "--adapters", help=_ADAPTERS_HELP),
-        weights: Optional[list[str]] = typer.Option(None, "--weights", help="one weight per adapter: 0.5,0.5"),
+        weights: Optional[list[str]] = typer.Option(
+            None, "--weights", help="one weight per adapter: 0.5,0.5"
+        ),
         plot: Optional[Path] = typer.Option(None, "--plot", help="write a layer × module-type heatmap (PNG)"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the full statistics as JSON"),
     ) -> None:
@@ -178,12 +209,21 @@ def register(app: typer.Typer) -> None:
         for t in types:
             table.add_column(t, justify="right")
         for layer in layers:
-            table.add_row(layer, *("-" if cells.get((layer, t)) is None else
-                                   f"{cells[(layer, t)]:.3f}/{signs[(layer, t)]:.2f}" for t in types))
+            table.add_row(
+                layer,
+                *(
+                    "-"
+                    if cells.get((layer, t)) is None
+                    else f"{cells[(layer, t)]:.3f}/{signs[(layer, t)]:.2f}"
+                    for t in types
+                ),
+            )
         Console().print(table)
         s = stats["summary"]
-        typer.echo(f"{s['modules']} modules: max score {s['max_score']:.3f}, mean {s['mean_score']:.3f}, "
-                   f"mean sign conflict {s.get('mean_sign_conflict', 0):.3f}")
+        typer.echo(
+            f"{s['modules']} modules: max score {s['max_score']:.3f}, mean {s['mean_score']:.3f}, "
+            f"mean sign conflict {s.get('mean_sign_conflict', 0):.3f}"
+        )
         if plot:
             plot_heatmap(stats, plot)
             typer.echo(f"heatmap -> {plot}")

@@ -7,5 +7,12 @@ from edgefuse.fusion.api import fuse_adapters, fuse_dirs, merge_into_model
 from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.registry import list_cr_strategies, list_methods
 
-__all__ = ["fuse_adapters", "fuse_dirs", "analyze_conflicts", "resolve_conflicts", "list_methods",
-           "list_cr_strategies", "merge_into_model"]
+__all__ = [
+    "analyze_conflicts",
+    "fuse_adapters",
+    "fuse_dirs",
+    "list_cr_strategies",
+    "list_methods",
+    "merge_into_model",
+    "resolve_conflicts",
+]

@@ -53,20 +53,26 @@ def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
     for name in module_names(adapters):
         shapes = {tuple(a.modules[name].shape) for a in adapters if name in a.modules}
         if len(shapes) > 1:
-            raise EdgefuseError(f"module {name} has different shapes across adapters {sorted(shapes)}: "
-                                "adapters for different base models cannot be fused")
+            raise EdgefuseError(
+                f"module {name} has different shapes across adapters {sorted(shapes)}: "
+                "adapters for different base models cannot be fused"
+            )
     for k, a in enumerate(adapters):
         for name, m in a.modules.items():
             if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all() and math.isfinite(m.scale)):
-                raise EdgefuseError(f"adapter {k} ({a.path or 'in memory'}) module {name} contains NaN or Inf")
+                raise EdgefuseError(
+                    f"adapter {k} ({a.path or 'in memory'}) module {name} contains NaN or Inf"
+                )
 
 
 def _resolve_params(spec, density, params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     allowed = {**spec.params, **_COMMON}
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise EdgefuseError(f"method {spec.name} has no parameter(s) {', '.join(unknown)}; "
-                            f"valid: {', '.join(sorted(allowed))}")
+        raise EdgefuseError(
+            f"method {spec.name} has no parameter(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(allowed))}"
+        )
     if density is not None:
         if spec.density is None:
             raise EdgefuseError(f"method {spec.name} takes no density")
@@ -76,16 +82,28 @@ def _resolve_params(spec, density, params: dict[str, Any]) -> tuple[float, dict[
     if not 0 <= gamma < 1:
         raise EdgefuseError(f"gamma must be in [0, 1), got {gamma}")
     resolved = {**allowed, **params}
-    for key, valid in (("svd_solver", ("auto", "exact", "randomized")), ("majority", ("total", "frequency")),
-                       ("rng", ("module", "sequential")), ("reweight", ("dual", "none"))):
+    for key, valid in (
+        ("svd_solver", ("auto", "exact", "randomized")),
+        ("majority", ("total", "frequency")),
+        ("rng", ("module", "sequential")),
+        ("reweight", ("dual", "none")),
+    ):
         if key in resolved and resolved[key] not in valid:
             raise EdgefuseError(f"{key} must be one of {', '.join(valid)}, got {resolved[key]!r}")
     return (spec.density if density is None else float(density)) or 1.0, resolved
 
 
-def fuse_adapters(adapters: list[LoraAdapter], method: str, weights: list[float] | None = None,
-                  rank: int | None = None, density: float | None = None, seed: int = 0, cr: str | None = None,
-                  cr_threshold: float = 0.1, **params) -> tuple[LoraAdapter, dict]:
+def fuse_adapters(
+    adapters: list[LoraAdapter],
+    method: str,
+    weights: list[float] | None = None,
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    cr: str | None = None,
+    cr_threshold: float = 0.1,
+    **params,
+) -> tuple[LoraAdapter, dict]:
     """Fuse K adapters with ``method`` (optionally after LoRA-CR) into one adapter; returns (adapter, stats)."""
     spec = get_method(method)
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
@@ -94,28 +112,49 @@ def fuse_adapters(adapters: list[LoraAdapter], method: str, weights: list[float]
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise EdgefuseError(f"rank must be a positive integer, got {rank}")
     if rank is not None and spec.exact_rank:
-        raise EdgefuseError(f"{method} keeps the exact concatenated rank; use svd or task_arithmetic to choose a rank")
+        raise EdgefuseError(
+            f"{method} keeps the exact concatenated rank; use svd or task_arithmetic to choose a rank"
+        )
     if cr is not None and cr not in STRATEGIES:
         raise EdgefuseError(f"unknown LoRA-CR strategy {cr!r}; valid: {', '.join(STRATEGIES)}")
     t0 = time.perf_counter()
-    stats: dict[str, Any] = {"method": method, "weights": weights, "density": density if spec.density else None,
-                             "seed": seed, "params": resolved}
+    stats: dict[str, Any] = {
+        "method": method,
+        "weights": weights,
+        "density": density if spec.density else None,
+        "seed": seed,
+        "params": resolved,
+    }
     if not isinstance(resolved["workers"], int) or resolved["workers"] < 1:
         raise EdgefuseError(f"workers must be a positive integer, got {resolved['workers']!r}")
     if cr is not None:
         with single_threaded_ops():
-            adapters, stats["cr"] = resolve_conflicts(adapters, weights, cr, cr_threshold,
-                                                      resolved["cr_element_threshold"],
-                                                      resolved["cr_direction_threshold"])
+            adapters, stats["cr"] = resolve_conflicts(
+                adapters,
+                weights,
+                cr,
+                cr_threshold,
+                resolved["cr_element_threshold"],
+                resolved["cr_direction_threshold"],
+            )
     if rank is None and spec.default_rank == "max":
         rank = max(m.rank for a in adapters for m in a.modules.values())
     shared = torch.Generator().manual_seed(seed)
     names = module_names(adapters)
 
     def one(name: str) -> LoraModule:
-        ctx = Ctx(name=name, rank=rank, density=density, gamma=resolved.get("gamma", 0.0),
-                  majority=resolved.get("majority", "total"), svd_solver=resolved["svd_solver"], seed=seed,
-                  rng=resolved.get("rng", "module"), shared_generator=shared, params=resolved)
+        ctx = Ctx(
+            name=name,
+            rank=rank,
+            density=density,
+            gamma=resolved.get("gamma", 0.0),
+            majority=resolved.get("majority", "total"),
+            svd_solver=resolved["svd_solver"],
+            seed=seed,
+            rng=resolved.get("rng", "module"),
+            shared_generator=shared,
+            params=resolved,
+        )
         try:
             fused = spec.fn([a.modules.get(name) for a in adapters], weights, ctx)
         except ValueError as e:
@@ -150,8 +189,10 @@ def merge_into_model(model, adapter: LoraAdapter):
             raise EdgefuseError(f"module {name} of the adapter is not in the model") from None
         W = getattr(layer, "weight", None)
         if W is None or tuple(W.shape) != tuple(mod.shape):
-            raise EdgefuseError(f"module {name}: adapter shape {tuple(mod.shape)} does not match the model's "
-                                f"{None if W is None else tuple(W.shape)}")
+            raise EdgefuseError(
+                f"module {name}: adapter shape {tuple(mod.shape)} does not match the model's "
+                f"{None if W is None else tuple(W.shape)}"
+            )
         targets[name] = W
     with torch.no_grad():
         for name, W in targets.items():
@@ -160,13 +201,28 @@ def merge_into_model(model, adapter: LoraAdapter):
 
 
 def _fingerprints(adapters: list[LoraAdapter]) -> set[str]:
-    return {str(a.manifest["base_fingerprint"]) for a in adapters if a.manifest and a.manifest.get("base_fingerprint")}
+    return {
+        str(a.manifest["base_fingerprint"])
+        for a in adapters
+        if a.manifest and a.manifest.get("base_fingerprint")
+    }
 
 
-def fuse_dirs(adapter_dirs: list[str | Path], out: str | Path, method: str, weights: list[float] | None = None,
-              rank: int | None = None, density: float | None = None, seed: int = 0, cr: str | None = None,
-              cr_threshold: float = 0.1, force: bool = False, merged_out: str | Path | None = None,
-              model: str | None = None, **params) -> dict:
+def fuse_dirs(
+    adapter_dirs: list[str | Path],
+    out: str | Path,
+    method: str,
+    weights: list[float] | None = None,
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    cr: str | None = None,
+    cr_threshold: float = 0.1,
+    force: bool = False,
+    merged_out: str | Path | None = None,
+    model: str | None = None,
+    **params,
+) -> dict:
     """Load, check, fuse and save (PEFT adapter + ``edgefuse.json``); optionally merged full weights.
 
     Nothing is written unless every check and the whole fusion succeed.
@@ -183,7 +239,9 @@ def fuse_dirs(adapter_dirs: list[str | Path], out: str | Path, method: str, weig
     names = {a.base_model for a in adapters if a.base_model}
     if (len(fps) > 1 or len(names) > 1) and not force:
         what = f"fingerprints {sorted(fps)}" if len(fps) > 1 else f"base models {sorted(names)}"
-        raise EdgefuseError(f"adapters were made for different base models ({what}); pass --force to fuse anyway")
+        raise EdgefuseError(
+            f"adapters were made for different base models ({what}); pass --force to fuse anyway"
+        )
     fused, stats = fuse_adapters(adapters, method, weights, rank, density, seed, cr, cr_threshold, **params)
     conflicts = analyze_conflicts(adapters, stats["weights"], element=False)
     merged = None
@@ -193,34 +251,63 @@ def fuse_dirs(adapter_dirs: list[str | Path], out: str | Path, method: str, weig
         merged, tok = load_model(model, device="cpu")
         fp = fingerprint(merged)
         if fps and fp not in fps and not force:
-            raise EdgefuseError(f"model {model} (fingerprint {fp}) is not the adapters' base model {sorted(fps)}; "
-                                "pass --force to merge anyway")
+            raise EdgefuseError(
+                f"model {model} (fingerprint {fp}) is not the adapters' base model {sorted(fps)}; "
+                "pass --force to merge anyway"
+            )
         merge_into_model(merged, fused)
     manifest = {
-        "format": FORMAT, "version": 1, "base_fingerprint": next(iter(fps)) if len(fps) == 1 else None,
+        "format": FORMAT,
+        "version": 1,
+        "base_fingerprint": next(iter(fps)) if len(fps) == 1 else None,
         "base_model": next(iter(names)) if len(names) == 1 else None,
-        "method": method, "parameters": {k: stats[k] for k in ("weights", "density", "seed", "params", "rank")},
+        "method": method,
+        "parameters": {k: stats[k] for k in ("weights", "density", "seed", "params", "rank")},
         "cr": {"strategy": cr, "threshold": cr_threshold} if cr else None,
-        "inputs": [{"path": str(Path(d)), "domain": (a.manifest or {}).get("domain"),
-                    "sha256": {f: sha256_file(Path(d) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)}}
-                   for d, a in zip(adapter_dirs, adapters)],
-        "conflicts": {"summary": conflicts["summary"],
-                      "module_scores": {n: e["score"] for n, e in conflicts["modules"].items()}},
-        "cr_stats": _compact_cr(stats.get("cr")), "output_rank": stats["output_rank"], "wall_s": stats["wall_s"],
+        "inputs": [
+            {
+                "path": str(Path(d)),
+                "domain": (a.manifest or {}).get("domain"),
+                "sha256": {f: sha256_file(Path(d) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
+            }
+            for d, a in zip(adapter_dirs, adapters)
+        ],
+        "conflicts": {
+            "summary": conflicts["summary"],
+            "module_scores": {n: e["score"] for n, e in conflicts["modules"].items()},
+        },
+        "cr_stats": _compact_cr(stats.get("cr")),
+        "output_rank": stats["output_rank"],
+        "wall_s": stats["wall_s"],
     }
     save_adapter(fused, out, manifest, base_model=manifest["base_model"])
     if merged is not None:
         with atomic_dir(Path(merged_out)) as tmp:
             merged.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
-    return {**stats, "out": str(out), "merged_out": str(merged_out) if merged_out else None, "conflicts": conflicts}
+    return {
+        **stats,
+        "out": str(out),
+        "merged_out": str(merged_out) if merged_out else None,
+        "conflicts": conflicts,
+    }
 
 
 def _compact_cr(cr: dict | None) -> dict | None:
     """CR statistics for the manifest: totals plus each flagged module's score and changes."""
     if cr is None:
         return None
-    keep = ("score", "sign_conflict", "changed_params", "removed_directions", "edited_adapters", "refactor_error")
+    keep = (
+        "score",
+        "sign_conflict",
+        "changed_params",
+        "removed_directions",
+        "edited_adapters",
+        "refactor_error",
+    )
     flagged = {n: {k: e[k] for k in keep if k in e} for n, e in cr["modules"].items() if e["flagged"]}
-    return {**{k: v for k, v in cr.items() if k != "modules"}, "flagged_modules": flagged,
-            "module_scores": {n: e["score"] for n, e in cr["modules"].items()}}
+    return {
+        **{k: v for k, v in cr.items() if k != "modules"},
+        "flagged_modules": flagged,
+        "module_scores": {n: e["score"] for n, e in cr["modules"].items()},
+    }

@@ -105,8 +105,11 @@ def _element(mods, weights, rho: float, rank_of) -> tuple[list, dict]:
         fac = lowrank.dense_truncated_svd(new, rank_of(k, mod), "exact")
         errors.append(float((new - fac.delta()).norm() / new.norm().clamp_min(1e-30)))
         out[k] = LoraModule(fac.A.to(mod.A.dtype), fac.B.to(mod.B.dtype), 1.0)
-    return out, {"per_adapter": per_adapter, "conflict_elements": int(conflict.sum()),
-                 "refactor_error": max(errors, default=0.0)}
+    return out, {
+        "per_adapter": per_adapter,
+        "conflict_elements": int(conflict.sum()),
+        "refactor_error": max(errors, default=0.0),
+    }
 
 
 def _direction(mods, weights, metrics, svds, threshold: float, delta: float) -> tuple[list, dict]:
@@ -126,16 +129,24 @@ def _direction(mods, weights, metrics, svds, threshold: float, delta: float) -> 
         mod = mods[j]
         Bx = torch.cat([p[0] for p in parts], dim=1) / weights[j]
         Ax = torch.cat([p[1] for p in parts], dim=0)
-        out[j] = LoraModule(A=torch.cat([mod.A, Ax.to(mod.A.dtype)], 0),
-                            B=torch.cat([mod.B * mod.scale, -Bx.to(mod.B.dtype)], 1), scale=1.0)
+        out[j] = LoraModule(
+            A=torch.cat([mod.A, Ax.to(mod.A.dtype)], 0),
+            B=torch.cat([mod.B * mod.scale, -Bx.to(mod.B.dtype)], 1),
+            scale=1.0,
+        )
         dirs += Ax.shape[0]
         changed += mod.shape[0] * mod.shape[1]
     return out, {"changed_params": changed, "edited_adapters": sorted(removals), "removed_directions": dirs}
 
 
-def resolve_conflicts(adapters: list[LoraAdapter], weights: list[float] | None = None, strategy: str = "element",
-                      threshold: float = 0.1, element_threshold: float = 0.1, direction_threshold: float = 0.05,
-                      ) -> tuple[list[LoraAdapter], dict]:
+def resolve_conflicts(
+    adapters: list[LoraAdapter],
+    weights: list[float] | None = None,
+    strategy: str = "element",
+    threshold: float = 0.1,
+    element_threshold: float = 0.1,
+    direction_threshold: float = 0.05,
+) -> tuple[list[LoraAdapter], dict]:
     """Return adapters with conflicting updates resolved (untouched modules are the same objects) and stats."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown LoRA-CR strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -173,16 +184,30 @@ def resolve_conflicts(adapters: list[LoraAdapter], weights: list[float] | None =
                 touched.add(k)
             changed += entry["changed_params"]
         per_module[name] = entry
-    out = [a if k not in touched else LoraAdapter(new_modules[k], a.base_model, dict(a.config), a.manifest, a.path)
-           for k, a in enumerate(adapters)]
-    stats = {"strategy": strategy, "threshold": threshold, "element_threshold": element_threshold,
-             "direction_threshold": direction_threshold, "modules_total": len(per_module),
-             "modules_flagged": flagged, "params_total": total, "params_changed": changed,
-             "share_changed": changed / total if total else 0.0, "modules": per_module}
+    out = [
+        a
+        if k not in touched
+        else LoraAdapter(new_modules[k], a.base_model, dict(a.config), a.manifest, a.path)
+        for k, a in enumerate(adapters)
+    ]
+    stats = {
+        "strategy": strategy,
+        "threshold": threshold,
+        "element_threshold": element_threshold,
+        "direction_threshold": direction_threshold,
+        "modules_total": len(per_module),
+        "modules_flagged": flagged,
+        "params_total": total,
+        "params_changed": changed,
+        "share_changed": changed / total if total else 0.0,
+        "modules": per_module,
+    }
     return out, stats
 
 
-def analyze_conflicts(adapters: list[LoraAdapter], weights: list[float] | None = None, element: bool = True) -> dict:
+def analyze_conflicts(
+    adapters: list[LoraAdapter], weights: list[float] | None = None, element: bool = True
+) -> dict:
     """Conflict statistics for every module (streamed: at most one module's dense ΔW per adapter at a time)."""
     K = len(adapters)
     weights = list(weights) if weights is not None else [1.0] * K
@@ -195,8 +220,11 @@ def analyze_conflicts(adapters: list[LoraAdapter], weights: list[float] | None =
             entry["sign_conflict"] = sign_conflict(_dense(mods, weights))
         per_module[name] = entry
     scores = [e["score"] for e in per_module.values()]
-    summary = {"modules": len(per_module), "max_score": max(scores, default=0.0),
-               "mean_score": sum(scores) / len(scores) if scores else 0.0}
+    summary = {
+        "modules": len(per_module),
+        "max_score": max(scores, default=0.0),
+        "mean_score": sum(scores) / len(scores) if scores else 0.0,
+    }
     if element and per_module:
         summary["mean_sign_conflict"] = sum(e["sign_conflict"] for e in per_module.values()) / len(per_module)
     return {"adapters": K, "weights": weights, "summary": summary, "modules": per_module}

@@ -22,7 +22,9 @@ class Ctx:
     majority: str = "total"
     svd_solver: str = "auto"
     seed: int = 0
-    rng: str = "module"  # module: a stream per (seed, module) | sequential: one stream over modules (PEFT order)
+    rng: str = (
+        "module"  # module: a stream per (seed, module) | sequential: one stream over modules (PEFT order)
+    )
     shared_generator: torch.Generator | None = None
     params: dict[str, Any] = field(default_factory=dict)
 

@@ -40,9 +40,16 @@ def core_space(mods, weights, ctx: Ctx) -> LoraModule:
     M = torch.zeros((len(mods), Ub.shape[1], Va.shape[1]), dtype=torch.float64, device=Ub.device)
     for k, m in items:
         M[k] = (Ub.T @ (m.B.double() * m.scale)) @ (m.A.double() @ Va)
-    merged = merge_stack(M, list(weights), RECIPES[inner], density=ctx.density, gamma=ctx.gamma,
-                         majority=ctx.majority, generators=[ctx.generator()] * len(mods),
-                         present=[x is not None for x in mods])
+    merged = merge_stack(
+        M,
+        list(weights),
+        RECIPES[inner],
+        density=ctx.density,
+        gamma=ctx.gamma,
+        majority=ctx.majority,
+        generators=[ctx.generator()] * len(mods),
+        present=[x is not None for x in mods],
+    )
     rank = ctx.rank or max(m.rank for _, m in items)
     out = lowrank.truncate(Ub @ merged, Va.T.contiguous(), rank)
     return LoraModule(out.A.to(dtype), out.B.to(dtype), 1.0)

@@ -32,7 +32,7 @@ def knots(mods, weights, ctx: Ctx) -> LoraModule:
     blocks, Qas, start = [], [], 0
     for _, m in items:
         Qa, Ra = torch.linalg.qr(m.A.double().T)  # Aᵀ = Qa Ra
-        blocks.append(Rb[:, start:start + m.rank] @ Ra.T)
+        blocks.append(Rb[:, start : start + m.rank] @ Ra.T)
         Qas.append(Qa)
         start += m.rank
     Uc, S, Vch = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)
@@ -44,11 +44,18 @@ def knots(mods, weights, ctx: Ctx) -> LoraModule:
     start = 0
     for (k, m), Qa in zip(items, Qas):
         w = Qa.shape[1]
-        V[k] = Qa @ Vch[:, start:start + w].T
+        V[k] = Qa @ Vch[:, start : start + w].T
         start += w
-    merged = merge_stack(V, list(weights), RECIPES[inner], density=ctx.density, gamma=ctx.gamma,
-                         majority=ctx.majority, generators=[ctx.generator()] * len(mods),
-                         present=[x is not None for x in mods])
+    merged = merge_stack(
+        V,
+        list(weights),
+        RECIPES[inner],
+        density=ctx.density,
+        gamma=ctx.gamma,
+        majority=ctx.majority,
+        generators=[ctx.generator()] * len(mods),
+        present=[x is not None for x in mods],
+    )
     B = (Qb @ Uc) * S[None, :]
     rank = ctx.rank or max(m.rank for _, m in items)
     out = lowrank.truncate(B, merged.T.contiguous(), rank)

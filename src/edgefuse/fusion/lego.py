@@ -80,7 +80,6 @@ def lora_lego(mods, weights, ctx: Ctx) -> LoraModule:
     out_dtype = next(m.A.dtype for _, m in present(mods))
     if k >= n_units:
         return LoraModule(A=Au.to(out_dtype), B=Bu.T.contiguous().to(out_dtype), scale=1.0)
-    m = Bu.shape[1]
     assign = _kmeans(torch.cat([Bu, Au], dim=1), k, int(ctx.params.get("iters", 50)))
     reweight = ctx.params.get("reweight", "dual")
     bs, as_, norms = [], [], []
@@ -103,5 +102,4 @@ def lora_lego(mods, weights, ctx: Ctx) -> LoraModule:
     order = sorted(range(len(bs)), key=lambda i: -norms[i])
     B = torch.stack([bs[i] for i in order], dim=1)
     A = torch.stack([as_[i] for i in order], dim=0)
-    del m
     return LoraModule(A=A.to(out_dtype).contiguous(), B=B.to(out_dtype).contiguous(), scale=1.0)

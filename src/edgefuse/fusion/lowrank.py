@@ -39,7 +39,9 @@ def from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int | Non
     """Balanced factors B = U√S, A = √S Vh of the top ``rank`` triplets (scale 1)."""
     k = S.shape[0] if rank is None else min(rank, S.shape[0])
     root = S[:k].clamp_min(0).sqrt()
-    return LoraModule(A=(root[:, None] * Vh[:k]).contiguous(), B=(U[:, :k] * root[None, :]).contiguous(), scale=1.0)
+    return LoraModule(
+        A=(root[:, None] * Vh[:k]).contiguous(), B=(U[:, :k] * root[None, :]).contiguous(), scale=1.0
+    )
 
 
 def truncate(B: torch.Tensor, A: torch.Tensor, rank: int | None) -> LoraModule:
@@ -59,7 +61,9 @@ def fro_norm(x: LoraModule) -> float:
     return max(inner(x, x), 0.0) ** 0.5
 
 
-def _randomized_svd(M: torch.Tensor, rank: int, oversample: int, niter: int, generator: torch.Generator | None):
+def _randomized_svd(
+    M: torch.Tensor, rank: int, oversample: int, niter: int, generator: torch.Generator | None
+):
     """Halko–Martinsson–Tropp randomized SVD with QR-stabilised subspace iteration."""
     m, n = M.shape
     q = min(rank + oversample, m, n)
@@ -72,8 +76,15 @@ def _randomized_svd(M: torch.Tensor, rank: int, oversample: int, niter: int, gen
     return Q @ Ub, S, Vh
 
 
-def dense_truncated_svd(M: torch.Tensor, rank: int, solver: str = "auto", *, oversample: int = 16, niter: int = 4,
-                        generator: torch.Generator | None = None) -> LoraModule:
+def dense_truncated_svd(
+    M: torch.Tensor,
+    rank: int,
+    solver: str = "auto",
+    *,
+    oversample: int = 16,
+    niter: int = 4,
+    generator: torch.Generator | None = None,
+) -> LoraModule:
     """Re-factorise one dense module update to ``rank``.
 
     ``exact`` uses LAPACK's thin SVD; ``randomized`` a subspace iteration (≈20× faster on 1536×576, top

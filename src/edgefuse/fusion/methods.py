@@ -86,11 +86,21 @@ def elementwise(mods, weights, ctx: Ctx, recipe: Recipe) -> LoraModule:
             continue
         d = (mod.B.float() * mod.scale) @ mod.A.float()
         T.append(sparsify_(d, recipe, ctx.density, ctx.gamma, gen))
-    merged = merge_stack(T, list(weights), recipe, density=ctx.density, gamma=ctx.gamma, majority=ctx.majority,
-                         present=[x is not None for x in mods], sparsified=True)
+    merged = merge_stack(
+        T,
+        list(weights),
+        recipe,
+        density=ctx.density,
+        gamma=ctx.gamma,
+        majority=ctx.majority,
+        present=[x is not None for x in mods],
+        sparsified=True,
+    )
     del T[1:]
     rank = ctx.rank or max(x.rank for _, x in present(mods))
-    out = lowrank.dense_truncated_svd(merged, rank, ctx.svd_solver, generator=torch.Generator().manual_seed(ctx.seed))
+    out = lowrank.dense_truncated_svd(
+        merged, rank, ctx.svd_solver, generator=torch.Generator().manual_seed(ctx.seed)
+    )
     return out
 
 
@@ -118,7 +128,8 @@ def dare_ties(mods, weights, ctx: Ctx) -> LoraModule:
     """DARE's drop-and-rescale followed by TIES' sign election and disjoint mean (Yu et al., ICML 2024).
 
     = PEFT ``dare_ties_svd`` with ``rng='sequential'`` (same Bernoulli draws when modules are visited in
-    PEFT's order) and equal positive weights.
+    PEFT's order) and equal positive weights. PEFT's plain ``dare_ties`` drops entries of the A and B factors
+    separately, so its ΔW is a product of two sparsified factors, not DARE on ΔW.
     """
     return elementwise(mods, weights, ctx, RECIPES["dare_ties"])
 

@@ -60,8 +60,13 @@ def _kth_largest(absx: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, n - k + 1).values
 
 
-def sparsify_(x: torch.Tensor, recipe: Recipe, density: float, gamma: float = 0.0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def sparsify_(
+    x: torch.Tensor,
+    recipe: Recipe,
+    density: float,
+    gamma: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Sparsify one task tensor in place and return it."""
     n = x.numel()
     if recipe.sparsify == "magnitude":
@@ -85,7 +90,11 @@ def sparsify_(x: torch.Tensor, recipe: Recipe, density: float, gamma: float = 0.
         if keep <= 0:
             return x.zero_()
         absx = x.abs()
-        mask = absx >= _kth_largest(absx, top + keep) if top + keep < n else torch.ones_like(absx, dtype=torch.bool)
+        mask = (
+            absx >= _kth_largest(absx, top + keep)
+            if top + keep < n
+            else torch.ones_like(absx, dtype=torch.bool)
+        )
         if top > 0:
             mask &= absx < _kth_largest(absx, top)
         x.mul_(mask)
@@ -99,9 +108,18 @@ def _chunks(n_rows: int, row_numel: int, target: int = 1 << 16):
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
-def merge_stack(T, weights: list[float], recipe: Recipe, *, density: float = 1.0, gamma: float = 0.0,
-                majority: str = "total", generators: list[torch.Generator | None] | None = None,
-                present: list[bool] | None = None, sparsified: bool = False) -> torch.Tensor:
+def merge_stack(
+    T,
+    weights: list[float],
+    recipe: Recipe,
+    *,
+    density: float = 1.0,
+    gamma: float = 0.0,
+    majority: str = "total",
+    generators: list[torch.Generator | None] | None = None,
+    present: list[bool] | None = None,
+    sparsified: bool = False,
+) -> torch.Tensor:
     """Run ``recipe`` on the K task tensors ``T`` (a K×… tensor or a list), consuming them; returns the merge
     (stored in T[0]).
 

@@ -21,33 +21,96 @@ class MethodSpec:
 
 
 _INNER = {"inner": "ties", "majority": "total", "gamma": 0.01, "rng": "module"}
-METHODS: dict[str, MethodSpec] = {s.name: s for s in [
-    MethodSpec("linear", methods.linear, "weighted average Σ w̄ΔW (weights normalised), exact in factored form",
-               params={"normalize": True}, default_rank="exact"),
-    MethodSpec("cat", methods.cat, "exact weighted sum by concatenating factors (rank Σ r_k)", exact_rank=True,
-               default_rank="exact"),
-    MethodSpec("task_arithmetic", methods.task_arithmetic, "λ·Σ wΔW (Ilharco et al. 2023), exact",
-               params={"scaling": 1.0}, default_rank="exact"),
-    MethodSpec("svd", methods.svd, "exact truncated SVD of Σ wΔW via QR of stacked factors (no m×n matrix)"),
-    MethodSpec("ties", methods.ties, "TIES: trim by magnitude, elect sign, disjoint mean, re-factorise",
-               density=0.2, params={"majority": "total"}),
-    MethodSpec("dare_linear", methods.dare_linear, "DARE: random drop + 1/density rescale, weighted sum",
-               density=0.5, params={"rng": "module"}),
-    MethodSpec("dare_ties", methods.dare_ties, "DARE drop/rescale, then TIES sign election and disjoint mean",
-               density=0.5, params={"majority": "total", "rng": "module"}),
-    MethodSpec("magnitude_prune", methods.magnitude_prune, "keep top-density magnitudes per adapter, weighted sum",
-               density=0.2),
-    MethodSpec("breadcrumbs", methods.breadcrumbs, "Model Breadcrumbs: drop top-gamma outliers and small tail",
-               density=0.9, params={"gamma": 0.01}),
-    MethodSpec("breadcrumbs_ties", methods.breadcrumbs_ties, "Breadcrumbs mask + TIES sign election",
-               density=0.9, params={"gamma": 0.01, "majority": "total"}),
-    MethodSpec("lora_lego", lego.lora_lego, "LoRA-LEGO: k-means of rank-one units + dual reweighting",
-               params={"reweight": "dual", "iters": 50}),
-    MethodSpec("knots", knots.knots, "KnOTS: joint-SVD alignment, inner merge (ties) of aligned V's",
-               density=0.2, params=dict(_INNER)),
-    MethodSpec("core_space", core_space.core_space, "Core Space: merge (ties) in the core of the stacked bases",
-               density=0.2, params=dict(_INNER)),
-]}
+METHODS: dict[str, MethodSpec] = {
+    s.name: s
+    for s in [
+        MethodSpec(
+            "linear",
+            methods.linear,
+            "weighted average Σ w̄ΔW (weights normalised), exact in factored form",
+            params={"normalize": True},
+            default_rank="exact",
+        ),
+        MethodSpec(
+            "cat",
+            methods.cat,
+            "exact weighted sum by concatenating factors (rank Σ r_k)",
+            exact_rank=True,
+            default_rank="exact",
+        ),
+        MethodSpec(
+            "task_arithmetic",
+            methods.task_arithmetic,
+            "λ·Σ wΔW (Ilharco et al. 2023), exact",
+            params={"scaling": 1.0},
+            default_rank="exact",
+        ),
+        MethodSpec(
+            "svd", methods.svd, "exact truncated SVD of Σ wΔW via QR of stacked factors (no m×n matrix)"
+        ),
+        MethodSpec(
+            "ties",
+            methods.ties,
+            "TIES: trim by magnitude, elect sign, disjoint mean, re-factorise",
+            density=0.2,
+            params={"majority": "total"},
+        ),
+        MethodSpec(
+            "dare_linear",
+            methods.dare_linear,
+            "DARE: random drop + 1/density rescale, weighted sum",
+            density=0.5,
+            params={"rng": "module"},
+        ),
+        MethodSpec(
+            "dare_ties",
+            methods.dare_ties,
+            "DARE drop/rescale, then TIES sign election and disjoint mean",
+            density=0.5,
+            params={"majority": "total", "rng": "module"},
+        ),
+        MethodSpec(
+            "magnitude_prune",
+            methods.magnitude_prune,
+            "keep top-density magnitudes per adapter, weighted sum",
+            density=0.2,
+        ),
+        MethodSpec(
+            "breadcrumbs",
+            methods.breadcrumbs,
+            "Model Breadcrumbs: drop top-gamma outliers and small tail",
+            density=0.9,
+            params={"gamma": 0.01},
+        ),
+        MethodSpec(
+            "breadcrumbs_ties",
+            methods.breadcrumbs_ties,
+            "Breadcrumbs mask + TIES sign election",
+            density=0.9,
+            params={"gamma": 0.01, "majority": "total"},
+        ),
+        MethodSpec(
+            "lora_lego",
+            lego.lora_lego,
+            "LoRA-LEGO: k-means of rank-one units + dual reweighting",
+            params={"reweight": "dual", "iters": 50},
+        ),
+        MethodSpec(
+            "knots",
+            knots.knots,
+            "KnOTS: joint-SVD alignment, inner merge (ties) of aligned V's",
+            density=0.2,
+            params=dict(_INNER),
+        ),
+        MethodSpec(
+            "core_space",
+            core_space.core_space,
+            "Core Space: merge (ties) in the core of the stacked bases",
+            density=0.2,
+            params=dict(_INNER),
+        ),
+    ]
+}
 
 CR_STRATEGIES: dict[str, str] = {
     "element": "per element in conflicting modules: keep the dominant sign's mass, drop the opposing minority",
