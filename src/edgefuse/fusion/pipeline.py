@@ -35,29 +35,37 @@ class Recipe:
         return self.sparsify == "none" and not self.consensus and self.combine == "sum"
 
 
-def _kth_largest(absx: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact k-th largest entry, ~5× faster than a full ``kthvalue`` on large tensors.
+def _rows(x: torch.Tensor, target: int = 1 << 16):
+    """Row-chunk views of x (as 2-D) of about ``target`` elements: workspace stays a chunk, not a tensor."""
+    v = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
+    step = max(1, target // max(1, v.shape[1]))
+    return [v[i : i + step] for i in range(0, v.shape[0], step)]
 
-    A strided sample brackets the answer in [lo, hi]; with c entries above hi, the answer is the (k−c)-th
-    largest of the few entries inside the bracket. If the bracket misses, fall back to the full selection.
+
+def _kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact k-th largest |x| without a full-size copy of |x| (and faster than ``kthvalue`` on it).
+
+    A random sample brackets the answer in [lo, hi]; with c entries above hi, the answer is the (k−c)-th
+    largest of the few entries inside the bracket, all counted chunk by chunk. If the bracket misses, fall
+    back to a full selection.
     """
-    flat = absx.reshape(-1)
-    n = flat.numel()
-    if n <= 1 << 16:
-        return torch.kthvalue(flat, n - k + 1).values
-    sample = flat[:: n // 8192].sort().values
-    ns = sample.numel()
-    pos = (1 - k / n) * (ns - 1)
-    margin = int(4 * (ns * (k / n) * (1 - k / n)) ** 0.5) + 8
-    lo = sample[max(0, int(pos) - margin)]
-    hi = sample[min(ns - 1, int(pos) + 1 + margin)]
-    above = int((flat > hi).sum())
-    need = k - above
-    if need > 0:
-        band = flat[(flat >= lo) & (flat <= hi)]
-        if band.numel() >= need:
-            return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(flat, n - k + 1).values
+    n = x.numel()
+    flat = x.reshape(-1)
+    if n > 1 << 16:
+        idx = torch.randint(n, (8192,), generator=torch.Generator().manual_seed(n), device="cpu").to(x.device)
+        sample = flat[idx].abs().sort().values  # random, not strided: low-rank ΔW has periodic structure
+        ns = sample.numel()
+        pos = (1 - k / n) * (ns - 1)
+        margin = int(4 * (ns * (k / n) * (1 - k / n)) ** 0.5) + 8
+        lo = sample[max(0, int(pos) - margin)]
+        hi = sample[min(ns - 1, int(pos) + 1 + margin)]
+        chunks = _rows(x)
+        need = k - sum(int((c.abs() > hi).sum()) for c in chunks)
+        if need > 0:
+            band = torch.cat([c.abs()[(c.abs() >= lo) & (c.abs() <= hi)] for c in chunks])
+            if band.numel() >= need:
+                return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(flat.abs(), n - k + 1).values
 
 
 def sparsify_(
@@ -67,7 +75,7 @@ def sparsify_(
     gamma: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Sparsify one task tensor in place and return it."""
+    """Sparsify one task tensor in place (chunk by chunk) and return it."""
     n = x.numel()
     if recipe.sparsify == "magnitude":
         k = int(density * n)
@@ -75,29 +83,29 @@ def sparsify_(
             return x
         if k <= 0:
             return x.zero_()
-        absx = x.abs()
-        x.mul_(absx >= _kth_largest(absx, k))
+        thr = _kth_largest_abs(x, k)
+        for c in _rows(x):
+            c.mul_(c.abs() >= thr)
     elif recipe.sparsify == "random":
         if density >= 1:
             return x
-        mask = torch.bernoulli(torch.full_like(x, density), generator=generator)
-        x.mul_(mask)
-        if recipe.rescale:
-            x.div_(density)
+        for c in _rows(x):  # row chunks in order draw exactly the same Bernoulli stream as one full draw
+            c.mul_(torch.bernoulli(torch.full_like(c, density), generator=generator))
+            if recipe.rescale:
+                c.div_(density)
     elif recipe.sparsify == "breadcrumbs":
         top = int(gamma * n)
         keep = min(int(density * n), n - top)
         if keep <= 0:
             return x.zero_()
-        absx = x.abs()
-        mask = (
-            absx >= _kth_largest(absx, top + keep)
-            if top + keep < n
-            else torch.ones_like(absx, dtype=torch.bool)
-        )
-        if top > 0:
-            mask &= absx < _kth_largest(absx, top)
-        x.mul_(mask)
+        lo = _kth_largest_abs(x, top + keep) if top + keep < n else None
+        hi = _kth_largest_abs(x, top) if top > 0 else None
+        for c in _rows(x):
+            a = c.abs()
+            mask = torch.ones_like(a, dtype=torch.bool) if lo is None else a >= lo
+            if hi is not None:
+                mask &= a < hi
+            c.mul_(mask)
     elif recipe.sparsify != "none":
         raise ValueError(f"unknown sparsifier {recipe.sparsify!r}")
     return x
