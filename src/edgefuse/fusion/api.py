@@ -6,7 +6,6 @@ one module's worth whatever the model size, and a missing module in one adapter 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,29 +17,12 @@ import torch
 from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule, load_adapter, save_adapter
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import STRATEGIES, analyze_conflicts, resolve_conflicts
-from edgefuse.fusion.context import Ctx, module_names
+from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
 from edgefuse.fusion.registry import get_method
 from edgefuse.io import atomic_dir, sha256_file
 
 FORMAT = "edgefuse-fused-adapter"
 _COMMON = {"svd_solver": "auto", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05, "workers": 1}
-
-
-@contextlib.contextmanager
-def single_threaded_ops():
-    """One intra-op thread while fusing (restored after).
-
-    Why: fusion is thousands of small or medium ops; with two intra-op threads every op synchronises, and
-    when the cores are shared (other jobs) each sync can wait a whole scheduler slice — measured 100× slower
-    for ``svd`` on a loaded 2-core machine. Parallelism comes from ``workers`` (modules fused concurrently,
-    each op single-threaded), which costs ``workers`` modules' memory instead of one.
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
@@ -243,7 +225,8 @@ def fuse_dirs(
             f"adapters were made for different base models ({what}); pass --force to fuse anyway"
         )
     fused, stats = fuse_adapters(adapters, method, weights, rank, density, seed, cr, cr_threshold, **params)
-    conflicts = analyze_conflicts(adapters, stats["weights"], element=False)
+    with single_threaded_ops():
+        conflicts = analyze_conflicts(adapters, stats["weights"], element=False)
     merged = None
     if merged_out is not None:
         from edgefuse.models import fingerprint, load_model

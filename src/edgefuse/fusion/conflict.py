@@ -26,7 +26,7 @@ import torch
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.fusion import lowrank
-from edgefuse.fusion.context import module_names
+from edgefuse.fusion.context import module_names, single_threaded_ops
 
 STRATEGIES = ("element", "direction", "hybrid")
 
@@ -209,6 +209,11 @@ def analyze_conflicts(
     adapters: list[LoraAdapter], weights: list[float] | None = None, element: bool = True
 ) -> dict:
     """Conflict statistics for every module (streamed: at most one module's dense ΔW per adapter at a time)."""
+    with single_threaded_ops():
+        return _analyze(adapters, weights, element)
+
+
+def _analyze(adapters, weights, element):
     K = len(adapters)
     weights = list(weights) if weights is not None else [1.0] * K
     per_module = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,3 +60,20 @@ def natural_key(name: str):
 def module_names(adapters) -> list[str]:
     """Union of the adapters' module names in natural order."""
     return sorted({n for a in adapters for n in a.modules}, key=natural_key)
+
+
+@contextlib.contextmanager
+def single_threaded_ops():
+    """One intra-op thread while fusing (restored after).
+
+    Why: fusion is thousands of small or medium ops; with two intra-op threads every op synchronises, and
+    when the cores are shared (other jobs) each sync can wait a whole scheduler slice — measured 100× slower
+    for ``svd`` on a loaded 2-core machine. Parallelism comes from ``workers`` (modules fused concurrently,
+    each op single-threaded), which costs ``workers`` modules' memory instead of one.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
