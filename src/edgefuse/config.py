@@ -101,6 +101,7 @@ class BenchmarksConfig(_Strict):
     mmlu_cd: MMLUCDBench = MMLUCDBench()
     batch_size: int = Field(8, ge=1)
     edges_alone: bool = True
+    edges_alone_cd: bool = Field(False, description="also run MMLU-CD for each edge alone (MMLU always runs)")
 
 
 class OutputConfig(_Strict):

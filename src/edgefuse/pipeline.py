@@ -146,8 +146,8 @@ def stage_cd_build(st: Study) -> None:
         st.cd_hashes[k] = res["hash"]
 
 
-def evaluate_model(st: Study, model, work: Path, advance, label: str) -> dict:
-    """MMLU and MMLU-CD (each k) for one model; full results to files, summary returned."""
+def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool = True) -> dict:
+    """MMLU and (unless ``cd`` is False) MMLU-CD for each k, for one model; full results to files, summary returned."""
     from edgefuse.evaluate.mmlu import evaluate_mmlu
     from edgefuse.evaluate.mmlu_cd import evaluate_mmlu_cd
 
@@ -160,7 +160,7 @@ def evaluate_model(st: Study, model, work: Path, advance, label: str) -> dict:
         atomic_write_json(work / "mmlu.json", res)
         summary["mmlu"] = {"accuracy": res["accuracy"], "file": "mmlu.json",
                            "correct": {i["id"]: int(i["correct"]) for i in res["items"]}}
-    for k, doc in st.cd_docs.items():
+    for k, doc in (st.cd_docs if cd else {}).items():
         res = evaluate_mmlu_cd(model, st.tokenizer, doc, st.dataset, batch_size=b.batch_size,
                                progress=advance, meta={"label": label})
         atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
@@ -171,9 +171,10 @@ def evaluate_model(st: Study, model, work: Path, advance, label: str) -> dict:
     return summary
 
 
-def _eval_total(st: Study) -> int:
+def _eval_total(st: Study, cd: bool = True) -> int:
     b = st.cfg.benchmarks
-    return (len(st.mmlu_items) if b.mmlu.enabled else 0) + sum(len(d["instances"]) for d in st.cd_docs.values())
+    return (len(st.mmlu_items) if b.mmlu.enabled else 0) + (sum(len(d["instances"]) for d in st.cd_docs.values())
+                                                            if cd else 0)
 
 
 def _with_adapter(st: Study, adapter_dir: Path, fn: Callable[[Any], dict]) -> dict:
@@ -330,8 +331,9 @@ def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, packag
            "train": train_res["stats"]}
     if st.cfg.benchmarks.edges_alone:
         _, res = st.stage("eval", f"eval-edge-{edge}-s{seed}", {"eval": eval_inputs(st), "adapter": rec_res["sha256"]},
-                          lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(st, m, work, adv, edge)),
-                          total=_eval_total(st))
+                          lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(
+                              st, m, work, adv, edge, cd=st.cfg.benchmarks.edges_alone_cd)),
+                          total=_eval_total(st, st.cfg.benchmarks.edges_alone_cd))
         out["eval"] = res
     return out
 
