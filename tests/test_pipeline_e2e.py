@@ -33,7 +33,8 @@ def cli(*args, **kw):
 
 
 def stage_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
+    """Complete lines of the stage log (the last one may still be being written)."""
+    return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().split("\n")[:-1]]
 
 
 def fused_tensors(run_dir: Path) -> dict:
@@ -55,7 +56,7 @@ def scores(run_dir: Path) -> dict:
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     cfg = root / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY_STUDY))
+    cfg.write_text(yaml.safe_dump(TINY_STUDY, sort_keys=False))  # edges train in this order: science, law
     run_dir = root / "run"
     p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
     out, err = p.communicate(timeout=600)
@@ -116,14 +117,16 @@ def test_killed_run_resumes_with_the_same_results(study, tmp_path):
     deadline = time.time() + 300
     killed_in = None
     while time.time() < deadline and p.poll() is None:
-        partial = list((run_dir / "stages").glob("train-law-*.partial")) if (run_dir / "stages").exists() else []
-        if partial:
+        # kill while the second edge trains: the first edge's training stage has just been logged as finished
+        log_path = run_dir / "stages.jsonl"
+        if log_path.exists() and any(r["stage"] == "train-science-s0" and r["status"] == "ran"
+                                     for r in stage_log(run_dir)):
             os.kill(p.pid, signal.SIGKILL)
-            killed_in = partial[0].name
+            killed_in = [d.name for d in (run_dir / "stages").glob("train-law-*.partial")]
             break
         time.sleep(0.02)
     p.wait(timeout=60)
-    assert killed_in is not None, "the run finished before it could be interrupted"
+    assert killed_in, "the run was not interrupted inside the second edge's training stage"
     assert not (run_dir / "results.json").exists()
     p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
     _, err = p.communicate(timeout=600)
