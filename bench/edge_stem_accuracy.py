@@ -3,6 +3,9 @@ base model versus base + recovered adapter on the same items, with 95% intervals
 difference. A short run (the issue asks for one; the cores are shared).
 
     .venv/bin/python bench/edge_stem_accuracy.py --ratio 0.25 --steps 50 --batch 8 --n-test 200
+
+On a loaded machine: ``--base-only`` evaluates the base in a parallel process first, and ``--resume``
+finishes from the training checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgefuse-stem-bench"))
+    ap.add_argument("--base-only", action="store_true", help="Only evaluate the base model (base.json in --work).")
+    ap.add_argument("--resume", action="store_true",
+                    help="Reuse --work/pruned and finish training from its checkpoint (steps may be lowered to the "
+                         "checkpoint's step: the schedule is step-indexed, so that is the exact shorter run).")
     args = ap.parse_args()
 
     import torch
@@ -42,17 +49,26 @@ def main() -> None:
     t0 = time.perf_counter()
     ds = load_mmlu()
     base, tok = load_model("smollm2-135m")
-    calib = [mc_prompt(it) + answer_text(it.answer) for it in select(ds, "public", limit=32, seed=args.seed)]
-    res = prune_model(base, tok, method=args.method, structure=args.structure, ratio=args.ratio,
-                      calib_prompts=calib, seed=args.seed)
-    pruned = save_pruned(res, tok, args.work / "pruned")
-    del res
+    test = select(ds, "test", domains=["stem"], limit=args.n_test, seed=args.seed)
+    base_file = args.work / "base.json"
+    if args.base_only:
+        args.work.mkdir(parents=True, exist_ok=True)
+        base_file.write_text(json.dumps(evaluate_mmlu(base, tok, test, batch_size=8)))
+        return
+    pruned = args.work / "pruned"
+    if not args.resume:
+        calib = [mc_prompt(it) + answer_text(it.answer) for it in select(ds, "public", limit=32, seed=args.seed)]
+        res = prune_model(base, tok, method=args.method, structure=args.structure, ratio=args.ratio,
+                          calib_prompts=calib, seed=args.seed)
+        save_pruned(res, tok, pruned)
+        del res
     edge_items = select(ds, "edge", domains=["stem"])
     cfg = TrainConfig(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed)
-    pkg = train_edge(pruned, "stem", edge_items, cfg, args.work / "package")
+    pkg = train_edge(pruned, "stem", edge_items, cfg, args.work / "package", resume=args.resume)
     rec = recover(pkg, pruned / "plan.json", args.work / "recovered")
-    test = select(ds, "test", domains=["stem"], limit=args.n_test, seed=args.seed)
-    r_base = evaluate_mmlu(base, tok, test, batch_size=8)
+    r_base = json.loads(base_file.read_text()) if base_file.is_file() else None
+    if r_base is None or [x["id"] for x in r_base["items"]] != [it.id for it in test]:
+        r_base = evaluate_mmlu(base, tok, test, batch_size=8)
     adapted = apply_adapter(base, rec)
     r_ad = evaluate_mmlu(adapted, tok, test, batch_size=8)
     a = [int(x["correct"]) for x in r_ad["items"]]

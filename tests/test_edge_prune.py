@@ -106,7 +106,7 @@ def test_reload_gives_same_logits_and_plan(tmp_path, tiny4, isolated_cache):
     res = prune_model(model, tok, method="wanda", ratio=0.5, calib_prompts=PROMPTS)
     out = save_pruned(res, tok, tmp_path / "pruned")
     x = ids(tok, PROMPTS[1])
-    m2, tok2, plan = load_pruned(out)
+    m2, _, plan = load_pruned(out)
     assert plan == res.plan and plan_hash(plan) == plan_hash(res.plan)
     assert plan["base_fingerprint"] == fingerprint(model)
     assert plan["format_version"] == 1 and plan["calibration"]["n_prompts"] == len(PROMPTS)
@@ -179,12 +179,12 @@ def test_memory_estimate_counts_the_pruned_weights_and_budget_picks_smallest_fit
     cfg = TrainConfig(batch=2, seq=32)
     res = prune_model(model, tok, method="magnitude", ratio=0.5)
     dims = {**base_config(res.model)}
-    est = estimate_training_bytes(dims, batch=2, seq=32, rank=8, targets=cfg.targets, vocab=384, tied=False)
+    est = estimate_training_bytes(dims, batch=2, seq=32, rank=8, targets=cfg.targets, vocab=model.config.vocab_size, tied=False)
     assert est["weights_bytes"] == 4 * count_parameters(res.model)
     lora = sum(8 * (m.in_features + m.out_features) for n, m in res.model.named_modules() if n.endswith("_proj"))
     assert est["lora_bytes"] == 16 * lora
     budget = 0.5 * (est["total_bytes"] + estimate_training_bytes(base_config(model), batch=2, seq=32, rank=8,
-                                                                 targets=cfg.targets, vocab=384,
+                                                                 targets=cfg.targets, vocab=model.config.vocab_size,
                                                                  tied=False)["total_bytes"]) / 2**30
     r, e = ratio_for_budget(model, "width", budget, cfg)
     assert e["total_bytes"] <= budget * 2**30 and 0 < r <= 0.5

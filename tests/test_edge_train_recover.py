@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel
+from test_edge_prune import PROMPTS, masked_reference
 
 from edgefuse.adapters import load_adapter
 from edgefuse.data.mmlu import select
@@ -24,9 +25,8 @@ from edgefuse.edge.train import TrainConfig, letter_loss, train_edge
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.scoring import continuation_token_ids, lm_parts, make_batch
 from edgefuse.models import fingerprint, tiny_model
-from test_edge_prune import PROMPTS, masked_reference
 
-CFG = dict(batch=4, seq=48, lr=1e-2, checkpoint_every=2, seed=1)
+CFG = {"batch": 4, "seq": 48, "lr": 1e-2, "checkpoint_every": 2, "seed": 1}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_schedule_is_deterministic_covers_each_item_and_buckets_lengths():
 def test_package_manifest_hashes_and_peft_loading(work, base):
     w = work["width"]
     man = json.loads((w["pkg"] / "edgefuse.json").read_text())
-    pruned, tok, plan = load_pruned(w["pruned"])
+    pruned, _, plan = load_pruned(w["pruned"])
     assert man["base_fingerprint"] == fingerprint(base[0]) == plan["base_fingerprint"]
     assert man["pruned_fingerprint"] == fingerprint(pruned) != man["base_fingerprint"]
     assert man["domain"] == "stem" and man["format_version"] == 1 and len(man["stats"]["loss_curve"]) == 6

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,8 +14,8 @@ def prune_cmd(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, tiny-llama, HF dir, .gguf or hub id."),
     method: str = typer.Option("magnitude", "--method", help="magnitude | wanda | taylor | random"),
     structure: str = typer.Option("width", "--structure", help="width | depth | unstructured | 2:4"),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction to prune, in (0, 1)."),
-    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help="GiB for LoRA training; picks the ratio."),
+    ratio: float | None = typer.Option(None, "--ratio", help="Fraction to prune, in (0, 1)."),
+    memory_budget: float | None = typer.Option(None, "--memory-budget", help="GiB for LoRA training; picks the ratio."),
     calib: int = typer.Option(32, "--calib", min=0, help="Calibration prompts from the public split (wanda, taylor, depth)."),
     batch: int = typer.Option(8, "--batch", min=1, help="Training batch the memory budget must fit."),
     seq: int = typer.Option(256, "--seq", min=8, help="Training sequence length the memory budget must fit."),
@@ -67,11 +66,11 @@ def train_cmd(
     batch: int = typer.Option(8, "--batch", min=1),
     seq: int = typer.Option(256, "--seq", min=8),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1),
-    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Projections to adapt (default: all 7)."),
+    targets: list[str] | None = typer.Option(None, "--targets", help="Projections to adapt (default: all 7)."),
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(20, "--checkpoint-every", min=0),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use a stratified subsample of the edge split."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Use a stratified subsample of the edge split."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject MMLU split."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside --out."),
 ):

@@ -10,7 +10,7 @@ while the order of the batches stays random. Each epoch: shuffle the items, cut 
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from edgefuse.data.mmlu import MMLUItem
 from edgefuse.data.prompts import mc_prompt

@@ -11,7 +11,11 @@ every package) shows how far off it is. The estimate counts, in float32:
   training loss uses the head at one position per prompt (edgefuse.edge.train), so no vocabulary-
   sized logits are stored;
 - a fixed runtime overhead (allocator, autograd bookkeeping).
-It is an upper bound at the configured ``seq``: batches are only as long as their longest prompt.
+The tensor count above undercounts what autograd, SDPA and the allocator really hold: on CPU
+(float32, SDPA, glibc) the measured peaks of bench/edge_memory.py at ratios 0/0.25/0.5 were 1.46–1.55×
+the raw total, so activations are multiplied by ``ACTIVATION_FACTOR`` = 1.75, fitted to those three
+measurements (within ±4% of each; see BENCHMARKS.md). The estimate is for the configured ``seq``;
+real batches are only as long as their longest prompt, so it is an upper bound in that respect.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import os
 import resource
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 GIB = 1024 ** 3
 RUNTIME_OVERHEAD = 64 * 1024 ** 2
+ACTIVATION_FACTOR = 1.75
 _LORA_OUT = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "h", "gate_proj": "i", "up_proj": "i",
              "down_proj": "h"}
 _LORA_IN = {"q_proj": "h", "k_proj": "h", "v_proj": "h", "o_proj": "q", "gate_proj": "h", "up_proj": "h",
@@ -51,6 +56,7 @@ def estimate_training_bytes(dims: dict, *, batch: int, seq: int, rank: int, targ
     else:
         activations = 4 * tokens * L * act_token_layer
     activations += 4 * tokens * h * 2
+    activations *= ACTIVATION_FACTOR
     total = weights + lora + activations + RUNTIME_OVERHEAD
     return {"total_bytes": int(total), "weights_bytes": int(weights), "lora_bytes": int(lora),
             "activations_bytes": int(activations), "overhead_bytes": RUNTIME_OVERHEAD,
@@ -80,7 +86,7 @@ class PeakMemory:
             self.peak = max(self.peak, current_rss())
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()

@@ -11,8 +11,9 @@ contradicts itself is refused. The plan holds no data (calibration prompts appea
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import hash_obj

@@ -28,15 +28,27 @@ import torch
 from edgefuse.edge import importance as imp
 from edgefuse.edge.memory import GIB, estimate_training_bytes
 from edgefuse.edge.plan import (
-    METHODS, PLAN_FILE, PLAN_KIND, PLAN_VERSION, PROJECTIONS, STRUCTURES, derive_modules, from_runs, full_shape,
-    is_uniform, keep_count, module_name, plan_hash, validate_plan,
+    METHODS,
+    PLAN_FILE,
+    PLAN_KIND,
+    PLAN_VERSION,
+    PROJECTIONS,
+    STRUCTURES,
+    derive_modules,
+    from_runs,
+    full_shape,
+    is_uniform,
+    keep_count,
+    module_name,
+    plan_hash,
+    validate_plan,
 )
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.scoring import unwrap
 from edgefuse.io import atomic_dir, atomic_write_json, hash_obj, read_json
 
 MODEL_META = "edgefuse_model.json"
-BUDGET_GRID = [round(0.05 * k, 2) for k in range(0, 20)]  # 0.00 … 0.95
+BUDGET_GRID = [round(0.05 * k, 2) for k in range(20)]  # 0.00 … 0.95
 
 
 @dataclass
@@ -282,7 +294,13 @@ def load_pruned(directory: str | Path, device: str | None = None):
     meta = read_json(directory / MODEL_META) if (directory / MODEL_META).is_file() else {}
     if meta.get("plan_hash") and meta["plan_hash"] != plan_hash(plan):
         raise EdgefuseError("plan.json was changed after the model was pruned (plan hash differs)", path=directory)
-    model, tok = load_model(str(directory), device=device)
+    try:
+        model, tok = load_model(str(directory), device=device)
+    except EdgefuseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers/safetensors raise many types for broken files
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise EdgefuseError(f"cannot load the pruned model ({type(e).__name__}: {msg})", path=directory) from None
     cfg = model.config
     spec = plan["layers"][str(plan["kept_layers"][0])]
     want = (len(plan["kept_layers"]), len(spec["heads"]), len(spec["kv_heads"]), len(spec["mlp_channels"]))

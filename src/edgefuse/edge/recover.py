@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from edgefuse.adapters import (
-    CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule, load_adapter, peft_config_for, save_adapter,
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    LoraAdapter,
+    LoraModule,
+    load_adapter,
+    peft_config_for,
+    save_adapter,
     verify_hashes,
 )
 from edgefuse.edge.plan import from_runs, full_shape, plan_hash

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from pydantic import BaseModel, Field, field_validator
@@ -145,7 +146,7 @@ def letter_loss(body, head, softcap, letter_ids: torch.Tensor, batch, answers: t
 
 
 def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: TrainConfig, out_dir: Path,
-               progress: Optional[Callable[..., None]] = None, resume: bool = False, device: str | None = None,
+               progress: Callable[..., None] | None = None, resume: bool = False, device: str | None = None,
                checkpoint_dir: Path | None = None, stop_after: int | None = None) -> Path:
     """Train a LoRA on the pruned model and write the edge package; returns the package directory.
 
