@@ -11,8 +11,8 @@ from edgefuse.fusion import fuse_adapters
 from edgefuse.models import tiny_model
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
+from peft import LoraConfig, get_peft_model  # noqa: E402 - after importorskip
+from peft.tuners.lora import LoraLayer  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -86,9 +86,11 @@ _SPLIT_SNIPPET = (
 
 
 def test_split_determinism_across_processes(mmlu):
-    run = lambda seed: subprocess.run([sys.executable, "-c", _SPLIT_SNIPPET, str(seed)], capture_output=True,
-                                      text=True, check=True).stdout.strip()
     import hashlib
+
+    def run(seed: int) -> str:
+        return subprocess.run([sys.executable, "-c", _SPLIT_SNIPPET, str(seed)], capture_output=True, text=True,
+                              check=True).stdout.strip()
 
     here = hashlib.sha256(repr(make_splits(mmlu, SplitSpec(seed=0))).encode()).hexdigest()
     assert run(0) == here

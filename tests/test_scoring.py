@@ -57,8 +57,9 @@ def test_scores_are_log_probabilities_of_the_letters(tiny, prompts):
 
 def test_scorer_works_through_a_peft_wrapper(tiny, prompts):
     """LoRA injected by PEFT must be active in the scorer's body-only forward pass."""
-    from peft import LoraConfig, get_peft_model
     import copy
+
+    from peft import LoraConfig, get_peft_model
 
     model, tok = tiny
     m = copy.deepcopy(model)

@@ -33,8 +33,10 @@ def fig_cd_methods(doc: dict, path: Path, k: int) -> str:
         vals, lo, hi = [], [], []
         for m in methods:
             f = next((f for f in fused if f["method"] == m and f["cr"] == cr), None)
-            v, l, h = _err(f["eval"][key]["strict"]) if f and key in f["eval"] else (np.nan, 0, 0)
-            vals.append(v), lo.append(l), hi.append(h)
+            v, down, up = _err(f["eval"][key]["strict"]) if f and key in f["eval"] else (np.nan, 0, 0)
+            vals.append(v)
+            lo.append(down)
+            hi.append(up)
         x = np.arange(len(methods)) + (j - (len(crs) - 1) / 2) * width
         ax.bar(x, vals, width, yerr=[lo, hi], capsize=3, label="LoRA-CR off" if cr == "off" else f"LoRA-CR {cr}")
     base = doc["base"][key]["strict"]["acc"] * 100
@@ -128,7 +130,7 @@ def draw_figures(doc: dict, run_dir: Path) -> dict[str, str]:
 def _conflict_heatmap(doc: dict, path: Path) -> str | None:
     """Layer × module-type conflict heatmap of the first seed's edge adapters."""
     from edgefuse.fusion import analyze_conflicts
-    from edgefuse.commands.fusion import plot_heatmap as plot_conflict_heatmap  # TODO: move into edgefuse.fusion
+    from edgefuse.fusion.plots import plot_heatmap as plot_conflict_heatmap
     from edgefuse.adapters import load_adapter
 
     adapters = [load_adapter(e["adapter"]) for e in doc["seeds"][0]["edges"]]
