@@ -86,7 +86,7 @@ class PeakMemory:
             self.peak = max(self.peak, current_rss())
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> PeakMemory:  # noqa: PYI034
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
