@@ -85,7 +85,7 @@ def test_every_stage_runs_and_report_is_written(study):
 
 def test_figures_are_pngs(study):
     _, run_dir, _ = study
-    for name in ["mmlu_cd_k2_methods.png", "per_domain.png", "loss_curves.png"]:
+    for name in ["mmlu_cd_k2_methods.png", "per_domain.png", "loss_curves.png", "conflict_heatmap.png"]:
         data = (run_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", name
 
