@@ -30,7 +30,7 @@ def run(
     run_dir = run_dir or Path("runs") / config.stem
     doc = run_study(cfg, run_dir, force=force, show_progress=not no_progress)
     console.print(f"\n[bold]Headline ({cfg.name}, {doc['wall_s']:.0f} s)[/bold]")
-    console.print(headline_table(doc))
+    typer.echo(headline_table(doc))  # plain markdown, never wrapped, so it can be pasted
     console.print(f"\nreport: {run_dir / 'report.md'}")
 
 
