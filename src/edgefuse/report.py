@@ -88,7 +88,7 @@ def edges_table(doc: dict) -> str:
     from edgefuse.data.taxonomy import domain_subjects
 
     subj = _subject_index(doc)
-    lines = ["| edge | domains | seed | pruning ratio | params (pruned / base) | peak train memory MiB | tokens/s | "
+    lines = ["| edge | domains | seed | pruning ratio | params (pruned / base) | peak train memory MiB, measured (estimate) | tokens/s | "
              "train s | final loss | own domain % [CI] n (base) | all MMLU % [CI] | Δ all vs base |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in doc["seeds"]:
@@ -104,7 +104,8 @@ def edges_table(doc: dict) -> str:
             lines.append("| " + " | ".join([
                 e["edge"], ", ".join(e["domains"]), str(e["seed"]), f"{pr.get('ratio', 0) or 0:.2f}",
                 f"{pr.get('params', 0) / 1e6:.1f}M / {pr.get('base_params', 0) / 1e6:.1f}M",
-                f"{peak:.0f}" if isinstance(peak, (int, float)) else "–",
+                (f"{peak:.0f}" if isinstance(peak, (int, float)) else "–")
+                + (f" (est. {tr['memory_estimate_bytes'] / 2**20:.0f})" if tr.get("memory_estimate_bytes") else ""),
                 f"{tr.get('tokens_per_s', 0):.0f}" if tr.get("tokens_per_s") else "–",
                 f"{tr.get('wall_s', tr.get('wall_time_s', 0)):.0f}",
                 f"{_last_loss(loss):.3f}" if loss else "–",
@@ -211,7 +212,10 @@ def write_report(doc: dict, run_dir: Path) -> Path:
         if b:
             md.append(f"MMLU-CD k={k}: chance {100 * b.get('chance', 0.25 ** k):.2f}%; base single-item accuracy on the "
                       f"same items {fmt_ci(b['single']) if isinstance(b.get('single'), dict) else '–'}.")
-    md += ["", "## Edges", "", edges_table(doc), ""]
+    md += ["", "## Edges", "", edges_table(doc), "",
+           "Measured peak: resident memory sampled during training above its level when training started. "
+           "Inside `edgefuse run` the edges train in the cloud's process, next to the loaded base model, so this "
+           "figure is only indicative; `bench/edge_memory.py` measures one process per pruning ratio.", ""]
     if doc.get("missing_edges"):
         md += ["## Missing edges", "", "Left out of fusion and evaluation (federated run: the edge failed, timed out "
                "or its package was rejected).", "", "| edge | seed | reason |", "|---|---:|---|"]

@@ -44,7 +44,7 @@ def fig_cd_methods(doc: dict, path: Path, k: int) -> str:
     ax.axhline(100 * 0.25 ** k, color="grey", linestyle=":", linewidth=1, label=f"chance ({100 * 0.25 ** k:.2f}%)")
     ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
     ax.set_ylabel(f"MMLU-CD k={k} strict accuracy (%)")
-    ax.set_title(f"MMLU-CD (k={k}): fusion methods with and without LoRA-CR (95% CI)")
+    ax.set_title(f"MMLU-CD k={k} by fusion method, LoRA-CR off/on (95% CI)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
