@@ -26,8 +26,12 @@ test-fast: setup
 demo: setup
 	$(BIN)/edgefuse run configs/quick.yaml
 
+# Each script prints side-by-side ratios; BENCHMARKS.md records the latest figures and commands.
 bench: setup
 	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/mmlu_cd_cost.py
+	$(BIN)/python bench/edge_memory.py
+	$(BIN)/python bench/fusion_speed.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench
