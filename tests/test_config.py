@@ -39,6 +39,7 @@ def test_good_config_defaults(tmp_path):
     ({"edges": {"a": []}}, "edge 'a' has no domains"),
     ({"training": {"steps": -3}}, "training.steps: Input should be greater than or equal to 1"),
     ({"trainig": {"steps": 3}}, "trainig: unknown key"),
+    ({"training": {"seed": 3}}, "training.seed: set the seed with the top-level `seeds"),
     ({"training": {"stepz": 3}}, "training.stepz: unknown key"),
     ({"pruning": {"ratio": 1.5}}, "pruning.ratio: Input should be less than 1"),
     ({"benchmarks": {"mmlu_cd": {"ks": [1]}}}, "every k must be at least 2"),

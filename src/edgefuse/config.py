@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgefuse.edge.train import TrainConfig
 from edgefuse.errors import EdgefuseError
 
 
@@ -33,15 +34,18 @@ class PruningConfig(_Strict):
     calib: int = Field(16, ge=0, description="calibration prompts from the public split")
 
 
-class TrainingConfig(_Strict):
-    steps: int = Field(30, ge=1)
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
-    lr: float = Field(3e-4, gt=0)
-    batch: int = Field(8, ge=1)
-    seq: int = Field(384, ge=16)
-    grad_accum: int = Field(1, ge=1)
-    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+class TrainingConfig(TrainConfig):
+    """Edge LoRA training: every setting of `edgefuse.edge.train.TrainConfig` (one definition, one set of
+    defaults); the seed is not set here but by the study's ``seeds``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_from_seeds(cls, v: int) -> int:
+        if v != 0:
+            raise ValueError("set the seed with the top-level `seeds: [...]`, not training.seed")
+        return v
 
 
 class FusionConfig(_Strict):

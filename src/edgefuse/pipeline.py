@@ -232,9 +232,7 @@ def local_trainer(st: Study, jobs: list[TrainJob]) -> None:
 
 
 def train_config(st: Study, seed: int):
-    from edgefuse.edge.train import TrainConfig
-
-    return TrainConfig(**st.cfg.training.model_dump(), seed=seed)
+    return st.cfg.training.model_copy(update={"seed": seed})
 
 
 def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
