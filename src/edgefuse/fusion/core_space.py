@@ -17,7 +17,7 @@ import torch
 from edgefuse.adapters import LoraModule
 from edgefuse.fusion import lowrank
 from edgefuse.fusion.context import Ctx, present
-from edgefuse.fusion.pipeline import RECIPES, merge_stack
+from edgefuse.fusion.pipeline import RECIPES, merge_inner
 
 
 def _basis(X: torch.Tensor) -> torch.Tensor:
@@ -40,16 +40,7 @@ def core_space(mods, weights, ctx: Ctx) -> LoraModule:
     M = torch.zeros((len(mods), Ub.shape[1], Va.shape[1]), dtype=torch.float64, device=Ub.device)
     for k, m in items:
         M[k] = (Ub.T @ (m.B.double() * m.scale)) @ (m.A.double() @ Va)
-    merged = merge_stack(
-        M,
-        list(weights),
-        RECIPES[inner],
-        density=ctx.density,
-        gamma=ctx.gamma,
-        majority=ctx.majority,
-        generators=[ctx.generator()] * len(mods),
-        present=[x is not None for x in mods],
-    )
+    merged = merge_inner(M, weights, inner, ctx, mods)
     rank = ctx.rank or max(m.rank for _, m in items)
     out = lowrank.truncate(Ub @ merged, Va.T.contiguous(), rank)
     return LoraModule(out.A.to(dtype), out.B.to(dtype), 1.0)

@@ -17,7 +17,7 @@ import torch
 from edgefuse.adapters import LoraModule
 from edgefuse.fusion import lowrank
 from edgefuse.fusion.context import Ctx, present
-from edgefuse.fusion.pipeline import RECIPES, merge_stack
+from edgefuse.fusion.pipeline import RECIPES, merge_inner
 
 
 def knots(mods, weights, ctx: Ctx) -> LoraModule:
@@ -46,16 +46,7 @@ def knots(mods, weights, ctx: Ctx) -> LoraModule:
         w = Qa.shape[1]
         V[k] = Qa @ Vch[:, start : start + w].T
         start += w
-    merged = merge_stack(
-        V,
-        list(weights),
-        RECIPES[inner],
-        density=ctx.density,
-        gamma=ctx.gamma,
-        majority=ctx.majority,
-        generators=[ctx.generator()] * len(mods),
-        present=[x is not None for x in mods],
-    )
+    merged = merge_inner(V, weights, inner, ctx, mods)
     B = (Qb @ Uc) * S[None, :]
     rank = ctx.rank or max(m.rank for _, m in items)
     out = lowrank.truncate(B, merged.T.contiguous(), rank)

@@ -183,3 +183,18 @@ RECIPES: dict[str, Recipe] = {
     "breadcrumbs": Recipe(sparsify="breadcrumbs"),
     "breadcrumbs_ties": Recipe(sparsify="breadcrumbs", consensus=True, combine="disjoint_mean"),
 }
+
+
+def merge_inner(stack: torch.Tensor, weights, inner: str, ctx, mods) -> torch.Tensor:
+    """Run the named element-wise recipe (``inner``) on a stack of aligned updates with the fusion context's
+    density/gamma/majority and seed: the shared last step of KnOTS and Core Space."""
+    return merge_stack(
+        stack,
+        list(weights),
+        RECIPES[inner],
+        density=ctx.density,
+        gamma=ctx.gamma,
+        majority=ctx.majority,
+        generators=[ctx.generator()] * len(mods),
+        present=[x is not None for x in mods],
+    )
