@@ -87,15 +87,6 @@ def ref_elementwise(
 
 def one_thread():
     """Tiny tensors: one intra-op thread avoids thread wake-up costs on a loaded 2-core machine."""
-    import contextlib
+    from edgefuse.fusion.context import single_threaded_ops
 
-    @contextlib.contextmanager
-    def ctx():
-        old = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(old)
-
-    return ctx()
+    return single_threaded_ops()

@@ -16,6 +16,17 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, path: Path, title: str, **title_kw) -> None:
+    """Title, legend, layout, PNG, close: the common end of every figure."""
+    ax.set_title(title, **title_kw)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def _err(ci: dict) -> tuple[float, float, float]:
     return 100 * ci["acc"], 100 * (ci["acc"] - ci["lo"]), 100 * (ci["hi"] - ci["acc"])
 
@@ -44,11 +55,7 @@ def fig_cd_methods(doc: dict, path: Path, k: int) -> str:
     ax.axhline(100 * 0.25 ** k, color="grey", linestyle=":", linewidth=1, label=f"chance ({100 * 0.25 ** k:.2f}%)")
     ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
     ax.set_ylabel(f"MMLU-CD k={k} strict accuracy (%)")
-    ax.set_title(f"MMLU-CD k={k} by fusion method, LoRA-CR off/on (95% CI)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, f"MMLU-CD k={k} by fusion method, LoRA-CR off/on (95% CI)", fontsize=10)
     return f"MMLU-CD k={k} strict accuracy of each fusion method with LoRA-CR off and on; error bars are 95% bootstrap intervals; dashed line: base model; dotted: chance."
 
 
@@ -69,11 +76,7 @@ def fig_per_domain(doc: dict, path: Path) -> str:
     ax.axhline(25, color="grey", linestyle=":", linewidth=1, label="chance (25%)")
     ax.set_xticks(np.arange(len(models)), [n for n, _ in models], rotation=30, ha="right")
     ax.set_ylabel("MMLU accuracy (%)")
-    ax.set_title("MMLU accuracy per category: base, edges alone, fused models")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "MMLU accuracy per category: base, edges alone, fused models")
     return "MMLU accuracy per category (STEM, humanities, social sciences, other) of the base model, each edge adapter alone and each fused model."
 
 
@@ -99,11 +102,7 @@ def fig_loss(doc: dict, path: Path) -> str | None:
         return None
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_title("Edge LoRA training loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "Edge LoRA training loss")
     return "Training loss of each edge's LoRA adapter on its pruned model."
 
 

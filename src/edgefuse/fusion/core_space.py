@@ -17,7 +17,7 @@ import torch
 from edgefuse.adapters import LoraModule
 from edgefuse.fusion import lowrank
 from edgefuse.fusion.context import Ctx, present
-from edgefuse.fusion.pipeline import RECIPES, merge_inner
+from edgefuse.fusion.pipeline import inner_recipe, merge_inner
 
 
 def _basis(X: torch.Tensor) -> torch.Tensor:
@@ -30,9 +30,7 @@ def _basis(X: torch.Tensor) -> torch.Tensor:
 
 def core_space(mods, weights, ctx: Ctx) -> LoraModule:
     """Core Space projection, ``inner`` merge of the cores, reconstruction and exact truncation to ``rank``."""
-    inner = ctx.params.get("inner", "ties")
-    if inner not in RECIPES:
-        raise ValueError(f"core_space: inner must be one of {', '.join(RECIPES)}, not {inner!r}")
+    inner = inner_recipe(ctx, "core_space")
     items = present(mods)
     dtype = items[0][1].A.dtype
     Ub = _basis(torch.cat([m.B.double() * m.scale for _, m in items], dim=1))

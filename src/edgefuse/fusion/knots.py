@@ -17,14 +17,12 @@ import torch
 from edgefuse.adapters import LoraModule
 from edgefuse.fusion import lowrank
 from edgefuse.fusion.context import Ctx, present
-from edgefuse.fusion.pipeline import RECIPES, merge_inner
+from edgefuse.fusion.pipeline import inner_recipe, merge_inner
 
 
 def knots(mods, weights, ctx: Ctx) -> LoraModule:
     """KnOTS alignment + ``inner`` merge of the V_k, truncated to ``rank`` (exact SVD of the factored result)."""
-    inner = ctx.params.get("inner", "ties")
-    if inner not in RECIPES:
-        raise ValueError(f"knots: inner must be one of {', '.join(RECIPES)}, not {inner!r}")
+    inner = inner_recipe(ctx, "knots")
     items = present(mods)
     dtype = items[0][1].A.dtype
     Bcat = torch.cat([m.B.double() * m.scale for _, m in items], dim=1)

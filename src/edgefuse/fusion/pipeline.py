@@ -185,6 +185,14 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def inner_recipe(ctx, method: str) -> str:
+    """The element-wise recipe KnOTS / Core Space apply after alignment (``inner`` parameter, TIES by default)."""
+    inner = ctx.params.get("inner", "ties")
+    if inner not in RECIPES:
+        raise ValueError(f"{method}: inner must be one of {', '.join(RECIPES)}, not {inner!r}")
+    return inner
+
+
 def merge_inner(stack: torch.Tensor, weights, inner: str, ctx, mods) -> torch.Tensor:
     """Run the named element-wise recipe (``inner``) on a stack of aligned updates with the fusion context's
     density/gamma/majority and seed: the shared last step of KnOTS and Core Space."""
