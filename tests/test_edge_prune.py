@@ -10,7 +10,7 @@ import torch
 
 from edgefuse.edge import importance as imp
 from edgefuse.edge.memory import estimate_training_bytes
-from edgefuse.edge.plan import keep_count, plan_hash, validate_plan
+from edgefuse.edge.plan import keep_count, plan_hash, validate_plan, width_counts
 from edgefuse.edge.prune import base_config, load_pruned, prune_model, ratio_for_budget, save_pruned
 from edgefuse.edge.train import TrainConfig
 from edgefuse.errors import EdgefuseError
@@ -93,12 +93,27 @@ def test_parameter_count_drops_by_ratio_within_rounding(ratio):
         return sum(p.numel() for n, p in m.named_parameters() if any(k in n for k in ("_proj",)))
 
     before, after = pruned_params(model), pruned_params(res.model)
-    mlp_keep, kv_keep = keep_count(96, ratio) / 96, keep_count(4, ratio) / 4
-    attn = 2 * (64 * 64) + 2 * (64 * 32)  # q, o + k, v per layer
-    mlp = 3 * 64 * 96
-    assert after == 2 * (attn * kv_keep + mlp * mlp_keep)
-    assert abs((1 - after / before) - ratio) <= 0.5 / 4 + 1e-9  # half a KV group of rounding at most
+    # hidden 64, 8 heads of 8 in 4 KV groups: a group holds 2 query heads (q, o) and one k, v head
+    per_group, per_channel = 2 * (2 * 8 * 64) + 2 * (8 * 64), 3 * 64
+    assert before == 2 * (4 * per_group + 96 * per_channel)
+    cfg = res.model.config
+    assert cfg.num_key_value_heads == keep_count(4, ratio)
+    assert cfg.num_attention_heads == 2 * cfg.num_key_value_heads  # GQA stays valid
+    assert after == 2 * (cfg.num_key_value_heads * per_group + cfg.intermediate_size * per_channel)
+    # the MLP absorbs the KV groups' rounding: the drop is the ratio to within half an MLP channel
+    assert abs((1 - after / before) - ratio) <= 0.5 * per_channel / (before / 2) + 1e-9
     assert count_parameters(res.model) < count_parameters(model)
+
+
+def test_smollm2_widths_at_half_keep_half_of_the_projection_parameters():
+    base = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+            "num_key_value_heads": 3, "head_dim": 64}
+    kv, channels = width_counts(base, 0.5)
+    assert kv == 2  # round half up: 1.5 groups -> 2, a third of the attention pruned ...
+    attn, mlp = 2 * 576 * 576 + 2 * 576 * 192, 3 * 576 * 1536
+    kept = attn * 2 / 3 + 3 * 576 * channels
+    assert channels < 768 and abs(kept / (attn + mlp) - 0.5) <= 0.5 * 3 * 576 / (attn + mlp)  # ... so MLP keeps < half
+    assert width_counts(base, 0.0) == (3, 1536)
 
 
 def test_reload_gives_same_logits_and_plan(tmp_path, tiny4, isolated_cache):

@@ -37,6 +37,26 @@ def keep_count(n: int, ratio: float) -> int:
     return max(1, min(n, int((1.0 - ratio) * n + 0.5)))
 
 
+def width_counts(base: dict[str, int], ratio: float) -> tuple[int, int]:
+    """(KV groups, MLP channels) kept per layer by width pruning at ``ratio``.
+
+    KV groups are few (SmolLM2 has 3), so rounding them alone can miss the ratio by a sixth of the
+    attention; the MLP channels absorb that error: they are chosen so that the layer's seven
+    projections together keep ``1 - ratio`` of their parameters, to within one MLP channel. E.g.
+    SmolLM2 at 0.5 keeps 2 of 3 KV groups and 683 of 1536 channels (50.0% of the parameters, where
+    rounding each part alone, 2 groups and 768 channels, kept 54%). Why: the ratio is what the
+    memory budget and the user ask for, so it must be the parameter ratio of what is pruned.
+    """
+    h, kv, heads = base["hidden_size"], base["num_key_value_heads"], base["num_attention_heads"]
+    d, inter = base["head_dim"], base["intermediate_size"]
+    kv_keep = keep_count(kv, ratio)
+    per_kv = 2 * h * d * (heads // kv) + 2 * h * d  # q and o rows/cols of the group's heads, k and v of the group
+    per_channel = 3 * h  # gate and up rows, down column
+    target = (1.0 - ratio) * (kv * per_kv + inter * per_channel)
+    mlp_keep = int((target - kv_keep * per_kv) / per_channel + 0.5)
+    return kv_keep, max(1, min(inter, mlp_keep))
+
+
 def to_runs(indices: Iterable[int]) -> list[list[int]]:
     """Sorted indices as ``[start, stop)`` runs: compact for the contiguous blocks heads make."""
     runs: list[list[int]] = []

@@ -3,8 +3,9 @@
 The framework is LoRAM's (Zhang et al., "Train Small, Infer Large: Memory-Efficient LoRA Training
 for Large Language Models", ICLR 2025): train LoRA on a pruned model, recover it to the full shape.
 Structures:
-- ``width``: removes ``ratio`` of every layer's MLP channels and of its KV groups, each KV group with
-  all the query heads that share it (GQA stays valid); the hidden size is never touched (embeddings
+- ``width``: removes ``ratio`` of every layer's projection parameters: whole KV groups, each with
+  all the query heads that share it (GQA stays valid), and MLP channels, whose count absorbs the
+  rounding of the few KV groups (`plan.width_counts`); the hidden size is never touched (embeddings
   are tied in SmolLM2). Counts round half up, at least one kept (`plan.keep_count`).
 - ``depth``: removes ``ratio`` of the decoder layers, lowest block influence first.
 - ``unstructured`` / ``2:4``: zero the lowest-scoring weights (per output row; 2 of every 4
@@ -39,6 +40,7 @@ from edgefuse.edge.plan import (
     full_shape,
     is_uniform,
     keep_count,
+    width_counts,
     module_name,
     plan_hash,
     validate_plan,
@@ -72,10 +74,10 @@ def pruned_dims(base: dict[str, int], structure: str, ratio: float) -> dict[str,
     """Uniform widths after pruning ``ratio`` (what the memory estimate needs before scoring)."""
     d = dict(base)
     if structure == "width":
-        kv = keep_count(base["num_key_value_heads"], ratio)
+        kv, channels = width_counts(base, ratio)
         d["num_attention_heads"] = kv * (base["num_attention_heads"] // base["num_key_value_heads"])
         d["num_key_value_heads"] = kv
-        d["intermediate_size"] = keep_count(base["intermediate_size"], ratio)
+        d["intermediate_size"] = channels
     elif structure == "depth":
         d["num_hidden_layers"] = keep_count(base["num_hidden_layers"], ratio)
     return d
@@ -157,17 +159,19 @@ def prune_model(model, tokenizer, *, method: str = "magnitude", structure: str =
     elif ratio > 0 and structure == "width":
         rep = base["num_attention_heads"] // base["num_key_value_heads"]
         groups = imp.group_scores(model, imp.element_scores(model, method, stats, seed))
+        n_kv, n_channels = width_counts(base, ratio)
         for i, g in enumerate(groups):
-            kv = imp.top_k(g["kv"], keep_count(base["num_key_value_heads"], ratio))
+            kv = imp.top_k(g["kv"], n_kv)
             layers[str(i)] = {"heads": [k * rep + j for k in kv for j in range(rep)], "kv_heads": kv,
-                              "mlp_channels": imp.top_k(g["mlp"], keep_count(base["intermediate_size"], ratio))}
+                              "mlp_channels": imp.top_k(g["mlp"], n_channels)}
     elif ratio > 0:
         pruned, sparsity = _masked_copy(model, imp.element_scores(model, method, stats, seed), structure, ratio)
     plan = {
         "kind": PLAN_KIND, "format_version": PLAN_VERSION,
         "base_model": getattr(unwrap(model).config, "name_or_path", None), "base_fingerprint": fp,
         "base_config": base, "method": method, "structure": structure, "ratio": ratio, "seed": seed,
-        "rounding": "kept = max(1, floor((1 - ratio) * n + 0.5)) per layer for MLP channels, KV groups, layers",
+        "rounding": ("kept = max(1, floor((1 - ratio) * n + 0.5)) per layer for KV groups and layers; MLP channels "
+                     "chosen so the layer's projections keep 1 - ratio of their parameters (plan.width_counts)"),
         "calibration": ({"n_prompts": len(calib_prompts), "sha256": hash_obj(list(calib_prompts)), "split": "public"}
                         if stats is not None else None),
         "kept_layers": kept_layers, "layers": layers, "modules": derive_modules(base, kept_layers, layers),
