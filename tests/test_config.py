@@ -30,6 +30,7 @@ def test_shipped_configs_validate():
 def test_good_config_defaults(tmp_path):
     cfg = load_config(write(tmp_path, GOOD))
     assert cfg.training.steps > 0 and cfg.benchmarks.mmlu_cd.ks == [2]
+    assert cfg.rounds.count == 1 and cfg.sent_back() == "task_arithmetic"
 
 
 @pytest.mark.parametrize("patch, msg", [
@@ -43,6 +44,10 @@ def test_good_config_defaults(tmp_path):
     ({"training": {"stepz": 3}}, "training.stepz: unknown key"),
     ({"pruning": {"ratio": 1.5}}, "pruning.ratio: Input should be less than 1"),
     ({"benchmarks": {"mmlu_cd": {"ks": [1]}}}, "every k must be at least 2"),
+    ({"rounds": {"count": 0}}, "rounds.count: Input should be greater than or equal to 1"),
+    ({"rounds": {"count": 2, "method": "ties"}}, "rounds.method 'ties' is not among fusion.methods ['task_arithmetic']"),
+    ({"rounds": {"count": 2, "cr": "element"}}, "rounds.cr 'element' is not among fusion.cr ['off']"),
+    ({"rounds": {"cuont": 2}}, "rounds.cuont: unknown key"),
 ])
 def test_bad_configs_name_the_key(tmp_path, patch, msg):
     cfg = {**GOOD, **patch}

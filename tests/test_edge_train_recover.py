@@ -225,3 +225,102 @@ def test_recover_refuses_bad_packages(tmp_path, work, base):
     with pytest.raises(EdgefuseError, match="shapes contradict the plan"):
         recover(wrong, w["pruned"] / "plan.json", tmp_path / "o5")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+# ------------------------------------------------------------------ next-round start (multi-round studies)
+def _random_full_adapter(plan, rank: int, seed: int = 0):
+    from edgefuse.adapters import LoraAdapter, LoraModule
+
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for orig in plan["modules"]:
+        o, i = full_shape(plan["base_config"], orig.rsplit(".", 1)[-1])
+        mods[orig] = LoraModule(torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g), 0.5)
+    return LoraAdapter(mods)
+
+
+@pytest.mark.parametrize("structure", ["width", "depth"])
+def test_projection_is_the_inverse_of_recovery(work, structure):
+    from edgefuse.edge.recover import project_adapter, recover_adapter
+
+    w = work[structure]
+    plan, edge = w["plan"], load_adapter(w["pkg"])
+    back = project_adapter(recover_adapter(edge, plan), plan)
+    assert set(back.modules) == set(edge.modules)
+    for n, m in edge.modules.items():
+        assert torch.equal(back.modules[n].A, m.A) and torch.equal(back.modules[n].B, m.B)
+    full = _random_full_adapter(plan, 3)
+    small = project_adapter(full, plan)  # dense reference: ΔW restricted to the kept rows and columns
+    assert len(small.modules) == len(plan["modules"])
+    for orig, e in plan["modules"].items():
+        o, i = full_shape(plan["base_config"], orig.rsplit(".", 1)[-1])
+        rows, cols = from_runs(e["rows"], o), from_runs(e["cols"], i)
+        ref = full.delta(orig)[rows][:, cols]
+        assert (small.delta(e["pruned_name"]) - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("init_rank", [2, 4, 9])
+def test_start_from_sets_the_best_rank_r_approximation(work, init_rank):
+    from peft import LoraConfig, get_peft_model
+
+    from edgefuse.edge.recover import project_adapter
+    from edgefuse.edge.train import start_from
+
+    w = work["width"]
+    model, _, plan = load_pruned(w["pruned"])
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    init = project_adapter(_random_full_adapter(plan, init_rank, seed=init_rank), plan)
+    init.modules = {n: m for n, m in init.modules.items() if n.endswith(("q_proj", "down_proj"))}
+    a_before = {n: m.lora_A["default"].weight.detach().clone() for n, m in peft_model.named_modules()
+                if hasattr(m, "lora_A") and "default" in m.lora_A}
+    info = start_from(peft_model, init, scale=8 / 4)
+    lost = total = 0.0
+    for name, m in peft_model.named_modules():
+        if not (hasattr(m, "lora_A") and "default" in m.lora_A):
+            continue
+        key = name.removeprefix("base_model.model.")
+        A, B = m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()
+        got = 2.0 * (B.double() @ A.double())
+        U, S, Vh = torch.linalg.svd(init.delta(key).double(), full_matrices=False)  # dense reference
+        ref = (U[:, :4] * S[:4]) @ Vh[:4]
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        lost, total = lost + float((S[4:] ** 2).sum()), total + float((S ** 2).sum())
+        if init_rank < 4:  # spare directions keep PEFT's random A (B = 0 there), so they can still learn
+            assert torch.equal(A[init_rank:], a_before[name][init_rank:]) and B[:, init_rank:].abs().max() == 0
+    assert info["dropped_energy"] == pytest.approx(lost / total, abs=1e-6)
+    assert (info["dropped_energy"] > 0) == (init_rank > 4)
+
+
+def test_training_from_a_start_records_it_and_refuses_foreign_shapes(tmp_path, work, items):
+    from edgefuse.adapters import LoraAdapter, save_adapter
+    from edgefuse.edge.recover import project_adapter
+    from edgefuse.io import sha256_file
+
+    w = work["width"]
+    start = project_adapter(load_adapter(w["rec"]), w["plan"])
+    sdir = save_adapter(start, tmp_path / "start")
+    pkg = train_edge(w["pruned"], "stem", items, TrainConfig(steps=2, **CFG), tmp_path / "pkg",
+                     progress=lambda *a, **k: None, init_dir=sdir)
+    man = json.loads((pkg / "edgefuse.json").read_text())
+    assert man["init"]["sha256"] == sha256_file(sdir / "adapter_model.safetensors")
+    assert man["init"]["dropped_energy"] == 0.0  # same rank as the training: taken over exactly
+    # the first step's loss is that of the start adapter itself, checked with PEFT loading the first package
+    from edgefuse.data.prompts import answer_text
+    from edgefuse.edge.batching import encode_items
+
+    model, tok, _ = load_pruned(w["pruned"])
+    peft_model = PeftModel.from_pretrained(model, str(w["pkg"]))
+    cfg = TrainConfig(steps=2, **CFG)
+    seqs = encode_items(tok, items, cfg.seq)
+    idx = Schedule([len(x) for x in seqs], cfg.batch, cfg.seed, cfg.bucket).step(0, 1)[0]
+    letters = torch.tensor(continuation_token_ids(tok, [answer_text(i) for i in range(4)]))
+    with torch.no_grad():
+        ref = letter_loss(*lm_parts(peft_model), letters, make_batch([seqs[i] for i in idx], tok.pad_token_id, "right",
+                                                                     "cpu"), torch.tensor([items[i].answer for i in idx]))
+    assert man["stats"]["loss_curve"][0] == pytest.approx(ref.item(), abs=1e-4)
+    wrong = LoraAdapter({n: type(m)(m.A[:, :-1], m.B, m.scale) for n, m in start.modules.items()})
+    with pytest.raises(EdgefuseError, match="start adapter module"):
+        train_edge(w["pruned"], "stem", items, TrainConfig(steps=1, **CFG), tmp_path / "bad",
+                   progress=lambda *a, **k: None, init_dir=save_adapter(wrong, tmp_path / "wrong"))
+    assert not (tmp_path / "bad").exists()

@@ -75,7 +75,7 @@ def write_config(path: Path, **changes) -> Path:
 
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg.update(changes)
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # edge order is the fusion order
     return path
 
 
@@ -119,6 +119,17 @@ def fault_mod(msg, ctx, call_next):
     return reply
 
 
+def job_mod(out_dir, msg, ctx, call_next):
+    """Dump the records of every training job this edge receives (names, shapes, the job's round)."""
+    if msg.metadata.message_type == "train":
+        c = msg.content
+        dump = {"arrays": {r: {k: list(a.numpy().shape) for k, a in rec.items()} for r, rec in c.array_records.items()},
+                "configs": sorted(c.config_records), "round": c.config_records["job"].get("round"),
+                "edge": c.config_records["job"]["edge"]}
+        Path(out_dir, f"job-{dump['edge']}-r{dump['round']}.json").write_text(json.dumps(dump))
+    return call_next(msg, ctx)
+
+
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
@@ -154,6 +165,24 @@ def faulty(reference, tmp_path_factory):
     return run_dir, doc
 
 
+@pytest.fixture(scope="module")
+def two_rounds(reference, simulated, tmp_path_factory):
+    """A second round on top of the reference and the simulated runs (round 1 comes from their caches)."""
+    from edgefuse.federated.clientapp import make_client_app
+    from edgefuse.federated.simulate import simulate
+    from edgefuse.pipeline import run_study
+
+    root = tmp_path_factory.mktemp("rounds")
+    cfg = write_config(root / "two.yaml", rounds={"count": 2})
+    local, sim, jobs = root / "local", root / "sim", root / "jobs"
+    shutil.copytree(reference, local)
+    shutil.copytree(simulated[0], sim)
+    jobs.mkdir()
+    run_study(load_config(cfg), local, show_progress=False)
+    simulate(cfg, sim, client_app=make_client_app([functools.partial(job_mod, str(jobs))]))
+    return local, sim, jobs
+
+
 # ----------------------------------------------------------------------------------------------- tests
 def test_simulation_equals_single_process_run(reference, simulated):
     run_dir, _ = simulated
@@ -163,6 +192,35 @@ def test_simulation_equals_single_process_run(reference, simulated):
     assert {"train-science-s0", "train-law-s0"} <= ran
     assert "| base |" in (run_dir / "report.md").read_text()
     assert not results(run_dir)["missing_edges"]
+
+
+def test_two_rounds_in_simulation_equal_two_rounds_in_one_process(two_rounds):
+    local, sim, jobs = two_rounds
+    docs = [results(local), results(sim)]
+    for doc in docs:
+        assert [r["round"] for r in doc["seeds"][0]["rounds"]] == [1, 2]
+        assert doc["seeds"][0]["rounds"][0]["sent_back"] == "task_arithmetic"
+    for r in (0, 1):  # every round's fused adapter and scores agree
+        fa, fb = (load_adapter(d["seeds"][0]["rounds"][r]["fused"][0]["adapter"]) for d in docs)
+        assert set(fa.modules) == set(fb.modules) and fa.modules
+        for n in fa.modules:
+            assert (fa.delta(n) - fb.delta(n)).abs().max().item() <= 1e-6, (r, n)
+        ea, eb = (d["seeds"][0]["rounds"][r]["fused"][0]["eval"] for d in docs)
+        assert ea["mmlu"]["correct"] == eb["mmlu"]["correct"]
+        assert ea["mmlu_cd_k2"]["strict_outcomes"] == eb["mmlu_cd_k2"]["strict_outcomes"]
+    # round 2 moved the fused adapter: it is not the round-1 one
+    r1, r2 = (load_adapter(docs[1]["seeds"][0]["rounds"][r]["fused"][0]["adapter"]) for r in (0, 1))
+    assert max((r1.delta(n) - r2.delta(n)).abs().max().item() for n in r1.modules) > 1e-4
+    # only round-2 jobs travelled (round 1 was cached) and each carried its start adapter in pruned shapes
+    dumps = [json.loads(p.read_text()) for p in sorted(jobs.glob("job-*.json"))]
+    assert sorted((d["edge"], d["round"]) for d in dumps) == [("law", 2), ("science", 2)]
+    for d in dumps:
+        assert set(d["arrays"]) == {"start"} and set(d["configs"]) == {"job", "start-files"}
+        shapes = d["arrays"]["start"]
+        assert shapes and all(len(v) == 2 for v in shapes.values())
+        q = next(v for k, v in shapes.items() if "layers.0.self_attn.q_proj.lora_B" in k)
+        assert q[0] == 32  # half of the tiny model's 64 query rows: the edge's pruned shape, not the full one
+    assert "## Accuracy per round" in (sim / "report.md").read_text()
 
 
 def test_edges_send_only_adapter_tensors_and_manifest(simulated, mmlu):
@@ -203,7 +261,7 @@ def test_failing_edge_is_left_out_and_named(faulty):
     assert "injected failure during training" in missing["science"]
     assert [e["edge"] for e in doc["seeds"][0]["edges"]] == ["history"]
     report = (run_dir / "report.md").read_text()
-    assert "## Missing edges" in report and "| science | 0 |" in report
+    assert "## Missing edges" in report and "| science | 0 | 1 |" in report
     assert doc["seeds"][0]["fused"], "the study went on to fuse the delivered edge"
 
 
@@ -211,7 +269,7 @@ def test_tampered_package_is_rejected_with_reason(faulty):
     run_dir, doc = faulty
     reason = {m["edge"]: m["reason"] for m in doc["missing_edges"]}["law"]
     assert reason.startswith("package rejected: hash check failed: adapter_model.safetensors"), reason
-    assert "| law | 0 | package rejected" in (run_dir / "report.md").read_text()
+    assert "| law | 0 | 1 | package rejected" in (run_dir / "report.md").read_text()
     # never stored, never fused: the fusion's inputs are history's recovered adapter alone
     assert not list((run_dir / "stages").glob("train-law-*/package"))
     fuse_stage = json.loads(next((run_dir / "stages").glob("fuse-*/stage.json")).read_text())

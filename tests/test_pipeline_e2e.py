@@ -139,3 +139,48 @@ def test_killed_run_resumes_with_the_same_results(study, tmp_path):
         for mod in a[name]:
             assert (a[name][mod] - b[name][mod]).abs().max() <= 1e-6, (name, mod)
     assert scores(ref_dir) == scores(run_dir)
+
+
+def test_second_round_starts_every_edge_from_the_fused_adapter(study, tmp_path):
+    import shutil
+
+    from edgefuse.config import load_config
+    from edgefuse.edge.plan import from_runs, full_shape
+    from edgefuse.io import sha256_file
+    from edgefuse.pipeline import run_study
+
+    _, run_dir, _ = study
+    two = tmp_path / "run"
+    shutil.copytree(run_dir, two)
+    before = len(stage_log(two))
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump({**TINY_STUDY, "rounds": {"count": 2, "method": "ties", "cr": "element"}},
+                                       sort_keys=False))
+    doc = run_study(load_config(cfg_path), two, show_progress=False)
+    log = stage_log(two)[before:]
+    assert all(r["status"] == "cached" for r in log if not r["stage"].endswith("-r2"))  # round 1 is the one-round study
+    assert {r["stage"] for r in log if r["status"] == "ran"} >= {"train-science-s0-r2", "fuse-ties+element-s0-r2"}
+    rounds = doc["seeds"][0]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["sent_back"] == "ties+element"
+    assert doc["seeds"][0]["fused"] == rounds[1]["fused"] and all(f["round"] == 2 for f in rounds[1]["fused"])
+    sent = load_adapter(next(f["adapter"] for f in rounds[0]["fused"] if f["name"] == "ties+element"))
+    for e in rounds[1]["edges"]:
+        [stage] = (two / "stages").glob(f"train-{e['edge']}-s0-r2-*[!l]")  # not a .partial
+        [pruned] = (two / "stages").glob(f"prune-{e['edge']}-s0-*[!l]")
+        start, plan = stage / "init", json.loads((pruned / "pruned" / "plan.json").read_text())
+        man = json.loads((stage / "package" / "edgefuse.json").read_text())
+        assert man["init"]["sha256"] == sha256_file(start / "adapter_model.safetensors")
+        got = load_adapter(start)
+        for orig, entry in plan["modules"].items():  # dense reference: the sent ΔW on the kept rows and columns
+            if orig not in sent.modules:
+                continue
+            o, i = full_shape(plan["base_config"], orig.rsplit(".", 1)[-1])
+            ref = sent.delta(orig)[from_runs(entry["rows"], o)][:, from_runs(entry["cols"], i)]
+            assert (got.delta(entry["pruned_name"]) - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-12)
+    report = (two / "report.md").read_text()
+    assert "## Accuracy per round" in report and "| 1 | ties+element (sent back) |" in report
+    assert "| 2 | task_arithmetic |" in report
+    assert (two / "rounds.png").read_bytes()[:4] == b"\x89PNG"
+    n = len(stage_log(two))
+    run_study(load_config(cfg_path), two, show_progress=False)
+    assert all(r["status"] == "cached" for r in stage_log(two)[n:])

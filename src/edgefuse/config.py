@@ -79,6 +79,19 @@ class FusionConfig(_Strict):
         return v
 
 
+class RoundsConfig(_Strict):
+    """Several rounds: the fused adapter of one round is every edge's start in the next.
+
+    ``method``/``cr`` name the fused model sent back (default: the first of ``fusion.methods`` /
+    ``fusion.cr``); every configured fusion is still built and evaluated in every round, which is the
+    accuracy-per-round table of the report.
+    """
+
+    count: int = Field(1, ge=1, le=100)
+    method: Optional[str] = None
+    cr: Optional[str] = None
+
+
 class MMLUBench(_Strict):
     enabled: bool = True
     limit: Optional[int] = Field(200, ge=1)
@@ -122,6 +135,7 @@ class StudyConfig(_Strict):
     pruning: PruningConfig = PruningConfig()
     training: TrainingConfig = TrainingConfig()
     fusion: FusionConfig = FusionConfig()
+    rounds: RoundsConfig = RoundsConfig()
     benchmarks: BenchmarksConfig = BenchmarksConfig()
     output: OutputConfig = OutputConfig()
 
@@ -150,7 +164,17 @@ class StudyConfig(_Strict):
             raise ValueError(f"fusion.weights has {len(self.fusion.weights)} entries for {len(self.edges)} edges")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        r = self.rounds
+        if r.method is not None and r.method not in self.fusion.methods:
+            raise ValueError(f"rounds.method {r.method!r} is not among fusion.methods {self.fusion.methods}")
+        if r.cr is not None and r.cr not in self.fusion.cr:
+            raise ValueError(f"rounds.cr {r.cr!r} is not among fusion.cr {self.fusion.cr}")
         return self
+
+    def sent_back(self) -> str:
+        """Name of the fused model that starts the next round (as in the report: ``method`` or ``method+cr``)."""
+        method, cr = self.rounds.method or self.fusion.methods[0], self.rounds.cr or self.fusion.cr[0]
+        return f"{method}+{cr}" if cr != "off" else method
 
 
 def load_config(path: str | Path) -> StudyConfig:

@@ -1,8 +1,9 @@
 """``edgefuse run``: the whole cloud–edge study as cached stages, ending in a report.
 
 Stages (each a pure function over files, cached by `StageCache`):
-  data → mmlu-cd build (per k) → base eval → per seed: per edge prune → train → recover → eval alone;
-  per fusion method × LoRA-CR strategy: fuse → eval → report.
+  data → mmlu-cd build (per k) → base eval → per seed: per edge prune; then per round: per edge
+  train → recover → eval alone; per fusion method × LoRA-CR strategy: fuse → eval; finally the report.
+  With ``rounds.count`` > 1 each round's edges start from the previous round's fused adapter.
 The same stage functions are used by the Flower apps (`edgefuse.federated`), so a federated study and a
 single-process study with the same seeds produce the same adapters and scores.
 """
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgefuse.config import StudyConfig
+from edgefuse.edge.plan import plan_hash
+from edgefuse.errors import EdgefuseError
 from edgefuse.io import atomic_write_json, read_json, sha256_file
 from edgefuse.stages import StageCache
 
@@ -104,9 +107,15 @@ def _edge_names(cfg: StudyConfig) -> list[str]:
 def count_stages(cfg: StudyConfig) -> int:
     b = cfg.benchmarks
     n = 1 + (len(b.mmlu_cd.ks) if b.mmlu_cd.enabled else 0) + 1
-    per_edge = 3 + (1 if b.edges_alone else 0)
-    n += len(cfg.seeds) * (len(cfg.edges) * per_edge + len(cfg.fusion.methods) * len(cfg.fusion.cr) * 2)
+    per_edge_round = 2 + (1 if b.edges_alone else 0)  # train, recover (, eval alone); prune once per seed
+    per_round = len(cfg.edges) * per_edge_round + len(cfg.fusion.methods) * len(cfg.fusion.cr) * 2
+    n += len(cfg.seeds) * (len(cfg.edges) + cfg.rounds.count * per_round)
     return n
+
+
+def round_tag(seed: int, round_no: int) -> str:
+    """Stage-name suffix: ``s0`` in the first round (the one-round names), ``s0-r2`` after."""
+    return f"s{seed}" + (f"-r{round_no}" if round_no > 1 else "")
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -215,6 +224,8 @@ class TrainJob:
     inputs: dict = field(default_factory=dict)
     advance: Callable[..., None] | None = None
     failure: str | None = None  # set by a trainer that could not get this edge's package (the edge is left out)
+    round_no: int = 1
+    init_dir: Path | None = None  # adapter in this edge's pruned shapes to start from (rounds after the first)
 
     @property
     def package_dir(self) -> Path:
@@ -228,7 +239,7 @@ def local_trainer(st: Study, jobs: list[TrainJob]) -> None:
     for job in jobs:
         items = st.items_of("edge", job.domains)
         train_edge(job.pruned_dir, job.edge, items, job.config, job.package_dir, progress=job.advance,
-                   resume=checkpoint_dir_for(job.package_dir).exists())
+                   resume=checkpoint_dir_for(job.package_dir).exists(), init_dir=job.init_dir)
 
 
 def train_config(st: Study, seed: int):
@@ -261,21 +272,31 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
 
 
 def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed: int,
-                    trainer: Callable[[Study, list[TrainJob]], None]) -> dict[str, tuple[Path, dict]]:
-    """Train every edge whose package is not cached, through ``trainer`` (local or Flower), then store them."""
+                    trainer: Callable[[Study, list[TrainJob]], None], round_no: int = 1,
+                    start: Path | None = None) -> dict[str, tuple[Path, dict]]:
+    """Train every edge whose package is not cached, through ``trainer`` (local or Flower), then store them.
+
+    ``start`` (rounds after the first) is the fused full-model adapter every edge starts from; each
+    job gets it projected to its own pruned shapes in ``work_dir / "init"``.
+    """
     out: dict[str, tuple[Path, dict]] = {}
     jobs: list[TrainJob] = []
     tcfg = train_config(st, seed)
     for edge, (pdir, _, pinputs) in pruned.items():
-        name = f"train-{edge}-s{seed}"
+        name = f"train-{edge}-{round_tag(seed, round_no)}"
         inputs = {"prune": pinputs, "plan": sha256_file(pdir / "plan.json"), "train": tcfg.model_dump()}
+        if start is not None:
+            inputs |= {"round": round_no, "start": sha256_file(start / "adapter_model.safetensors")}
         hit = st.cache.lookup("train", name, inputs)
         if hit is not None:
             out[edge] = (hit[0] / hit[1]["dir"], hit[1])
             st.progress.stage_done()
             continue
-        jobs.append(TrainJob(edge, seed, st.cfg.edges[edge], pdir, tcfg, st.cache.begin("train", name, inputs), name,
-                             inputs))
+        job = TrainJob(edge, seed, st.cfg.edges[edge], pdir, tcfg, st.cache.begin("train", name, inputs), name,
+                       inputs, round_no=round_no)
+        if start is not None:
+            job.init_dir = write_start(start, pdir / "plan.json", job.work_dir / "init")
+        jobs.append(job)
     if jobs:
         t0 = time.perf_counter()
         if len(jobs) == 1 or trainer is local_trainer:
@@ -296,12 +317,27 @@ def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed:
     return out
 
 
+def write_start(fused_dir: Path, plan_path: Path, out_dir: Path) -> Path:
+    """The fused adapter projected to one edge's pruned shapes, as a PEFT directory (its next round's start)."""
+    from edgefuse.adapters import load_adapter, save_adapter
+    from edgefuse.edge.prune import read_plan
+    from edgefuse.edge.recover import project_adapter
+
+    if (out_dir / "adapter_model.safetensors").is_file():  # a resumed job: same inputs, same start
+        return out_dir
+    plan = read_plan(plan_path)
+    start = project_adapter(load_adapter(fused_dir), plan, fused_dir)
+    return save_adapter(start, out_dir, manifest={"kind": "edgefuse-round-start", "from": str(fused_dir.name),
+                                                  "fused_sha256": sha256_file(fused_dir / "adapter_model.safetensors"),
+                                                  "plan_hash": plan_hash(plan)})
+
+
 def _delivered(st: Study, job: TrainJob) -> bool:
     """Whether the trainer wrote this job's package; if not, the edge is left out and recorded with the reason."""
     if job.failure is None and (job.package_dir / "edgefuse.json").is_file():
         return True
     reason = job.failure or "the trainer wrote no package"
-    st.missing_edges.append({"edge": job.edge, "seed": job.seed, "reason": reason})
+    st.missing_edges.append({"edge": job.edge, "seed": job.seed, "round": job.round_no, "reason": reason})
     log.warning("edge %s (seed %d) left out: %s", job.edge, job.seed, reason)
     return False
 
@@ -314,7 +350,7 @@ def _finish_train(st: Study, job: TrainJob, wall: float) -> tuple[Path, dict]:
 
 
 def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, package: Path, train_res: dict,
-                       prune_res: dict) -> dict:
+                       prune_res: dict, round_no: int = 1) -> dict:
     from edgefuse.edge.recover import recover
 
     inputs = {"package": sha256_file(package / "adapter_model.safetensors"), "plan": sha256_file(pruned_dir / "plan.json")}
@@ -323,12 +359,13 @@ def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, packag
         recover(package, pruned_dir / "plan.json", work / "adapter")
         return {"dir": "adapter", "sha256": sha256_file(work / "adapter" / "adapter_model.safetensors")}
 
-    rec_dir, rec_res = st.stage("recover", f"recover-{edge}-s{seed}", inputs, run_recover)
+    tag = round_tag(seed, round_no)
+    rec_dir, rec_res = st.stage("recover", f"recover-{edge}-{tag}", inputs, run_recover)
     adapter = rec_dir / rec_res["dir"]
-    out = {"edge": edge, "seed": seed, "domains": st.cfg.edges[edge], "adapter": str(adapter), "prune": prune_res,
-           "train": train_res["stats"]}
+    out = {"edge": edge, "seed": seed, "round": round_no, "domains": st.cfg.edges[edge], "adapter": str(adapter),
+           "prune": prune_res, "train": train_res["stats"]}
     if st.cfg.benchmarks.edges_alone:
-        _, res = st.stage("eval", f"eval-edge-{edge}-s{seed}", {"eval": eval_inputs(st), "adapter": rec_res["sha256"]},
+        _, res = st.stage("eval", f"eval-edge-{edge}-{tag}", {"eval": eval_inputs(st), "adapter": rec_res["sha256"]},
                           lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(
                               st, m, work, adv, edge, cd=st.cfg.benchmarks.edges_alone_cd)),
                           total=_eval_total(st, st.cfg.benchmarks.edges_alone_cd))
@@ -336,15 +373,15 @@ def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, packag
     return out
 
 
-def stage_edges(st: Study, seed: int, trainer: Callable[[Study, list[TrainJob]], None]) -> list[dict]:
-    """prune all → train all (one dispatch, so federated edges train in parallel) → recover and evaluate each."""
-    pruned = {e: stage_prune(st, e, seed) for e in _edge_names(st.cfg)}
-    packages = stage_train_all(st, pruned, seed, trainer)
-    return [stage_recover_eval(st, e, seed, pruned[e][0], packages[e][0], packages[e][1], pruned[e][1])
+def stage_edges(st: Study, seed: int, trainer: Callable[[Study, list[TrainJob]], None],
+                pruned: dict[str, tuple[Path, dict, dict]], round_no: int = 1, start: Path | None = None) -> list[dict]:
+    """train all (one dispatch, so federated edges train in parallel) → recover and evaluate each."""
+    packages = stage_train_all(st, pruned, seed, trainer, round_no, start)
+    return [stage_recover_eval(st, e, seed, pruned[e][0], packages[e][0], packages[e][1], pruned[e][1], round_no)
             for e in _edge_names(st.cfg) if e in packages]
 
 
-def stage_fusions(st: Study, edges: list[dict], seed: int) -> list[dict]:
+def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) -> list[dict]:
     from edgefuse.fusion import fuse_dirs
     from edgefuse.fusion.registry import get_method
 
@@ -368,14 +405,16 @@ def stage_fusions(st: Study, edges: list[dict], seed: int) -> list[dict]:
                                   seed=seed, force=True, **f.params.get(method, {}))
                 return {"dir": "fused", "stats": _jsonable(stats)}
 
-            fdir, fres = st.stage("fuse", f"fuse-{name}-s{seed}", inputs, run_fuse)
+            tag = round_tag(seed, round_no)
+            fdir, fres = st.stage("fuse", f"fuse-{name}-{tag}", inputs, run_fuse)
             adapter = fdir / fres["dir"]
-            _, res = st.stage("eval", f"eval-{name}-s{seed}",
+            _, res = st.stage("eval", f"eval-{name}-{tag}",
                               {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
                               lambda work, adv, adapter=adapter, name=name: _with_adapter(
                                   st, adapter, lambda m: evaluate_model(st, m, work, adv, name)),
                               total=_eval_total(st))
-            results.append({"name": name, "method": method, "cr": cr, "seed": seed, "adapter": str(adapter),
+            results.append({"name": name, "method": method, "cr": cr, "seed": seed, "round": round_no,
+                            "adapter": str(adapter),
                             "fusion": fres["stats"], "eval": res})
     return results
 
@@ -395,6 +434,27 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     return str(obj)
+
+
+def run_seed(st: Study, seed: int, trainer: Callable[[Study, list[TrainJob]], None]) -> dict:
+    """Prune each edge once, then ``rounds.count`` rounds of train → recover → fuse → evaluate.
+
+    From the second round on, every edge starts from the fused model named by `StudyConfig.sent_back`
+    (in its own pruned shapes); the seed's ``edges``/``fused`` are the last round's, ``rounds`` all of them.
+    """
+    pruned = {e: stage_prune(st, e, seed) for e in _edge_names(st.cfg)}
+    rounds, start = [], None
+    for round_no in range(1, st.cfg.rounds.count + 1):
+        edges = stage_edges(st, seed, trainer, pruned, round_no, start)
+        if not edges:
+            raise EdgefuseError(f"round {round_no} (seed {seed}): no edge delivered an adapter")
+        fused = stage_fusions(st, edges, seed, round_no)
+        sent = st.cfg.sent_back()
+        rounds.append({"round": round_no, "edges": edges, "fused": fused,
+                       "sent_back": sent if round_no < st.cfg.rounds.count else None})
+        start = next(Path(f["adapter"]) for f in fused if f["name"] == sent)
+    return {"seed": seed, "edges": rounds[-1]["edges"], "fused": rounds[-1]["fused"], "rounds": rounds,
+            "missing_edges": [m for m in st.missing_edges if m["seed"] == seed]}
 
 
 # ----------------------------------------------------------------------------------------------- entry
@@ -431,12 +491,7 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
             stage_data(st)
             stage_cd_build(st)
             base = stage_base_eval(st)
-            seeds = []
-            for seed in cfg.seeds:
-                edges = stage_edges(st, seed, trainer or local_trainer)
-                fused = stage_fusions(st, edges, seed)
-                seeds.append({"seed": seed, "edges": edges, "fused": fused,
-                              "missing_edges": [m for m in st.missing_edges if m["seed"] == seed]})
+            seeds = [run_seed(st, seed, trainer or local_trainer) for seed in cfg.seeds]
         doc = {"name": cfg.name, "model": cfg.model, "base_fingerprint": st.base_fingerprint,
                "config": cfg.model_dump(), "base": base, "seeds": seeds, "missing_edges": st.missing_edges,
                "stages": st.cache.records, "wall_s": round(time.perf_counter() - t0, 1),

@@ -67,16 +67,34 @@ def headline_table(doc: dict) -> str:
         f" MMLU-CD k={k} strict % [95% CI] | Δ vs base (paired) |" for k in ks)
     sep = "|---|---:|---:|" + "---:|---:|" * len(ks)
     lines = [head, sep]
-    base = doc["base"]
     for r in headline_rows(doc):
-        ev = r["ev"]
-        cells = [r["model"], fmt_ci(ev["mmlu"]["accuracy"]["overall"]) if "mmlu" in ev else "–",
-                 "–" if r["model"] == "base" else _diff(mmlu_diff(ev, base))]
-        for k in ks:
-            key = f"mmlu_cd_k{k}"
-            cells += [fmt_ci(ev[key]["strict"]) if key in ev else "–",
-                      "–" if r["model"] == "base" else _diff(cd_diff(ev, base, k))]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([r["model"]] + score_cells(r["ev"], doc, r["model"] == "base")) + " |")
+    return "\n".join(lines)
+
+
+def score_cells(ev: dict, doc: dict, is_base: bool = False) -> list[str]:
+    """MMLU and each MMLU-CD k: accuracy [CI] and the paired Δ against the base model."""
+    base = doc["base"]
+    cells = [fmt_ci(ev["mmlu"]["accuracy"]["overall"]) if "mmlu" in ev else "–",
+             "–" if is_base else _diff(mmlu_diff(ev, base))]
+    for k in _ks(doc):
+        key = f"mmlu_cd_k{k}"
+        cells += [fmt_ci(ev[key]["strict"]) if key in ev else "–", "–" if is_base else _diff(cd_diff(ev, base, k))]
+    return cells
+
+
+def rounds_table(doc: dict) -> str:
+    """Accuracy per round of every fused model (and each edge alone, when evaluated), first seed."""
+    ks = _ks(doc)
+    lines = ["| round | model | MMLU % [95% CI] | Δ vs base (paired) |" + "".join(
+        f" MMLU-CD k={k} strict % [95% CI] | Δ vs base (paired) |" for k in ks),
+        "|---:|---|---:|---:|" + "---:|---:|" * len(ks)]
+    for r in doc["seeds"][0].get("rounds", []):
+        sent = r.get("sent_back")
+        rows = [(f"edge {e['edge']} alone", e["eval"]) for e in r["edges"] if e.get("eval")]
+        rows += [(f["name"] + (" (sent back)" if f["name"] == sent else ""), f["eval"]) for f in r["fused"]]
+        for name, ev in rows:
+            lines.append("| " + " | ".join([str(r["round"]), name] + score_cells(ev, doc)) + " |")
     return "\n".join(lines)
 
 
@@ -218,10 +236,14 @@ def write_report(doc: dict, run_dir: Path) -> Path:
            "figure is only indicative; `bench/edge_memory.py` measures one process per pruning ratio.", ""]
     if doc.get("missing_edges"):
         md += ["## Missing edges", "", "Left out of fusion and evaluation (federated run: the edge failed, timed out "
-               "or its package was rejected).", "", "| edge | seed | reason |", "|---|---:|---|"]
-        md += [f"| {m['edge']} | {m['seed']} | {' '.join(str(m['reason']).replace('|', '/').split())} |"
+               "or its package was rejected).", "", "| edge | seed | round | reason |", "|---|---:|---:|---|"]
+        md += [f"| {m['edge']} | {m['seed']} | {m.get('round', 1)} | {' '.join(str(m['reason']).replace('|', '/').split())} |"
                for m in doc["missing_edges"]]
         md.append("")
+    if len(doc["seeds"][0].get("rounds", [])) > 1:
+        md += ["## Accuracy per round", "", "Each round after the first starts every edge from the fused model "
+               "marked *sent back* (`rounds.method`/`rounds.cr`), projected to the edge's pruned shapes. The tables "
+               "above show the last round.", "", rounds_table(doc), ""]
     if len(doc["seeds"]) > 1:
         md += ["## Across seeds", "", seeds_table(doc), ""]
     md += ["## Conflict statistics (LoRA-CR)", "", conflict_table(doc), ""]

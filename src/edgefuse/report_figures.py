@@ -106,6 +106,38 @@ def fig_loss(doc: dict, path: Path) -> str | None:
     return "Training loss of each edge's LoRA adapter on its pruned model."
 
 
+def fig_rounds(doc: dict, path: Path) -> str | None:
+    """Accuracy of each fused model per round (MMLU and the headline MMLU-CD k), with 95% CIs."""
+    rounds = doc["seeds"][0].get("rounds", [])
+    if len(rounds) < 2:
+        return None
+    plt = _plt()
+    k = doc["config"]["output"]["headline_k"]
+    keys = [("mmlu", "MMLU")] + ([(f"mmlu_cd_k{k}", f"MMLU-CD k={k} strict")] if str(k) in map(str, doc["cd_n"]) else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    xs = [r["round"] for r in rounds]
+    for ax, (key, label) in zip(axes[0], keys):
+        for name in [f["name"] for f in rounds[0]["fused"]]:
+            pts = [next((f["eval"] for f in r["fused"] if f["name"] == name), {}) for r in rounds]
+            cis = [(p["mmlu"]["accuracy"]["overall"] if key == "mmlu" else p[key]["strict"]) if key in p else None
+                   for p in pts]
+            v = [_err(c) if c else (np.nan, 0, 0) for c in cis]
+            ax.errorbar(xs, [a for a, _, _ in v], yerr=[[d for _, d, _ in v], [u for _, _, u in v]], capsize=3,
+                        marker="o", label=name)
+        base = doc["base"].get(key)
+        if base:
+            b = 100 * (base["accuracy"]["overall"]["acc"] if key == "mmlu" else base["strict"]["acc"])
+            ax.axhline(b, color="black", linestyle="--", linewidth=1, label=f"base model ({b:.1f}%)")
+        ax.set_xticks(xs)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{label} accuracy (%)")
+        if ax is not axes[0][-1]:
+            ax.legend(fontsize=8)
+    _save(fig, axes[0][-1], path, "Accuracy of the fused models per round (95% CI)", fontsize=10)
+    return ("Accuracy of every fused model per round; from round 2 on, each edge starts from the fused model sent "
+            "back. Error bars are 95% bootstrap intervals; dashed line: base model.")
+
+
 def draw_figures(doc: dict, run_dir: Path) -> dict[str, str]:
     """Draw every figure the data allows; returns {file name: caption}."""
     out: dict[str, str] = {}
@@ -120,6 +152,9 @@ def draw_figures(doc: dict, run_dir: Path) -> dict[str, str]:
         cap = fig_loss(doc, run_dir / "loss_curves.png")
         if cap:
             out["loss_curves.png"] = cap
+        cap = fig_rounds(doc, run_dir / "rounds.png")
+        if cap:
+            out["rounds.png"] = cap
         heat = _conflict_heatmap(doc, run_dir / "conflict_heatmap.png")
         if heat:
             out["conflict_heatmap.png"] = heat

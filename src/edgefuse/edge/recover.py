@@ -56,6 +56,30 @@ def recover_adapter(adapter: LoraAdapter, plan: dict, where: Path | str = "packa
     return LoraAdapter(full, plan.get("base_model"), adapter.config, adapter.manifest)
 
 
+def project_adapter(adapter: LoraAdapter, plan: dict, where: Path | str = "adapter") -> LoraAdapter:
+    """The inverse of `recover_adapter`: a full-model adapter restricted to the plan's pruned model.
+
+    Module ``orig`` kept with rows R and columns C becomes B[R], A[:, C] under its pruned name, so
+    ΔW' = ΔW[R, C] exactly; modules of dropped layers are left out. Why: in multi-round studies the
+    fused adapter goes back to each edge as the start of its next round, in the edge's own shapes.
+    ``project_adapter(recover_adapter(x, plan), plan)`` gives ``x`` back bit for bit.
+    """
+    base = plan["base_config"]
+    out: dict[str, LoraModule] = {}
+    for orig, entry in plan["modules"].items():
+        mod = adapter.modules.get(orig)
+        if mod is None:
+            continue
+        proj = orig.rsplit(".", 1)[-1]
+        out_f, in_f = full_shape(base, proj)
+        if mod.shape != (out_f, in_f):
+            raise EdgefuseError(f"{orig} is {mod.shape[0]}×{mod.shape[1]}, the plan's base model has {out_f}×{in_f}",
+                                path=where)
+        rows, cols = torch.tensor(from_runs(entry["rows"], out_f)), torch.tensor(from_runs(entry["cols"], in_f))
+        out[entry["pruned_name"]] = LoraModule(mod.A[:, cols].contiguous(), mod.B[rows].contiguous(), mod.scale)
+    return LoraAdapter(out, adapter.base_model, adapter.config, adapter.manifest)
+
+
 def recover(package_dir: Path, plan_path: Path, out_dir: Path, force: bool = True) -> Path:
     """Check the package against the plan (hashes, fingerprint, plan hash, shapes) and write the full adapter."""
     package_dir, plan_path, out_dir = Path(package_dir), Path(plan_path), Path(out_dir)

@@ -145,14 +145,51 @@ def letter_loss(body, head, softcap, letter_ids: torch.Tensor, batch, answers: t
     return torch.nn.functional.cross_entropy(logits, answers)
 
 
+def start_from(peft_model, init: LoraAdapter, scale: float) -> dict[str, Any]:
+    """Set the fresh LoRA to ``init`` (an adapter in the pruned model's shapes): the next round's start.
+
+    Each module's update is written as its best rank-r approximation (truncated SVD in factored form,
+    balanced factors; exact when init's rank ≤ r, as after fusing at ``fusion.rank`` = r). Factors of
+    a lower-rank init fill the first rows of A and columns of B; the remaining B columns stay zero and
+    the remaining A rows keep PEFT's random init, so those directions can still learn. Modules init
+    lacks keep the usual start (B = 0). Returns how much of init's update the rank limit dropped.
+    """
+    from edgefuse.fusion.lowrank import factored_svd, from_svd
+
+    lora = {name.removeprefix("base_model.model."): m for name, m in peft_model.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    unknown = sorted(set(init.modules) - set(lora))
+    if unknown:
+        raise EdgefuseError(f"the start adapter has modules the pruned model does not train: {', '.join(unknown[:3])}")
+    lost, total, ranks = 0.0, 0.0, set()
+    for name, mod in init.modules.items():
+        A, B = lora[name].lora_A["default"].weight, lora[name].lora_B["default"].weight
+        if mod.shape != (B.shape[0], A.shape[1]):
+            raise EdgefuseError(f"start adapter module {name} is {mod.shape[0]}×{mod.shape[1]}, the pruned model's is "
+                                f"{B.shape[0]}×{A.shape[1]}")
+        U, S, Vh = factored_svd(mod.B.double() * mod.scale, mod.A.double())
+        k = min(A.shape[0], S.shape[0])
+        best = from_svd(U, S, Vh, k)
+        with torch.no_grad():
+            A[:k] = best.A.to(A.dtype)
+            B.zero_()
+            B[:, :k] = (best.B / scale).to(B.dtype)
+        lost += float((S[k:] ** 2).sum())
+        total += float((S ** 2).sum())
+        ranks.add(mod.rank)
+    return {"modules": len(init.modules), "ranks": sorted(ranks),
+            "dropped_energy": round(lost / total, 6) if total else 0.0}
+
+
 def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: TrainConfig, out_dir: Path,
                progress: Callable[..., None] | None = None, resume: bool = False, device: str | None = None,
-               checkpoint_dir: Path | None = None, stop_after: int | None = None) -> Path:
+               checkpoint_dir: Path | None = None, stop_after: int | None = None, init_dir: Path | None = None) -> Path:
     """Train a LoRA on the pruned model and write the edge package; returns the package directory.
 
     ``progress(k, **fields)`` advances an external bar by k steps; without it a rich bar is drawn.
     ``stop_after`` ends the run after that many steps *without* writing the package (a simulated
-    interruption, for resume tests); the last checkpoint is written first.
+    interruption, for resume tests); the last checkpoint is written first. ``init_dir`` holds an
+    adapter in the pruned shapes to start from instead of zero (`start_from`; multi-round studies).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -178,6 +215,13 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         lcfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, lcfg)
+        init_info = None
+        if init_dir is not None:
+            from edgefuse.adapters import load_adapter
+            from edgefuse.io import sha256_file
+
+            init_info = {"sha256": sha256_file(Path(init_dir) / "adapter_model.safetensors"),
+                         **start_from(peft_model, load_adapter(init_dir), config.alpha / config.rank)}
         if config.grad_checkpointing:
             peft_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.train()
@@ -185,7 +229,8 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         identity = {**config.identity(), "pruned_fingerprint": pruned_fp, "domain": domain,
-                    "items_sha256": hash_obj(sorted(it.id for it in items))}
+                    "items_sha256": hash_obj(sorted(it.id for it in items)),
+                    "init_sha256": init_info["sha256"] if init_info else None}
         state = {"identity": identity, "step": 0, "loss_curve": [], "tokens": 0, "padded_tokens": 0, "wall_s": 0.0,
                  "step_wall_s": [], "step_tokens": []}
         if resume:
@@ -260,6 +305,7 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         "domain": domain, "n_items": len(items), "plan_hash": plan_hash(plan),
         "plan": {k: plan[k] for k in ("method", "structure", "ratio")},
         "train": config.model_dump(), "loss": "4-way cross-entropy over the answer letters at the answer position",
+        "init": init_info,
         "stats": stats,
     }
     return save_adapter(adapter, out_dir, manifest=manifest, base_model=model_meta.get("name") or str(pruned_dir))

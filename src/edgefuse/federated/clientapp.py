@@ -3,7 +3,8 @@
 Two messages:
 - ``query.identify``: answers with the node's identity from its node config (``edge``, optional
   ``domains``), or in simulation with its ``partition-id``, so the cloud knows which node is which edge.
-- ``train``: rebuilds the pruned model from the plan, trains on the node's own partition and replies
+- ``train``: rebuilds the pruned model from the plan, trains on the node's own partition (from the
+  start adapter the message carries, in rounds after the first) and replies
   with the edge package (adapter tensors + manifest fields, see `edgefuse.federated.records`).
 A failure becomes an error reply carrying the reason; the cloud then leaves this edge out.
 
@@ -33,8 +34,10 @@ def handle_identify(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
+    import tempfile
+
     from edgefuse.federated.edge import run_job
-    from edgefuse.federated.records import content_to_job, package_to_content
+    from edgefuse.federated.records import content_to_job, content_to_start, package_to_content
 
     try:
         job = content_to_job(msg.content)
@@ -42,7 +45,10 @@ def handle_train(msg: Message, context: Context) -> Message:
         if node.get("edge") and node["edge"] != job["edge"]:
             raise ValueError(f"this node is edge {node['edge']!r}, the job is for {job['edge']!r}")
         work = node.get("work-dir")
-        package, tmp = run_job(job, node, Path(str(work)) / f"{job['edge']}-s{job['seed']}" if work else None)
+        with tempfile.TemporaryDirectory(prefix="edgefuse-start-") as sd:
+            start = content_to_start(msg.content, Path(sd) / "start")
+            where = Path(str(work)) / f"{job['edge']}-s{job['seed']}-r{job.get('round', 1)}" if work else None
+            package, tmp = run_job(job, node, where, start_dir=start)
         try:
             return Message(package_to_content(package), reply_to=msg)
         finally:

@@ -65,8 +65,10 @@ def local_items(job: dict[str, Any], domains: list[str], node_config: dict[str, 
 
 
 def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | None = None,
-            progress: Callable[..., None] | None = None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
-    """Train the job's edge adapter; returns (package dir, temp dir to clean up after uploading)."""
+            progress: Callable[..., None] | None = None, start_dir: Path | None = None,
+            ) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """Train the job's edge adapter (from ``start_dir`` in later rounds); returns (package dir, temp dir to
+    clean up after uploading)."""
     from edgefuse.edge.train import TrainConfig, train_edge
 
     domains = parse_domains(node_config.get("domains")) or list(job["domains"])
@@ -81,7 +83,7 @@ def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | N
         items = local_items(job, domains, node_config)
         cfg = TrainConfig(**job["train"])
         package = train_edge(pruned, job["edge"], items, cfg, Path(work_dir) / "package",
-                             progress=progress or (lambda *a, **k: None))
+                             progress=progress or (lambda *a, **k: None), init_dir=start_dir)
         return package, tmp
     except BaseException:
         if tmp is not None:

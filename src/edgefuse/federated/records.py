@@ -4,9 +4,11 @@ Why one module: the privacy promise ("an edge uploads its adapter and manifest, 
 property of exactly two functions here, `package_to_content` and `job_to_content`, so it can be read
 and tested in one place.
 
-- Job (cloud → edge), one ``ConfigRecord`` ``"job"``: edge name, domains, seed, base-model spec and
-  fingerprint, the pruning plan (JSON; it holds kept indices, no data), the pruned model's
-  fingerprint, training hyper-parameters and the split settings. Never any data item.
+- Job (cloud → edge), one ``ConfigRecord`` ``"job"``: edge name, domains, seed, round, base-model spec
+  and fingerprint, the pruning plan (JSON; it holds kept indices, no data), the pruned model's
+  fingerprint, training hyper-parameters and the split settings. Never any data item. In rounds after
+  the first also the start adapter (the fused adapter in this edge's pruned shapes), laid out like a
+  package under ``"start"`` / ``"start-files"``.
 - Package (edge → cloud): ``ArrayRecord`` ``"adapter"`` with the PEFT LoRA tensors of the edge
   package, and ``ConfigRecord`` ``"package"`` with the text of ``adapter_config.json`` and of the
   ``edgefuse.json`` manifest (file hashes, fingerprints, plan hash, training statistics).
@@ -27,6 +29,8 @@ JOB_RECORD = "job"
 ADAPTER_RECORD = "adapter"
 PACKAGE_RECORD = "package"
 IDENTITY_RECORD = "identity"
+START_RECORD = "start"
+START_FILES_RECORD = "start-files"
 # The only keys a package's ConfigRecord may carry.
 PACKAGE_KEYS = ("manifest", "adapter_config")
 # Message types (Flower routes "<category>.<action>").
@@ -34,12 +38,28 @@ MSG_IDENTIFY = "query.identify"
 MSG_TRAIN = "train"
 
 
-def job_to_content(job: dict[str, Any]):
-    """A training job as a RecordDict: scalars as they are, nested values as JSON text."""
+def job_to_content(job: dict[str, Any], start_dir: Path | None = None):
+    """A training job as a RecordDict: scalars as they are, nested values as JSON text (+ the start adapter)."""
     from flwr.app import ConfigRecord, RecordDict
 
     rec = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in job.items()}
-    return RecordDict({JOB_RECORD: ConfigRecord(rec)})
+    content = RecordDict({JOB_RECORD: ConfigRecord(rec)})
+    if start_dir is not None:
+        content[START_RECORD], content[START_FILES_RECORD] = _dir_records(start_dir)
+    return content
+
+
+def content_to_start(content, directory: Path) -> Path | None:
+    """Write the job's start adapter (if any) into ``directory`` and check its hashes; returns it or None."""
+    from edgefuse.adapters import verify_hashes
+
+    if START_RECORD not in content.array_records:
+        return None
+    if START_FILES_RECORD not in content.config_records:
+        raise EdgefuseError(f"job carries start tensors without the {START_FILES_RECORD!r} record")
+    _write_dir(content.array_records[START_RECORD], content.config_records[START_FILES_RECORD], Path(directory))
+    verify_hashes(directory)
+    return Path(directory)
 
 
 JSON_FIELDS = ("domains", "plan", "train", "split")
@@ -55,19 +75,27 @@ def content_to_job(content) -> dict[str, Any]:
     return job
 
 
-def package_to_content(package_dir: Path):
-    """The edge's upload: the adapter tensors and the two JSON texts of its package, nothing else."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+def _dir_records(adapter_dir: Path):
+    """An adapter directory as (tensors, JSON texts of its PEFT config and manifest)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
 
     from edgefuse.io import load_safetensors
 
-    package_dir = Path(package_dir)
-    tensors = load_safetensors(package_dir / WEIGHTS_FILE)
+    adapter_dir = Path(adapter_dir)
+    tensors = load_safetensors(adapter_dir / WEIGHTS_FILE)
     arrays = ArrayRecord()
     for name in sorted(tensors):
         arrays[name] = Array.from_numpy_ndarray(tensors[name].detach().cpu().contiguous().numpy())
-    cfg = ConfigRecord({"manifest": (package_dir / MANIFEST_FILE).read_text(encoding="utf-8"),
-                        "adapter_config": (package_dir / CONFIG_FILE).read_text(encoding="utf-8")})
+    cfg = ConfigRecord({"manifest": (adapter_dir / MANIFEST_FILE).read_text(encoding="utf-8"),
+                        "adapter_config": (adapter_dir / CONFIG_FILE).read_text(encoding="utf-8")})
+    return arrays, cfg
+
+
+def package_to_content(package_dir: Path):
+    """The edge's upload: the adapter tensors and the two JSON texts of its package, nothing else."""
+    from flwr.app import RecordDict
+
+    arrays, cfg = _dir_records(package_dir)
     return RecordDict({ADAPTER_RECORD: arrays, PACKAGE_RECORD: cfg})
 
 
@@ -77,21 +105,25 @@ def content_to_files(content, directory: Path) -> None:
     The safetensors file is re-serialised from the received tensors the way `save_adapter` writes it, so
     its sha256 matches the manifest only if the tensors arrived unchanged. Raises on a malformed upload.
     """
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-
     if ADAPTER_RECORD not in content.array_records or PACKAGE_RECORD not in content.config_records:
         raise EdgefuseError(f"reply lacks the {ADAPTER_RECORD!r} tensors or the {PACKAGE_RECORD!r} record")
     extra = sorted(set(content.array_records) - {ADAPTER_RECORD}) + sorted(
         set(content.config_records) - {PACKAGE_RECORD}) + sorted(content.metric_records)
     if extra:
         raise EdgefuseError(f"reply carries records beyond the package: {', '.join(extra)}")
-    cfg = content.config_records[PACKAGE_RECORD]
+    _write_dir(content.array_records[ADAPTER_RECORD], content.config_records[PACKAGE_RECORD], Path(directory))
+
+
+def _write_dir(arrays, cfg, directory: Path) -> None:
+    """Inverse of `_dir_records`: float32 tensors → safetensors as `save_adapter` writes it, texts → files."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
     if sorted(cfg) != sorted(PACKAGE_KEYS):
         raise EdgefuseError(f"package record must hold exactly {', '.join(PACKAGE_KEYS)} (got {', '.join(sorted(cfg))})")
     tensors: dict[str, torch.Tensor] = {}
-    for name, arr in content.array_records[ADAPTER_RECORD].items():
+    for name, arr in arrays.items():
         a = arr.numpy()
         if a.dtype != np.float32:
             raise EdgefuseError(f"tensor {name} has dtype {a.dtype}; packages hold float32")

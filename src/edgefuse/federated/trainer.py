@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import read_json
+from edgefuse.io import read_json, sha256_file
 
 log = logging.getLogger("edgefuse.run")
 
@@ -69,7 +69,8 @@ class FlowerTrainer:
         meta_path = job.pruned_dir / "edgefuse_model.json"
         meta = read_json(meta_path) if meta_path.is_file() else {}
         d = st.cfg.data
-        return {"edge": job.edge, "seed": job.seed, "domains": list(job.domains), "model": st.cfg.model,
+        return {"edge": job.edge, "seed": job.seed, "round": job.round_no, "domains": list(job.domains),
+                "model": st.cfg.model,
                 "base_fingerprint": st.base_fingerprint, "plan": read_json(job.pruned_dir / "plan.json"),
                 "pruned_fingerprint": meta.get("pruned_fingerprint", ""), "train": job.config.model_dump(),
                 "split": {"seed": d.split_seed, "public_per_subject": d.public_per_subject,
@@ -88,8 +89,8 @@ class FlowerTrainer:
                 job.failure = "no SuperNode with this edge name is connected"
                 continue
             by_node[nid] = job
-            msgs.append(self.grid.create_message(job_to_content(self.job_message(st, job)), MSG_TRAIN, nid,
-                                                 group_id=f"train-s{job.seed}"))
+            msgs.append(self.grid.create_message(job_to_content(self.job_message(st, job), job.init_dir), MSG_TRAIN,
+                                                 nid, group_id=f"train-s{job.seed}-r{job.round_no}"))
         t0 = time.perf_counter()
         log.info("federation: sending %d training jobs (timeout %s)", len(msgs), self.timeout)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
@@ -115,8 +116,8 @@ class FlowerTrainer:
         failed = {j.edge: j.failure for j in jobs if getattr(j, "failure", None)}
         for edge, why in failed.items():
             log.warning("federation: edge %s left out: %s", edge, why)
-        self.rounds.append({"seed": jobs[0].seed if jobs else None, "sent": len(msgs), "wall_s": round(wall, 2),
-                            "failed": failed})
+        self.rounds.append({"seed": jobs[0].seed if jobs else None, "round": jobs[0].round_no if jobs else None,
+                            "sent": len(msgs), "wall_s": round(wall, 2), "failed": failed})
         delivered = len(edges) - len(failed)
         need = self.min_edges or len(edges)
         if delivered < need:
@@ -129,9 +130,10 @@ class FlowerTrainer:
 
         meta_path = job.pruned_dir / "edgefuse_model.json"
         meta = read_json(meta_path) if meta_path.is_file() else {}
+        start = sha256_file(job.init_dir / "adapter_model.safetensors") if job.init_dir else None
         verify_package(upload, edge=job.edge, plan=read_json(job.pruned_dir / "plan.json"),
                        base_fingerprint=st.base_fingerprint, pruned_fingerprint=meta.get("pruned_fingerprint"),
-                       rank=job.config.rank, targets=list(job.config.targets))
+                       rank=job.config.rank, targets=list(job.config.targets), start_sha256=start)
         if job.package_dir.exists():
             shutil.rmtree(job.package_dir)
         os.replace(upload, job.package_dir)

@@ -39,8 +39,13 @@ def expected_shapes(plan: dict[str, Any], targets: list[str]) -> dict[str, tuple
 
 
 def verify_package(package_dir: Path, *, edge: str, plan: dict[str, Any], base_fingerprint: str,
-                   pruned_fingerprint: str | None, rank: int, targets: list[str]) -> dict[str, Any]:
-    """Return the manifest of a package that passes every check; raise `PackageRejected` otherwise."""
+                   pruned_fingerprint: str | None, rank: int, targets: list[str],
+                   start_sha256: str | None = None) -> dict[str, Any]:
+    """Return the manifest of a package that passes every check; raise `PackageRejected` otherwise.
+
+    ``start_sha256``: the start adapter the cloud sent for this round (None in the first round); the
+    package must say it started from exactly that one.
+    """
     from edgefuse.edge.plan import plan_hash
     from edgefuse.edge.train import PACKAGE_KIND, PACKAGE_VERSION
 
@@ -60,7 +65,8 @@ def verify_package(package_dir: Path, *, edge: str, plan: dict[str, Any], base_f
         checks = [("kind", man.get("kind"), PACKAGE_KIND), ("format_version", man.get("format_version"), PACKAGE_VERSION),
                   ("base fingerprint", man.get("base_fingerprint"), base_fingerprint),
                   ("plan hash", man.get("plan_hash"), plan_hash(plan)), ("edge", man.get("domain"), edge),
-                  ("rank", (man.get("train") or {}).get("rank"), rank)]
+                  ("rank", (man.get("train") or {}).get("rank"), rank),
+                  ("start adapter", (man.get("init") or {}).get("sha256"), start_sha256)]
         if pruned_fingerprint:
             checks.append(("pruned-model fingerprint", man.get("pruned_fingerprint"), pruned_fingerprint))
         for what, got, want in checks:
