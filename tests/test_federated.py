@@ -26,6 +26,7 @@ pytest.importorskip("ray")
 
 from edgefuse.adapters import load_adapter
 from edgefuse.config import load_config
+from edgefuse.errors import EdgefuseError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "federated-tiny.yaml"
@@ -278,7 +279,6 @@ def test_tampered_package_is_rejected_with_reason(faulty):
 
 def test_not_enough_edges_is_one_clear_error(reference, tmp_path):
     """With min_edges = 2 and one edge failing, the study stops with the reason instead of fusing one edge."""
-    from edgefuse.errors import EdgefuseError
     from edgefuse.federated.trainer import FlowerTrainer
     from edgefuse.pipeline import run_study
 
@@ -462,3 +462,56 @@ def test_superlink_and_two_supernodes_run_the_study(reference, federation, tmp_p
     assert "| task_arithmetic |" in (run_dir / "report.md").read_text()
     # the processes are still the federation's own; the fixture's teardown stops them and their children
     assert all(psutil.pid_exists(q.pid) for q in procs[:3])
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_masked_plans_travel_as_bit_masks_and_rebuild_exactly(tmp_path, structure):
+    from types import SimpleNamespace
+
+    from edgefuse.edge.plan import full_shape
+    from edgefuse.edge.prune import load_pruned, prune_model, save_pruned
+    from edgefuse.federated.edge import rebuild_pruned
+    from edgefuse.federated.records import MASKS_RECORD, content_to_job, content_to_masks, job_to_content
+    from edgefuse.federated.trainer import FlowerTrainer
+    from edgefuse.models import load_model
+
+    base, tok = load_model("tiny-llama")
+    res = prune_model(base, tok, method="magnitude", structure=structure, ratio=0.5)
+    cloud = save_pruned(res, tok, tmp_path / "cloud")
+    meta = json.loads((cloud / "edgefuse_model.json").read_text())
+    job = {"edge": "science", "model": "tiny-llama", "plan": res.plan, "pruned_fingerprint": meta["pruned_fingerprint"]}
+    masks = FlowerTrainer.masks(SimpleNamespace(pruned_dir=cloud))
+    content = job_to_content(job, None, masks)
+    packed = content.array_records[MASKS_RECORD]
+    n_weights = sum(m.numel() for m in masks.values())
+    assert sum(a.numpy().nbytes for a in packed.values()) == sum((m.numel() + 7) // 8 for m in masks.values())
+    assert n_weights > 8 * 1000  # one bit per weight, not a float
+    received = content_to_job(content)
+    shapes = {n: full_shape(res.plan["base_config"], n.rsplit(".", 1)[-1]) for n in res.plan["modules"]}
+    got = content_to_masks(content, shapes)
+    assert set(got) == set(masks) and all(torch.equal(got[n], masks[n]) for n in masks)
+    for name, m in masks.items():  # the masks prune what the plan says: half the weights (2 of every 4 for 2:4)
+        assert abs(1 - m.float().mean().item() - res.plan["sparsity"][name]) <= 1e-6
+    edge_dir = rebuild_pruned(received, {}, tmp_path / "edge", got)  # raises if the fingerprint differs
+    a, b = load_pruned(cloud)[0].state_dict(), load_pruned(edge_dir)[0].state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(EdgefuseError, match="needs the weight masks"):
+        rebuild_pruned(received, {}, tmp_path / "edge2", None)
+    bad = dict(got)
+    name = sorted(bad)[0]
+    bad[name] = bad[name][:, :-1]
+    with pytest.raises(EdgefuseError, match=f"mask for {name}"):
+        rebuild_pruned(received, {}, tmp_path / "edge3", bad)
+
+
+def test_unstructured_study_on_flower_equals_single_process_run(tmp_path):
+    from edgefuse.federated.simulate import simulate
+    from edgefuse.pipeline import run_study
+
+    cfg = write_config(tmp_path / "unstructured.yaml",
+                       pruning={"method": "magnitude", "structure": "unstructured", "ratio": 0.5, "calib": 2})
+    run_study(load_config(cfg), tmp_path / "local", show_progress=False)
+    simulate(cfg, tmp_path / "sim")
+    assert_same_fused(tmp_path / "local", tmp_path / "sim")
+    assert scores(tmp_path / "local") == scores(tmp_path / "sim")
+    assert results(tmp_path / "sim")["seeds"][0]["edges"][0]["prune"]["ratio"] == 0.5

@@ -212,6 +212,36 @@ def _masked_copy(model, scores, structure: str, ratio: float):
     return lm, sparsity
 
 
+def is_masked(plan: dict[str, Any]) -> bool:
+    """Whether the plan zeroes weights inside unchanged shapes (unstructured / 2:4), which it cannot list."""
+    return plan["structure"] in ("unstructured", "2:4") and bool(plan.get("sparsity"))
+
+
+def weight_masks(pruned_model) -> dict[str, torch.Tensor]:
+    """Per projection, which weights a masked pruned model keeps (nonzero). Applying these masks to the
+    base model gives the pruned weights exactly (a base weight that was already 0 stays 0 either way)."""
+    masks = {}
+    for i, layer in enumerate(imp.decoder_layers(unwrap(pruned_model))):
+        for p in PROJECTIONS:
+            masks[module_name(i, p)] = imp.projection(layer, p).weight.detach() != 0
+    return masks
+
+
+def apply_masks(model, plan: dict[str, Any], masks: dict[str, torch.Tensor]):
+    """A copy of the base model with the given masks applied: how an edge rebuilds a masked plan's model."""
+    lm = copy.deepcopy(unwrap(model))
+    lm.__dict__.pop("_edgefuse_fingerprint", None)
+    with torch.no_grad():
+        for i, layer in enumerate(imp.decoder_layers(lm)):
+            for p in PROJECTIONS:
+                w, name = imp.projection(layer, p).weight, module_name(i, p)
+                if name not in masks or masks[name].shape != w.shape:
+                    raise EdgefuseError(f"mask for {name} is missing or has the wrong shape "
+                                        f"({tuple(masks[name].shape) if name in masks else None} vs {tuple(w.shape)})")
+                w.mul_(masks[name].to(device=w.device, dtype=w.dtype))
+    return lm
+
+
 def apply_plan(model, plan: dict[str, Any]):
     """The pruned model: a fresh model of the pruned config holding the kept slices of the base weights."""
     from transformers import AutoModelForCausalLM

@@ -37,7 +37,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     import tempfile
 
     from edgefuse.federated.edge import run_job
-    from edgefuse.federated.records import content_to_job, content_to_start, package_to_content
+    from edgefuse.edge.plan import full_shape
+    from edgefuse.federated.records import content_to_job, content_to_masks, content_to_start, package_to_content
 
     try:
         job = content_to_job(msg.content)
@@ -48,7 +49,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         with tempfile.TemporaryDirectory(prefix="edgefuse-start-") as sd:
             start = content_to_start(msg.content, Path(sd) / "start")
             where = Path(str(work)) / f"{job['edge']}-s{job['seed']}-r{job.get('round', 1)}" if work else None
-            package, tmp = run_job(job, node, where, start_dir=start)
+            shapes = {n: full_shape(job["plan"]["base_config"], n.rsplit(".", 1)[-1]) for n in job["plan"]["modules"]}
+            package, tmp = run_job(job, node, where, start_dir=start, masks=content_to_masks(msg.content, shapes))
         try:
             return Message(package_to_content(package), reply_to=msg)
         finally:

@@ -17,8 +17,6 @@ from typing import Any
 
 from edgefuse.errors import EdgefuseError
 
-# Structures whose pruned model is fully described by the plan's kept indices (masks are not).
-REBUILDABLE = ("width", "depth")
 
 
 def parse_domains(value: Any) -> list[str] | None:
@@ -30,22 +28,23 @@ def parse_domains(value: Any) -> list[str] | None:
     return [d for d in str(value).replace(",", " ").split() if d]
 
 
-def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Path) -> Path:
-    """Base model (node's ``model`` or the job's spec) + plan → pruned directory, checked by fingerprint."""
+def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Path, masks: dict | None = None) -> Path:
+    """Base model (node's ``model`` or the job's spec) + plan (+ masks for unstructured/2:4) → pruned
+    directory, checked by fingerprint against the cloud's pruned model."""
     from edgefuse.edge.plan import validate_plan
-    from edgefuse.edge.prune import PruneResult, apply_plan, save_pruned
+    from edgefuse.edge.prune import PruneResult, apply_masks, apply_plan, is_masked, save_pruned
     from edgefuse.models import fingerprint, load_model
 
     plan = validate_plan(job["plan"], "plan received from the cloud")
-    if plan["structure"] not in REBUILDABLE and plan.get("sparsity"):
-        raise EdgefuseError(f"a {plan['structure']} plan cannot be rebuilt on the edge (masks are not in the plan)")
+    if is_masked(plan) and not masks:
+        raise EdgefuseError(f"a {plan['structure']} plan needs the weight masks, and the job carries none")
     spec = str(node_config.get("model") or job["model"])
     model, tok = load_model(spec)
     fp = fingerprint(model)
     if fp != plan["base_fingerprint"]:
         raise EdgefuseError(f"this edge's base model {spec!r} has fingerprint {fp}, the plan was made for "
                             f"{plan['base_fingerprint']}")
-    pruned = apply_plan(model, plan)
+    pruned = apply_masks(model, plan, masks) if is_masked(plan) else apply_plan(model, plan)
     del model
     if job.get("pruned_fingerprint") and fingerprint(pruned) != job["pruned_fingerprint"]:
         raise EdgefuseError("the pruned model rebuilt from the plan differs from the cloud's (fingerprint)")
@@ -65,7 +64,7 @@ def local_items(job: dict[str, Any], domains: list[str], node_config: dict[str, 
 
 
 def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | None = None,
-            progress: Callable[..., None] | None = None, start_dir: Path | None = None,
+            progress: Callable[..., None] | None = None, start_dir: Path | None = None, masks: dict | None = None,
             ) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """Train the job's edge adapter (from ``start_dir`` in later rounds); returns (package dir, temp dir to
     clean up after uploading)."""
@@ -79,7 +78,7 @@ def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | N
         tmp = tempfile.TemporaryDirectory(prefix=f"edgefuse-edge-{job['edge']}-")
         work_dir = Path(tmp.name)
     try:
-        pruned = rebuild_pruned(job, node_config, Path(work_dir) / "pruned")
+        pruned = rebuild_pruned(job, node_config, Path(work_dir) / "pruned", masks)
         items = local_items(job, domains, node_config)
         cfg = TrainConfig(**job["train"])
         package = train_edge(pruned, job["edge"], items, cfg, Path(work_dir) / "package",

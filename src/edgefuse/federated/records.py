@@ -8,7 +8,9 @@ and tested in one place.
   and fingerprint, the pruning plan (JSON; it holds kept indices, no data), the pruned model's
   fingerprint, training hyper-parameters and the split settings. Never any data item. In rounds after
   the first also the start adapter (the fused adapter in this edge's pruned shapes), laid out like a
-  package under ``"start"`` / ``"start-files"``.
+  package under ``"start"`` / ``"start-files"``. For unstructured / 2:4 plans, which cannot list what
+  they zero, the weight masks as packed bits (``"masks"``: one uint8 array per projection; weights
+  and data never travel, and 1 bit per weight is 1/32 of the float32 model).
 - Package (edge → cloud): ``ArrayRecord`` ``"adapter"`` with the PEFT LoRA tensors of the edge
   package, and ``ConfigRecord`` ``"package"`` with the text of ``adapter_config.json`` and of the
   ``edgefuse.json`` manifest (file hashes, fingerprints, plan hash, training statistics).
@@ -31,6 +33,7 @@ PACKAGE_RECORD = "package"
 IDENTITY_RECORD = "identity"
 START_RECORD = "start"
 START_FILES_RECORD = "start-files"
+MASKS_RECORD = "masks"
 # The only keys a package's ConfigRecord may carry.
 PACKAGE_KEYS = ("manifest", "adapter_config")
 # Message types (Flower routes "<category>.<action>").
@@ -38,15 +41,38 @@ MSG_IDENTIFY = "query.identify"
 MSG_TRAIN = "train"
 
 
-def job_to_content(job: dict[str, Any], start_dir: Path | None = None):
-    """A training job as a RecordDict: scalars as they are, nested values as JSON text (+ the start adapter)."""
-    from flwr.app import ConfigRecord, RecordDict
+def job_to_content(job: dict[str, Any], start_dir: Path | None = None, masks: dict | None = None):
+    """A training job as a RecordDict: scalars as they are, nested values as JSON text (+ start adapter, masks)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     rec = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in job.items()}
     content = RecordDict({JOB_RECORD: ConfigRecord(rec)})
     if start_dir is not None:
         content[START_RECORD], content[START_FILES_RECORD] = _dir_records(start_dir)
+    if masks:
+        content[MASKS_RECORD] = ArrayRecord({name: Array.from_numpy_ndarray(np.packbits(m.cpu().numpy().ravel()))
+                                             for name, m in sorted(masks.items())})
     return content
+
+
+def content_to_masks(content, shapes: dict[str, tuple[int, int]]) -> dict | None:
+    """The job's weight masks unpacked to ``shapes`` (module name → (out, in)), or None when it has none."""
+    import numpy as np
+    import torch
+
+    if MASKS_RECORD not in content.array_records:
+        return None
+    out = {}
+    for name, arr in content.array_records[MASKS_RECORD].items():
+        if name not in shapes:
+            raise EdgefuseError(f"mask for unknown module {name}")
+        n = shapes[name][0] * shapes[name][1]
+        bits = np.unpackbits(arr.numpy().astype(np.uint8))
+        if bits.size < n or bits[n:].any():
+            raise EdgefuseError(f"mask for {name} does not fit its {shapes[name][0]}×{shapes[name][1]} weight")
+        out[name] = torch.from_numpy(bits[:n].reshape(shapes[name]).astype(bool))
+    return out
 
 
 def content_to_start(content, directory: Path) -> Path | None:

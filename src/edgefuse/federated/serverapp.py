@@ -26,17 +26,6 @@ DEFAULTS: dict[str, Any] = {"config": "configs/federated-tiny.yaml", "run-dir": 
                             "min-edges": 0, "timeout": 0, "wait-nodes": 120, "force": "", "progress": False}
 
 
-def check_federable(cfg) -> None:
-    """Refuse, before any work, a study whose pruned models the edges cannot rebuild from the plan."""
-    from edgefuse.errors import EdgefuseError
-    from edgefuse.federated.edge import REBUILDABLE
-
-    p = cfg.pruning
-    if p.structure not in REBUILDABLE and (p.ratio or p.memory_budget_gib):
-        raise EdgefuseError(f"pruning.structure {p.structure!r}: federated edges rebuild the pruned model from the "
-                            f"plan, which holds kept indices but not masks; use {' or '.join(REBUILDABLE)}")
-
-
 def run_federated_study(grid: Grid, settings: dict[str, Any]) -> dict:
     """Load the config named in ``settings`` and run the study with Flower edges; returns the results doc."""
     from edgefuse.config import load_config
@@ -45,7 +34,6 @@ def run_federated_study(grid: Grid, settings: dict[str, Any]) -> dict:
 
     s = {**DEFAULTS, **settings}
     cfg = load_config(Path(str(s["config"])).expanduser())
-    check_federable(cfg)
     if int(s["min-edges"]) > len(cfg.edges):
         from edgefuse.errors import EdgefuseError
 

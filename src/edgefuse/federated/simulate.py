@@ -29,7 +29,7 @@ def simulate(config: str | Path, run_dir: str | Path, *, min_edges: int = 0, tim
     ``client_app`` replaces the edge app (tests wrap it with Flower mods to inject faults).
     """
     from edgefuse.config import load_config
-    from edgefuse.federated.serverapp import check_federable, make_server_app
+    from edgefuse.federated.serverapp import make_server_app
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     import importlib.util
@@ -42,7 +42,6 @@ def simulate(config: str | Path, run_dir: str | Path, *, min_edges: int = 0, tim
 
     config, run_dir = Path(config).resolve(), Path(run_dir).resolve()
     cfg = load_config(config)
-    check_federable(cfg)
     server = make_server_app({"config": str(config), "run-dir": str(run_dir), "min-edges": min_edges,
                               "timeout": timeout, "force": force or "", "progress": show_progress,
                               "wait-nodes": 60})

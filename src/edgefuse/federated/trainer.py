@@ -76,6 +76,17 @@ class FlowerTrainer:
                 "split": {"seed": d.split_seed, "public_per_subject": d.public_per_subject,
                           "edge_fraction": d.edge_fraction}}
 
+    @staticmethod
+    def masks(job) -> dict | None:
+        """Weight masks of an unstructured / 2:4 pruned model (its plan cannot list them); None otherwise."""
+        from edgefuse.edge.prune import is_masked, load_pruned, weight_masks
+
+        plan = read_json(job.pruned_dir / "plan.json")
+        if not is_masked(plan):
+            return None
+        model, _, _ = load_pruned(job.pruned_dir)
+        return weight_masks(model)
+
     def __call__(self, st, jobs: list) -> None:
         from edgefuse.federated.records import MSG_TRAIN, content_to_files, job_to_content
 
@@ -89,7 +100,8 @@ class FlowerTrainer:
                 job.failure = "no SuperNode with this edge name is connected"
                 continue
             by_node[nid] = job
-            msgs.append(self.grid.create_message(job_to_content(self.job_message(st, job), job.init_dir), MSG_TRAIN,
+            msgs.append(self.grid.create_message(job_to_content(self.job_message(st, job), job.init_dir,
+                                                                self.masks(job)), MSG_TRAIN,
                                                  nid, group_id=f"train-s{job.seed}-r{job.round_no}"))
         t0 = time.perf_counter()
         log.info("federation: sending %d training jobs (timeout %s)", len(msgs), self.timeout)
