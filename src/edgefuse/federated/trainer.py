@@ -33,7 +33,7 @@ class FlowerTrainer:
     # ------------------------------------------------------------------ nodes
     def discover(self, edges: list[str]) -> dict[str, int]:
         """Which SuperNode is which edge: ask every connected node for its node-config identity."""
-        from flwr.app import RecordDict
+        from flwr.app import Message, RecordDict
 
         from edgefuse.federated.records import IDENTITY_RECORD, MSG_IDENTIFY
 
@@ -44,7 +44,8 @@ class FlowerTrainer:
             if len(node_ids) >= len(edges) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        msgs = [self.grid.create_message(RecordDict(), MSG_IDENTIFY, nid, group_id="identify") for nid in node_ids]
+        msgs = [Message(RecordDict(), dst_node_id=nid, message_type=MSG_IDENTIFY, group_id="identify")
+                for nid in node_ids]
         replies = list(self.grid.send_and_receive(msgs, timeout=max(30.0, self.wait_nodes))) if msgs else []
         node_of: dict[str, int] = {}
         for r in replies:
@@ -88,6 +89,8 @@ class FlowerTrainer:
         return weight_masks(model)
 
     def __call__(self, st, jobs: list) -> None:
+        from flwr.app import Message
+
         from edgefuse.federated.records import MSG_TRAIN, content_to_files, job_to_content
 
         edges = list(st.cfg.edges)
@@ -100,9 +103,8 @@ class FlowerTrainer:
                 job.failure = "no SuperNode with this edge name is connected"
                 continue
             by_node[nid] = job
-            msgs.append(self.grid.create_message(job_to_content(self.job_message(st, job), job.init_dir,
-                                                                self.masks(job)), MSG_TRAIN,
-                                                 nid, group_id=f"train-s{job.seed}-r{job.round_no}"))
+            msgs.append(Message(job_to_content(self.job_message(st, job), job.init_dir, self.masks(job)),
+                                dst_node_id=nid, message_type=MSG_TRAIN, group_id=f"train-s{job.seed}-r{job.round_no}"))
         t0 = time.perf_counter()
         log.info("federation: sending %d training jobs (timeout %s)", len(msgs), self.timeout)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
