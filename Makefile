@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/mmlu_cd_cost.py
 	$(BIN)/python bench/edge_memory.py
 	$(BIN)/python bench/fusion_speed.py
+	$(BIN)/python bench/pruning_damage.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench
