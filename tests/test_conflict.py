@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from test_fusion_helpers import NAMES, make_adapters, one_thread
+from test_fusion_helpers import NAMES, deltas, make_adapters, one_thread, rel, truncated
 
 from edgefuse.adapters import LoraAdapter, LoraModule
-from edgefuse.fusion import analyze_conflicts, fuse_adapters, resolve_conflicts
+from edgefuse.fusion import analyze_conflicts, fuse_adapters, pipeline, resolve_conflicts
 
 N = "model.layers.0.self_attn.q_proj"
 
@@ -122,3 +122,34 @@ def test_constructed_opposing_adapters_detected_and_resolved():
     opposing = (d2 * dominant < 0) & (d1 * dominant > 0)
     # re-factorisation to the adapter's rank keeps most of the edit: opposing mass largely removed
     assert float((T2 * dominant)[opposing].clamp(max=0).abs().sum()) < 0.35 * float(d2[opposing].abs().sum())
+
+
+@pytest.mark.parametrize("block", [None, 40])
+def test_element_strategy_equals_dense_reference(block, monkeypatch):
+    """Element-level LoRA-CR runs over row blocks; it must equal the dense definition (any block size)."""
+    if block:
+        monkeypatch.setattr(pipeline, "BLOCK", block)
+    x, y, z = make_adapters(K=3, ranks=(4, 3, 5), seed=4)
+    name = N
+    opp = LoraModule(x.modules[name].A, -0.7 * x.modules[name].B, x.modules[name].scale)
+    ads = [x, LoraAdapter({**y.modules, name: opp}), z]
+    w, rho = [1.0, 0.8, 1.3], 0.2
+    out, st = resolve_conflicts(ads, w, strategy="element", threshold=0.1, element_threshold=rho)
+    T = torch.stack([wk * d for wk, d in zip(w, deltas(ads, name))])
+    P, Nn = T.clamp(min=0).sum(0), (-T).clamp(min=0).sum(0)
+    lo, hi = torch.minimum(P, Nn), torch.maximum(P, Nn)
+    conflict = (lo > 0) & (lo >= rho * hi)
+    dominant = torch.sign(P - Nn)
+    e = st["modules"][name]
+    assert e["flagged"] and e["conflict_elements"] == int(conflict.sum())
+    assert e["sign_conflict"] == pytest.approx(float(1 - T.sum(0).abs().sum() / T.abs().sum()), abs=1e-6)
+    changed = 0
+    for k, a in enumerate(ads):
+        drop = conflict & (T[k] * dominant < 0)
+        if not drop.any():
+            assert out[k].modules[name] is a.modules[name]
+            continue
+        changed += int(drop.sum())
+        ref = truncated(T[k].masked_fill(drop, 0.0) / w[k], a.modules[name].rank)
+        assert rel(out[k].modules[name].delta(), ref) <= 1e-5
+    assert changed > 0 and e["changed_params"] == changed

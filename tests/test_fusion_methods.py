@@ -1,12 +1,14 @@
 """Each method against a dense computation written here from the papers' definitions."""
 
+import hashlib
+
 import pytest
 import torch
 from test_fusion_helpers import NAMES, deltas, make_adapters, one_thread, ref_elementwise, rel, truncated
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.errors import EdgefuseError
-from edgefuse.fusion import fuse_adapters
+from edgefuse.fusion import fuse_adapters, lowrank, pipeline
 
 W = [0.5, 1.5, -0.7]
 
@@ -20,6 +22,15 @@ def _single_thread():
 @pytest.fixture(scope="module")
 def ads():
     return make_adapters()
+
+
+@pytest.fixture(params=["one block", "tiny blocks"])
+def blocks(request, monkeypatch):
+    """Element-wise merges run row block by row block; at test sizes a module is one block unless the block
+    is made tiny (1–2 rows), which exercises the multi-block paths (thresholds, random streams, consensus)."""
+    if request.param == "tiny blocks":
+        monkeypatch.setattr(pipeline, "BLOCK", 40)
+    return request.param
 
 
 def test_linear_cat_task_arithmetic_exact(ads):
@@ -59,7 +70,7 @@ def test_svd_equals_dense_truncated_svd(ads):
     ],
 )
 @pytest.mark.parametrize("majority", ["total", "frequency"])
-def test_elementwise_equals_dense_reference(ads, method, kw, majority):
+def test_elementwise_equals_dense_reference(ads, method, kw, majority, blocks):
     if majority == "frequency" and not kw.get("elect"):
         pytest.skip("majority only matters with sign election")
     density = 0.3
@@ -85,7 +96,7 @@ def _dare_masks(ads, density, seed):
 
 
 @pytest.mark.parametrize("method,elect", [("dare_linear", False), ("dare_ties", True)])
-def test_dare_fixed_seed_equals_reference(ads, method, elect):
+def test_dare_fixed_seed_equals_reference(ads, method, elect, blocks):
     density, seed = 0.6, 7
     out, _ = fuse_adapters(ads, method, W, rank=16, density=density, seed=seed, rng="sequential")
     masks = _dare_masks(ads, density, seed)
@@ -102,6 +113,92 @@ def test_dare_fixed_seed_equals_reference(ads, method, elect):
         fuse_adapters(ads, method, W, rank=16, density=density, seed=seed)[0].modules[name].A,
     )
     assert rel(again.modules[name].delta(), other.modules[name].delta()) > 0.05
+
+
+def _module_stream(seed, name, k):
+    """rng='module' (the default): adapter k's stream for a module is seeded by SHA-256 of "seed:name:k"."""
+    digest = hashlib.sha256(f"{seed}:{name}:{k}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+@pytest.mark.parametrize("method,elect", [("dare_linear", False), ("dare_ties", True)])
+def test_dare_module_streams_equal_reference(ads, method, elect, blocks):
+    """Default streams: one per (seed, module, adapter), so masks do not depend on module order or blocking."""
+    density, seed = 0.4, 5
+    out, _ = fuse_adapters(ads, method, W, rank=16, density=density, seed=seed)
+    for name in NAMES:
+        masks = [
+            torch.bernoulli(torch.full(a.modules[name].shape, density), generator=_module_stream(seed, name, k))
+            for k, a in enumerate(ads)
+        ]
+        ref = ref_elementwise(
+            deltas(ads, name), W, trim="random", density=density, masks=masks, rescale=True, elect=elect
+        )
+        assert rel(out.modules[name].delta(), ref) <= 1e-5
+
+
+def test_elementwise_large_module_against_reference():
+    """A module above the sampling threshold of the exact k-th-magnitude selection (64k entries) and wider
+    than one row block, re-factorised by the default solver: still the dense reference, truncated exactly."""
+    name = "model.layers.0.mlp.up_proj"
+    big = make_adapters(names={name: (400, 300)}, ranks=(6, 5, 7), scales=(1.0, 1.0, 1.0))
+    ds = deltas(big, name)
+    cases = [
+        ("ties", dict(trim="magnitude", elect=True), {}),
+        ("magnitude_prune", dict(trim="magnitude"), {}),
+        ("breadcrumbs_ties", dict(trim="breadcrumbs", gamma=0.02, elect=True), {"gamma": 0.02}),
+    ]
+    for method, kw, params in cases:
+        out, _ = fuse_adapters(big, method, W, rank=8, density=0.35, **params)
+        ref = ref_elementwise(ds, W, density=0.35, **kw)
+        assert rel(out.modules[name].delta(), truncated(ref, 8)) <= 1e-5, method
+    out, _ = fuse_adapters(big, "dare_ties", W, rank=8, density=0.35, seed=2)
+    masks = [torch.bernoulli(torch.full((400, 300), 0.35), generator=_module_stream(2, name, k)) for k in range(3)]
+    ref = ref_elementwise(ds, W, trim="random", density=0.35, masks=masks, rescale=True, elect=True)
+    assert rel(out.modules[name].delta(), truncated(ref, 8)) <= 1e-5
+
+
+def _spectrum_matrix(m, n, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64)).Q
+    return (U * torch.tensor(s, dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (150, 150), (40, 7)])
+def test_default_solver_is_the_exact_truncation(shape):
+    """Default re-factorisation = the float64 SVD truncation of the same float32 matrix (tall, wide, square,
+    rank ≥ min dimension), far closer than a float32 LAPACK SVD is; 'auto' is the same solver."""
+    g = torch.Generator().manual_seed(1)
+    m, n = shape
+    # a flat spectrum, like a sparsified merge: many similar singular values around the cut
+    M = (torch.randn(m, n, generator=g) + 0.5 * torch.randn(m, 12, generator=g) @ torch.randn(12, n, generator=g))
+    for r in (1, 6, 10, min(m, n)):
+        ref = truncated(M, r)
+        out = lowrank.dense_truncated_svd(M, r)
+        assert out.rank == min(r, m, n)
+        assert rel(out.B @ out.A, ref) <= 1e-6, r
+        lapack = lowrank.dense_truncated_svd(M, r, "exact")
+        assert rel(lapack.B @ lapack.A, ref) <= 1e-4
+        auto = lowrank.dense_truncated_svd(M, r, "auto")
+        assert torch.equal(auto.A, out.A) and torch.equal(auto.B, out.B)
+
+
+def test_default_solver_degenerate_and_zero():
+    # σ_4 = σ_5: the rank-4 truncation is not unique; any answer must reach the optimal error √Σ_{i>4} σ_i²
+    s = [5.0, 4.0, 3.0, 2.0, 2.0, 1.0, 0.5]
+    M = _spectrum_matrix(60, 30, s).float()
+    out = lowrank.dense_truncated_svd(M, 4)
+    err = float((M.double() - (out.B @ out.A).double()).norm())
+    assert err == pytest.approx(sum(x * x for x in s[4:]) ** 0.5, rel=1e-5)
+    # a rank-2 matrix asked for rank 4: exact, with zero extra directions
+    M2 = _spectrum_matrix(50, 20, [3.0, 1.0]).float()
+    out2 = lowrank.dense_truncated_svd(M2, 4)
+    assert rel(out2.B @ out2.A, M2) <= 1e-6 and torch.isfinite(out2.A).all()
+    zero = lowrank.dense_truncated_svd(torch.zeros(30, 20), 3)
+    assert float(zero.A.abs().sum() + zero.B.abs().sum()) == 0
+    with pytest.raises(ValueError, match="valid: gram, exact, randomized, auto"):
+        lowrank.dense_truncated_svd(M, 2, "nope")
 
 
 def test_dare_mean_over_seeds_approaches_sum(ads):

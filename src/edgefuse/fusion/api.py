@@ -18,11 +18,12 @@ from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import STRATEGIES, analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
+from edgefuse.fusion.lowrank import SOLVERS
 from edgefuse.fusion.registry import get_method
 from edgefuse.io import atomic_dir, sha256_file
 
 FORMAT = "edgefuse-fused-adapter"
-_COMMON = {"svd_solver": "auto", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05, "workers": 1}
+_COMMON = {"svd_solver": "gram", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05, "workers": 1}
 
 
 def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
@@ -65,7 +66,7 @@ def _resolve_params(spec, density, params: dict[str, Any]) -> tuple[float, dict[
         raise EdgefuseError(f"gamma must be in [0, 1), got {gamma}")
     resolved = {**allowed, **params}
     for key, valid in (
-        ("svd_solver", ("auto", "exact", "randomized")),
+        ("svd_solver", SOLVERS),
         ("majority", ("total", "frequency")),
         ("rng", ("module", "sequential")),
         ("reweight", ("dual", "none")),

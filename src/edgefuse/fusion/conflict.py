@@ -4,7 +4,7 @@ Measures, per module, on the weighted updates T_k = w_k ΔW_k:
 - pairwise cosine ⟨T_i, T_j⟩/(‖T_i‖‖T_j‖) and overlap of column and row spaces (mean squared cosine of the
   principal angles, ‖U_iᵀU_j‖²_F / min(r_i, r_j)) — both from r×r products of the factors, no m×n matrix;
 - sign conflict weighted by magnitude: the share of mass that cancels in the sum,
-  1 − Σ_e |Σ_k T_k[e]| / Σ_e Σ_k |T_k[e]| = 2 Σ_e min(P_e, N_e) / Σ_e (P_e + N_e) (dense, one module at a time).
+  1 − Σ_e |Σ_k T_k[e]| / Σ_e Σ_k |T_k[e]| = 2 Σ_e min(P_e, N_e) / Σ_e (P_e + N_e) (dense, one row block at a time).
 
 Selection: a module's score is the strongest opposition between two adapters, max_{i<j} max(0, −cos_ij). Only
 modules with score > ``threshold`` are touched; everything else is passed through as the same objects, so a
@@ -13,7 +13,8 @@ fusion with LoRA-CR on conflict-free adapters is bit-identical to one without.
 Resolution (``strategy``):
 - ``element``: per element with P, N the positive and negative mass, the element conflicts when
   min(P, N) ≥ ``element_threshold``·max(P, N); there the entries opposing the dominant sign are dropped.
-  The edited ΔW_k is re-factorised at the adapter's own rank (exact SVD; the loss is reported).
+  The edited ΔW_k is re-factorised at the adapter's own rank (exact truncated SVD; the loss is reported).
+  Dense work runs over row blocks: at most one dense ΔW (the edited adapter's) is alive at a time.
 - ``direction``: for an opposing pair, along each singular direction (u_l, σ_l, v_l) of adapter i the
   coordinate of j is c_l = u_lᵀ T_j v_l; where c_l < 0, |c_l| ≥ ``direction_threshold``·σ_l and i dominates
   (σ_l > |c_l|), j loses c_l u_l v_lᵀ. Exact in factored form (j's rank grows by the removed directions).
@@ -27,6 +28,7 @@ import torch
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.fusion import lowrank
 from edgefuse.fusion.context import module_names, single_threaded_ops
+from edgefuse.fusion.pipeline import FactorRows, row_blocks
 
 STRATEGIES = ("element", "direction", "hybrid")
 
@@ -68,48 +70,68 @@ def module_metrics(mods, weights) -> tuple[dict, list]:
     return {"cosine": cos, "col_overlap": col, "row_overlap": row, "score": score, "norms": norms}, svds
 
 
-def _dense(mods, weights) -> torch.Tensor:
-    ref = next(m for m in mods if m is not None)
-    m, n = ref.shape
-    T = torch.zeros((len(mods), m, n), dtype=torch.float32, device=ref.A.device)
-    for k, mod in enumerate(mods):
-        if mod is not None:
-            torch.matmul(mod.B.float() * (mod.scale * weights[k]), mod.A.float(), out=T[k])
-    return T
+def _sources(mods, weights) -> dict[int, FactorRows]:
+    """Each present adapter's weighted update T_k = w_k ΔW_k as a row source (dense one row block at a time)."""
+    return {k: FactorRows(m, weights[k]) for k, m in enumerate(mods) if m is not None}
 
 
-def sign_conflict(T: torch.Tensor) -> float:
-    """Share of the total magnitude that cancels in the sum of the stack T (K × …)."""
-    total = T.abs().sum()
-    return float(1 - T.sum(0).abs().sum() / total) if total > 0 else 0.0
+def sign_conflict(mods, weights) -> float:
+    """Share of the total magnitude of the weighted updates that cancels in their sum, accumulated over row
+    blocks (never the K dense updates at once)."""
+    srcs = list(_sources(mods, weights).values())
+    net = total = 0.0
+    for s in row_blocks(srcs[0].shape):
+        T = [src.rows(s) for src in srcs]
+        acc, mass = T[0].clone(), T[0].abs()
+        for t in T[1:]:
+            acc.add_(t)
+            mass.add_(t.abs())
+        net += float(acc.abs().sum(dtype=torch.float64))
+        total += float(mass.sum(dtype=torch.float64))
+    return 1 - net / total if total > 0 else 0.0
 
 
 def _element(mods, weights, rho: float, rank_of) -> tuple[list, dict]:
-    T = _dense(mods, weights)
-    P = T.clamp(min=0).sum(0)
-    N = (-T).clamp(min=0).sum(0)
-    lo, hi = torch.minimum(P, N), torch.maximum(P, N)
-    conflict = (lo > 0) & (lo >= rho * hi)
-    dominant = torch.sign(P - N)
-    del P, N, lo, hi
-    out, per_adapter, errors = list(mods), {}, []
-    for k, mod in enumerate(mods):
-        if mod is None or weights[k] == 0:
-            continue
-        drop = conflict & (T[k] * dominant < 0)
-        nk = int(drop.sum())
-        if nk == 0:
-            continue
-        per_adapter[k] = nk
-        new = T[k].masked_fill(drop, 0.0).div_(weights[k])
-        fac = lowrank.dense_truncated_svd(new, rank_of(k, mod), "exact")
-        errors.append(float((new - fac.delta()).norm() / new.norm().clamp_min(1e-30)))
+    """Element-level resolution, row block by row block: per block the K weighted blocks give P, N, the
+    conflict mask and the dominant sign; an edited adapter's ΔW (one dense update) is rebuilt from its blocks
+    and re-factorised exactly at its own rank."""
+    srcs = _sources(mods, weights)
+    shape = next(iter(srcs.values())).shape
+    blocks = row_blocks(shape)
+
+    def block(s):
+        T = {k: src.rows(s) for k, src in srcs.items()}
+        first = next(iter(T.values()))
+        P, N = torch.zeros_like(first), torch.zeros_like(first)
+        for t in T.values():
+            P.add_(t.clamp(min=0))
+            N.sub_(t.clamp(max=0))
+        lo, hi = torch.minimum(P, N), torch.maximum(P, N)
+        return T, (lo > 0) & (lo >= rho * hi), torch.sign(P - N)
+
+    editable = [k for k in srcs if weights[k] != 0]
+    per_adapter, conflicts = dict.fromkeys(editable, 0), 0
+    for s in blocks:
+        T, conflict, dominant = block(s)
+        conflicts += int(conflict.sum())
+        for k in editable:
+            per_adapter[k] += int((conflict & (T[k] * dominant < 0)).sum())
+    per_adapter = {k: nk for k, nk in per_adapter.items() if nk}
+    out, errors = list(mods), []
+    for k in per_adapter:
+        mod = mods[k]
+        new = torch.empty(shape, dtype=torch.float32, device=mod.A.device)
+        for s in blocks:
+            T, conflict, dominant = block(s)
+            new[s] = T[k].masked_fill_(conflict & (T[k] * dominant < 0), 0.0).div_(weights[k])
+        fac = lowrank.dense_truncated_svd(new, rank_of(k, mod))
+        num = den = 0.0
+        for s in blocks:
+            num += float((new[s] - fac.B[s] @ fac.A).double().pow(2).sum())
+            den += float(new[s].double().pow(2).sum())
+        errors.append((num / den) ** 0.5 if den > 0 else 0.0)
         out[k] = LoraModule(fac.A.to(mod.A.dtype), fac.B.to(mod.B.dtype), 1.0)
-    return out, {
-        "per_adapter": per_adapter,
-        "conflict_elements": int(conflict.sum()),
-        "refactor_error": max(errors, default=0.0),
-    }
+    return out, {"per_adapter": per_adapter, "conflict_elements": conflicts, "refactor_error": max(errors, default=0.0)}
 
 
 def _direction(mods, weights, metrics, svds, threshold: float, delta: float) -> tuple[list, dict]:
@@ -164,7 +186,7 @@ def resolve_conflicts(
         entry["changed_params"] = 0
         if entry["flagged"]:
             flagged += 1
-            entry["sign_conflict"] = sign_conflict(_dense(mods, weights))
+            entry["sign_conflict"] = sign_conflict(mods, weights)
             counts: dict[int, int] = {}
             if strategy in ("direction", "hybrid"):
                 mods, st = _direction(mods, weights, metrics, svds, threshold, direction_threshold)
@@ -208,7 +230,7 @@ def resolve_conflicts(
 def analyze_conflicts(
     adapters: list[LoraAdapter], weights: list[float] | None = None, element: bool = True
 ) -> dict:
-    """Conflict statistics for every module (streamed: at most one module's dense ΔW per adapter at a time)."""
+    """Conflict statistics for every module (streamed: dense work one module and one row block at a time)."""
     with single_threaded_ops():
         return _analyze(adapters, weights, element)
 
@@ -222,7 +244,7 @@ def _analyze(adapters, weights, element):
         metrics, _ = module_metrics(mods, weights)
         entry = {k: metrics[k] for k in ("score", "cosine", "col_overlap", "row_overlap")}
         if element:
-            entry["sign_conflict"] = sign_conflict(_dense(mods, weights))
+            entry["sign_conflict"] = sign_conflict(mods, weights)
         per_module[name] = entry
     scores = [e["score"] for e in per_module.values()]
     summary = {

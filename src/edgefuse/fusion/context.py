@@ -21,33 +21,27 @@ class Ctx:
     density: float = 1.0
     gamma: float = 0.0
     majority: str = "total"
-    svd_solver: str = "auto"
+    svd_solver: str = "gram"
     seed: int = 0
-    rng: str = (
-        "module"  # module: a stream per (seed, module) | sequential: one stream over modules (PEFT order)
-    )
+    rng: str = "module"  # module: a stream per (seed, module, adapter) | sequential: one shared stream (PEFT order)
     shared_generator: torch.Generator | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
-    def generator(self) -> torch.Generator:
-        """The random stream for this module: order-independent unless ``rng='sequential'``."""
+    def generator(self, adapter: int) -> torch.Generator:
+        """Adapter ``adapter``'s random stream for this module: a function of (seed, module name, adapter index)
+        only — so independent of module order, of ``workers`` and of the other adapters — unless
+        ``rng='sequential'``, where every adapter and module draws from one shared stream in turn (PEFT)."""
         if self.rng == "sequential" and self.shared_generator is not None:
             return self.shared_generator
-        digest = hashlib.sha256(f"{self.seed}:{self.name}".encode()).digest()
+        digest = hashlib.sha256(f"{self.seed}:{self.name}:{adapter}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+    def generators(self, K: int) -> list[torch.Generator]:
+        return [self.generator(k) for k in range(K)]
 
 
 def present(mods: list[LoraModule | None]) -> list[tuple[int, LoraModule]]:
     return [(k, m) for k, m in enumerate(mods) if m is not None]
-
-
-def module_shape(mods: list[LoraModule | None]) -> tuple[int, int]:
-    return next(m.shape for m in mods if m is not None)
-
-
-def reference(mods: list[LoraModule | None]) -> torch.Tensor:
-    """A tensor carrying the device and dtype to compute in."""
-    return next(m.A for m in mods if m is not None)
 
 
 def natural_key(name: str):

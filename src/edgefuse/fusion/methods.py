@@ -2,8 +2,9 @@
 
 - Linear recipes (linear, cat, task arithmetic, svd) are exact in factored form: the weighted sum is the
   concatenation of the factors, and a chosen rank comes from the exact QR-based truncated SVD.
-- Element-wise recipes (TIES, DARE, magnitude pruning, breadcrumbs) need ΔW: each module's K dense updates
-  are formed one module at a time, merged by `pipeline.merge_stack`, and re-factorised by a truncated SVD.
+- Element-wise recipes (TIES, DARE, magnitude pruning, breadcrumbs) need ΔW: one module at a time, its K
+  dense updates are merged row block by row block by `pipeline.merge_rows` (at most one dense ΔW alive, plus
+  small blocks), and the merged ΔW is re-factorised by an exact truncated SVD (`lowrank.dense_truncated_svd`).
 
 Every method takes the modules of the K adapters (None where an adapter lacks the module: a zero update),
 their weights and a `Ctx`, and returns one `LoraModule`.
@@ -15,8 +16,8 @@ import torch
 
 from edgefuse.adapters import LoraModule
 from edgefuse.fusion import lowrank
-from edgefuse.fusion.context import Ctx, module_shape, present, reference
-from edgefuse.fusion.pipeline import RECIPES, Recipe, merge_stack, sparsify_
+from edgefuse.fusion.context import Ctx, present
+from edgefuse.fusion.pipeline import RECIPES, FactorRows, Recipe, merge_rows
 
 
 def _factored_sum(mods, coefs, rank: int | None) -> LoraModule:
@@ -75,33 +76,22 @@ def svd(mods, weights, ctx: Ctx) -> LoraModule:
 
 
 def elementwise(mods, weights, ctx: Ctx, recipe: Recipe) -> LoraModule:
-    """Form the K dense ΔW of ONE module, run the recipe in place, re-factorise to ``ctx.rank``."""
-    m, n = module_shape(mods)
-    ref = reference(mods)
-    gen = ctx.generator() if recipe.sparsify == "random" else None
-    T = []
-    for mod in mods:  # form and sparsify one ΔW at a time: only one unsparsified update is ever alive
-        if mod is None:
-            T.append(torch.zeros((m, n), dtype=torch.float32, device=ref.device))
-            continue
-        d = (mod.B.float() * mod.scale) @ mod.A.float()
-        T.append(sparsify_(d, recipe, ctx.density, ctx.gamma, gen))
-    merged = merge_stack(
-        T,
-        list(weights),
+    """Merge ONE module's dense updates with the recipe, row block by row block (`pipeline.merge_rows`: never
+    the K dense ΔW at once), then re-factorise the merged ΔW to ``ctx.rank`` (exact by default)."""
+    items = present(mods)
+    merged = merge_rows(
+        [FactorRows(m) for _, m in items],
+        [weights[k] for k, _ in items],
         recipe,
         density=ctx.density,
         gamma=ctx.gamma,
         majority=ctx.majority,
-        present=[x is not None for x in mods],
-        sparsified=True,
+        generators=[ctx.generator(k) for k, _ in items] if recipe.sparsify == "random" else None,
     )
-    del T[1:]
-    rank = ctx.rank or max(x.rank for _, x in present(mods))
-    out = lowrank.dense_truncated_svd(
+    rank = ctx.rank or max(x.rank for _, x in items)
+    return lowrank.dense_truncated_svd(
         merged, rank, ctx.svd_solver, generator=torch.Generator().manual_seed(ctx.seed)
     )
-    return out
 
 
 def ties(mods, weights, ctx: Ctx) -> LoraModule:

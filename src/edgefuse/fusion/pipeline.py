@@ -1,13 +1,28 @@
-"""The shared element-wise merge mechanism: sparsify → weight → sign consensus → combine.
+"""The shared element-wise merge mechanism: sparsify → weight → sign consensus → combine, in row blocks.
 
 Why: TIES, DARE (linear and TIES), magnitude pruning, Model Breadcrumbs and task arithmetic differ only in
 which step they switch on (as mergekit frames them). One `Recipe` names the configuration and one function,
-`merge_stack`, runs it on a stack of K task tensors — dense ΔW of one module, KnOTS' aligned V blocks, or
-Core Space's core matrices. Work is in place on the stack, so peak memory is the stack plus ~2 buffers.
+`merge_rows`, runs it on K task tensors — the dense ΔW of one module (from its LoRA factors), KnOTS' aligned
+V blocks, or Core Space's core matrices.
+
+Memory: the K task tensors are never held at once. Each is a *row source* that produces any block of its
+rows on demand (rows of scale·B·A from the factors, or rows of an existing small tensor). Two passes:
+1. magnitude bounds (trim, breadcrumbs): for one adapter at a time, |ΔW_k| is assembled from the same row
+   blocks as pass 2 (in the output's buffer, overwritten later) and its k-th largest magnitude(s) selected
+   exactly;
+2. the output is built one row block at a time: each adapter's block is recomputed (bitwise the values of
+   pass 1: same product of the same operands), masked, weighted, and the K blocks combined into that block.
+The peak is one dense tensor (the output) plus K + 4 block buffers, whatever K. Every step is float
+arithmetic on preallocated buffers (masks as hardshrink / sign·relu), no boolean temporaries per block.
+Random drops need no pass 1: each adapter draws from its own stream block after block, which gives exactly
+the draws of one full-tensor draw from that stream.
 
 Conventions (each explicit, and documented where PEFT differs):
-- counts use ``int(density · numel)`` like PEFT/mergekit;
+- counts use ``int(density · numel)`` like PEFT/mergekit; entries tied with the threshold are kept;
 - sparsification acts on unweighted tensors (rankings are scale-invariant), then weights multiply;
+- a random drop keeps an entry when u < density for u ~ U[0, 1) drawn in row-major order, which is what
+  ``torch.bernoulli(torch.full_like(x, density))`` draws from the same generator (PEFT's DARE; the tests check
+  both against PEFT and against masks drawn with ``torch.bernoulli``);
 - the sign is elected on the *weighted* tensors (mergekit; a negative weight flips what the adapter
   contributes). PEFT elects on unweighted tensors: identical whenever the weights are equal and positive;
 - TIES' disjoint merge divides by the number of agreeing non-zero entries (paper, PEFT).
@@ -18,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+BLOCK = 1 << 16  # elements per adapter and row block: K blocks and their temporaries stay small (and in cache)
 
 
 @dataclass(frozen=True)
@@ -35,85 +52,221 @@ class Recipe:
         return self.sparsify == "none" and not self.consensus and self.combine == "sum"
 
 
-def _rows(x: torch.Tensor, target: int = 1 << 16):
-    """Row-chunk views of x (as 2-D) of about ``target`` elements: workspace stays a chunk, not a tensor."""
-    v = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
-    step = max(1, target // max(1, v.shape[1]))
-    return [v[i : i + step] for i in range(0, v.shape[0], step)]
+class FactorRows:
+    """Rows of ``coef·scale·B·A`` (float32), computed on demand from a LoRA module's factors."""
+
+    def __init__(self, mod, coef: float = 1.0):
+        self.B = mod.B.float() * (mod.scale * coef)
+        self.A = mod.A.float()
+        self.shape = (self.B.shape[0], self.A.shape[1])
+        self.dtype, self.device = self.A.dtype, self.A.device
+
+    def rows(self, s: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``s`` (into ``out`` if given, else a fresh tensor the caller may modify)."""
+        return torch.mm(self.B[s], self.A, out=out)
 
 
-def _kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact k-th largest |x| without a full-size copy of |x| (and faster than ``kthvalue`` on it).
+class TensorRows:
+    """Rows of an existing tensor seen as (first dim × the rest)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+        self.shape = tuple(self.t.shape)
+        self.dtype, self.device = t.dtype, t.device
+
+    def rows(self, s: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.t[s].clone() if out is None else out.copy_(self.t[s])
+
+
+def row_blocks(shape: tuple[int, int], target: int | None = None) -> list[slice]:
+    """Row ranges of about ``target`` elements (default `BLOCK`)."""
+    rows, cols = shape
+    step = max(1, (target or BLOCK) // max(1, cols))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _kth_largest(a: torch.Tensor, k: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact k-th largest entry (1 ≤ k ≤ numel) of the non-negative tensor ``a``, faster than ``kthvalue``.
 
     A random sample brackets the answer in [lo, hi]; with c entries above hi, the answer is the (k−c)-th
-    largest of the few entries inside the bracket, all counted chunk by chunk. If the bracket misses, fall
-    back to a full selection.
+    largest of the few entries inside the bracket. Counting runs over chunks into reused buffers (c > hi
+    counted as Σ sign(relu(c − hi)), exact for floats), so the workspace is a chunk. If the bracket misses,
+    fall back to a full selection.
     """
-    n = x.numel()
-    flat = x.reshape(-1)
+    flat = a.reshape(-1)
+    n = flat.numel()
     if n > 1 << 16:
-        idx = torch.randint(n, (8192,), generator=torch.Generator().manual_seed(n), device="cpu").to(x.device)
-        sample = flat[idx].abs().sort().values  # random, not strided: low-rank ΔW has periodic structure
+        idx = torch.randint(n, (8192,), generator=torch.Generator().manual_seed(n)).to(a.device)
+        sample = flat[idx]  # random, not strided: low-rank ΔW has periodic structure
         ns = sample.numel()
         pos = (1 - k / n) * (ns - 1)
         margin = int(4 * (ns * (k / n) * (1 - k / n)) ** 0.5) + 8
-        lo = sample[max(0, int(pos) - margin)]
-        hi = sample[min(ns - 1, int(pos) + 1 + margin)]
-        chunks = _rows(x)
-        need = k - sum(int((c.abs() > hi).sum()) for c in chunks)
+        lo = torch.kthvalue(sample, max(0, int(pos) - margin) + 1).values
+        hi = torch.kthvalue(sample, min(ns - 1, int(pos) + 1 + margin) + 1).values
+        buf = torch.empty(1 << 16, dtype=a.dtype, device=a.device) if buf is None else buf.reshape(-1)
+        chunks = flat.split(buf.numel())
+        ge, le = (torch.empty(buf.numel(), dtype=torch.bool, device=a.device) for _ in range(2))
+        above = 0
+        for c in chunks:
+            above += int(torch.sub(c, hi, out=buf[: c.numel()]).relu_().sign_().sum())
+        need = k - above
         if need > 0:
-            band = torch.cat([c.abs()[(c.abs() >= lo) & (c.abs() <= hi)] for c in chunks])
+            parts = []
+            for c in chunks:
+                m, m2 = ge[: c.numel()], le[: c.numel()]
+                torch.ge(c, lo, out=m)
+                parts.append(c[m.logical_and_(torch.le(c, hi, out=m2))])
+            band = torch.cat(parts)
             if band.numel() >= need:
                 return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(flat.abs(), n - k + 1).values
+    return torch.kthvalue(flat, n - k + 1).values
 
 
-def sparsify_(
-    x: torch.Tensor,
+def _below(t: torch.Tensor) -> float:
+    """The largest value of t's dtype below the scalar t (≥ 0): |x| > _below(t) ⇔ |x| ≥ t, for ``hardshrink``."""
+    return float(torch.nextafter(t, torch.zeros_like(t)))
+
+
+def _bounds(src, recipe: Recipe, density: float, gamma: float, blocks: list[slice], buf, a: torch.Tensor):
+    """Magnitude bounds of the entries one adapter keeps, lo ≤ |x| < hi, as ``hardshrink`` thresholds
+    (None: that side unbounded); None when it keeps nothing. Magnitude pruning is breadcrumbs without the
+    top-``gamma`` outliers. |ΔW_k| is assembled in ``a`` with the same products (into the same block buffer)
+    as pass 2."""
+    rows, cols = src.shape
+    n = rows * cols
+    top = int(gamma * n) if recipe.sparsify == "breadcrumbs" else 0
+    keep = min(int(density * n), n - top)
+    if keep <= 0:
+        return None
+    if top == 0 and keep >= n:
+        return (None, None)
+    for s in blocks:
+        torch.abs(src.rows(s, out=buf[: s.stop - s.start]), out=a[s])
+    lo = _below(_kth_largest(a, top + keep, buf)) if top + keep < n else None
+    hi = _below(_kth_largest(a, top, buf)) if top > 0 else None
+    return lo, hi
+
+
+def _mask_(t: torch.Tensor, bounds, tmp: torch.Tensor) -> None:
+    """Keep the entries with lo ≤ |x| < hi: hardshrink(x, lo⁻) − hardshrink(x, hi⁻), exact and all-float."""
+    if bounds is None:
+        t.zero_()
+        return
+    lo, hi = bounds
+    if hi is not None:
+        t.sub_(torch.hardshrink(t, hi, out=tmp))
+    if lo is not None:
+        torch.hardshrink(t, lo, out=t)
+
+
+def _streams(generators, sources) -> list[torch.Generator]:
+    """One random stream per source. A generator shared by several sources (one stream over adapters, PEFT's
+    order) is split: each earlier source gets a copy of its state, and the shared one skips that source's
+    draws, so blocked draws equal the sequential full-tensor draws."""
+    gens = [torch.default_generator if g is None else g for g in generators]
+    out = []
+    for k, (g, src) in enumerate(zip(gens, sources)):
+        if any(h is g for h in gens[k + 1 :]):
+            own = torch.Generator(device=g.device)
+            own.set_state(g.get_state())
+            n = src.shape[0] * src.shape[1]
+            for i in range(0, n, 1 << 20):
+                torch.rand(min(1 << 20, n - i), generator=g, dtype=src.dtype)
+            out.append(own)
+        else:
+            out.append(g)
+    return out
+
+
+def _drop_(t: torch.Tensor, density: float, gen: torch.Generator, rescale: bool, tmp: torch.Tensor) -> None:
+    """Keep x where u < density (u ~ U[0, 1) from ``gen``), as t·sign(relu(density − u)): exact, all-float."""
+    torch.rand(t.shape, generator=gen, dtype=t.dtype, out=tmp)
+    d = float(torch.tensor(density, dtype=t.dtype))  # the comparison runs in t's precision, like bernoulli's
+    t.mul_(tmp.neg_().add_(d).relu_().sign_())
+    if rescale:
+        t.div_(density)
+
+
+def _combine(parts: list[torch.Tensor], recipe: Recipe, majority: str, out: torch.Tensor, w) -> None:
+    """Merge the weighted, sparsified blocks of one row range (consumed) into ``out``.
+
+    TIES with elected sign s = ±1 (s = +1 where the election ties at 0): an entry agrees when s·x > 0, so the
+    agreeing mass is s·Σ relu(s·x_k) and the count Σ sign(relu(s·x_k)) — the same sums as masking, all-float.
+    """
+    tmp, count, sgn = w["tmp"], None, None
+    if recipe.consensus:
+        el, count = w["el"], w["count"]
+        if majority == "total":
+            el.copy_(parts[0])
+            for p in parts[1:]:
+                el.add_(p)
+        else:
+            torch.sign(parts[0], out=el)
+            for p in parts[1:]:
+                el.add_(torch.sign(p, out=tmp))
+        sgn = torch.copysign(w["ones"], el, out=el)  # ±0 only when every entry is 0: nothing agrees either way
+        count.zero_()
+        for p in parts:
+            p.mul_(sgn).relu_()
+            count.add_(torch.sign(p, out=tmp))
+    elif recipe.combine == "disjoint_mean":
+        count = w["count"].zero_()
+        for p in parts:
+            count.add_(torch.sign(p, out=tmp).abs_())
+    out.copy_(parts[0])
+    for p in parts[1:]:
+        out.add_(p)
+    if sgn is not None:
+        out.mul_(sgn)
+    if recipe.combine == "disjoint_mean":
+        out.div_(count.clamp_min_(1.0))
+
+
+def merge_rows(
+    sources,
+    weights: list[float],
     recipe: Recipe,
-    density: float,
+    *,
+    density: float = 1.0,
     gamma: float = 0.0,
-    generator: torch.Generator | None = None,
+    majority: str = "total",
+    generators: list[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
-    """Sparsify one task tensor in place (chunk by chunk) and return it."""
-    n = x.numel()
-    if recipe.sparsify == "magnitude":
-        k = int(density * n)
-        if k >= n:
-            return x
-        if k <= 0:
-            return x.zero_()
-        thr = _kth_largest_abs(x, k)
-        for c in _rows(x):
-            c.mul_(c.abs() >= thr)
-    elif recipe.sparsify == "random":
-        if density >= 1:
-            return x
-        for c in _rows(x):  # row chunks in order draw exactly the same Bernoulli stream as one full draw
-            c.mul_(torch.bernoulli(torch.full_like(c, density), generator=generator))
-            if recipe.rescale:
-                c.div_(density)
-    elif recipe.sparsify == "breadcrumbs":
-        top = int(gamma * n)
-        keep = min(int(density * n), n - top)
-        if keep <= 0:
-            return x.zero_()
-        lo = _kth_largest_abs(x, top + keep) if top + keep < n else None
-        hi = _kth_largest_abs(x, top) if top > 0 else None
-        for c in _rows(x):
-            a = c.abs()
-            mask = torch.ones_like(a, dtype=torch.bool) if lo is None else a >= lo
-            if hi is not None:
-                mask &= a < hi
-            c.mul_(mask)
-    elif recipe.sparsify != "none":
+    """Run ``recipe`` on the row sources (one per adapter that has this module; a missing adapter is a zero
+    update and contributes nothing to any recipe) and return the merged (rows × cols) tensor.
+
+    Every block operation writes into buffers allocated once per call (K + 4 blocks), so the allocator is
+    not involved per block."""
+    if majority not in ("total", "frequency"):
+        raise ValueError(f"majority must be 'total' or 'frequency', not {majority!r}")
+    if recipe.sparsify not in ("none", "magnitude", "random", "breadcrumbs"):
         raise ValueError(f"unknown sparsifier {recipe.sparsify!r}")
-    return x
-
-
-def _chunks(n_rows: int, row_numel: int, target: int = 1 << 16):
-    step = max(1, target // max(1, row_numel))
-    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+    shape, dtype, device = sources[0].shape, sources[0].dtype, sources[0].device
+    blocks = row_blocks(shape)
+    step = blocks[0].stop
+    new = lambda: torch.empty((step, shape[1]), dtype=dtype, device=device)  # noqa: E731
+    parts = [new() for _ in sources]
+    w = {"tmp": new(), "el": new(), "count": new(), "ones": new().fill_(1.0)}
+    out = torch.empty(shape, dtype=dtype, device=device)  # also pass 1's |ΔW_k| buffer: one dense tensor
+    bounds = streams = None
+    if recipe.sparsify in ("magnitude", "breadcrumbs"):
+        bounds = [_bounds(src, recipe, density, gamma, blocks, parts[k], out) for k, src in enumerate(sources)]
+    elif recipe.sparsify == "random" and density < 1:
+        streams = _streams(generators or [None] * len(sources), sources)
+    for s in blocks:
+        n = s.stop - s.start
+        views = []
+        for k, src in enumerate(sources):
+            t = src.rows(s, out=parts[k][:n])
+            if bounds is not None:
+                _mask_(t, bounds[k], w["tmp"][:n])
+            elif streams is not None:
+                _drop_(t, density, streams[k], recipe.rescale, w["tmp"][:n])
+            if weights[k] != 1:
+                t.mul_(weights[k])
+            views.append(t)
+        _combine(views, recipe, majority, out[s], {key: b[:n] for key, b in w.items()})
+    return out
 
 
 def merge_stack(
@@ -126,51 +279,26 @@ def merge_stack(
     majority: str = "total",
     generators: list[torch.Generator | None] | None = None,
     present: list[bool] | None = None,
-    sparsified: bool = False,
 ) -> torch.Tensor:
-    """Run ``recipe`` on the K task tensors ``T`` (a K×… tensor or a list), consuming them; returns the merge
-    (stored in T[0]).
+    """`merge_rows` on a stack of K task tensors (a K×… tensor or a list); returns the merge in their shape.
 
     ``present[k]`` False marks an adapter that lacks this module (a zero slot): it is neither sparsified
-    nor drawn for, so random streams match a merge of only the present adapters. ``sparsified`` says the
-    caller already ran `sparsify_` (to keep only one unsparsified tensor alive at a time). Sign election and
-    the disjoint mean run over row chunks, so their workspace is a few chunks, not whole tensors.
+    nor drawn for, so random streams match a merge of only the present adapters.
     """
     K = len(T)
     present = present or [True] * K
     generators = generators or [None] * K
-    for k in range(K):
-        if present[k] and recipe.sparsify != "none" and not sparsified:
-            sparsify_(T[k], recipe, density, gamma, generators[k])
-        T[k].mul_(weights[k])
-    out = T[0]
-    rows = out.shape[0] if out.dim() else 1
-    views = [t.view(rows, -1) for t in T]
-    for s in _chunks(rows, views[0].shape[1]):
-        parts = [v[s] for v in views]
-        count = None
-        if recipe.consensus:
-            if majority == "total":
-                elected = sum(p for p in parts[1:]) + parts[0] if K > 1 else parts[0].clone()
-            elif majority == "frequency":
-                elected = parts[0].sign()
-                for p in parts[1:]:
-                    elected.add_(p.sign())
-            else:
-                raise ValueError(f"majority must be 'total' or 'frequency', not {majority!r}")
-            elected = torch.where(elected >= 0, 1.0, -1.0).to(out.dtype)
-            count = torch.zeros_like(elected)
-            for p in parts:
-                agree = (p * elected) > 0
-                p.mul_(agree)
-                count.add_(agree)
-        elif recipe.combine == "disjoint_mean":
-            count = sum((p != 0).to(out.dtype) for p in parts)
-        for p in parts[1:]:
-            parts[0].add_(p)
-        if recipe.combine == "disjoint_mean":
-            parts[0].div_(count.clamp_min_(1.0))
-    return out
+    keep = [k for k in range(K) if present[k]]
+    out = merge_rows(
+        [TensorRows(T[k]) for k in keep],
+        [weights[k] for k in keep],
+        recipe,
+        density=density,
+        gamma=gamma,
+        majority=majority,
+        generators=[generators[k] for k in keep],
+    )
+    return out.view(T[keep[0]].shape)
 
 
 # Named configurations of the shared steps (also the inner merges of KnOTS and Core Space).
@@ -195,7 +323,7 @@ def inner_recipe(ctx, method: str) -> str:
 
 def merge_inner(stack: torch.Tensor, weights, inner: str, ctx, mods) -> torch.Tensor:
     """Run the named element-wise recipe (``inner``) on a stack of aligned updates with the fusion context's
-    density/gamma/majority and seed: the shared last step of KnOTS and Core Space."""
+    density/gamma/majority and random streams: the shared last step of KnOTS and Core Space."""
     return merge_stack(
         stack,
         list(weights),
@@ -203,6 +331,6 @@ def merge_inner(stack: torch.Tensor, weights, inner: str, ctx, mods) -> torch.Te
         density=ctx.density,
         gamma=ctx.gamma,
         majority=ctx.majority,
-        generators=[ctx.generator()] * len(mods),
+        generators=ctx.generators(len(mods)),
         present=[x is not None for x in mods],
     )
