@@ -39,22 +39,10 @@ K, RANK, DENSITY = 4, 16, 0.5
 
 def tensor_peak(fn):
     """Run fn under the profiler; return (result, peak bytes allocated by torch above the level before fn)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
+    from edgefuse.profiling import allocation_peak
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        res = fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            events.append((e.start_time_ns, e.typed[1].total_allocated, e.typed[1].alloc_size))
-        stack.extend(e.children)
-    if not events:
-        return res, 0
-    events.sort()
-    base = events[0][1] - events[0][2]
-    return res, max(total for _, total, _ in events) - base
+    res, peak = allocation_peak(fn)
+    return res, peak or 0
 
 
 def loadavg() -> str:

@@ -4,11 +4,10 @@ never more than one module's dense ΔW per adapter, i.e. below K dense units for
 import pytest
 import torch
 from test_fusion_helpers import one_thread
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.fusion import fuse_adapters
+from edgefuse.profiling import allocation_peak as profiled_peak
 
 NAME = "model.layers.0.mlp.up_proj"
 SHAPE = (1536, 576)  # SmolLM2-135M's largest module
@@ -22,22 +21,9 @@ def _single_thread():
 
 
 def allocation_peak(fn):
-    """(result, peak bytes allocated by torch during fn above what was allocated before it).
-
-    Walks the profiler's allocation events; each carries the allocator's running total, so transient
-    workspaces inside an op (e.g. LAPACK's, allocated through torch) are seen, not only op outputs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        res = fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            events.append((e.start_time_ns, e.typed[1].total_allocated, e.typed[1].alloc_size))
-        stack.extend(e.children)
-    assert events, "the profiler reported no allocations"
-    events.sort()
-    base = events[0][1] - events[0][2]
-    return res, max(total for _, total, _ in events) - base
+    res, peak = profiled_peak(fn)
+    assert peak is not None, "the profiler reported no allocations"
+    return res, peak
 
 
 def _adapters(K, seed=0, opposing=False):
