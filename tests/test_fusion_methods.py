@@ -201,6 +201,37 @@ def test_default_solver_degenerate_and_zero():
         lowrank.dense_truncated_svd(M, 2, "nope")
 
 
+@pytest.mark.parametrize("m,n,R", [(300, 120, 24), (120, 300, 24), (40, 30, 64)])
+def test_factored_truncation_is_the_dense_truncation(m, n, R):
+    """`lowrank.truncate` (two R×R Gram eigendecompositions) = float64 SVD truncation of the dense B @ A:
+    for a steep spectrum, for stacked factors that are rank-deficient (the same adapter twice, as after a
+    round that started every edge from one fused model), for R larger than the matrix, and for zero."""
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(m, R, generator=g) * torch.logspace(0, -4, R)
+    A = torch.randn(R, n, generator=g)
+    half = R // 2
+    dup_B, dup_A = torch.cat([B[:, :half], 2 * B[:, :half]], 1), torch.cat([A[:half], A[:half]], 0)
+    for Bx, Ax in ((B, A), (dup_B, dup_A)):
+        M = Bx.double() @ Ax.double()
+        for r in (1, 5, R // 2, R):
+            out = lowrank.truncate(Bx, Ax, r)
+            assert out.rank == min(r, R)
+            assert rel(out.B @ out.A, truncated(M, r)) <= 2e-6, (r, Bx is B)
+            assert torch.isfinite(out.A).all() and torch.isfinite(out.B).all()
+    zero = lowrank.truncate(torch.zeros(m, 4), A[:4], 3)
+    assert zero.rank == 3 and float(zero.A.abs().sum() + zero.B.abs().sum()) == 0
+
+
+def test_all_finite_sum_fast_path():
+    """A sum that overflows from finite values must not be mistaken for NaN/Inf; NaN and Inf are caught."""
+    from edgefuse.adapters import all_finite
+
+    assert all_finite(torch.full((8,), 3e38), torch.zeros(0), torch.arange(3))
+    assert not all_finite(torch.ones(5), torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
+    assert not all_finite(torch.tensor([3e38, 3e38, float("inf")]))
+
+
 def test_dare_mean_over_seeds_approaches_sum(ads):
     name = next(iter(NAMES))
     s = sum(w * d for w, d in zip(W, deltas(ads, name)))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, load_adapter, verify_hashes
+from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, all_finite, load_adapter, verify_hashes
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import read_json
 
@@ -74,7 +74,7 @@ def verify_package(package_dir: Path, *, edge: str, plan: dict[str, Any], base_f
                 raise PackageRejected(f"{what} is {got!r}, expected {want!r}")
         raw = _raw_tensors(package_dir / WEIGHTS_FILE)
         for name, t in raw.items():
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise PackageRejected(f"tensor {name} contains NaN or Inf")
         adapter = load_adapter(package_dir)
         want_shapes = expected_shapes(plan, targets)

@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule, load_adapter, save_adapter
+from edgefuse.adapters import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    LoraAdapter,
+    LoraModule,
+    all_finite,
+    load_adapter,
+    save_adapter,
+)
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import STRATEGIES, analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
@@ -42,7 +50,7 @@ def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
             )
     for k, a in enumerate(adapters):
         for name, m in a.modules.items():
-            if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all() and math.isfinite(m.scale)):
+            if not (all_finite(m.A, m.B) and math.isfinite(m.scale)):
                 raise EdgefuseError(
                     f"adapter {k} ({a.path or 'in memory'}) module {name} contains NaN or Inf"
                 )
@@ -142,7 +150,7 @@ def fuse_adapters(
             fused = spec.fn([a.modules.get(name) for a in adapters], weights, ctx)
         except ValueError as e:
             raise EdgefuseError(str(e)) from None
-        if not (torch.isfinite(fused.A).all() and torch.isfinite(fused.B).all()):
+        if not all_finite(fused.A, fused.B):
             raise EdgefuseError(f"fusion produced NaN/Inf in module {name}")
         return fused
 

@@ -68,7 +68,9 @@ def svd(mods, weights, ctx: Ctx) -> LoraModule:
     """Best rank-r approximation (Eckart & Young, "The approximation of one matrix by another of lower rank",
     Psychometrika 1936) of Σ w_k ΔW_k, the merge used by kohya's sd-scripts and PEFT ``svd``.
 
-    Computed exactly from QR of the stacked factors and the SVD of a (Σr)×(Σr) core — never an m×n matrix.
+    Computed exactly from the stacked factors (`lowrank.truncate`: two (Σr)×(Σr) Gram matrices in float64 and
+    their eigendecompositions — the issue asked for QR of the stacked factors; the Gram route gives the same
+    truncation to float32 rounding and measured 2.5× faster, BENCHMARKS.md) — never an m×n matrix.
     Same ΔW as PEFT ``svd`` (dense full SVD of the dense sum); the default rank is the largest input rank.
     """
     B, A = lowrank.stack([(m, weights[k]) for k, m in present(mods)])
