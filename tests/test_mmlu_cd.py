@@ -130,6 +130,33 @@ def test_evaluate_two_instances_with_known_predictions(tiny, short, monkeypatch)
     assert res["chance"] == 0.0625 and res["benchmark_sha256"] == content_hash(doc)
 
 
+def test_items_alone_reuse_earlier_records(tiny, short, monkeypatch):
+    """Records of an earlier zero-shot MMLU run are reused for the "items alone" half (the runner passes its
+    MMLU results, then each k's), only the other items are scored, and the document is the same as when
+    every item is scored again."""
+    from edgefuse.evaluate.mmlu import evaluate_mmlu
+
+    model, tok = tiny
+    doc = build_instances(short, k=2, n=6, seed=2)
+    fresh = cd.evaluate_mmlu_cd(model, tok, doc, short)
+    used = list(dict.fromkeys(i for inst in fresh["instances"] for i in inst["items"]))
+    by_id = {it.id: it for it in short.items}
+    earlier = evaluate_mmlu(model, tok, [by_id[i] for i in used[:5]], batch_size=3)["items"]
+    scored = []
+
+    def spy(model, tok, items, batch_size=8):
+        scored.extend(it.id for it in items)
+        return evaluate_mmlu(model, tok, items, batch_size=batch_size)
+
+    monkeypatch.setattr(cd, "evaluate_mmlu", spy)
+    reused = cd.evaluate_mmlu_cd(model, tok, doc, short, single_items=earlier)
+    assert sorted(scored) == sorted(used[5:])
+    for key in ("strict", "single", "single_strict", "penalty", "per_position"):
+        assert reused[key] == fresh[key], key
+    assert [r["single_preds"] for r in reused["instances"]] == [r["single_preds"] for r in fresh["instances"]]
+    assert [r["id"] for r in reused["single_items"]] == used
+
+
 # ---------------------------------------------------------------- builder
 
 

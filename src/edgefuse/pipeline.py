@@ -162,6 +162,7 @@ def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool =
 
     b = st.cfg.benchmarks
     summary: dict[str, Any] = {"label": label}
+    alone: list[dict] = []  # zero-shot per-item records of this model, reused by MMLU-CD's "items alone"
     if b.mmlu.enabled:
         res = evaluate_mmlu(model, st.tokenizer, st.mmlu_items, shots=b.mmlu.shots,
                             public=st.items_of("public") if b.mmlu.shots else (), batch_size=b.batch_size,
@@ -169,9 +170,12 @@ def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool =
         atomic_write_json(work / "mmlu.json", res)
         summary["mmlu"] = {"accuracy": res["accuracy"], "file": "mmlu.json",
                            "correct": {i["id"]: int(i["correct"]) for i in res["items"]}}
+        if not b.mmlu.shots:
+            alone = list(res["items"])
     for k, doc in (st.cd_docs if cd else {}).items():
         res = evaluate_mmlu_cd(model, st.tokenizer, doc, st.dataset, batch_size=b.batch_size,
-                               progress=advance, meta={"label": label})
+                               progress=advance, meta={"label": label}, single_items=alone)
+        alone += res["single_items"] or []
         atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
         summary[f"mmlu_cd_k{k}"] = {key: res[key] for key in ("strict", "per_position", "single", "penalty", "chance")
                                     if key in res}
