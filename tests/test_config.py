@@ -48,12 +48,34 @@ def test_good_config_defaults(tmp_path):
     ({"rounds": {"count": 2, "method": "ties"}}, "rounds.method 'ties' is not among fusion.methods ['task_arithmetic']"),
     ({"rounds": {"count": 2, "cr": "element"}}, "rounds.cr 'element' is not among fusion.cr ['off']"),
     ({"rounds": {"cuont": 2}}, "rounds.cuont: unknown key"),
+    ({"edges": {"a": {"domains": ["stem"], "prune": {}}}}, "edges.a.prune: unknown key (an edge has domains"),
+    ({"edges": {"a": {"pruning": {"ratio": 0.5}}}}, "edges.a: an edge written as a mapping needs `domains`"),
+    ({"edges": {"a": {"domains": ["stem"], "pruning": {"ratio": 1.5}}}},
+     "edges.a.pruning.ratio: Input should be less than 1"),
+    ({"edges": {"a": {"domains": ["stem"], "pruning": {"mthod": "taylor"}}}}, "edges.a.pruning.mthod: unknown key"),
+    ({"edges": {"a": {"domains": ["stem"], "pruning": {"ratio": None}}}},
+     "edges.a.pruning needs a ratio or a memory_budget_gib"),
+    ({"edge_pruning": {"a": {"ratio": 0.5}}}, "write per-edge pruning inline as edges: {NAME: {domains, pruning}}"),
 ])
 def test_bad_configs_name_the_key(tmp_path, patch, msg):
     cfg = {**GOOD, **patch}
     with pytest.raises(EdgefuseError) as e:
         load_config(write(tmp_path, cfg))
     assert msg in str(e.value) and "cfg.yaml" in str(e.value)
+
+
+def test_per_edge_pruning_overrides_only_what_it_sets(tmp_path):
+    """An edge device with its own budget or ratio; the others keep the study-wide pruning unchanged."""
+    cfg = load_config(write(tmp_path, {**GOOD, "pruning": {"method": "taylor", "memory_budget_gib": 2.0},
+                                       "edges": {"a": ["stem"],
+                                                 "b": {"domains": ["law"], "pruning": {"ratio": 0.5}},
+                                                 "c": {"domains": ["history"], "pruning": {"memory_budget_gib": 1.2}},
+                                                 "d": {"domains": ["other"]}}}))
+    assert cfg.edges == {"a": ["stem"], "b": ["law"], "c": ["history"], "d": ["other"]}
+    assert cfg.pruning_for("a") is cfg.pruning and cfg.pruning_for("d") is cfg.pruning
+    b, c = cfg.pruning_for("b"), cfg.pruning_for("c")
+    assert (b.method, b.ratio, b.memory_budget_gib) == ("taylor", 0.5, None)  # its ratio counts, not the budget
+    assert (c.method, c.memory_budget_gib) == ("taylor", 1.2)
 
 
 def test_cli_rejects_bad_config_before_work(tmp_path):

@@ -19,7 +19,7 @@ TINY_STUDY = {
     "name": "tiny",
     "model": "tiny-llama",
     "seeds": [0],
-    "edges": {"science": ["stem"], "law": ["law"]},
+    "edges": {"science": ["stem"], "law": {"domains": ["law"], "pruning": {"ratio": 0.25, "method": "random"}}},
     "pruning": {"method": "magnitude", "structure": "width", "ratio": 0.5, "calib": 4},
     "training": {"steps": 6, "rank": 4, "alpha": 8, "lr": 0.005, "batch": 4, "seq": 256},
     "fusion": {"methods": ["task_arithmetic", "ties"], "cr": ["off", "element"], "density": 0.5},
@@ -79,6 +79,12 @@ def test_every_stage_runs_and_report_is_written(study):
     base_correct = doc["base"]["mmlu"]["correct"]
     assert len(base_correct) == 24
     assert doc["base"]["mmlu"]["accuracy"]["overall"]["acc"] == pytest.approx(sum(base_correct.values()) / 24)
+    # the law edge is a device with its own pruning (ratio 0.25, random); science uses the study's (0.5, magnitude)
+    plans = {p.parts[-3].split("-")[1]: json.loads(p.read_text()) for p in run_dir.glob("stages/prune-*/pruned/plan.json")}
+    assert {e: (p["method"], p["ratio"]) for e, p in plans.items()} == {"science": ("magnitude", 0.5),
+                                                                        "law": ("random", 0.25)}
+    params = {e["edge"]: e["prune"]["params"] for e in doc["seeds"][0]["edges"]}
+    assert params["law"] > params["science"]
     csv_rows = (run_dir / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 1 + 2 + 4  # header, base, 2 edges, 2 methods × 2 CR settings
 

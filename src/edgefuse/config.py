@@ -133,11 +133,39 @@ class StudyConfig(_Strict):
     data: DataConfig = DataConfig()
     edges: dict[str, list[str]]
     pruning: PruningConfig = PruningConfig()
+    edge_pruning: dict[str, PruningConfig] = Field(
+        {}, description="per-edge changes to `pruning`, written inline as edges: {NAME: {domains, pruning}}"
+    )
     training: TrainingConfig = TrainingConfig()
     fusion: FusionConfig = FusionConfig()
     rounds: RoundsConfig = RoundsConfig()
     benchmarks: BenchmarksConfig = BenchmarksConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_edge_settings(cls, raw):
+        """``edges: {phone: {domains: [stem], pruning: {memory_budget_gib: 1.5}}}`` — an edge device with its
+        own memory budget (or ratio, method…) — becomes ``edges.phone = [stem]`` plus ``edge_pruning.phone``;
+        an edge written as a plain list of domains uses ``pruning`` unchanged."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("edges"), dict):
+            return raw
+        if "edge_pruning" in raw:
+            raise ValueError("edge_pruning: write per-edge pruning inline as edges: {NAME: {domains, pruning}}")
+        edges, per_edge = {}, {}
+        for name, spec in raw["edges"].items():
+            if isinstance(spec, dict):
+                extra = sorted(set(spec) - {"domains", "pruning"})
+                if extra:
+                    raise ValueError(f"edges.{name}.{extra[0]}: unknown key (an edge has domains and pruning)")
+                if "domains" not in spec:
+                    raise ValueError(f"edges.{name}: an edge written as a mapping needs `domains`")
+                edges[name] = spec["domains"]
+                if spec.get("pruning") is not None:
+                    per_edge[name] = spec["pruning"]
+            else:
+                edges[name] = spec
+        return {**raw, "edges": edges, "edge_pruning": per_edge}
 
     @field_validator("edges")
     @classmethod
@@ -158,8 +186,11 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> "StudyConfig":
-        if self.pruning.ratio is None and self.pruning.memory_budget_gib is None:
-            raise ValueError("pruning needs a ratio or a memory_budget_gib")
+        for edge in self.edges:
+            p = self.pruning_for(edge)
+            if p.ratio is None and p.memory_budget_gib is None:
+                where = f"edges.{edge}.pruning" if edge in self.edge_pruning else "pruning"
+                raise ValueError(f"{where} needs a ratio or a memory_budget_gib")
         if self.fusion.weights is not None and len(self.fusion.weights) != len(self.edges):
             raise ValueError(f"fusion.weights has {len(self.fusion.weights)} entries for {len(self.edges)} edges")
         if not self.seeds:
@@ -170,6 +201,17 @@ class StudyConfig(_Strict):
         if r.cr is not None and r.cr not in self.fusion.cr:
             raise ValueError(f"rounds.cr {r.cr!r} is not among fusion.cr {self.fusion.cr}")
         return self
+
+    def pruning_for(self, edge: str) -> PruningConfig:
+        """``pruning`` with this edge's own settings applied (only the keys the edge sets). An edge that sets a
+        ``ratio`` but no ``memory_budget_gib`` drops a study-wide budget, so that its ratio is what counts."""
+        own = self.edge_pruning.get(edge)
+        if own is None:
+            return self.pruning
+        changes = {k: getattr(own, k) for k in own.model_fields_set}
+        if "ratio" in changes and "memory_budget_gib" not in changes:
+            changes["memory_budget_gib"] = None
+        return PruningConfig.model_validate({**self.pruning.model_dump(), **changes})
 
     def sent_back(self) -> str:
         """Name of the fused model that starts the next round (as in the report: ``method`` or ``method+cr``)."""
@@ -196,8 +238,11 @@ def load_config(path: str | Path) -> StudyConfig:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = [str(p) for p in err["loc"]]
+        if loc[:1] == ["edge_pruning"] and len(loc) > 1:  # written inline as edges.NAME.pruning
+            loc = ["edges", loc[1], "pruning", *loc[2:]]
+        key = ".".join(loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        raise EdgefuseError(f"{key}: {msg}", path=path) from None
+        raise EdgefuseError(f"{key}: {msg}" if err["loc"] else msg, path=path) from None

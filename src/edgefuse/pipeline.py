@@ -256,11 +256,10 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
     from edgefuse.edge.prune import prune_model, save_pruned
     from edgefuse.models import count_parameters
 
-    cfg, domains = st.cfg, st.cfg.edges[edge]
+    cfg, domains, p = st.cfg, st.cfg.edges[edge], st.cfg.pruning_for(edge)
 
     def run_prune(work: Path, advance) -> dict:
-        calib = [mc_prompt(it) + answer_text(it.answer) for it in st.items_of("public", domains)[: cfg.pruning.calib]]
-        p = cfg.pruning
+        calib = [mc_prompt(it) + answer_text(it.answer) for it in st.items_of("public", domains)[: p.calib]]
         res = prune_model(st.model, st.tokenizer, method=p.method, structure=p.structure,
                           ratio=p.ratio if p.memory_budget_gib is None else None,
                           memory_budget_gib=p.memory_budget_gib, calib_prompts=calib or None,
@@ -269,7 +268,7 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
         return {"dir": "pruned", "ratio": res.plan.get("ratio"), "params": count_parameters(res.model),
                 "base_params": count_parameters(st.model), "estimate": _jsonable(res.estimate)}
 
-    inputs = {"model": st.base_fingerprint, "pruning": cfg.pruning.model_dump(), "edge": edge, "domains": domains,
+    inputs = {"model": st.base_fingerprint, "pruning": p.model_dump(), "edge": edge, "domains": domains,
               "seed": seed, "training": cfg.training.model_dump()}
     out, res = st.stage("prune", f"prune-{edge}-s{seed}", inputs, run_prune)
     return out / res["dir"], res, inputs
