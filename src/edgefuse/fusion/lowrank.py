@@ -21,11 +21,11 @@ def stack(terms: list[tuple[LoraModule, float]]) -> tuple[torch.Tensor, torch.Te
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
 
-def factored_svd(B: torch.Tensor, A: torch.Tensor, tol: float = 0.0, top: int | None = None):
+def factored_svd(B: torch.Tensor, A: torch.Tensor, tol: float = 0.0):
     """Exact thin SVD of B @ A via QR(B), QR(Aᵀ) and the SVD of the small core (float64 inside).
 
-    Returns U (m×q), S (q), Vh (q×n) with q ≤ rank; singular values ≤ tol·S_max are dropped, and only the
-    ``top`` largest triplets are formed when given.
+    Returns U (m×q), S (q), Vh (q×n) with q ≤ rank; singular values ≤ tol·S_max are dropped. For a truncation
+    to the top triplets, `truncate` is faster.
     """
     dtype = B.dtype
     Qb, Rb = torch.linalg.qr(B.double())
@@ -34,8 +34,6 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, tol: float = 0.0, top: int | 
     if tol > 0 and S.numel():
         keep = S > tol * S[0]
         Uc, S, Vch = Uc[:, keep], S[keep], Vch[keep]
-    if top is not None:
-        Uc, S, Vch = Uc[:, :top], S[:top], Vch[:top]
     return (Qb @ Uc).to(dtype), S.to(dtype), (Vch @ Qa.T).to(dtype)
 
 
@@ -71,14 +69,11 @@ def truncate(B: torch.Tensor, A: torch.Tensor, rank: int | None, tol: float = 1e
     K = L.T @ Gb @ L
     lam, Z = torch.linalg.eigh((K + K.T) / 2)
     lam, Z = lam.flip(0)[:k], Z.flip(1)[:, :k]
-    keep = lam > tol * lam[:1].clamp_min(0) if k else lam > 0
-    keep &= lam > 0
-    safe = torch.where(keep, lam, torch.ones_like(lam))
-    quarter = torch.where(keep, safe.pow(-0.25), torch.zeros_like(lam))
-    three_quarters = torch.where(keep, safe.pow(-0.75), torch.zeros_like(lam))
+    keep = (lam > 0) & (lam > tol * lam[:1])
+    lam = torch.where(keep, lam, torch.ones_like(lam))
     LZ = L @ Z
-    B_out = Bd @ (LZ * quarter)
-    A_out = (three_quarters[:, None] * (LZ.T @ Gb)) @ Ad
+    B_out = Bd @ (LZ * (lam.pow(-0.25) * keep))
+    A_out = ((lam.pow(-0.75) * keep)[:, None] * (LZ.T @ Gb)) @ Ad
     return LoraModule(A=A_out.to(dtype).contiguous(), B=B_out.to(dtype).contiguous(), scale=1.0)
 
 
