@@ -92,3 +92,19 @@ def test_malformed_yaml_names_the_line(tmp_path):
     p.write_text("model: tiny-llama\nedges: [unclosed\n")
     with pytest.raises(EdgefuseError, match=r"bad\.yaml:\d+: malformed YAML"):
         load_config(p)
+
+
+def test_impossible_edge_budget_names_the_edge(tmp_path):
+    """A device whose own memory budget cannot hold even a 95%-pruned model stops the run with one line that
+    names that edge; no report is written."""
+    cfg = {**GOOD, "edges": {"phone": {"domains": ["stem"], "pruning": {"memory_budget_gib": 0.0001}},
+                             "laptop": ["law"]},
+           "training": {"steps": 2, "batch": 4, "seq": 128},
+           "benchmarks": {"mmlu": {"limit": 4}, "mmlu_cd": {"ks": [2], "n": 2}}}
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "edgefuse.cli", "run", str(write(tmp_path, cfg)), "--run-dir",
+                        str(run_dir), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "edge phone: memory budget 0.0001 GiB is too small" in r.stderr
+    assert not (run_dir / "report.md").exists() and not (run_dir / "results.json").exists()

@@ -260,10 +260,13 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
 
     def run_prune(work: Path, advance) -> dict:
         calib = [mc_prompt(it) + answer_text(it.answer) for it in st.items_of("public", domains)[: p.calib]]
-        res = prune_model(st.model, st.tokenizer, method=p.method, structure=p.structure,
-                          ratio=p.ratio if p.memory_budget_gib is None else None,
-                          memory_budget_gib=p.memory_budget_gib, calib_prompts=calib or None,
-                          train_cfg=train_config(st, seed), seed=seed)
+        try:
+            res = prune_model(st.model, st.tokenizer, method=p.method, structure=p.structure,
+                              ratio=p.ratio if p.memory_budget_gib is None else None,
+                              memory_budget_gib=p.memory_budget_gib, calib_prompts=calib or None,
+                              train_cfg=train_config(st, seed), seed=seed)
+        except EdgefuseError as e:  # which device's budget or settings are wrong
+            raise EdgefuseError(f"edge {edge}: {e}") from None
         save_pruned(res, st.tokenizer, work / "pruned")
         return {"dir": "pruned", "ratio": res.plan.get("ratio"), "params": count_parameters(res.model),
                 "base_params": count_parameters(st.model), "estimate": _jsonable(res.estimate)}
