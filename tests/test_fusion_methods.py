@@ -381,3 +381,13 @@ def test_bad_tensors(ads):
     wrong = LoraAdapter({name: LoraModule(torch.randn(2, 5), torch.randn(7, 2))})
     with pytest.raises(EdgefuseError, match="different shapes"):
         fuse_adapters([ads[1], wrong], "linear")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_reports_every_module_once(ads, workers):
+    """The CLI's and the runner's fusion bars: the module count first, then one step per fused module."""
+    calls = []
+    out, _ = fuse_adapters(ads, "ties", density=0.5, workers=workers,
+                           progress=lambda k, total=None: calls.append((k, total)))
+    assert calls[0] == (0, len(out.modules)) and len(out.modules) == len(NAMES)
+    assert calls[1:] == [(1, None)] * len(out.modules)

@@ -56,7 +56,9 @@ class StudyProgress:
         self.progress.update(self.overall, description=f"study: stage {self.n_done + 1} of {self.total}")
         self.current = self.progress.add_task(f"  {name}", total=total, info="")
 
-        def advance(k: int = 1, **fields) -> None:
+        def advance(k: int = 1, total: int | None = None, **fields) -> None:
+            if total is not None:
+                self.progress.update(self.current, total=total)
             info = " ".join(f"{a}={b:.3g}" if isinstance(b, float) else f"{a}={b}" for a, b in fields.items())
             self.progress.update(self.current, advance=k, **({"info": info} if info else {}))
 
@@ -408,7 +410,7 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
                                   cr=None if cr == "off" else cr, weights=weights,
                                   rank=None if spec.exact_rank else f.rank,
                                   density=f.density if spec.density is not None else None,
-                                  seed=seed, force=True, **f.params.get(method, {}))
+                                  seed=seed, force=True, progress=advance, **f.params.get(method, {}))
                 return {"dir": "fused", "stats": _jsonable(stats)}
 
             tag = round_tag(seed, round_no)

@@ -16,17 +16,33 @@ err_console = Console(stderr=True)
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, disable: bool = False) -> Iterator:
-    """Yield ``advance(k)``; draws a bar with count, elapsed and remaining time."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=err_console, disable=disable, transient=False) as prog:
-        task = prog.add_task(description, total=total, info="")
+def progress_bar(description: str, total: int | None, disable: bool = False) -> Iterator:
+    """Yield ``advance(k, total=None, **info)``; draws a bar with count, elapsed and remaining time.
 
-        def advance(k: int = 1, **fields) -> None:
-            prog.update(task, advance=k, **({"info": " ".join(f"{a}={b}" for a, b in fields.items())} if fields else {}))
+    With ``total=None`` the bar appears at the first ``advance`` call (``advance(0, total=N)``), so work that
+    can still be refused on its inputs (a fusion) prints nothing but its one error line.
+    """
+    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err_console, disable=disable, transient=False)
+    task = None
 
+    def advance(k: int = 1, total: int | None = None, **fields) -> None:
+        nonlocal task
+        if task is None:
+            prog.start()
+            task = prog.add_task(description, total=total, info="")
+        elif total is not None:
+            prog.update(task, total=total)
+        prog.update(task, advance=k, **({"info": " ".join(f"{a}={b}" for a, b in fields.items())} if fields else {}))
+
+    if total is not None:
+        advance(0, total=total)
+    try:
         yield advance
+    finally:
+        if task is not None:
+            prog.stop()
 
 
 def accuracy_table(title: str, acc: dict, subjects: bool = True) -> Table:

@@ -105,21 +105,25 @@ def register(app: typer.Typer) -> None:
             raise EdgefuseError("no adapters given (--adapters DIR DIR ...)")
         if out is None:
             raise EdgefuseError("--out is required")
-        res = fuse_dirs(
-            dirs,
-            out,
-            method,
-            _weights(weights),
-            rank,
-            density,
-            seed,
-            cr,
-            cr_threshold,
-            force,
-            merged_out,
-            model,
-            **_params(param),
-        )
+        from edgefuse.ui import progress_bar
+
+        with progress_bar(f"fuse ({method})", None) as advance:
+            res = fuse_dirs(
+                dirs,
+                out,
+                method,
+                _weights(weights),
+                rank,
+                density,
+                seed,
+                cr,
+                cr_threshold,
+                force,
+                merged_out,
+                model,
+                progress=advance,
+                **_params(param),
+            )
         msg = f"fused {len(dirs)} adapters with {method}"
         if cr:
             c = res["cr"]

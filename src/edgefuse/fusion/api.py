@@ -10,7 +10,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -93,9 +93,14 @@ def fuse_adapters(
     seed: int = 0,
     cr: str | None = None,
     cr_threshold: float = 0.1,
+    progress: Callable[..., None] | None = None,
     **params,
 ) -> tuple[LoraAdapter, dict]:
-    """Fuse K adapters with ``method`` (optionally after LoRA-CR) into one adapter; returns (adapter, stats)."""
+    """Fuse K adapters with ``method`` (optionally after LoRA-CR) into one adapter; returns (adapter, stats).
+
+    ``progress``: called as ``progress(0, total=modules)`` once, then ``progress(1)`` per fused module (the
+    ``advance`` of `edgefuse.ui.progress_bar`), since a large model's element-wise merge takes minutes.
+    """
     spec = get_method(method)
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     _check_inputs(adapters, weights)
@@ -152,8 +157,12 @@ def fuse_adapters(
             raise EdgefuseError(str(e)) from None
         if not all_finite(fused.A, fused.B):
             raise EdgefuseError(f"fusion produced NaN/Inf in module {name}")
+        if progress is not None:
+            progress(1)
         return fused
 
+    if progress is not None:
+        progress(0, total=len(names))
     workers = int(resolved["workers"])
     if resolved.get("rng") == "sequential":
         workers = 1  # one random stream in module order
@@ -212,6 +221,7 @@ def fuse_dirs(
     force: bool = False,
     merged_out: str | Path | None = None,
     model: str | None = None,
+    progress: Callable[..., None] | None = None,
     **params,
 ) -> dict:
     """Load, check, fuse and save (PEFT adapter + ``edgefuse.json``); optionally merged full weights.
@@ -233,7 +243,9 @@ def fuse_dirs(
         raise EdgefuseError(
             f"adapters were made for different base models ({what}); pass --force to fuse anyway"
         )
-    fused, stats = fuse_adapters(adapters, method, weights, rank, density, seed, cr, cr_threshold, **params)
+    fused, stats = fuse_adapters(
+        adapters, method, weights, rank, density, seed, cr, cr_threshold, progress=progress, **params
+    )
     with single_threaded_ops():
         conflicts = analyze_conflicts(adapters, stats["weights"], element=False)
     merged = None
