@@ -26,13 +26,14 @@ test-fast: setup
 demo: setup
 	$(BIN)/edgefuse run configs/quick.yaml
 
-# Each script prints side-by-side ratios; BENCHMARKS.md records the latest figures and commands.
+# Each script prints side-by-side ratios; BENCHMARKS.md records the latest figures and these commands.
+# Run it on a quiet machine (about 45 min on 2 cores): timings taken next to other jobs are not comparable.
 bench: setup
 	$(BIN)/python bench/eval_throughput.py
-	$(BIN)/python bench/mmlu_cd_cost.py
-	$(BIN)/python bench/edge_memory.py
-	$(BIN)/python bench/fusion_speed.py
-	$(BIN)/python bench/pruning_damage.py
+	$(BIN)/python bench/mmlu_cd_cost.py --threads 1 --cost-n 8 --repeats 3 --acc-n 100
+	$(BIN)/python bench/edge_memory.py --steps 8 --batch 8 --seq 128 --repeats 3
+	$(BIN)/python bench/fusion_speed.py --repeats 3 --peft-repeats 2
+	$(BIN)/python bench/pruning_damage.py --ratio 0.25
 
 lint: setup
 	$(BIN)/ruff check src tests bench
