@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/edgefuse run configs/quick.yaml
 
 # Each script prints side-by-side ratios; BENCHMARKS.md records the latest figures and these commands.
-# Run it on a quiet machine (about 45 min on 2 cores): timings taken next to other jobs are not comparable.
+# Run it on a quiet machine: timings taken next to other jobs are not comparable.
 bench: setup
 	$(BIN)/python bench/eval_throughput.py
 	$(BIN)/python bench/mmlu_cd_cost.py --threads 1 --cost-n 8 --repeats 3 --acc-n 100
