@@ -292,6 +292,63 @@ def test_not_enough_edges_is_one_clear_error(reference, tmp_path):
         run_study(load_config(CONFIG), run_dir, show_progress=False, trainer=FlowerTrainer(DeadGrid(), wait_nodes=0))
 
 
+class _IdentityGrid:
+    """Two connected SuperNodes that answer "who are you" with these node configs (no training messages)."""
+
+    def __init__(self, configs: dict[int, dict]):
+        self.configs = configs
+
+    def get_node_ids(self):
+        return list(self.configs)
+
+    def send_and_receive(self, msgs, timeout=None):
+        from types import SimpleNamespace
+
+        from edgefuse.federated.records import identity_content
+
+        return [SimpleNamespace(has_error=lambda: False, metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id),
+                                content=identity_content(self.configs[m.metadata.dst_node_id]))
+                for m in msgs]
+
+
+def test_device_reported_memory_budget_prunes_that_edge(tmp_path, monkeypatch):
+    """A SuperNode started with node config memory-budget-gib=0.1 gets its edge's model pruned to fit that
+    budget (the tiny model fits unpruned: ratio 0), the other edge keeps the study's ratio 0.5; the effective
+    per-edge pruning is recorded in results.json."""
+    from edgefuse.edge.prune import ratio_for_budget
+    from edgefuse.federated.trainer import FlowerTrainer
+    from edgefuse.models import load_model
+    from edgefuse.pipeline import local_trainer, run_study
+
+    class LocalWithBudgets(FlowerTrainer):  # budgets from the (fake) federation, training in this process
+        def __call__(self, st, jobs):
+            local_trainer(st, jobs)
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_node_id", "_task_id"):  # the cloud's messages are made as inside a Flower run
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    grid = _IdentityGrid({11: {"edge": "science", "memory-budget-gib": 0.1}, 12: {"edge": "law"}})
+    cfg = load_config(CONFIG)
+    doc = run_study(cfg, tmp_path / "run", show_progress=False, trainer=LocalWithBudgets(grid, wait_nodes=0))
+    plans = {p.parts[-3].split("-")[1]: json.loads(p.read_text())
+             for p in (tmp_path / "run" / "stages").glob("prune-*/pruned/plan.json")}
+    model, _ = load_model(cfg.model)
+    want, _ = ratio_for_budget(model, "width", 0.1, cfg.training.model_copy(update={"seed": 0}))
+    assert plans["science"]["ratio"] == want == 0.0 and plans["science"]["estimate"]["budget_gib"] == 0.1
+    assert plans["law"]["ratio"] == 0.5 and plans["law"]["estimate"] is None
+    assert doc["config"]["edge_pruning"]["science"]["memory_budget_gib"] == 0.1 and "law" not in doc["config"]["edge_pruning"]
+    # a study that sets the edge's pruning itself keeps it; a budget that is not a number is refused
+    own = load_config(write_config(tmp_path / "own.yaml", edges={"science": {"domains": ["stem"],
+                                                                              "pruning": {"ratio": 0.25}},
+                                                                  "law": ["law"]}))
+    assert own.with_device_budgets({"science": 0.1, "law": 2.0}).pruning_for("science").ratio == 0.25
+    assert own.with_device_budgets({"science": 0.1, "law": 2.0}).pruning_for("law").memory_budget_gib == 2.0
+    bad = FlowerTrainer(_IdentityGrid({11: {"edge": "science", "memory-budget-gib": "lots"}}), wait_nodes=0)
+    with pytest.raises(EdgefuseError, match=r"edge science \(node 11\) reports memory-budget-gib='lots'"):
+        bad.device_budgets(["science", "law"])
+
+
 # ----------------------------------------------------------------------------------------------- verification
 @pytest.fixture(scope="module")
 def package(reference):

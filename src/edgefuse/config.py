@@ -213,6 +213,15 @@ class StudyConfig(_Strict):
             changes["memory_budget_gib"] = None
         return PruningConfig.model_validate({**self.pruning.model_dump(), **changes})
 
+    def with_device_budgets(self, budgets: dict[str, float]) -> "StudyConfig":
+        """This config with the memory budgets the edge devices reported (Flower node config
+        ``memory-budget-gib``) as those edges' pruning; an edge whose pruning the config sets itself keeps it."""
+        own = dict(self.edge_pruning)
+        for edge, gib in budgets.items():
+            if edge in self.edges and edge not in own:
+                own[edge] = PruningConfig.model_validate({"memory_budget_gib": gib})
+        return self.model_copy(update={"edge_pruning": own})
+
     def sent_back(self) -> str:
         """Name of the fused model that starts the next round (as in the report: ``method`` or ``method+cr``)."""
         method, cr = self.rounds.method or self.fusion.methods[0], self.rounds.cr or self.fusion.cr[0]

@@ -481,7 +481,8 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
     """Run (or resume) the whole study; returns the results document also written to ``results.json``.
 
     ``trainer`` trains the edges that are not cached (default: in this process); the Flower ServerApp
-    passes one that sends the jobs to real or simulated edges.
+    passes one that sends the jobs to real or simulated edges. A trainer with ``device_budgets(edges)``
+    (Flower's) reports each device's own memory budget, which becomes that edge's pruning budget.
     """
     from edgefuse.models import fingerprint, load_model
     from edgefuse.report import write_report
@@ -490,6 +491,11 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
     handler = setup_logging(run_dir)
     t0 = time.perf_counter()
     try:
+        budgets = trainer.device_budgets(list(cfg.edges)) if hasattr(trainer, "device_budgets") else {}
+        if budgets:
+            log.info("memory budgets reported by the edge devices (GiB): %s; the config sets the pruning of %s",
+                     budgets, sorted(set(budgets) & set(cfg.edge_pruning)) or "none of them")
+            cfg = cfg.with_device_budgets(budgets)
         atomic_write_json(run_dir / "config.json", cfg.model_dump())
         log.info("study %s in %s", cfg.name, run_dir)
         with StudyProgress(count_stages(cfg), enabled=show_progress) as progress:

@@ -9,6 +9,8 @@ Two messages:
 A failure becomes an error reply carrying the reason; the cloud then leaves this edge out.
 
 Node config keys: ``edge`` (this node's edge name in the study), ``domains`` (optional check),
+``memory-budget-gib`` (optional: the memory this device can give to training; the cloud prunes this edge's
+model to fit it unless the study config sets the edge's pruning),
 ``data`` (MMLU source on this node, default embedded), ``model`` (local copy of the base model),
 ``work-dir`` (where to build and train; default a temporary directory, removed after the upload).
 """

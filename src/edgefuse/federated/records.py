@@ -166,8 +166,10 @@ def _write_dir(arrays, cfg, directory: Path) -> None:
 
 
 def identity_content(node_config: dict[str, Any]):
-    """An edge's answer to "who are you": its name (and domains) from its node config, or its simulation slot."""
+    """An edge's answer to "who are you": its name (and domains, memory budget) from its node config, or its
+    simulation slot."""
     from flwr.app import ConfigRecord, RecordDict
 
-    keep = {k: node_config[k] for k in ("edge", "domains", "partition-id", "num-partitions") if k in node_config}
+    keys = ("edge", "domains", "memory-budget-gib", "partition-id", "num-partitions")
+    keep = {k: node_config[k] for k in keys if k in node_config}
     return RecordDict({IDENTITY_RECORD: ConfigRecord(keep)})

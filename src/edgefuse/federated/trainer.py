@@ -28,6 +28,7 @@ class FlowerTrainer:
         self.timeout = timeout or None
         self.wait_nodes = float(wait_nodes)
         self.node_of: dict[str, int] = {}
+        self.identity: dict[str, dict[str, Any]] = {}
         self.rounds: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ nodes
@@ -48,6 +49,7 @@ class FlowerTrainer:
                 for nid in node_ids]
         replies = list(self.grid.send_and_receive(msgs, timeout=max(30.0, self.wait_nodes))) if msgs else []
         node_of: dict[str, int] = {}
+        identity: dict[str, dict[str, Any]] = {}
         for r in replies:
             if r.has_error() or IDENTITY_RECORD not in r.content.config_records:
                 continue
@@ -60,9 +62,31 @@ class FlowerTrainer:
                     raise EdgefuseError(f"two SuperNodes claim edge {name!r} (node ids {node_of[name]} and "
                                         f"{r.metadata.src_node_id}); give each node a distinct edge= node config")
                 node_of[name] = r.metadata.src_node_id
+                identity[name] = ident
         log.info("federation: %d nodes connected, edges mapped: %s", len(node_ids), node_of)
-        self.node_of = node_of
+        self.node_of, self.identity = node_of, identity
         return node_of
+
+    def device_budgets(self, edges: list[str]) -> dict[str, float]:
+        """Memory budgets (GiB) the edge devices report in their node config (``memory-budget-gib``): the
+        device knows what it can hold, so the cloud prunes that edge's model to fit it (`run_study` applies
+        them unless the study config sets the edge's pruning itself)."""
+        if not self.node_of:
+            self.discover(edges)
+        out: dict[str, float] = {}
+        for edge, ident in self.identity.items():
+            if "memory-budget-gib" not in ident:
+                continue
+            raw = ident["memory-budget-gib"]
+            try:
+                gib = float(raw)
+            except (TypeError, ValueError):
+                gib = float("nan")
+            if not gib > 0 or gib == float("inf"):
+                raise EdgefuseError(f"edge {edge} (node {self.node_of[edge]}) reports memory-budget-gib={raw!r}; "
+                                    "expected a positive number of GiB")
+            out[edge] = gib
+        return out
 
     # ------------------------------------------------------------------ round
     def job_message(self, st, job) -> dict[str, Any]:
