@@ -55,7 +55,7 @@ def truncate(B: torch.Tensor, A: torch.Tensor, rank: int | None, tol: float = 1e
     U = B L Z Λ^{-1/2}, σ = Λ^{1/2}, and the matching rows of Vᵀ follow from σ Vᵀ = Uᵀ M = σ⁻¹ Zᵀ Lᵀ (BᵀB) A.
     Balanced output factors: B' = U√σ = B·(L Z Λ^{-1/4}), A' = √σ Vᵀ = Λ^{-3/4} Zᵀ Lᵀ (BᵀB)·A.
     Cost: two m/n×R Gram products and two R×R eigendecompositions (float64), against QR of both stacked
-    factors and an R×R SVD in `factored_svd` — measured 2–3× faster per module (BENCHMARKS.md).
+    factors and an R×R SVD in `factored_svd` — measured 2.3× faster on SmolLM2-sized modules (BENCHMARKS.md).
     Accuracy: everything small is float64, so the squared spectrum only matters for σ_i < ~1e-7·σ_1 (triplets
     with Λ_i ≤ ``tol``·Λ_1 are returned as zeros); their share of M is below float32 output rounding.
     """

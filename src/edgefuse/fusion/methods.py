@@ -70,7 +70,7 @@ def svd(mods, weights, ctx: Ctx) -> LoraModule:
 
     Computed exactly from the stacked factors (`lowrank.truncate`: two (Σr)×(Σr) Gram matrices in float64 and
     their eigendecompositions — the issue asked for QR of the stacked factors; the Gram route gives the same
-    truncation to float32 rounding and measured 2.5× faster, BENCHMARKS.md) — never an m×n matrix.
+    truncation to float32 rounding and measured 2.3× faster, BENCHMARKS.md) — never an m×n matrix.
     Same ΔW as PEFT ``svd`` (dense full SVD of the dense sum); the default rank is the largest input rank.
     """
     B, A = lowrank.stack([(m, weights[k]) for k, m in present(mods)])
