@@ -120,6 +120,7 @@ def test_fuse_writes_peft_adapter_manifest_and_merged_weights(tmp_path, dirs, mo
 
 def test_conflicts_table_and_heatmap(tmp_path, dirs, monkeypatch, capsys):
     png = tmp_path / "c.png"
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal
     code, so, se = run(
         monkeypatch, capsys, "conflicts", "--adapters", *dirs, "--plot", png, "--json", tmp_path / "c.json"
     )
@@ -130,6 +131,8 @@ def test_conflicts_table_and_heatmap(tmp_path, dirs, monkeypatch, capsys):
     assert (
         len(stats["modules"]) == 6 and "sign_conflict" in stats["modules"]["model.layers.0.self_attn.q_proj"]
     )
+    for m in stats["modules"].values():  # every cell is printed whole, also when stdout is not a terminal
+        assert f"{m['score']:.3f}/{m['sign_conflict']:.2f}" in so
 
 
 def test_list(monkeypatch, capsys):

@@ -183,7 +183,8 @@ def register(app: typer.Typer) -> None:
                     for t in types
                 ),
             )
-        Console().print(table)
+        # never cut cells to "0.01…": a piped or narrow terminal still gets every value (one column ≈ 14 chars)
+        Console(width=max(Console().width, 10 + 14 * len(types))).print(table)
         s = stats["summary"]
         typer.echo(
             f"{s['modules']} modules: max score {s['max_score']:.3f}, mean {s['mean_score']:.3f}, "
