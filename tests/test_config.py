@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,9 @@ def test_good_config_defaults(tmp_path):
     ({"edges": {"a": {"domains": ["stem"], "pruning": {"mthod": "taylor"}}}}, "edges.a.pruning.mthod: unknown key"),
     ({"edges": {"a": {"domains": ["stem"], "pruning": {"ratio": None}}}},
      "edges.a.pruning needs a ratio or a memory_budget_gib"),
-    ({"edge_pruning": {"a": {"ratio": 0.5}}}, "write per-edge pruning inline as edges: {NAME: {domains, pruning}}"),
+    ({"edge_pruning": {"z": {"ratio": 0.5}}}, "edge_pruning names 'z', which is not an edge of the study"),
+    ({"edges": {"a": {"domains": ["stem"], "pruning": {"ratio": 0.5}}}, "edge_pruning": {"a": {"ratio": 0.3}}},
+     "edges.a: pruning given both inline and in edge_pruning"),
 ])
 def test_bad_configs_name_the_key(tmp_path, patch, msg):
     cfg = {**GOOD, **patch}
@@ -76,6 +79,12 @@ def test_per_edge_pruning_overrides_only_what_it_sets(tmp_path):
     b, c = cfg.pruning_for("b"), cfg.pruning_for("c")
     assert (b.method, b.ratio, b.memory_budget_gib) == ("taylor", 0.5, None)  # its ratio counts, not the budget
     assert (c.method, c.memory_budget_gib) == ("taylor", 1.2)
+    # the saved form (the run directory's config.json) loads back to the same study
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(cfg.model_dump()))
+    again = load_config(saved)
+    assert again.edge_pruning["b"].model_dump(exclude_unset=True) == {"ratio": 0.5}
+    assert all(again.pruning_for(e) == cfg.pruning_for(e) for e in cfg.edges)
 
 
 def test_cli_rejects_bad_config_before_work(tmp_path):

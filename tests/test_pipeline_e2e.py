@@ -85,6 +85,7 @@ def test_every_stage_runs_and_report_is_written(study):
                                                                         "law": ("random", 0.25)}
     params = {e["edge"]: e["prune"]["params"] for e in doc["seeds"][0]["edges"]}
     assert params["law"] > params["science"]
+    assert "| science | stem | 0 | magnitude width 0.50 |" in report and "| law | law | 0 | random width 0.25 |" in report
     csv_rows = (run_dir / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 1 + 2 + 4  # header, base, 2 edges, 2 methods × 2 CR settings
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from edgefuse.edge.train import TrainConfig
 from edgefuse.errors import EdgefuseError
@@ -150,9 +150,7 @@ class StudyConfig(_Strict):
         an edge written as a plain list of domains uses ``pruning`` unchanged."""
         if not isinstance(raw, dict) or not isinstance(raw.get("edges"), dict):
             return raw
-        if "edge_pruning" in raw:
-            raise ValueError("edge_pruning: write per-edge pruning inline as edges: {NAME: {domains, pruning}}")
-        edges, per_edge = {}, {}
+        edges, per_edge = {}, dict(raw.get("edge_pruning") or {})  # the saved form (config.json) as well
         for name, spec in raw["edges"].items():
             if isinstance(spec, dict):
                 extra = sorted(set(spec) - {"domains", "pruning"})
@@ -162,6 +160,8 @@ class StudyConfig(_Strict):
                     raise ValueError(f"edges.{name}: an edge written as a mapping needs `domains`")
                 edges[name] = spec["domains"]
                 if spec.get("pruning") is not None:
+                    if name in per_edge:
+                        raise ValueError(f"edges.{name}: pruning given both inline and in edge_pruning")
                     per_edge[name] = spec["pruning"]
             else:
                 edges[name] = spec
@@ -186,6 +186,9 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> "StudyConfig":
+        unknown = sorted(set(self.edge_pruning) - set(self.edges))
+        if unknown:
+            raise ValueError(f"edge_pruning names {unknown[0]!r}, which is not an edge of the study")
         for edge in self.edges:
             p = self.pruning_for(edge)
             if p.ratio is None and p.memory_budget_gib is None:
@@ -201,6 +204,11 @@ class StudyConfig(_Strict):
         if r.cr is not None and r.cr not in self.fusion.cr:
             raise ValueError(f"rounds.cr {r.cr!r} is not among fusion.cr {self.fusion.cr}")
         return self
+
+    @field_serializer("edge_pruning")
+    def _only_set_keys(self, v: dict[str, PruningConfig]) -> dict[str, dict]:
+        """Each edge's own keys only, so that a saved config (``config.json``) loads back to the same study."""
+        return {edge: p.model_dump(exclude_unset=True) for edge, p in v.items()}
 
     def pruning_for(self, edge: str) -> PruningConfig:
         """``pruning`` with this edge's own settings applied (only the keys the edge sets). An edge that sets a

@@ -270,7 +270,8 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
         except EdgefuseError as e:  # which device's budget or settings are wrong
             raise EdgefuseError(f"edge {edge}: {e}") from None
         save_pruned(res, st.tokenizer, work / "pruned")
-        return {"dir": "pruned", "ratio": res.plan.get("ratio"), "params": count_parameters(res.model),
+        return {"dir": "pruned", "ratio": res.plan.get("ratio"), "method": p.method, "structure": p.structure,
+                "memory_budget_gib": p.memory_budget_gib, "params": count_parameters(res.model),
                 "base_params": count_parameters(st.model), "estimate": _jsonable(res.estimate)}
 
     inputs = {"model": st.base_fingerprint, "pruning": p.model_dump(), "edge": edge, "domains": domains,

@@ -106,7 +106,7 @@ def edges_table(doc: dict) -> str:
     from edgefuse.data.taxonomy import domain_subjects
 
     subj = _subject_index(doc)
-    lines = ["| edge | domains | seed | pruning ratio | params (pruned / base) | peak train memory MiB, measured (estimate) | tokens/s | "
+    lines = ["| edge | domains | seed | pruning (ratio) | params (pruned / base) | peak train memory MiB, measured (estimate) | tokens/s | "
              "train s | final loss | own domain % [CI] n (base) | all MMLU % [CI] | Δ all vs base |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in doc["seeds"]:
@@ -120,7 +120,7 @@ def edges_table(doc: dict) -> str:
                 peak = peak / 2**20
             loss = tr.get("loss_curve") or tr.get("losses") or []
             lines.append("| " + " | ".join([
-                e["edge"], ", ".join(e["domains"]), str(e["seed"]), f"{pr.get('ratio', 0) or 0:.2f}",
+                e["edge"], ", ".join(e["domains"]), str(e["seed"]), _pruning_cell(pr),
                 f"{pr.get('params', 0) / 1e6:.1f}M / {pr.get('base_params', 0) / 1e6:.1f}M",
                 (f"{peak:.0f}" if isinstance(peak, (int, float)) else "–")
                 + (f" (est. {tr['memory_estimate_bytes'] / 2**20:.0f})" if tr.get("memory_estimate_bytes") else ""),
@@ -132,6 +132,13 @@ def edges_table(doc: dict) -> str:
                 _diff(mmlu_diff(ev, doc["base"])) if ev else "–",
             ]) + " |")
     return "\n".join(lines)
+
+
+def _pruning_cell(pr: dict) -> str:
+    """``taylor width 0.25``, with the device's budget when the ratio came from one (edges may differ)."""
+    what = " ".join(str(pr[k]) for k in ("method", "structure") if pr.get(k))
+    cell = f"{what} {pr.get('ratio', 0) or 0:.2f}".strip()
+    return cell + (f" (budget {pr['memory_budget_gib']:g} GiB)" if pr.get("memory_budget_gib") else "")
 
 
 def _last_loss(curve: list) -> float:
