@@ -10,6 +10,7 @@ report names it, as long as at least ``min_edges`` edges delivered (0 = every ed
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -81,8 +82,8 @@ class FlowerTrainer:
             try:
                 gib = float(raw)
             except (TypeError, ValueError):
-                gib = float("nan")
-            if not gib > 0 or gib == float("inf"):
+                gib = math.nan
+            if not (math.isfinite(gib) and gib > 0):
                 raise EdgefuseError(f"edge {edge} (node {self.node_of[edge]}) reports memory-budget-gib={raw!r}; "
                                     "expected a positive number of GiB")
             out[edge] = gib
