@@ -37,20 +37,24 @@ def eval_mmlu(
     strict: bool = typer.Option(False, "--strict", help="Fail on malformed MMLU rows."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results JSON here."),
     subjects_table: bool = typer.Option(False, "--per-subject", help="Also print per-subject rows."),
+    fmt: str = typer.Option("letters", "--format", help="letters (answer letter) | cloze (answer text; acc and acc_norm)."),
 ):
-    """Letter-scored MMLU accuracy with 95% bootstrap intervals (overall, per category, per subject)."""
+    """MMLU accuracy with 95% bootstrap intervals (overall, per category, per subject), letter- or cloze-scored."""
     from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.evaluate.cloze import check_format
     from edgefuse.evaluate.mmlu import evaluate_mmlu
     from edgefuse.io import atomic_write_json, sha256_file
     from edgefuse.models import fingerprint
     from edgefuse.ui import accuracy_table, console, progress_bar
 
+    check_format(fmt)  # bad input fails before any data or model is loaded
+    if fmt == "cloze" and shots:
+        raise EdgefuseError("cloze scoring is zero-shot only; use --shots 0 or --format letters")
     ds = load_mmlu(data, strict=strict)
     spec = SplitSpec(seed=split_seed)
     items = select(ds, split, domains, subjects, limit, seed, spec)
     if not items:
-        from edgefuse.errors import EdgefuseError
-
         raise EdgefuseError("the selection holds no items")
     public = []
     if shots:
@@ -63,9 +67,13 @@ def eval_mmlu(
             "selection": {"domains": domains, "subjects": subjects, "limit": limit, "seed": seed}}
     with progress_bar("MMLU", len(items)) as advance:
         res = evaluate_mmlu(m, tok, items, shots=shots, public=public, batch_size=batch_size, progress=advance,
-                            meta=meta)
-    console.print(accuracy_table(f"MMLU ({model}{' + ' + str(adapter) if adapter else ''}, {shots}-shot, {split})",
-                                 res["accuracy"], subjects=subjects_table))
+                            meta=meta, fmt=fmt)
+    title = f"MMLU ({model}{' + ' + str(adapter) if adapter else ''}, {shots}-shot, {split}"
+    if fmt == "cloze":
+        console.print(accuracy_table(f"{title}, cloze, acc)", res["accuracy"], subjects=subjects_table))
+        console.print(accuracy_table(f"{title}, cloze, acc_norm)", res["accuracy_norm"], subjects=subjects_table))
+    else:
+        console.print(accuracy_table(f"{title})", res["accuracy"], subjects=subjects_table))
     console.print(f"{res['n']} items, {res['wall_s']:.1f} s, {res['tokens_per_s']} tokens/s")
     if out:
         atomic_write_json(out, res)

@@ -59,15 +59,19 @@ def eval_mmlu_cd(
     data: Optional[str] = typer.Option(None, "--data", help="MMLU source the benchmark was built from (default: embedded)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results JSON here."),
+    fmt: str = typer.Option("letters", "--format", help="letters (answer letter) | cloze (answer text)."),
+    metric: str = typer.Option("acc", "--metric", help="Which choice counts and is chained: acc | acc_norm (cloze only)."),
 ):
     """Strict / per-position / single-item accuracy, cross-domain penalty and domain matrix (95% CIs)."""
     from edgefuse.data.mmlu import load_mmlu
     from edgefuse.data.mmlu_cd import load_benchmark
+    from edgefuse.evaluate.cloze import check_format
     from edgefuse.evaluate.mmlu_cd import evaluate_mmlu_cd, resolve
     from edgefuse.io import atomic_write_json, sha256_file
     from edgefuse.models import fingerprint
     from edgefuse.ui import console, progress_bar
 
+    check_format(fmt, metric)  # bad input fails before the benchmark or the model is loaded
     doc = load_benchmark(bench)
     ds = load_mmlu(data)
     resolve(doc, ds)  # fail on unknown ids before loading the model
@@ -76,8 +80,10 @@ def eval_mmlu_cd(
             "adapter": str(adapter) if adapter else None,
             "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None}
     with progress_bar("MMLU-CD", len(doc["instances"])) as advance:
-        res = evaluate_mmlu_cd(m, tok, doc, ds, batch_size=batch_size, progress=advance, meta=meta)
-    for table in results_tables(res, f"MMLU-CD k={res['k']} ({model}{' + ' + str(adapter) if adapter else ''})"):
+        res = evaluate_mmlu_cd(m, tok, doc, ds, batch_size=batch_size, progress=advance, meta=meta,
+                               fmt=fmt, metric=metric)
+    scoring = f", cloze, {metric}" if fmt == "cloze" else ""
+    for table in results_tables(res, f"MMLU-CD k={res['k']} ({model}{' + ' + str(adapter) if adapter else ''}{scoring})"):
         console.print(table)
     console.print(f"{res['n']} instances, {res['wall_s']:.1f} s, benchmark sha256 {res['benchmark_sha256'][:16]}…")
     if out:

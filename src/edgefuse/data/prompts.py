@@ -40,3 +40,28 @@ def mc_prompt(item: MMLUItem, shots: Sequence[MMLUItem] = ()) -> str:
         parts.append(question_block(ex) + answer_text(ex.answer) + "\n\n")
     parts.append(question_block(item))
     return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ cloze
+# Cloze form (lm-eval-harness's ``mmlu_continuation``; the SmolLM2 model card's "MMLU (cloze)"): the
+# choices are not listed; each answer *text* is scored as the continuation of ``Answer:``. Small models
+# that sit at chance on letters are above it here, so it is the form in which fusion can visibly lose
+# (or keep) knowledge.
+
+def cloze_header(subject: str) -> str:
+    return f"The following are questions (with answers) about {subject_words(subject)}.\n\n"
+
+
+def cloze_question(item: MMLUItem) -> str:
+    """``Question: …\\nAnswer:`` (no trailing space; the continuation brings its own)."""
+    return f"Question: {item.question.strip()}\nAnswer:"
+
+
+def cloze_prompt(item: MMLUItem) -> str:
+    """Zero-shot cloze context of one item."""
+    return cloze_header(item.subject) + cloze_question(item)
+
+
+def cloze_continuation(item: MMLUItem, index: int) -> str:
+    """The continuation scored for choice ``index``: a space and the answer text."""
+    return f" {item.choices[index]}"

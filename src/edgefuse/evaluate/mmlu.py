@@ -1,4 +1,4 @@
-"""MMLU evaluation: letter log-likelihood scoring, accuracy with bootstrap intervals, results JSON."""
+"""MMLU evaluation: letter or cloze log-likelihood scoring, accuracy with bootstrap intervals, results JSON."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections import defaultdict
 from typing import Callable, Sequence
 
 from edgefuse.data.mmlu import LETTERS, MMLUItem
-from edgefuse.data.prompts import mc_prompt
+from edgefuse.data.prompts import cloze_continuation, cloze_prompt, mc_prompt
+from edgefuse.errors import EdgefuseError
+from edgefuse.evaluate.cloze import ClozeScorer, check_format, choose
 from edgefuse.evaluate.scoring import LetterScorer
 from edgefuse.evaluate.stats import bootstrap_ci
 
@@ -51,8 +53,19 @@ def evaluate_mmlu(
     padding_side: str = "right",
     progress: Callable[[int], None] | None = None,
     meta: dict | None = None,
+    fmt: str = "letters",
 ) -> dict:
-    """Score every item; return the results document (per-item predictions and the four scores)."""
+    """Score every item; return the results document (per-item predictions and the four scores).
+
+    ``fmt="letters"``: the log-probability of each answer letter after the lettered prompt.
+    ``fmt="cloze"``: the summed log-likelihood of each answer text after the cloze prompt (zero-shot
+    only), reported as ``accuracy`` (acc) and ``accuracy_norm`` (acc_norm, per character).
+    """
+    check_format(fmt)
+    if fmt == "cloze":
+        if shots:
+            raise EdgefuseError("cloze scoring is zero-shot only; use --shots 0 or the letters format")
+        return _evaluate_cloze(model, tokenizer, items, batch_size, progress, meta)
     t0 = time.perf_counter()
     scorer = LetterScorer(model, tokenizer, batch_size=batch_size, padding_side=padding_side)
     scores = scorer.score(build_prompts(items, shots, public), progress=progress)
@@ -63,6 +76,7 @@ def evaluate_mmlu(
         "version": RESULTS_VERSION,
         "benchmark": "mmlu",
         **(meta or {}),
+        "format": "letters",
         "shots": shots,
         "n": len(items),
         "accuracy": summarise(items, correct),
@@ -73,5 +87,38 @@ def evaluate_mmlu(
             {"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
              "correct": bool(c), "scores": [round(float(x), 6) for x in s]}
             for it, p, c, s in zip(items, preds, correct, scores.tolist())
+        ],
+    }
+
+
+def _evaluate_cloze(model, tokenizer, items, batch_size, progress, meta) -> dict:
+    """Cloze-form results: per item the summed log-likelihoods, the acc and the acc_norm choice."""
+    t0 = time.perf_counter()
+    scorer = ClozeScorer(model, tokenizer, batch_size=batch_size)
+    conts = [[cloze_continuation(it, i) for i in range(len(it.choices))] for it in items]
+    scores = scorer.score([cloze_prompt(it) for it in items], conts, progress=progress)
+    lengths = [[len(c) for c in it.choices] for it in items]  # lm-eval: the choice text, no space
+    preds = choose(scores, lengths, "acc").tolist()
+    preds_norm = choose(scores, lengths, "acc_norm").tolist()
+    correct = [int(p == it.answer) for p, it in zip(preds, items)]
+    correct_norm = [int(p == it.answer) for p, it in zip(preds_norm, items)]
+    wall = time.perf_counter() - t0
+    return {
+        "version": RESULTS_VERSION,
+        "benchmark": "mmlu",
+        **(meta or {}),
+        "format": "cloze",
+        "shots": 0,
+        "n": len(items),
+        "accuracy": summarise(items, correct),
+        "accuracy_norm": summarise(items, correct_norm),
+        "wall_s": round(wall, 3),
+        "tokens": scorer.tokens_scored,
+        "tokens_per_s": round(scorer.tokens_scored / wall, 1) if wall > 0 else None,
+        "items": [
+            {"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
+             "correct": bool(c), "pred_norm": LETTERS[pn], "correct_norm": bool(cn),
+             "scores": [round(float(x), 6) for x in s]}
+            for it, p, c, pn, cn, s in zip(items, preds, correct, preds_norm, correct_norm, scores.tolist())
         ],
     }

@@ -21,6 +21,14 @@ each later answer feeds only the new tokens (`` Xj-1`` + ``\\nAnswer j:``) again
 and values, and the LM head runs only at the k scoring positions. Instances are batched with left
 padding, so every row's scoring position is the last column and the per-step blocks (same length
 for every row) need no padding at all.
+
+Cloze form (``fmt="cloze"``, `ChainedClozeScorer`): the header reads "The following are questions
+(with answers) about …", the questions carry no lettered choices, and answer j is scored as the
+summed log-likelihood of each choice text `` <choice>`` after ``Answer j:``; the model's own choice
+(by ``metric``: acc or acc_norm) is appended before ``\nAnswer j+1:``. Same caching: the prefix
+once, then each step feeds only the chosen text and the cue; the four continuations of a step run
+packed side by side in one cached step, after which the cache is cropped back (see
+`edgefuse.evaluate.cloze.continuation_logliks`).
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ import torch
 
 from edgefuse.data.mmlu import LETTERS, MMLUDataset, MMLUItem
 from edgefuse.data.mmlu_cd import content_hash
-from edgefuse.data.prompts import subject_words
+from edgefuse.data.prompts import cloze_continuation, subject_words
 from edgefuse.errors import EdgefuseError
+from edgefuse.evaluate.cloze import check_format, choose, continuation_logliks, encode_choices
 from edgefuse.evaluate.mmlu import evaluate_mmlu
 from edgefuse.evaluate.scoring import continuation_token_ids, head_logprobs, lm_parts, make_batch, unwrap
 from edgefuse.evaluate.stats import bootstrap_ci, paired_diff_ci
@@ -76,6 +85,136 @@ def cd_text(items: Sequence[MMLUItem], letters: Sequence[int]) -> str:
         if j < len(items):
             text += answer_cue(j + 1)
     return text
+
+
+def cloze_cd_prefix(items: Sequence[MMLUItem]) -> str:
+    """Cloze header, the numbered questions without choices, then ``Answer 1:`` (no trailing space)."""
+    subjects = list(dict.fromkeys(subject_words(it.subject) for it in items))
+    header = f"The following are questions (with answers) about {_join(subjects)}.\n\n"
+    blocks = [f"Question {j}: {it.question.strip()}" for j, it in enumerate(items, 1)]
+    return header + "\n\n".join(blocks) + "\n\nAnswer 1:"
+
+
+def cloze_cd_text(items: Sequence[MMLUItem], chosen: Sequence[int]) -> str:
+    """The growing cloze prompt after the chosen answers (indices): the context of answer len+1, or,
+    with all k chosen, the full instance text."""
+    text = cloze_cd_prefix(items)
+    for j, c in enumerate(chosen, 1):
+        text += cloze_continuation(items[j - 1], c)
+        if j < len(items):
+            text += answer_cue(j + 1)
+    return text
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChainedClozeScorer:
+    """Cloze-form MMLU-CD: one cached prefix pass, then per answer a cached scoring of the four
+    choice texts and a short step that feeds the chosen text and the next cue.
+
+    The chain must equal tokenizing each growing context whole. Usually the cached tokens are a
+    prefix of the longer context's tokens and only the new ones are fed; where a tokenizer merges
+    across the boundary, the row's diverging cached positions are masked out (the attention mask
+    may hold zeros anywhere) and their replacements fed at the right positions, so the result is
+    still exact for every tokenizer.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, metric: str = "acc"):
+        check_format("cloze", metric)
+        self.model, self.tokenizer, self.batch_size, self.metric = model, tokenizer, batch_size, metric
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_length = getattr(unwrap(model).config, "max_position_embeddings", None)
+        self.tokens = 0  # tokens run through the decoder (prefix, steps and continuations, no padding)
+
+    def _enc(self, texts: Sequence[str]) -> list[list[int]]:
+        # contexts end in "Answer j:", so lm-eval's move of trailing spaces never applies; rstrip anyway
+        return self.tokenizer([t.rstrip() for t in texts], add_special_tokens=False).input_ids
+
+    def _check_length(self, live: Sequence[int], conts: Sequence[Sequence[int]]) -> None:
+        if self.max_length and len(live) + max(len(c) for c in conts) > self.max_length + 1:
+            raise EdgefuseError(f"an MMLU-CD cloze prompt reaches {len(live) + max(len(c) for c in conts)} "
+                                f"tokens, more than the model's {self.max_length}; use a smaller k")
+
+    @torch.inference_mode()
+    def score(self, instances: Sequence[Sequence[MMLUItem]],
+              progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """(n, k, 4) summed log-likelihoods; answer j is conditioned on the metric's choices at 1..j-1."""
+        if not instances:
+            return torch.empty((0, 0, 4))
+        k = len(instances[0])
+        body, head, softcap = lm_parts(self.model)
+        device = next(self.model.parameters()).device
+        out = torch.empty((len(instances), k, len(instances[0][0].choices)), dtype=torch.float32)
+        prefixes = [cloze_cd_prefix(items) for items in instances]
+        prefix_ids = self._enc(prefixes)
+        order = sorted(range(len(instances)), key=lambda i: (-len(prefix_ids[i]), i))
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s: s + self.batch_size]
+            rows = [instances[i] for i in idx]
+            texts = [prefixes[i] for i in idx]
+            live = [prefix_ids[i] for i in idx]  # token ids of each row's current context
+            b = make_batch(live, self.pad_id, "left", device)
+            res = body(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                       use_cache=True)
+            cache, mask, last = res.past_key_values, b.attention_mask, res.last_hidden_state[:, -1]
+            width = mask.shape[1]
+            cols = [list(range(width - len(t), width)) for t in live]  # cache columns of the live tokens
+            self.tokens += int(mask.sum())
+            for j in range(k):
+                conts = []
+                for r, items in enumerate(rows):
+                    ctx, cs = encode_choices(self.tokenizer, texts[r], [cloze_continuation(items[j], c)
+                                                                        for c in range(len(items[j].choices))])
+                    if ctx != live[r]:  # cannot happen: live is re-tokenized whole at every step
+                        raise EdgefuseError("internal error: cloze chain lost track of its context tokens")
+                    self._check_length(live[r], cs)
+                    conts.append(cs)
+                ll, n_tok = continuation_logliks(body, head, softcap, cache, mask, last, conts, self.pad_id)
+                ll = ll.cpu()
+                out[idx, j] = ll
+                self.tokens += n_tok
+                if j == k - 1:
+                    break
+                lengths = [[len(c) for c in items[j].choices] for items in rows]
+                picks = choose(ll, torch.tensor(lengths, dtype=torch.float32), self.metric).tolist()
+                texts = [t + cloze_continuation(items[j], p) + answer_cue(j + 2)
+                         for t, items, p in zip(texts, rows, picks)]
+                targets = self._enc(texts)
+                starts, blocks = [], []
+                for r, target in enumerate(targets):
+                    p = min(_common_prefix(live[r], target), len(target) - 1)
+                    if p < len(live[r]):  # the tokenizer merged across the boundary: drop the stale tail
+                        mask[r, cols[r][p:]] = 0
+                        cols[r] = cols[r][:p]
+                    starts.append(p)
+                    blocks.append(target[p:])
+                    live[r] = target
+                step = max(len(x) for x in blocks)
+                ids = torch.full((len(idx), step), self.pad_id, dtype=torch.long)
+                bmask = torch.zeros((len(idx), step), dtype=torch.long)
+                pos = torch.zeros((len(idx), step), dtype=torch.long)
+                for r, (p, x) in enumerate(zip(starts, blocks)):  # left-padded: last column = last token
+                    ids[r, step - len(x):] = torch.tensor(x)
+                    bmask[r, step - len(x):] = 1
+                    pos[r, step - len(x):] = torch.arange(p, p + len(x))
+                    cols[r] += list(range(width + step - len(x), width + step))
+                width += step
+                mask = torch.cat([mask, bmask.to(device)], 1)
+                res = body(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device),
+                           past_key_values=cache, use_cache=True)
+                cache, last = res.past_key_values, res.last_hidden_state[:, -1]
+                self.tokens += int(bmask.sum())
+            del cache, res
+            if progress is not None:
+                progress(len(idx))
+        return out
 
 
 class ChainedScorer:
@@ -209,31 +348,47 @@ def cd_metrics(domains: Sequence[Sequence[str]], correct: Sequence[Sequence[int]
 
 def evaluate_mmlu_cd(model, tokenizer, doc: dict, dataset: MMLUDataset, *, batch_size: int = 8,
                      progress: Callable[[int], None] | None = None, meta: dict | None = None,
-                     single: bool = True, single_items: Sequence[dict] | None = None) -> dict:
+                     single: bool = True, single_items: Sequence[dict] | None = None,
+                     fmt: str = "letters", metric: str = "acc") -> dict:
     """Score every instance (chained, KV-cached) and the same items alone; return the results document.
 
     ``single_items``: per-item records of an earlier `evaluate_mmlu` run of the same model (zero-shot),
-    reused instead of re-scoring those items alone (e.g. when evaluating k=2 and k=3 on one model).
+    reused instead of re-scoring those items alone (e.g. when evaluating k=2 and k=3 on one model);
+    only records of the same format are reused (cloze records carry ``correct_norm``).
+    ``fmt``: letters | cloze; ``metric``: which choice counts and is chained (acc, or acc_norm for cloze).
     """
+    check_format(fmt, metric)
     header = doc["header"]
     instances = resolve(doc, dataset)
     if not instances:
         raise EdgefuseError("the MMLU-CD benchmark holds no instances")
     t0 = time.perf_counter()
-    scorer = ChainedScorer(model, tokenizer, batch_size=batch_size)
-    scores = scorer.score(instances, progress=progress)
+    if fmt == "cloze":
+        scorer = ChainedClozeScorer(model, tokenizer, batch_size=batch_size, metric=metric)
+        scores = scorer.score(instances, progress=progress)
+        lengths = torch.tensor([[[len(c) for c in it.choices] for it in items] for items in instances],
+                               dtype=torch.float32)
+        preds = choose(scores, lengths, metric).tolist()
+    else:
+        scorer = ChainedScorer(model, tokenizer, batch_size=batch_size)
+        scores = scorer.score(instances, progress=progress)
+        preds = scores.argmax(-1).tolist()
     t_chain = time.perf_counter() - t0
-    preds = scores.argmax(-1).tolist()
     correct = [[int(p == it.answer) for p, it in zip(row, items)] for row, items in zip(preds, instances)]
     single_res, single_correct = None, None
+    correct_key, pred_key = ("correct_norm", "pred_norm") if metric == "acc_norm" else ("correct", "pred")
     if single:
-        alone = {r["id"]: r for r in (single_items or [])}
+        alone = {r["id"]: r for r in (single_items or []) if ("correct_norm" in r) == (fmt == "cloze")}
         todo = list({it.id: it for items in instances for it in items if it.id not in alone}.values())
         if todo:
-            alone.update({r["id"]: r for r in evaluate_mmlu(model, tokenizer, todo, batch_size=batch_size)["items"]})
+            if fmt == "cloze":
+                fresh = evaluate_mmlu(model, tokenizer, todo, batch_size=batch_size, fmt="cloze")
+            else:
+                fresh = evaluate_mmlu(model, tokenizer, todo, batch_size=batch_size)
+            alone.update({r["id"]: r for r in fresh["items"]})
         used = list(dict.fromkeys(it.id for items in instances for it in items))
         single_res = {"items": [alone[i] for i in used]}
-        single_correct = [[int(alone[it.id]["correct"]) for it in items] for items in instances]
+        single_correct = [[int(alone[it.id][correct_key]) for it in items] for items in instances]
     metrics = cd_metrics([inst["domains"] for inst in doc["instances"]], correct, single_correct,
                          header.get("domains"))
     wall = time.perf_counter() - t0
@@ -245,7 +400,7 @@ def evaluate_mmlu_cd(model, tokenizer, doc: dict, dataset: MMLUDataset, *, batch
             "correct": [p == it.answer for p, it in zip(row, items)],
             "strict": all(p == it.answer for p, it in zip(row, items)),
             "scores": [[round(float(x), 6) for x in pos] for pos in sc],
-            **({"single_preds": [alone[it.id]["pred"] for it in items]} if single else {}),
+            **({"single_preds": [alone[it.id][pred_key] for it in items]} if single else {}),
         })
     return {
         "version": RESULTS_VERSION,
@@ -253,6 +408,8 @@ def evaluate_mmlu_cd(model, tokenizer, doc: dict, dataset: MMLUDataset, *, batch
         **(meta or {}),
         "benchmark_sha256": content_hash(doc),
         "benchmark_header": header,
+        "format": fmt,
+        "metric": metric,
         "k": len(instances[0]),
         "n": len(instances),
         **metrics,
