@@ -30,6 +30,7 @@ demo: setup
 # Run it on a quiet machine: timings taken next to other jobs are not comparable.
 bench: setup
 	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/cloze_throughput.py --n 200 --repeats 2
 	$(BIN)/python bench/mmlu_cd_cost.py --threads 1 --cost-n 8 --repeats 3 --acc-n 100
 	$(BIN)/python bench/edge_memory.py --steps 8 --batch 8 --seq 128 --repeats 3
 	$(BIN)/python bench/fusion_speed.py --repeats 3 --peft-repeats 2

@@ -117,3 +117,36 @@ def test_impossible_edge_budget_names_the_edge(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     assert "edge phone: memory budget 0.0001 GiB is too small" in r.stderr
     assert not (run_dir / "report.md").exists() and not (run_dir / "results.json").exists()
+
+
+@pytest.mark.parametrize("patch, msg", [
+    ({"benchmarks": {"format": "essay"}}, "benchmarks.format: Input should be 'letters' or 'cloze'"),
+    ({"benchmarks": {"metric": "acc_norm"}}, "benchmarks: metric acc_norm is not produced by the letters format"),
+    ({"benchmarks": {"format": "cloze", "mmlu": {"shots": 2}}}, "benchmarks: the cloze format is zero-shot"),
+    ({"training": {"objective": "essays"}}, "training.objective: Input should be 'letters', 'cloze' or 'both'"),
+    ({"fusion": {"cr": ["off", {"name": "x", "strategy": "element", "share": 2}]}},
+     "fusion.cr.1.share: Input should be less than or equal to 1"),
+    ({"fusion": {"cr": ["off", {"name": "x", "strategy": "sometimes"}]}}, "unknown LoRA-CR strategy 'sometimes'"),
+    ({"fusion": {"cr": ["element", {"name": "element", "strategy": "direction"}]}},
+     "LoRA-CR setting names must be distinct"),
+    ({"max_minutes": 0}, "max_minutes: Input should be greater than 0"),
+])
+def test_bad_scoring_and_cr_settings_name_the_key(tmp_path, patch, msg):
+    with pytest.raises(EdgefuseError) as e:
+        load_config(write(tmp_path, {**GOOD, **patch}))
+    assert msg in str(e.value), str(e.value)
+
+
+def test_headline_metric_follows_the_format_and_named_cr_settings_round_trip(tmp_path):
+    cloze = load_config(write(tmp_path, {**GOOD, "benchmarks": {"format": "cloze"}}))
+    assert cloze.benchmarks.headline_metric == "acc_norm"
+    assert load_config(write(tmp_path, GOOD)).benchmarks.headline_metric == "acc"
+    cfg = load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["ties"], "cr": [
+        "off", "element", {"name": "top", "strategy": "element", "share": 0.25}]}}))
+    assert [c.name for c in cfg.fusion.cr] == ["off", "element", "top"]
+    assert cfg.fusion.cr_setting("top").fuse_params() == {"cr_share": 0.25}
+    dumped = cfg.model_dump()["fusion"]["cr"]
+    assert dumped[:2] == ["off", "element"] and dumped[2]["share"] == 0.25  # plain names stay plain (cache keys)
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(cfg.model_dump()))
+    assert load_config(saved) == cfg

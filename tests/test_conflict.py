@@ -153,3 +153,33 @@ def test_element_strategy_equals_dense_reference(block, monkeypatch):
         ref = truncated(T[k].masked_fill(drop, 0.0) / w[k], a.modules[name].rank)
         assert rel(out[k].modules[name].delta(), ref) <= 1e-5
     assert changed > 0 and e["changed_params"] == changed
+
+
+def test_share_selects_the_most_conflicting_modules():
+    """cr_share = q edits the ⌈q·M⌉ modules with the highest positive scores, whatever the threshold says."""
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
+    g = torch.Generator().manual_seed(0)
+    base = {n: LoraModule(torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)) for n in names}
+    # adapter 2 opposes adapter 1 by a different amount per module: cosines -0.9, -0.6, -0.3 and +1 (no conflict)
+    mix = dict(zip(names, (-0.9, -0.6, -0.3, 1.0)))
+    other = {}
+    for n, c in mix.items():
+        m = base[n]
+        noise = torch.randn(5, 6, generator=g)
+        d = m.delta()
+        noise -= (noise * d).sum() / (d * d).sum() * d  # orthogonal to ΔW1
+        target = c * d / d.norm() + math.sqrt(max(0.0, 1 - c * c)) * noise / noise.norm()
+        U, S, Vh = torch.linalg.svd(target, full_matrices=False)
+        other[n] = LoraModule(Vh, U * S)
+    a1, a2 = LoraAdapter(base), LoraAdapter(other)
+    scores = {n: e["score"] for n, e in analyze_conflicts([a1, a2])["modules"].items()}
+    for n, c in mix.items():
+        assert scores[n] == pytest.approx(max(0.0, -c), abs=1e-5)
+    for share, expect in ((0.25, names[:1]), (0.5, names[:2]), (1.0, names[:3])):
+        _, st = resolve_conflicts([a1, a2], strategy="element", threshold=0.99, share=share)
+        assert sorted(n for n, e in st["modules"].items() if e["flagged"]) == expect, share
+    # the threshold rule still holds without a share
+    _, st = resolve_conflicts([a1, a2], strategy="element", threshold=0.5)
+    assert sorted(n for n, e in st["modules"].items() if e["flagged"]) == names[:2]
+    with pytest.raises(Exception, match="cr_share"):
+        fuse_adapters([a1, a2], "linear", cr="element", cr_share=1.5)

@@ -63,6 +63,8 @@ def test_prune_train_recover_then_evaluate_with_the_recovered_adapter(pipeline):
     (["train", "--pruned", "{d}/p", "--domain", "stem", "--steps", "3", "--batch", "2", "--seq", "48", "--limit", "6",
       "--lr", "0.1", "--resume", "--out", "{d}/pkg"], "differs in: lr"),
     (["train", "--pruned", "{d}/p", "--domain", "astrology", "--out", "{d}/x"], "unknown domain"),
+    (["train", "--pruned", "{d}/p", "--domain", "stem", "--objective", "essays", "--out", "{d}/x"],
+     "invalid training option objective: Input should be 'letters', 'cloze' or 'both'"),
     (["recover", "--package", "{d}/rec", "--plan", "{d}/p/plan.json", "--out", "{d}/x"], "not an edge package"),
 ])
 def test_bad_input_is_one_clear_line(pipeline, args, msg):

@@ -205,3 +205,20 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, monkeypatch, capsys
         "already exists"
         in run(monkeypatch, capsys, "fuse", "--method", "linear", "--adapters", *dirs, "--out", out)[2]
     )
+
+
+def test_cr_share_edits_the_most_conflicting_modules(tmp_path, dirs, monkeypatch, capsys):
+    """--cr-share q: the manifest records q, and the edited modules are the ⌈q·M⌉ highest-scored ones."""
+    out = tmp_path / "fused"
+    code, so, se = run(monkeypatch, capsys, "fuse", "--method", "linear", "--cr", "element", "--cr-share", 0.5,
+                       "--adapters", *dirs, "--out", out)
+    assert code == 0, se
+    man = json.loads((out / "edgefuse.json").read_text())
+    assert man["cr"]["share"] == 0.5
+    scores = man["conflicts"]["module_scores"]
+    top = sorted((n for n in scores if scores[n] > 0), key=lambda n: (-scores[n], n))[: -(-len(scores) // 2)]
+    assert sorted(man["cr_stats"]["flagged_modules"]) == sorted(top) and top
+    code, _, se = run(monkeypatch, capsys, "fuse", "--method", "linear", "--cr", "element", "--cr-share", 1.5,
+                      "--adapters", *dirs, "--out", tmp_path / "bad")
+    assert code != 0 and "cr_share must be in (0, 1]" in se and len(se.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

@@ -191,3 +191,64 @@ def test_second_round_starts_every_edge_from_the_fused_adapter(study, tmp_path):
     n = len(stage_log(two))
     run_study(load_config(cfg_path), two, show_progress=False)
     assert all(r["status"] == "cached" for r in stage_log(two)[n:])
+
+
+def test_plan_names_every_stage_the_run_records_and_dry_run_sees_them_done(study):
+    """`edgefuse.estimate.plan` is the run's own list of stages (the progress bar counts it, the estimate sums it);
+    after the run, --dry-run finds every stage done and nothing left to estimate."""
+    from edgefuse.config import load_config
+    from edgefuse.estimate import plan
+
+    cfg, run_dir, _ = study
+    planned = [s.name for s in plan(load_config(cfg), 24)]
+    recorded = list(dict.fromkeys(r["stage"] for r in stage_log(run_dir)))
+    assert planned == recorded
+    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--dry-run")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert f"0 of {len(planned)} stages to run, estimated 0 min" in out
+    doc = json.loads((run_dir / "results.json").read_text())
+    assert set(doc["estimate"]["stages"]) <= set(recorded)  # the stages that run had still to run
+
+
+def test_max_minutes_refuses_before_anything_is_written(tmp_path):
+    cfg = tmp_path / "slow.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY_STUDY, "max_minutes": 1e-6}))
+    p = cli("run", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert len(err.strip().splitlines()) == 1 and "more than its max_minutes 1e-06" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cloze_study_with_answer_text_training_and_a_cr_share(tmp_path, capsys):
+    """The study in cloze form: edges train on answer text, the headline metric is acc_norm (per-item outcomes
+    equal the evaluation file's correct_norm), a LoRA-CR share setting edits the chosen share of modules, and the
+    report has the transfer matrix and the LoRA-CR comparison. Output that is not a terminal gets one plain line
+    per stage start and finish instead of progress bars."""
+    from edgefuse.config import StudyConfig
+    from edgefuse.pipeline import run_study
+
+    cfg = StudyConfig.model_validate({
+        **TINY_STUDY, "edges": {"science": ["stem"], "law": ["law"]},
+        "training": {**TINY_STUDY["training"], "objective": "cloze"},
+        "fusion": {"methods": ["task_arithmetic"],
+                   "cr": ["off", {"name": "all", "strategy": "element", "share": 1.0, "element_threshold": 0.0}]},
+        "benchmarks": {"format": "cloze", "batch_size": 8, "mmlu": {"limit": 12}, "mmlu_cd": {"ks": [2], "n": 4}}})
+    doc = run_study(cfg, tmp_path / "run", show_progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    n = len(doc["stages"])
+    assert any(line.endswith(f"stage 1/{n} data: started") for line in lines)
+    assert any(f"stage {n}/{n} eval-task_arithmetic+all-s0: finished in" in line for line in lines)
+    assert sum(": started" in line for line in lines) == n
+    fused = {f["name"]: f for f in doc["seeds"][0]["fused"]}
+    cr = fused["task_arithmetic+all"]["fusion"]["cr"]
+    assert cr["share"] == 1.0 and cr["modules_flagged"] > 0 and cr["params_changed"] > 0
+    ev = fused["task_arithmetic"]["eval"]
+    assert ev["metric"] == "acc_norm" and ev["format"] == "cloze"
+    mm = json.loads(next((tmp_path / "run" / "stages").glob("eval-task_arithmetic-s0-*/mmlu.json")).read_text())
+    assert ev["mmlu"]["correct"] == {i["id"]: int(i["correct_norm"]) for i in mm["items"]}
+    assert ev["mmlu"]["accuracy"] == mm["accuracy_norm"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Transfer matrix" in report and "## LoRA-CR against the same method without it" in report
+    assert "`acc_norm`" in report

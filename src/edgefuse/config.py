@@ -48,9 +48,33 @@ class TrainingConfig(TrainConfig):
         return v
 
 
+class CRSetting(_Strict):
+    """One LoRA-CR setting of the study, named so that several settings of one strategy can sit side by side
+    (``fusion.cr: [off, element, {name: top10, strategy: element, share: 0.1}]``; a plain name is the
+    strategy with its defaults)."""
+
+    name: str
+    strategy: str
+    threshold: float = Field(0.1, ge=0)
+    share: Optional[float] = Field(None, gt=0, le=1, description="edit the ⌈share·M⌉ most conflicting modules "
+                                                                  "instead of those above `threshold`")
+    element_threshold: Optional[float] = Field(None, ge=0)
+    direction_threshold: Optional[float] = Field(None, ge=0)
+
+    @property
+    def is_plain(self) -> bool:
+        """A strategy with its defaults, written as its name alone."""
+        return self == CRSetting(name=self.name, strategy=self.name)
+
+    def fuse_params(self) -> dict:
+        """The `fuse_adapters` parameters this setting fixes (``cr_share``, ``cr_element_threshold``, …)."""
+        return {f"cr_{k}": v for k, v in (("share", self.share), ("element_threshold", self.element_threshold),
+                                          ("direction_threshold", self.direction_threshold)) if v is not None}
+
+
 class FusionConfig(_Strict):
     methods: list[str] = ["task_arithmetic", "ties"]
-    cr: list[str] = ["off", "element"]
+    cr: list[CRSetting] = ["off", "element"]
     rank: Optional[int] = Field(None, ge=1)
     density: Optional[float] = Field(None, gt=0, le=1)
     weights: Optional[list[float]] = None
@@ -67,16 +91,32 @@ class FusionConfig(_Strict):
             raise ValueError(f"unknown fusion method {bad[0]!r}; valid: {', '.join(known)}")
         return v
 
-    @field_validator("cr")
+    @field_validator("cr", mode="before")
     @classmethod
-    def _known_cr(cls, v: list[str]) -> list[str]:
+    def _known_cr(cls, v):
         from edgefuse.fusion import list_cr_strategies
 
         known = ["off", *list_cr_strategies()]
-        bad = [s for s in v if s not in known]
-        if bad:
-            raise ValueError(f"unknown LoRA-CR strategy {bad[0]!r}; valid: {', '.join(known)}")
-        return v
+        out = []
+        for s in v if isinstance(v, list) else [v]:
+            s = {"name": s, "strategy": s} if isinstance(s, str) else s
+            if isinstance(s, CRSetting):
+                s = s.model_dump()
+            if isinstance(s, dict) and s.get("strategy") not in known:
+                raise ValueError(f"unknown LoRA-CR strategy {s.get('strategy')!r}; valid: {', '.join(known)}")
+            out.append(s)
+        names = [s.get("name") for s in out if isinstance(s, dict)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"LoRA-CR setting names must be distinct (got {names})")
+        return out
+
+    @field_serializer("cr")
+    def _plain_names(self, v: list[CRSetting]) -> list:
+        """A setting that is just a strategy with its defaults is written back as its name (the YAML form)."""
+        return [c.name if c.is_plain else c.model_dump() for c in v]
+
+    def cr_setting(self, name: str) -> CRSetting:
+        return next(c for c in self.cr if c.name == name)
 
 
 class RoundsConfig(_Strict):
@@ -104,6 +144,8 @@ class MMLUCDBench(_Strict):
     ks: list[int] = [2]
     n: int = Field(60, ge=1)
     domains: Optional[list[str]] = None
+    single: bool = Field(True, description="also score each instance's items alone (the cross-domain penalty); "
+                                           "items the MMLU evaluation already scored are reused")
 
     @field_validator("ks")
     @classmethod
@@ -114,11 +156,29 @@ class MMLUCDBench(_Strict):
 
 
 class BenchmarksConfig(_Strict):
+    format: Literal["letters", "cloze"] = Field(
+        "letters", description="letters: the answer letter after lettered choices; cloze: each answer text as the "
+                               "continuation (small models are above chance only in cloze)")
+    metric: Optional[Literal["acc", "acc_norm"]] = Field(
+        None, description="headline metric: acc (summed log-likelihood) or acc_norm (per character, cloze only); "
+                          "default acc_norm for cloze, acc for letters")
     mmlu: MMLUBench = MMLUBench()
     mmlu_cd: MMLUCDBench = MMLUCDBench()
     batch_size: int = Field(8, ge=1)
     edges_alone: bool = True
     edges_alone_cd: bool = Field(False, description="also run MMLU-CD for each edge alone (MMLU always runs)")
+
+    @model_validator(mode="after")
+    def _metric_of_format(self) -> "BenchmarksConfig":
+        if self.metric == "acc_norm" and self.format == "letters":
+            raise ValueError("metric acc_norm is not produced by the letters format (use format: cloze, or metric: acc)")
+        if self.format == "cloze" and self.mmlu.shots:
+            raise ValueError("the cloze format is zero-shot: set mmlu.shots to 0")
+        return self
+
+    @property
+    def headline_metric(self) -> str:
+        return self.metric or ("acc_norm" if self.format == "cloze" else "acc")
 
 
 class OutputConfig(_Strict):
@@ -141,6 +201,8 @@ class StudyConfig(_Strict):
     rounds: RoundsConfig = RoundsConfig()
     benchmarks: BenchmarksConfig = BenchmarksConfig()
     output: OutputConfig = OutputConfig()
+    max_minutes: Optional[float] = Field(None, gt=0, description="refuse to start when the estimated duration "
+                                                                 "of the stages still to run is longer")
 
     @model_validator(mode="before")
     @classmethod
@@ -201,8 +263,9 @@ class StudyConfig(_Strict):
         r = self.rounds
         if r.method is not None and r.method not in self.fusion.methods:
             raise ValueError(f"rounds.method {r.method!r} is not among fusion.methods {self.fusion.methods}")
-        if r.cr is not None and r.cr not in self.fusion.cr:
-            raise ValueError(f"rounds.cr {r.cr!r} is not among fusion.cr {self.fusion.cr}")
+        cr_names = [c.name for c in self.fusion.cr]
+        if r.cr is not None and r.cr not in cr_names:
+            raise ValueError(f"rounds.cr {r.cr!r} is not among fusion.cr {cr_names}")
         return self
 
     @field_serializer("edge_pruning")
@@ -232,7 +295,7 @@ class StudyConfig(_Strict):
 
     def sent_back(self) -> str:
         """Name of the fused model that starts the next round (as in the report: ``method`` or ``method+cr``)."""
-        method, cr = self.rounds.method or self.fusion.methods[0], self.rounds.cr or self.fusion.cr[0]
+        method, cr = self.rounds.method or self.fusion.methods[0], self.rounds.cr or self.fusion.cr[0].name
         return f"{method}+{cr}" if cr != "off" else method
 
 

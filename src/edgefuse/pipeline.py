@@ -19,6 +19,7 @@ from typing import Any, Callable
 from edgefuse.config import StudyConfig
 from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
+from edgefuse.estimate import round_tag
 from edgefuse.io import atomic_write_json, read_json, sha256_file
 from edgefuse.stages import StageCache
 
@@ -42,6 +43,10 @@ class StudyProgress:
         self.current = None
         self.n_done = 0
         self.total = total_stages
+        # bars on a log file or a pipe draw nothing until the end: print one plain line per stage instead
+        self.plain = enabled and not err_console.is_terminal
+        self.started = 0.0
+        self.name = ""
 
     def __enter__(self):
         self.progress.__enter__()
@@ -55,6 +60,9 @@ class StudyProgress:
             self.progress.remove_task(self.current)
         self.progress.update(self.overall, description=f"study: stage {self.n_done + 1} of {self.total}")
         self.current = self.progress.add_task(f"  {name}", total=total, info="")
+        self.name, self.started = name, time.perf_counter()
+        if self.plain:
+            print(f"{time.strftime('%H:%M:%S')} stage {self.n_done + 1}/{self.total} {name}: started", flush=True)
 
         def advance(k: int = 1, total: int | None = None, **fields) -> None:
             if total is not None:
@@ -64,7 +72,12 @@ class StudyProgress:
 
         return advance
 
-    def stage_done(self) -> None:
+    def stage_done(self, name: str | None = None, note: str | None = None) -> None:
+        """``name``/``note`` for a stage that had no `stage` call of its own (a cached or batch-trained edge)."""
+        if self.plain:
+            note = note or f"finished in {time.perf_counter() - self.started:.0f} s"
+            print(f"{time.strftime('%H:%M:%S')} stage {self.n_done + 1}/{self.total} {name or self.name}: {note}",
+                  flush=True)
         self.n_done += 1
         self.progress.update(self.overall, advance=1)
 
@@ -107,17 +120,9 @@ def _edge_names(cfg: StudyConfig) -> list[str]:
 
 
 def count_stages(cfg: StudyConfig) -> int:
-    b = cfg.benchmarks
-    n = 1 + (len(b.mmlu_cd.ks) if b.mmlu_cd.enabled else 0) + 1
-    per_edge_round = 2 + (1 if b.edges_alone else 0)  # train, recover (, eval alone); prune once per seed
-    per_round = len(cfg.edges) * per_edge_round + len(cfg.fusion.methods) * len(cfg.fusion.cr) * 2
-    n += len(cfg.seeds) * (len(cfg.edges) + cfg.rounds.count * per_round)
-    return n
+    from edgefuse.estimate import plan
 
-
-def round_tag(seed: int, round_no: int) -> str:
-    """Stage-name suffix: ``s0`` in the first round (the one-round names), ``s0-r2`` after."""
-    return f"s{seed}" + (f"-r{round_no}" if round_no > 1 else "")
+    return len(plan(cfg, 0))
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -158,31 +163,41 @@ def stage_cd_build(st: Study) -> None:
 
 
 def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool = True) -> dict:
-    """MMLU and (unless ``cd`` is False) MMLU-CD for each k, for one model; full results to files, summary returned."""
+    """MMLU and (unless ``cd`` is False) MMLU-CD for each k, for one model; full results to files, summary returned.
+
+    The summary's ``accuracy`` and per-item ``correct`` are those of the study's headline metric
+    (``benchmarks.metric``); a cloze evaluation also keeps both metrics under ``metrics``.
+    """
     from edgefuse.evaluate.mmlu import evaluate_mmlu
     from edgefuse.evaluate.mmlu_cd import evaluate_mmlu_cd
 
     b = st.cfg.benchmarks
-    summary: dict[str, Any] = {"label": label}
+    metric = b.headline_metric
+    norm = "_norm" if metric == "acc_norm" else ""
+    summary: dict[str, Any] = {"label": label, "format": b.format, "metric": metric}
     alone: list[dict] = []  # zero-shot per-item records of this model, reused by MMLU-CD's "items alone"
     if b.mmlu.enabled:
         res = evaluate_mmlu(model, st.tokenizer, st.mmlu_items, shots=b.mmlu.shots,
                             public=st.items_of("public") if b.mmlu.shots else (), batch_size=b.batch_size,
-                            progress=advance, meta={"label": label})
+                            progress=advance, meta={"label": label}, fmt=b.format)
         atomic_write_json(work / "mmlu.json", res)
-        summary["mmlu"] = {"accuracy": res["accuracy"], "file": "mmlu.json",
-                           "correct": {i["id"]: int(i["correct"]) for i in res["items"]}}
+        summary["mmlu"] = {"accuracy": res["accuracy" + norm], "file": "mmlu.json",
+                           "correct": {i["id"]: int(i["correct" + norm]) for i in res["items"]}}
+        if b.format == "cloze":
+            summary["mmlu"]["metrics"] = {"acc": res["accuracy"]["overall"], "acc_norm": res["accuracy_norm"]["overall"]}
         if not b.mmlu.shots:
             alone = list(res["items"])
     for k, doc in (st.cd_docs if cd else {}).items():
         res = evaluate_mmlu_cd(model, st.tokenizer, doc, st.dataset, batch_size=b.batch_size,
-                               progress=advance, meta={"label": label}, single_items=alone)
+                               progress=advance, meta={"label": label}, single_items=alone, fmt=b.format,
+                               metric=metric, single=b.mmlu_cd.single)
         alone += res["single_items"] or []
         atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
-        summary[f"mmlu_cd_k{k}"] = {key: res[key] for key in ("strict", "per_position", "single", "penalty", "chance")
+        summary[f"mmlu_cd_k{k}"] = {key: res[key] for key in ("strict", "per_position", "answer", "single", "penalty", "chance")
                                     if key in res}
         summary[f"mmlu_cd_k{k}"]["file"] = f"mmlu_cd_k{k}.json"
         summary[f"mmlu_cd_k{k}"]["strict_outcomes"] = [int(inst["strict"]) for inst in res["instances"]]
+        summary[f"mmlu_cd_k{k}"]["answer_outcomes"] = [[int(c) for c in inst["correct"]] for inst in res["instances"]]
     return summary
 
 
@@ -299,7 +314,7 @@ def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed:
         hit = st.cache.lookup("train", name, inputs)
         if hit is not None:
             out[edge] = (hit[0] / hit[1]["dir"], hit[1])
-            st.progress.stage_done()
+            st.progress.stage_done(name, "cached")
             continue
         job = TrainJob(edge, seed, st.cfg.edges[edge], pdir, tcfg, st.cache.begin("train", name, inputs), name,
                        inputs, round_no=round_no)
@@ -322,7 +337,7 @@ def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed:
             for job in jobs:
                 if _delivered(st, job):
                     out[job.edge] = _finish_train(st, job, time.perf_counter() - t0)
-                st.progress.stage_done()
+                st.progress.stage_done(job.stage_name, "finished" if job.edge in out else "left out")
     return out
 
 
@@ -399,19 +414,22 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
     weights = [f.weights[names.index(e["edge"])] for e in edges] if f.weights else None  # without missing edges
     results = []
     for method in f.methods:
-        for cr in f.cr:
+        for setting in f.cr:
+            cr = setting.name
             name = f"{method}+{cr}" if cr != "off" else method
             inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
-                      "cr": cr, "rank": f.rank, "density": f.density, "weights": weights,
-                      "params": f.params.get(method, {}), "seed": seed}
+                      "cr": cr if setting.is_plain else setting.model_dump(), "rank": f.rank, "density": f.density,
+                      "weights": weights, "params": f.params.get(method, {}), "seed": seed}
 
-            def run_fuse(work: Path, advance, method=method, cr=cr) -> dict:
+            def run_fuse(work: Path, advance, method=method, setting=setting) -> dict:
                 spec = get_method(method)  # the shared rank/density apply to the methods that take them
+                off = setting.strategy == "off"
                 stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
-                                  cr=None if cr == "off" else cr, weights=weights,
-                                  rank=None if spec.exact_rank else f.rank,
+                                  cr=None if off else setting.strategy, cr_threshold=setting.threshold,
+                                  weights=weights, rank=None if spec.exact_rank else f.rank,
                                   density=f.density if spec.density is not None else None,
-                                  seed=seed, force=True, progress=advance, **f.params.get(method, {}))
+                                  seed=seed, force=True, progress=advance,
+                                  **{**f.params.get(method, {}), **({} if off else setting.fuse_params())})
                 return {"dir": "fused", "stats": _jsonable(stats)}
 
             tag = round_tag(seed, round_no)
@@ -478,30 +496,44 @@ def setup_logging(run_dir: Path) -> logging.Handler:
 
 
 def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, show_progress: bool = True,
-              trainer: Callable[[Study, list[TrainJob]], None] | None = None) -> dict:
+              trainer: Callable[[Study, list[TrainJob]], None] | None = None,
+              on_estimate: Callable[[list], None] | None = None) -> dict:
     """Run (or resume) the whole study; returns the results document also written to ``results.json``.
 
     ``trainer`` trains the edges that are not cached (default: in this process); the Flower ServerApp
     passes one that sends the jobs to real or simulated edges. A trainer with ``device_budgets(edges)``
     (Flower's) reports each device's own memory budget, which becomes that edge's pruning budget.
+    Before any stage runs, the remaining duration is estimated (`edgefuse.estimate`), checked against
+    ``max_minutes`` and handed to ``on_estimate``; results.json keeps it beside the measured wall times.
     """
-    from edgefuse.models import fingerprint, load_model
+    from edgefuse.estimate import estimate_study, remaining_seconds
+    from edgefuse.models import count_parameters, fingerprint, load_model
     from edgefuse.report import write_report
 
     run_dir = Path(run_dir)
-    handler = setup_logging(run_dir)
     t0 = time.perf_counter()
+    budgets = trainer.device_budgets(list(cfg.edges)) if hasattr(trainer, "device_budgets") else {}
+    if budgets:
+        cfg = cfg.with_device_budgets(budgets)
+    model, tokenizer = load_model(cfg.model)
+    stages = estimate_study(cfg, run_dir, count_parameters(model), force)
+    remaining = remaining_seconds(stages)
+    if cfg.max_minutes is not None and remaining > 60 * cfg.max_minutes:  # before anything is written
+        raise EdgefuseError(f"the study's estimated duration is {remaining / 60:.0f} min, more than its "
+                            f"max_minutes {cfg.max_minutes:g} (see `edgefuse run --dry-run`)")
+    if on_estimate is not None:
+        on_estimate(stages)
+    handler = setup_logging(run_dir)
     try:
-        budgets = trainer.device_budgets(list(cfg.edges)) if hasattr(trainer, "device_budgets") else {}
         if budgets:
             log.info("memory budgets reported by the edge devices (GiB): %s; the config sets the pruning of %s",
                      budgets, sorted(set(budgets) & set(cfg.edge_pruning)) or "none of them")
-            cfg = cfg.with_device_budgets(budgets)
+        log.info("estimated duration of the %d stages to run: %.1f min", sum(not s.done for s in stages), remaining / 60)
         atomic_write_json(run_dir / "config.json", cfg.model_dump())
         log.info("study %s in %s", cfg.name, run_dir)
-        with StudyProgress(count_stages(cfg), enabled=show_progress) as progress:
+        with StudyProgress(len(stages), enabled=show_progress) as progress:
             st = Study(cfg, run_dir, StageCache(run_dir, force), progress)
-            st.model, st.tokenizer = load_model(cfg.model)
+            st.model, st.tokenizer = model, tokenizer
             st.base_fingerprint = fingerprint(st.model)
             stage_data(st)
             stage_cd_build(st)
@@ -510,7 +542,9 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
         doc = {"name": cfg.name, "model": cfg.model, "base_fingerprint": st.base_fingerprint,
                "config": cfg.model_dump(), "base": base, "seeds": seeds, "missing_edges": st.missing_edges,
                "stages": st.cache.records, "wall_s": round(time.perf_counter() - t0, 1),
-               "mmlu_n": len(st.mmlu_items), "cd_n": {k: len(d["instances"]) for k, d in st.cd_docs.items()}}
+               "mmlu_n": len(st.mmlu_items), "cd_n": {k: len(d["instances"]) for k, d in st.cd_docs.items()},
+               "estimate": {"remaining_s": round(remaining, 1),
+                            "stages": {s.name: round(s.seconds, 1) for s in stages if not s.done}}}
         write_report(doc, run_dir)
         log.info("study finished in %.1f s", doc["wall_s"])
         return doc

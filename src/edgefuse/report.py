@@ -72,6 +72,28 @@ def headline_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def cd_answer_table(doc: dict) -> str:
+    """MMLU-CD scored per answer (each of the k answers of an instance, conditioned on the model's own earlier
+    answers): k times the outcomes of the strict score, so its paired intervals are narrower."""
+    ks = [k for k in _ks(doc) if "answer_outcomes" in doc["base"].get(f"mmlu_cd_k{k}", {})]
+    if not ks:
+        return ""
+    lines = ["| model |" + "".join(f" MMLU-CD k={k} answers % [95% CI] | Δ vs base (paired) |" for k in ks),
+             "|---|" + "---:|---:|" * len(ks)]
+    for r in headline_rows(doc):
+        cells = [r["model"]]
+        for k in ks:
+            ev, b = r["ev"].get(f"mmlu_cd_k{k}"), doc["base"][f"mmlu_cd_k{k}"]
+            if not ev or "answer_outcomes" not in ev:
+                cells += ["–", "–"]
+                continue
+            flat = [c for row in ev["answer_outcomes"] for c in row]
+            cells += [fmt_ci(bootstrap_ci(flat)), "–" if r["model"] == "base" else _diff(
+                paired_diff_ci(flat, [c for row in b["answer_outcomes"] for c in row]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def score_cells(ev: dict, doc: dict, is_base: bool = False) -> list[str]:
     """MMLU and each MMLU-CD k: accuracy [CI] and the paired Δ against the base model."""
     base = doc["base"]
@@ -134,6 +156,83 @@ def edges_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def transfer_matrix(doc: dict) -> dict | None:
+    """Each edge adapter alone (rows) on each edge's domain (columns): paired Δ against the base model on the
+    same test items. The diagonal is the own-domain gain, the rest cross-domain interference — what a fusion
+    result is made of. First seed, last round; None when edges were not evaluated alone."""
+    from edgefuse.data.taxonomy import domain_subjects
+
+    edges = [e for e in doc["seeds"][0]["edges"] if "mmlu" in (e.get("eval") or {})] if doc["seeds"] else []
+    base = doc["base"].get("mmlu", {}).get("correct")
+    if not edges or not base:
+        return None
+    subj = _subject_index(doc)
+    columns = {e["edge"]: {x for d in e["domains"] for x in domain_subjects(d)} for e in edges}
+    ids = {c: sorted(i for i in base if subj[i] in subjects) for c, subjects in columns.items()}
+    cells = {e["edge"]: {c: paired_diff_ci([e["eval"]["mmlu"]["correct"][i] for i in ids[c]],
+                                           [base[i] for i in ids[c]]) if ids[c] else None for c in columns}
+             for e in edges}
+    base_acc = {c: bootstrap_ci([base[i] for i in ids[c]]) if ids[c] else None for c in columns}
+    return {"columns": list(columns), "n": {c: len(ids[c]) for c in columns}, "base": base_acc, "cells": cells}
+
+
+def transfer_table(doc: dict) -> str:
+    tm = transfer_matrix(doc)
+    if tm is None:
+        return ""
+    cols = tm["columns"]
+    lines = ["| edge alone \\ domain | " + " | ".join(f"{c} (n={tm['n'][c]})" for c in cols) + " |",
+             "|---|" + "---:|" * len(cols),
+             "| base accuracy | " + " | ".join(fmt_ci(tm["base"][c]) if tm["base"][c] else "–" for c in cols) + " |"]
+    for edge, row in tm["cells"].items():
+        lines.append(f"| {edge} | " + " | ".join(
+            ("**" + _diff(row[c]) + "**" if c == edge else _diff(row[c])) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def cr_sweep_rows(doc: dict) -> list[dict]:
+    """Every fused model of the first seed with its share of changed parameters and its paired Δ against the
+    same method without LoRA-CR, on MMLU and on each MMLU-CD k (per answer and strict)."""
+    fused = doc["seeds"][0]["fused"] if doc["seeds"] else []
+    plain = {f["method"]: f for f in fused if f["cr"] == "off"}
+    rows = []
+    for f in fused:
+        ref = plain.get(f["method"])
+        if f["cr"] == "off" or ref is None:
+            continue
+        cr = (f.get("fusion") or {}).get("cr") or {}
+        row = {"name": f["name"], "method": f["method"], "cr": f["cr"], "share_changed": cr.get("share_changed"),
+               "modules_flagged": cr.get("modules_flagged"), "modules_total": cr.get("modules_total"),
+               "mmlu": mmlu_diff(f["eval"], ref["eval"])}
+        for k in _ks(doc):
+            key = f"mmlu_cd_k{k}"
+            ev, rv = f["eval"].get(key), ref["eval"].get(key)
+            if ev and rv:
+                row[f"cd_k{k}"] = paired_diff_ci(ev["strict_outcomes"], rv["strict_outcomes"])
+                if "answer_outcomes" in ev and "answer_outcomes" in rv:
+                    row[f"cd_k{k}_answer"] = paired_diff_ci([c for r in ev["answer_outcomes"] for c in r],
+                                                            [c for r in rv["answer_outcomes"] for c in r])
+        rows.append(row)
+    return rows
+
+
+def cr_sweep_table(doc: dict) -> str:
+    rows = cr_sweep_rows(doc)
+    if not rows:
+        return ""
+    ks = _ks(doc)
+    lines = ["| model | modules edited | params changed % | Δ MMLU vs no CR |" + "".join(
+        f" Δ MMLU-CD k={k} per answer | Δ MMLU-CD k={k} strict |" for k in ks),
+        "|---|---:|---:|---:|" + "---:|---:|" * len(ks)]
+    for r in rows:
+        cells = [r["name"], f"{r['modules_flagged']}/{r['modules_total']}" if r["modules_total"] else "–",
+                 f"{100 * r['share_changed']:.2f}" if r["share_changed"] is not None else "–", _diff(r["mmlu"])]
+        for k in ks:
+            cells += [_diff(r.get(f"cd_k{k}_answer")), _diff(r.get(f"cd_k{k}"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _pruning_cell(pr: dict) -> str:
     """``taylor width 0.25``, with the device's budget when the ratio came from one (edges may differ)."""
     what = " ".join(str(pr[k]) for k in ("method", "structure") if pr.get(k))
@@ -191,9 +290,16 @@ def _num(x: Any, pct: bool = False) -> str:
 
 
 def stages_table(doc: dict) -> str:
-    lines = ["| stage | status | wall s |", "|---|---|---:|"]
+    """Each stage's wall time, with the estimate made before the run started (`edgefuse.estimate`)."""
+    est = (doc.get("estimate") or {}).get("stages", {})
+    lines = ["| stage | status | wall s | estimated s |", "|---|---|---:|---:|"]
     for r in doc["stages"]:
-        lines.append(f"| {r['stage']} | {r['status']} | {r['wall_s']:.1f} |")
+        e = est.get(r["stage"]) if r["status"] == "ran" else None
+        lines.append(f"| {r['stage']} | {r['status']} | {r['wall_s']:.1f} | {'–' if e is None else f'{e:.0f}'} |")
+    ran = [r for r in doc["stages"] if r["status"] == "ran" and r["stage"] in est]
+    if ran:
+        lines.append(f"| **stages run** | | {sum(r['wall_s'] for r in ran):.0f} | "
+                     f"{sum(est[r['stage']] for r in ran):.0f} |")
     return "\n".join(lines)
 
 
@@ -219,6 +325,16 @@ def results_csv(doc: dict) -> str:
     return buf.getvalue()
 
 
+def _scoring_line(doc: dict) -> str:
+    b = doc["config"]["benchmarks"]
+    fmt = b.get("format", "letters")
+    metric = b.get("metric") or ("acc_norm" if fmt == "cloze" else "acc")
+    what = {"letters": "the answer letter after the lettered choices",
+            "cloze": "each answer text as the continuation of the question (cloze)"}[fmt]
+    norm = " divided by the answer's length in characters" if metric == "acc_norm" else ""
+    return f"Scoring: {what}; the prediction is the choice with the highest log-likelihood{norm} (`{metric}`)."
+
+
 def write_report(doc: dict, run_dir: Path) -> Path:
     from edgefuse.report_figures import draw_figures
 
@@ -231,7 +347,11 @@ def write_report(doc: dict, run_dir: Path) -> Path:
           + ", ".join(f"k={k}: {n}" for k, n in doc["cd_n"].items()) + f"; total wall time {doc['wall_s']:.0f} s.", "",
           "Accuracies in %, with 95% bootstrap intervals. Δ columns are paired bootstrap intervals over the same "
           "items; `*` marks a difference whose interval excludes 0.", "",
-          "## Headline: base model vs fused edge adapters (± LoRA-CR)", "", headline_table(doc), ""]
+          "## Headline: base model vs fused edge adapters (± LoRA-CR)", "", _scoring_line(doc), "",
+          headline_table(doc), ""]
+    answers = cd_answer_table(doc)
+    if answers:
+        md += [answers, ""]
     for k in ks:
         b = doc["base"].get(f"mmlu_cd_k{k}", {})
         if b:
@@ -253,7 +373,18 @@ def write_report(doc: dict, run_dir: Path) -> Path:
                "above show the last round.", "", rounds_table(doc), ""]
     if len(doc["seeds"]) > 1:
         md += ["## Across seeds", "", seeds_table(doc), ""]
+    transfer = transfer_table(doc)
+    if transfer:
+        md += ["## Transfer matrix: each edge alone, per domain", "",
+               "Paired Δ (points) of each edge's recovered adapter alone against the base model on the test items of "
+               "each edge's domain; the diagonal (bold) is the own-domain gain, the rest cross-domain interference.",
+               "", transfer, ""]
     md += ["## Conflict statistics (LoRA-CR)", "", conflict_table(doc), ""]
+    sweep = cr_sweep_table(doc)
+    if sweep:
+        md += ["## LoRA-CR against the same method without it", "",
+               "Paired Δ of each LoRA-CR setting against its method with LoRA-CR off, with the share of adapter "
+               "parameters LoRA-CR changed.", "", sweep, ""]
     if figures:
         md += ["## Figures", ""] + [f"![{cap}]({name})\n\n*{cap}*\n" for name, cap in figures.items()]
     md += ["## Stage wall times", "", stages_table(doc), ""]

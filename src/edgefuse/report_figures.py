@@ -138,6 +138,63 @@ def fig_rounds(doc: dict, path: Path) -> str | None:
             "back. Error bars are 95% bootstrap intervals; dashed line: base model.")
 
 
+def fig_transfer(doc: dict, path: Path) -> str | None:
+    """Heatmap of the transfer matrix: edge alone (rows) × domain (columns), paired Δ vs base in points."""
+    from edgefuse.report import transfer_matrix
+
+    tm = transfer_matrix(doc)
+    if tm is None:
+        return None
+    plt = _plt()
+    rows, cols = list(tm["cells"]), tm["columns"]
+    vals = np.array([[100 * (tm["cells"][r][c] or {}).get("diff", np.nan) for c in cols] for r in rows])
+    lim = max(1.0, float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 1.0)
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2.5, 0.7 * len(rows) + 2))
+    im = ax.imshow(vals, cmap="RdBu", vmin=-lim, vmax=lim)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            d = tm["cells"][r][c]
+            if d:
+                sig = "*" if not d["lo"] <= 0 <= d["hi"] else ""
+                ax.text(j, i, f"{100 * d['diff']:+.1f}{sig}\n[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]",
+                        ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(cols)), [f"{c}\n(n={tm['n'][c]})" for c in cols], fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{r} alone" for r in rows], fontsize=8)
+    fig.colorbar(im, ax=ax, label="Δ vs base (points)")
+    ax.set_title("Transfer matrix: each edge adapter alone, per domain", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return ("Each edge's adapter alone (rows) on each edge's domain (columns): paired Δ against the base model in "
+            "points with its 95% interval (* = excludes 0). Diagonal: own-domain gain; off-diagonal: interference.")
+
+
+def fig_cr_sweep(doc: dict, path: Path) -> str | None:
+    """Share of parameters LoRA-CR changed → its paired Δ on MMLU-CD (per answer) against the method without it."""
+    from edgefuse.report import _ks, cr_sweep_rows
+
+    ks = _ks(doc)
+    rows = [r for r in cr_sweep_rows(doc) if ks and r.get(f"cd_k{ks[0]}_answer") and r["share_changed"] is not None]
+    if not rows:
+        return None
+    k = ks[0]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["share_changed"])
+        x = [100 * r["share_changed"] for r in rs]
+        d = [r[f"cd_k{k}_answer"] for r in rs]
+        y = [100 * v["diff"] for v in d]
+        ax.errorbar(x, y, yerr=[[100 * (v["diff"] - v["lo"]) for v in d], [100 * (v["hi"] - v["diff"]) for v in d]],
+                    marker="o", capsize=3, label=method)
+    ax.axhline(0, color="black", linewidth=1)
+    ax.set_xlabel("adapter parameters changed by LoRA-CR (%)")
+    ax.set_ylabel(f"Δ MMLU-CD k={k} per answer vs no CR (points)")
+    _save(fig, ax, path, "LoRA-CR: how much it edits vs what it changes (95% CI)", fontsize=10)
+    return (f"Each LoRA-CR setting: share of adapter parameters it changed (x) and its paired Δ on MMLU-CD k={k} "
+            "(per answer) against the same fusion method without LoRA-CR (y), with 95% intervals.")
+
+
 def draw_figures(doc: dict, run_dir: Path) -> dict[str, str]:
     """Draw every figure the data allows; returns {file name: caption}."""
     out: dict[str, str] = {}
@@ -155,6 +212,10 @@ def draw_figures(doc: dict, run_dir: Path) -> dict[str, str]:
         cap = fig_rounds(doc, run_dir / "rounds.png")
         if cap:
             out["rounds.png"] = cap
+        for name, fig in (("transfer.png", fig_transfer), ("cr_sweep.png", fig_cr_sweep)):
+            cap = fig(doc, run_dir / name)
+            if cap:
+                out[name] = cap
         heat = _conflict_heatmap(doc, run_dir / "conflict_heatmap.png")
         if heat:
             out["conflict_heatmap.png"] = heat

@@ -73,6 +73,8 @@ def train_cmd(
     limit: int | None = typer.Option(None, "--limit", min=1, help="Use a stratified subsample of the edge split."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject MMLU split."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside --out."),
+    objective: str | None = typer.Option(None, "--objective", help="letters | cloze | both: the answer letter, the "
+                                         "answer text after the cloze prompt, or both (default: TrainConfig's)."),
 ):
     """Train a LoRA on the pruned model with the domain's private edge split; write the upload package."""
     from pydantic import ValidationError
@@ -85,9 +87,10 @@ def train_cmd(
     try:
         cfg = TrainConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, grad_accum=grad_accum,
                           seed=seed, checkpoint_every=checkpoint_every, grad_checkpointing=grad_checkpointing,
-                          **({"targets": targets} if targets else {}))
+                          **({"targets": targets} if targets else {}), **({"objective": objective} if objective else {}))
     except ValidationError as e:
-        raise EdgefuseError(f"invalid training option: {e.errors()[0]['msg']}") from None
+        err = e.errors()[0]
+        raise EdgefuseError(f"invalid training option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     items = select(load_mmlu(), "edge", domains=[domain], limit=limit, seed=seed, split_spec=SplitSpec(seed=split_seed))
     pkg = train_edge(pruned, domain, items, cfg, out, resume=resume)
     s = read_json(pkg / "edgefuse.json")["stats"]

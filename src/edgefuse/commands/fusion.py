@@ -74,6 +74,10 @@ def register(app: typer.Typer) -> None:
         cr_threshold: float = typer.Option(
             0.1, "--cr-threshold", help="module conflict score above which LoRA-CR acts"
         ),
+        cr_share: Optional[float] = typer.Option(
+            None, "--cr-share", help="instead of --cr-threshold: edit this share (0, 1] of the modules, most "
+            "conflicting first"
+        ),
         weights: Optional[list[str]] = typer.Option(
             None, "--weights", help="one weight per adapter: 0.5,0.5"
         ),
@@ -123,6 +127,7 @@ def register(app: typer.Typer) -> None:
                 model,
                 progress=advance,
                 **_params(param),
+                **({} if cr_share is None else {"cr_share": cr_share}),
             )
         msg = f"fused {len(dirs)} adapters with {method}"
         if cr:

@@ -15,6 +15,8 @@ def run(
     force: Optional[str] = typer.Option(None, "--force", help="Redo this stage kind and all after it: "
                                         "data, prune, train, recover, fuse, eval."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw progress bars."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, which are done, and the estimated "
+                                 "duration of the rest; run nothing."),
 ):
     """Prune, train every edge, recover, fuse (± LoRA-CR), evaluate on MMLU and MMLU-CD, write a report."""
     from edgefuse.config import load_config
@@ -28,7 +30,23 @@ def run(
     if force is not None and force not in KINDS:
         raise EdgefuseError(f"--force {force!r}: unknown stage kind; valid: {', '.join(KINDS)}")
     run_dir = run_dir or Path("runs") / config.stem
-    doc = run_study(cfg, run_dir, force=force, show_progress=not no_progress)
+    if dry_run:
+        from edgefuse.estimate import estimate_study, plan_table
+        from edgefuse.models import count_parameters, load_model
+
+        stages = estimate_study(cfg, run_dir, count_parameters(load_model(cfg.model)[0]), force)
+        typer.echo(plan_table(stages))
+        if cfg.max_minutes is not None:
+            typer.echo(f"max_minutes: {cfg.max_minutes:g}")
+        return
+
+    def announce(stages) -> None:
+        from edgefuse.estimate import remaining_seconds
+
+        todo = sum(not s.done for s in stages)
+        console.print(f"{todo} of {len(stages)} stages to run, estimated {remaining_seconds(stages) / 60:.0f} min")
+
+    doc = run_study(cfg, run_dir, force=force, show_progress=not no_progress, on_estimate=announce)
     console.print(f"\n[bold]Headline ({cfg.name}, {doc['wall_s']:.0f} s)[/bold]")
     typer.echo(headline_table(doc))  # plain markdown, never wrapped, so it can be pasted
     console.print(f"\nreport: {run_dir / 'report.md'}")

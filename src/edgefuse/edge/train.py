@@ -10,6 +10,11 @@ every position (49k × tokens floats: most of the activation memory on an edge).
 the output head are multiplied, at one position per prompt. Known good on SmolLM2: r = 8 on all
 seven projections, lr 3e-4, 80 steps of 8 prompts.
 
+``objective`` chooses what is taught, so that an edge learns what the study measures: ``letters`` (the
+loss above), ``cloze`` (cross-entropy over the answer *text* after the cloze prompt, the form
+`edgefuse.evaluate.cloze` scores; the head runs only at the answer-text positions) or ``both`` (their
+mean on the same items).
+
 Mechanics: PEFT LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022),
 AdamW, optional gradient accumulation and checkpointing, length-bucketed batches
 (edgefuse.edge.batching), checkpoints of adapter + optimizer in safetensors for exact resume,
@@ -25,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, Field, field_validator
 
 from edgefuse.adapters import LoraAdapter, LoraModule, save_adapter
 from edgefuse.data.mmlu import MMLUItem
 from edgefuse.data.prompts import answer_text
-from edgefuse.edge.batching import Schedule, encode_items
+from edgefuse.edge.batching import Schedule, encode_cloze_items, encode_items
 from edgefuse.edge.memory import PeakMemory
 from edgefuse.edge.plan import PROJECTIONS, plan_hash
 from edgefuse.errors import EdgefuseError
@@ -59,6 +66,9 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     bucket: int = Field(16, ge=1)
     grad_checkpointing: bool = False
+    objective: Literal["letters", "cloze", "both"] = Field(
+        "letters", description="what the loss teaches: the answer letter after the lettered prompt, the answer "
+                               "text after the cloze prompt, or the mean of both")
 
     @field_validator("targets")
     @classmethod
@@ -133,6 +143,13 @@ def adapter_from_peft(peft_model, scale: float) -> LoraAdapter:
     return LoraAdapter({n: LoraModule(ab["A"], ab["B"], scale) for n, ab in sorted(mods.items())})
 
 
+def answer_mask(batch, n_answer: list[int]) -> torch.Tensor:
+    """True at each row's last ``n_answer`` real tokens (right padding: they end at ``last_index``)."""
+    pos = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)[None]
+    n = torch.tensor(n_answer, device=pos.device)[:, None]
+    return (pos <= batch.last_index[:, None]) & (pos > batch.last_index[:, None] - n)
+
+
 def letter_loss(body, head, softcap, letter_ids: torch.Tensor, batch, answers: torch.Tensor) -> torch.Tensor:
     """Mean 4-way cross-entropy at each prompt's last position, multiplying only the letters' head rows."""
     hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
@@ -143,6 +160,26 @@ def letter_loss(body, head, softcap, letter_ids: torch.Tensor, batch, answers: t
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.nn.functional.cross_entropy(logits, answers)
+
+
+def cloze_loss(body, head, softcap, batch, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the answer-text tokens (``targets``: True where a token is answer text).
+
+    The head runs only at the positions that predict an answer token, as in ``letter_loss``."""
+    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False).last_hidden_state
+    sel = targets[:, 1:]
+    logits = head(hidden[:, :-1][sel]).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.nn.functional.cross_entropy(logits, batch.input_ids[:, 1:][sel])
+
+
+OBJECTIVE_TEXT = {
+    "letters": "4-way cross-entropy over the answer letters at the answer position",
+    "cloze": "cross-entropy over the answer-text tokens after the cloze prompt",
+    "both": "mean of the letter loss and the answer-text (cloze) loss on the same items",
+}
 
 
 def start_from(peft_model, init: LoraAdapter, scale: float) -> dict[str, Any]:
@@ -207,9 +244,11 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         dev = next(model.parameters()).device
         pruned_fp = fingerprint(model)
         letter_ids = torch.tensor(continuation_token_ids(tok, [answer_text(i) for i in range(4)]), device=dev)
-        seqs = encode_items(tok, items, config.seq)
+        seqs = encode_items(tok, items, config.seq) if config.objective != "cloze" else None
+        cloze = encode_cloze_items(tok, items, config.seq) if config.objective != "letters" else None
         answers = [it.answer for it in items]
-        sched = Schedule([len(s) for s in seqs], config.batch, config.seed, config.bucket)
+        lengths = [len(s) for s in (cloze[0] if cloze else seqs)]
+        sched = Schedule(lengths, config.batch, config.seed, config.bucket)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         torch.manual_seed(config.seed)
         lcfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
@@ -255,13 +294,21 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
                 n_step = sum(len(m) for m in micro)
                 loss_sum, tokens = 0.0, 0
                 for idx in micro:
-                    b = make_batch([seqs[i] for i in idx], pad, "right", dev)
-                    y = torch.tensor([answers[i] for i in idx], device=dev)
-                    loss = letter_loss(body, head, softcap, letter_ids, b, y)
+                    losses = []
+                    if seqs is not None:
+                        b = make_batch([seqs[i] for i in idx], pad, "right", dev)
+                        y = torch.tensor([answers[i] for i in idx], device=dev)
+                        losses.append(letter_loss(body, head, softcap, letter_ids, b, y))
+                        tokens += int(b.attention_mask.sum())
+                        state["padded_tokens"] += int(b.attention_mask.numel())
+                    if cloze is not None:
+                        b = make_batch([cloze[0][i] for i in idx], pad, "right", dev)
+                        losses.append(cloze_loss(body, head, softcap, b, answer_mask(b, [cloze[1][i] for i in idx])))
+                        tokens += int(b.attention_mask.sum())
+                        state["padded_tokens"] += int(b.attention_mask.numel())
+                    loss = sum(losses) / len(losses)
                     (loss * (len(idx) / n_step)).backward()
                     loss_sum += float(loss.detach()) * len(idx)
-                    tokens += int(b.attention_mask.sum())
-                    state["padded_tokens"] += int(b.attention_mask.numel())
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 opt.step()
                 dt = time.perf_counter() - t0
@@ -304,7 +351,7 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         "pruned_model": model_meta.get("name"), "pruned_fingerprint": pruned_fp,
         "domain": domain, "n_items": len(items), "plan_hash": plan_hash(plan),
         "plan": {k: plan[k] for k in ("method", "structure", "ratio")},
-        "train": config.model_dump(), "loss": "4-way cross-entropy over the answer letters at the answer position",
+        "train": config.model_dump(), "loss": OBJECTIVE_TEXT[config.objective],
         "init": init_info,
         "stats": stats,
     }

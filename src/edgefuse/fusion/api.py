@@ -31,7 +31,8 @@ from edgefuse.fusion.registry import get_method
 from edgefuse.io import atomic_dir, sha256_file
 
 FORMAT = "edgefuse-fused-adapter"
-_COMMON = {"svd_solver": "gram", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05, "workers": 1}
+_COMMON = {"svd_solver": "gram", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05, "cr_share": None,
+           "workers": 1}
 
 
 def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
@@ -121,6 +122,9 @@ def fuse_adapters(
         "seed": seed,
         "params": resolved,
     }
+    share = resolved["cr_share"]
+    if share is not None and not (isinstance(share, (int, float)) and 0 < share <= 1):
+        raise EdgefuseError(f"cr_share must be in (0, 1], got {share!r}")
     if not isinstance(resolved["workers"], int) or resolved["workers"] < 1:
         raise EdgefuseError(f"workers must be a positive integer, got {resolved['workers']!r}")
     if cr is not None:
@@ -132,6 +136,7 @@ def fuse_adapters(
                 cr_threshold,
                 resolved["cr_element_threshold"],
                 resolved["cr_direction_threshold"],
+                resolved["cr_share"],
             )
     if rank is None and spec.default_rank == "max":
         rank = max(m.rank for a in adapters for m in a.modules.values())
@@ -267,7 +272,7 @@ def fuse_dirs(
         "base_model": next(iter(names)) if len(names) == 1 else None,
         "method": method,
         "parameters": {k: stats[k] for k in ("weights", "density", "seed", "params", "rank")},
-        "cr": {"strategy": cr, "threshold": cr_threshold} if cr else None,
+        "cr": {"strategy": cr, "threshold": cr_threshold, "share": stats["params"]["cr_share"]} if cr else None,
         "inputs": [
             {
                 "path": str(Path(d)),

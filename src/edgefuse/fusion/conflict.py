@@ -8,7 +8,9 @@ Measures, per module, on the weighted updates T_k = w_k ΔW_k:
 
 Selection: a module's score is the strongest opposition between two adapters, max_{i<j} max(0, −cos_ij). Only
 modules with score > ``threshold`` are touched; everything else is passed through as the same objects, so a
-fusion with LoRA-CR on conflict-free adapters is bit-identical to one without.
+fusion with LoRA-CR on conflict-free adapters is bit-identical to one without. With ``share`` = q the
+selection is instead the ⌈q·M⌉ most conflicting of the M modules (score > 0, ties broken by name): a knob
+that does not depend on the scale of the scores, so a sweep over q traces how much editing buys.
 
 Resolution (``strategy``):
 - ``element``: per element with P, N the positive and negative mass, the element conflicts when
@@ -22,6 +24,8 @@ Resolution (``strategy``):
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -168,21 +172,33 @@ def resolve_conflicts(
     threshold: float = 0.1,
     element_threshold: float = 0.1,
     direction_threshold: float = 0.05,
+    share: float | None = None,
 ) -> tuple[list[LoraAdapter], dict]:
-    """Return adapters with conflicting updates resolved (untouched modules are the same objects) and stats."""
+    """Return adapters with conflicting updates resolved (untouched modules are the same objects) and stats.
+
+    ``share`` (0 < q ≤ 1) replaces ``threshold``: the ⌈q·M⌉ modules with the highest positive scores are edited.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown LoRA-CR strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if share is not None and not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
     K = len(adapters)
     weights = list(weights) if weights is not None else [1.0] * K
     new_modules = [dict(a.modules) for a in adapters]
+    names = module_names(adapters)
+    chosen = None
+    if share is not None:
+        scores = {n: module_metrics([a.modules.get(n) for a in adapters], weights)[0]["score"] for n in names}
+        ranked = sorted((n for n in names if scores[n] > 0), key=lambda n: (-scores[n], n))
+        chosen = set(ranked[: math.ceil(share * len(names))])
     per_module, total, changed, flagged, touched = {}, 0, 0, 0, set()
-    for name in module_names(adapters):
+    for name in names:
         mods = [a.modules.get(name) for a in adapters]
         metrics, svds = module_metrics(mods, weights)
         size = next(m for m in mods if m is not None).shape
         total += sum(size[0] * size[1] for m in mods if m is not None)
         entry = {k: metrics[k] for k in ("score", "cosine", "col_overlap", "row_overlap")}
-        entry["flagged"] = metrics["score"] > threshold
+        entry["flagged"] = metrics["score"] > threshold if chosen is None else name in chosen
         entry["changed_params"] = 0
         if entry["flagged"]:
             flagged += 1
@@ -215,6 +231,7 @@ def resolve_conflicts(
     stats = {
         "strategy": strategy,
         "threshold": threshold,
+        "share": share,
         "element_threshold": element_threshold,
         "direction_threshold": direction_threshold,
         "modules_total": len(per_module),

@@ -1,0 +1,156 @@
+"""The study's plan and its duration, estimated before any work starts (``edgefuse run --dry-run``).
+
+Why: a study on a CPU takes hours, and ``max_minutes`` must be able to refuse one before it starts.
+Each stage's cost is a count of work units (prompts trained, items scored, …) times a rate in
+seconds per unit. The rates (`RATES`) were measured on the project's 2-core CPU with SmolLM2-135M
+(BENCHMARKS.md, "Study duration estimate"); other models scale them by their parameter count, and
+a run directory that already holds finished stages corrects each kind's rates by how far its own
+measured wall times were from their estimates. The plan is also what the progress display counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefuse.config import StudyConfig
+
+REFERENCE_PARAMS = 134.5e6  # SmolLM2-135M, the model the rates were measured with
+
+# seconds per unit on the 2-core CPU (SmolLM2-135M, 2 torch threads, nothing else running), measured by
+# bench/cloze_throughput.py and bench/edge_recipe_sweep.py (BENCHMARKS.md); the fusion and MMLU-CD rates are
+# first guesses that a run directory's own stages correct
+RATES = {
+    "setup": 20.0,                 # per study: model load, data, splits
+    "prune_calib": 0.6,            # per calibration prompt (Taylor/Wanda: forward (+ backward))
+    "prune": 3.0,                  # per edge: selection, save
+    "train_prompt": {"letters": 0.33, "cloze": 0.154, "both": 0.49},  # per prompt of a step (steps × batch)
+    "recover": 3.0,                # per edge
+    "fuse": {"plain": 6.0, "elementwise": 25.0, "cr": 40.0},  # per fused model; cr is added to the method
+    "mmlu_item": {"letters": 0.19, "cloze": 0.14},            # per item, batch 8, adapter applied
+    "cd_answer": {"letters": 0.12, "cloze": 0.2},             # per answer of an MMLU-CD instance
+}
+ELEMENTWISE = {"ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties"}
+
+
+@dataclass
+class PlannedStage:
+    kind: str
+    name: str
+    seconds: float
+    done: bool = False
+
+
+def round_tag(seed: int, round_no: int) -> str:
+    """Stage-name suffix: ``s0`` in the first round (the one-round names), ``s0-r2`` after."""
+    return f"s{seed}" + (f"-r{round_no}" if round_no > 1 else "")
+
+
+def _scale(model: str, params: float | None) -> float:
+    return 1.0 if params is None else params / REFERENCE_PARAMS
+
+
+def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[PlannedStage]:
+    """Every stage `edgefuse.pipeline.run_study` will pass through, in order, with its estimated seconds."""
+    s, b, f = _scale(cfg.model, params), cfg.benchmarks, cfg.fusion
+    fmt = b.format
+    eval_s = (n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0)
+    # MMLU-CD: k chained answers per instance, and (``single``) its items alone where MMLU did not score them
+    # (counted as all of them: an upper bound when the MMLU selection is a small part of the test split)
+    alone = RATES["mmlu_item"][fmt] if b.mmlu_cd.single else 0.0
+    cd_s = {k: b.mmlu_cd.n * k * (RATES["cd_answer"][fmt] + alone) for k in (b.mmlu_cd.ks if b.mmlu_cd.enabled else [])}
+    out = [PlannedStage("data", "data", RATES["setup"])]
+    out += [PlannedStage("data", f"mmlu-cd-k{k}", 1.0) for k in cd_s]
+    out.append(PlannedStage("eval", "eval-base", s * (eval_s + sum(cd_s.values()))))
+    t = cfg.training
+    train_s = s * t.steps * t.batch * t.grad_accum * RATES["train_prompt"][t.objective]
+    for seed in cfg.seeds:
+        for e in cfg.edges:
+            p = cfg.pruning_for(e)
+            calib = p.calib * RATES["prune_calib"] if p.method in ("taylor", "wanda") else 0.0
+            out.append(PlannedStage("prune", f"prune-{e}-s{seed}", s * (RATES["prune"] + calib)))
+        for r in range(1, cfg.rounds.count + 1):
+            tag = round_tag(seed, r)
+            out += [PlannedStage("train", f"train-{e}-{tag}", train_s) for e in cfg.edges]
+            for e in cfg.edges:
+                out.append(PlannedStage("recover", f"recover-{e}-{tag}", s * RATES["recover"]))
+                if b.edges_alone:
+                    cd = sum(cd_s.values()) if b.edges_alone_cd else 0.0
+                    out.append(PlannedStage("eval", f"eval-edge-{e}-{tag}", s * (eval_s + cd)))
+            for m in f.methods:
+                for c in f.cr:
+                    name = f"{m}+{c.name}" if c.name != "off" else m
+                    fuse = RATES["fuse"]["elementwise" if m in ELEMENTWISE else "plain"]
+                    fuse += RATES["fuse"]["cr"] if c.strategy != "off" else 0.0
+                    out.append(PlannedStage("fuse", f"fuse-{name}-{tag}", s * fuse))
+                    out.append(PlannedStage("eval", f"eval-{name}-{tag}", s * (eval_s + sum(cd_s.values()))))
+    return out
+
+
+def mark_done(stages: list[PlannedStage], run_dir: Path) -> dict[str, float]:
+    """Mark the stages already finished in ``run_dir`` (a finished directory of the same name; a changed
+    config may still redo some of them) and return each kind's correction factor, measured ÷ estimated
+    over the stages this run directory has run."""
+    root = Path(run_dir) / "stages"
+    finished = {}
+    for marker in root.glob("*/stage.json") if root.is_dir() else []:
+        try:
+            rec = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        finished[rec.get("name")] = float(rec.get("wall_s", 0.0))
+    measured: dict[str, list[float]] = {}
+    for st in stages:
+        if st.name in finished:
+            st.done = True
+            if st.seconds > 0 and finished[st.name] > 0:
+                measured.setdefault(st.kind, [0.0, 0.0])
+                measured[st.kind][0] += finished[st.name]
+                measured[st.kind][1] += st.seconds
+    factors = {k: m / e for k, (m, e) in measured.items() if e > 0 and m / e > 0}
+    for st in stages:
+        st.seconds *= factors.get(st.kind, 1.0)
+    return factors
+
+
+def remaining_seconds(stages: list[PlannedStage]) -> float:
+    return sum(st.seconds for st in stages if not st.done)
+
+
+def plan_table(stages: list[PlannedStage]) -> str:
+    """A plain listing: one stage a line with its state and estimate, then the total still to run."""
+    lines = [f"{'stage':<44} {'kind':<8} {'state':<6} {'estimate':>9}"]
+    for st in stages:
+        lines.append(f"{st.name:<44} {st.kind:<8} {'done' if st.done else 'to run':<6} {st.seconds / 60:>7.1f} m")
+    todo = [st for st in stages if not st.done]
+    lines.append(f"{len(todo)} of {len(stages)} stages to run, estimated {remaining_seconds(stages) / 60:.0f} min")
+    return "\n".join(lines)
+
+
+def mmlu_count(cfg: StudyConfig) -> int:
+    """How many MMLU items the study scores per model (its ``limit``, or the whole selected test split)."""
+    m = cfg.benchmarks.mmlu
+    if not m.enabled:
+        return 0
+    if m.limit is not None:
+        return m.limit
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
+
+    d = cfg.data
+    ds = load_mmlu(None if d.source == "embedded" else d.source)
+    spec = SplitSpec(seed=d.split_seed, public_per_subject=d.public_per_subject, edge_fraction=d.edge_fraction)
+    return len(select(ds, "test", m.domains, None, None, d.split_seed, spec))
+
+
+def estimate_study(cfg: StudyConfig, run_dir: Path, params: float | None = None,
+                   force: str | None = None) -> list[PlannedStage]:
+    """The plan with this run directory's finished stages marked and its measured corrections applied;
+    ``force`` (a stage kind) marks that kind and every later one to run again."""
+    from edgefuse.stages import KINDS
+
+    stages = plan(cfg, mmlu_count(cfg), params)
+    mark_done(stages, run_dir)
+    for st in stages:
+        st.done = st.done and not (force and KINDS.index(st.kind) >= KINDS.index(force))
+    return stages
