@@ -144,7 +144,7 @@ def test_headline_metric_follows_the_format_and_named_cr_settings_round_trip(tmp
     cfg = load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["ties"], "cr": [
         "off", "element", {"name": "top", "strategy": "element", "share": 0.25}]}}))
     assert [c.name for c in cfg.fusion.cr] == ["off", "element", "top"]
-    assert cfg.fusion.cr_setting("top").fuse_params() == {"cr_share": 0.25}
+    assert cfg.fusion.cr[2].fuse_params() == {"cr_share": 0.25}
     dumped = cfg.model_dump()["fusion"]["cr"]
     assert dumped[:2] == ["off", "element"] and dumped[2]["share"] == 0.25  # plain names stay plain (cache keys)
     saved = tmp_path / "config.json"

@@ -115,9 +115,6 @@ class FusionConfig(_Strict):
         """A setting that is just a strategy with its defaults is written back as its name (the YAML form)."""
         return [c.name if c.is_plain else c.model_dump() for c in v]
 
-    def cr_setting(self, name: str) -> CRSetting:
-        return next(c for c in self.cr if c.name == name)
-
 
 class RoundsConfig(_Strict):
     """Several rounds: the fused adapter of one round is every edge's start in the next.

@@ -31,7 +31,6 @@ RATES = {
     "mmlu_item": {"letters": 0.19, "cloze": 0.14},            # per item, batch 8, adapter applied
     "cd_answer": {"letters": 0.12, "cloze": 0.2},             # per answer of an MMLU-CD instance
 }
-ELEMENTWISE = {"ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties"}
 
 
 @dataclass
@@ -47,13 +46,20 @@ def round_tag(seed: int, round_no: int) -> str:
     return f"s{seed}" + (f"-r{round_no}" if round_no > 1 else "")
 
 
-def _scale(model: str, params: float | None) -> float:
+def _scale(params: float | None) -> float:
     return 1.0 if params is None else params / REFERENCE_PARAMS
+
+
+def _elementwise(method: str) -> bool:
+    """Methods that sparsify ΔW element by element (they take a density) stream dense blocks: slower."""
+    from edgefuse.fusion.registry import get_method
+
+    return get_method(method).density is not None
 
 
 def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[PlannedStage]:
     """Every stage `edgefuse.pipeline.run_study` will pass through, in order, with its estimated seconds."""
-    s, b, f = _scale(cfg.model, params), cfg.benchmarks, cfg.fusion
+    s, b, f = _scale(params), cfg.benchmarks, cfg.fusion
     fmt = b.format
     eval_s = (n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0)
     # MMLU-CD: k chained answers per instance, and (``single``) its items alone where MMLU did not score them
@@ -81,7 +87,7 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
             for m in f.methods:
                 for c in f.cr:
                     name = f"{m}+{c.name}" if c.name != "off" else m
-                    fuse = RATES["fuse"]["elementwise" if m in ELEMENTWISE else "plain"]
+                    fuse = RATES["fuse"]["elementwise" if _elementwise(m) else "plain"]
                     fuse += RATES["fuse"]["cr"] if c.strategy != "off" else 0.0
                     out.append(PlannedStage("fuse", f"fuse-{name}-{tag}", s * fuse))
                     out.append(PlannedStage("eval", f"eval-{name}-{tag}", s * (eval_s + sum(cd_s.values()))))
