@@ -96,12 +96,27 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
+def attention_kwargs(source: str) -> dict:
+    """``attn_implementation="eager"`` for models with attention soft-capping (Gemma 2), else nothing.
+
+    Why: transformers' SDPA and flash kernels silently skip ``attn_logit_softcapping``, so a Gemma 2
+    loaded with its default attention computes another function than the one it was trained as; only
+    the eager path applies the cap. Pruned Gemma 2 models reload the same way, so prune, train and
+    evaluate all see one model.
+    """
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(source)
+    return {"attn_implementation": "eager"} if getattr(cfg, "attn_logit_softcapping", None) else {}
+
+
 def _load_dir(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     refuse_pickles(path)
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                 **attention_kwargs(str(path)))
     return model, tok
 
 
@@ -154,7 +169,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
 
         try:
             tok = AutoTokenizer.from_pretrained(spec)
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True,
+                                                         **attention_kwargs(spec))
         except OSError as e:
             raise EdgefuseError(f"cannot load hub model {spec!r} ({str(e).splitlines()[0]})") from None
     else:

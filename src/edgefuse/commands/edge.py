@@ -66,7 +66,7 @@ def train_cmd(
     batch: int = typer.Option(8, "--batch", min=1),
     seq: int = typer.Option(256, "--seq", min=8),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1),
-    targets: list[str] | None = typer.Option(None, "--targets", help="Projections to adapt (default: all 7)."),
+    targets: list[str] | None = typer.Option(None, "--targets", help="Projections to adapt, in any family's names (q_proj on Phi-3 adapts qkv_proj; default: all)."),
     seed: int = typer.Option(0, "--seed"),
     checkpoint_every: int = typer.Option(20, "--checkpoint-every", min=0),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward."),

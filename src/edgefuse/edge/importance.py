@@ -11,7 +11,9 @@ Element scores of a weight W (out × in):
 
 Structured groups score as the sum of their elements' scores: an MLP channel owns a row of gate and
 up and a column of down; a KV group owns its k/v rows plus the q rows and o columns of every query
-head that shares it (grouped-query attention keeps them together).
+head that shares it (grouped-query attention keeps them together). Fused projections (Phi-3's
+``qkv_proj``, ``gate_up_proj``) give each of their row segments to its group the same way
+(`edgefuse.edge.families`).
 
 Layers (depth pruning) score by block influence, 1 − mean cos(h_in, h_out) over calibration tokens
 (Men et al., "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect", 2024);
@@ -24,7 +26,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgefuse.edge.plan import ATTN, PROJECTIONS
+from edgefuse.edge.families import (
+    CHANNELS,
+    HEADS,
+    HIDDEN,
+    KV,
+    base_dims,
+    family_for,
+    part_of,
+    segment_size,
+    segments,
+)
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.scoring import make_batch, unwrap
 
@@ -35,8 +47,13 @@ def decoder_layers(model):
     return unwrap(model).model.layers
 
 
+def projection_names(model) -> tuple[str, ...]:
+    """The model's family's projections, in layer order (refuses unsupported families)."""
+    return family_for(unwrap(model).config).names
+
+
 def projection(layer, proj: str):
-    return getattr(layer.self_attn if proj in ATTN else layer.mlp, proj)
+    return getattr(getattr(layer, part_of(proj)), proj)
 
 
 @dataclass
@@ -86,9 +103,10 @@ def collect_stats(model, tokenizer, prompts: list[str], *, inputs: bool = False,
             cos_sum[i] += float((c * state["mask"]).sum())
         return hook
 
+    names = projection_names(model)
     for i, layer in enumerate(layers):
         if inputs:
-            for p in PROJECTIONS:
+            for p in names:
                 hooks.append(projection(layer, p).register_forward_pre_hook(input_hook((i, p))))
         if influence:
             hooks.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
@@ -117,7 +135,7 @@ def collect_stats(model, tokenizer, prompts: list[str], *, inputs: bool = False,
                     loss.backward()
         if grads:
             for i, layer in enumerate(layers):
-                for p in PROJECTIONS:
+                for p in names:
                     w = projection(layer, p).weight
                     stats.grads[(i, p)] = w.grad.detach().clone() if w.grad is not None else torch.zeros_like(w)
     finally:
@@ -137,7 +155,7 @@ def element_scores(model, method: str, stats: CalibStats | None, seed: int = 0) 
     gen = torch.Generator().manual_seed(seed)
     out: dict[tuple[int, str], torch.Tensor] = {}
     for i, layer in enumerate(decoder_layers(model)):
-        for p in PROJECTIONS:
+        for p in projection_names(model):
             w = projection(layer, p).weight.detach().float()
             if method == "magnitude":
                 s = w.abs()
@@ -154,18 +172,28 @@ def element_scores(model, method: str, stats: CalibStats | None, seed: int = 0) 
 
 
 def group_scores(model, scores: dict[tuple[int, str], torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Per layer: ``mlp`` (intermediate,) channel scores and ``kv`` (kv heads,) group scores."""
+    """Per layer: ``mlp`` (intermediate,) channel scores and ``kv`` (kv heads,) group scores.
+
+    Each projection's row scores go, segment by segment, to the heads / KV groups / channels the rows
+    belong to, and its column scores likewise; a query head's total then joins its KV group's.
+    """
     cfg = unwrap(model).config
-    nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nq
-    rep = nq // nkv
+    base, family = base_dims(cfg), family_for(cfg)
+    nq, nkv, hd = base["num_attention_heads"], base["num_key_value_heads"], base["head_dim"]
     res = []
     for i in range(len(decoder_layers(model))):
-        s = {p: scores[(i, p)] for p in PROJECTIONS}
-        mlp = s["gate_proj"].sum(1) + s["up_proj"].sum(1) + s["down_proj"].sum(0)
-        q_head = s["q_proj"].reshape(nq, hd, -1).sum(dim=(1, 2)) + s["o_proj"].reshape(-1, nq, hd).sum(dim=(0, 2))
-        kv = s["k_proj"].reshape(nkv, -1).sum(1) + s["v_proj"].reshape(nkv, -1).sum(1) + q_head.reshape(nkv, rep).sum(1)
-        res.append({"mlp": mlp.cpu(), "kv": kv.cpu()})
+        acc = {k: torch.zeros(segment_size(base, k)) for k in (HEADS, KV, CHANNELS)}
+        for p in family.projections:
+            s = scores[(i, p.name)]
+            rows = s.sum(1).cpu()
+            for kind, start, size in segments(base, p.rows):
+                if kind != HIDDEN:
+                    acc[kind] += rows[start:start + size]
+            if p.cols != HIDDEN:
+                acc[p.cols] += s.sum(0).cpu()
+        q_head = acc[HEADS].reshape(nq, hd).sum(1)
+        kv = acc[KV].reshape(nkv, hd).sum(1) + q_head.reshape(nkv, nq // nkv).sum(1)
+        res.append({"mlp": acc[CHANNELS], "kv": kv})
     return res
 
 
@@ -176,7 +204,7 @@ def layer_scores(model, method: str, stats: CalibStats | None, seed: int = 0) ->
         return torch.rand(n, generator=torch.Generator().manual_seed(seed))
     if method == "taylor":
         el = element_scores(model, "taylor", stats, seed)
-        return torch.tensor([float(sum(el[(i, p)].sum() for p in PROJECTIONS)) for i in range(n)])
+        return torch.tensor([float(sum(el[(i, p)].sum() for p in projection_names(model))) for i in range(n)])
     return stats.influence
 
 

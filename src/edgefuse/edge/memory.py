@@ -1,4 +1,4 @@
-"""Memory of LoRA training on a (pruned) Llama: an a-priori estimate and a measured peak.
+"""Memory of LoRA training on a (pruned) decoder: an a-priori estimate and a measured peak.
 
 Why: ``--memory-budget`` must choose the pruning ratio *before* anything is trained, so the estimate
 is a closed formula over the architecture and the training shape; the measured peak (recorded in
@@ -29,13 +29,11 @@ from collections.abc import Iterator
 
 import torch
 
+from edgefuse.edge.families import family_of, projection_shape, resolve_targets
+
 GIB = 1024 ** 3
 RUNTIME_OVERHEAD = 64 * 1024 ** 2
 ACTIVATION_FACTOR = 1.75
-_LORA_OUT = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "h", "gate_proj": "i", "up_proj": "i",
-             "down_proj": "h"}
-_LORA_IN = {"q_proj": "h", "k_proj": "h", "v_proj": "h", "o_proj": "q", "gate_proj": "h", "up_proj": "h",
-            "down_proj": "i"}
 
 
 def estimate_training_bytes(dims: dict, *, batch: int, seq: int, rank: int, targets: list[str],
@@ -47,10 +45,12 @@ def estimate_training_bytes(dims: dict, *, batch: int, seq: int, rank: int, targ
              "i": dims["intermediate_size"]}
     per_layer = 2 * width["q"] * h + 2 * width["kv"] * h + 3 * width["i"] * h + 2 * h
     weights = 4 * (vocab * h * (1 if tied else 2) + L * per_layer + h)
-    lora_params = L * sum(rank * (width[_LORA_IN[t]] + width[_LORA_OUT[t]]) for t in targets)
+    family = family_of(dims)
+    adapted = [family.projection(t) for t in resolve_targets(family, targets)]
+    lora_params = L * sum(rank * sum(projection_shape(dims, p)) for p in adapted)
     lora = 4 * 4 * lora_params
     tokens = batch * seq
-    act_token_layer = 6 * h + 3 * width["q"] + 3 * width["kv"] + 4 * width["i"] + len(targets) * rank
+    act_token_layer = 6 * h + 3 * width["q"] + 3 * width["kv"] + 4 * width["i"] + len(adapted) * rank
     if grad_checkpointing:
         activations = 4 * tokens * (L * h + act_token_layer)
     else:

@@ -4,9 +4,11 @@ Why a separate module: pruning writes plans, recovery and training read them, an
 on one interpretation. The source of truth is per layer: ``kept_layers`` (original indices, in
 order) and, for each kept layer, its kept ``mlp_channels``, ``kv_heads`` and query ``heads``. Widths
 may differ per layer in the format even though the first pruner is uniform. ``modules`` spells the
-same information out per projection (kept output ``rows`` / input ``cols`` as ``[start, stop)``
-runs, ``null`` = all) and is checked against the layers on load, so a hand-edited plan that
-contradicts itself is refused. The plan holds no data (calibration prompts appear only as a hash).
+same information out per projection of the model's family (kept output ``rows`` / input ``cols`` as
+``[start, stop)`` runs, ``null`` = all; a fused projection's rows are its segments' kept rows at their
+offsets, see `edgefuse.edge.families`) and is checked against the layers on load, so a hand-edited
+plan that contradicts itself is refused. ``base_config["family"]`` names the family (absent in older
+plans: Llama). The plan holds no data (calibration prompts appear only as a hash).
 """
 
 from __future__ import annotations
@@ -15,15 +17,25 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from edgefuse.edge.families import (
+    CHANNELS,
+    DEFAULT_FAMILY,
+    FAMILIES,
+    HEADS,
+    HIDDEN,
+    KV,
+    family_of,
+    part_of,
+    projection_shape,
+    segments,
+    supported,
+)
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import hash_obj
 
 PLAN_FILE = "plan.json"
 PLAN_VERSION = 1
 PLAN_KIND = "edgefuse-prune-plan"
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTN + MLP
 METHODS = ("magnitude", "wanda", "taylor", "random")
 STRUCTURES = ("width", "depth", "unstructured", "2:4")
 
@@ -37,12 +49,13 @@ def keep_count(n: int, ratio: float) -> int:
     return max(1, min(n, int((1.0 - ratio) * n + 0.5)))
 
 
-def width_counts(base: dict[str, int], ratio: float) -> tuple[int, int]:
+def width_counts(base: dict[str, Any], ratio: float) -> tuple[int, int]:
     """(KV groups, MLP channels) kept per layer by width pruning at ``ratio``.
 
     KV groups are few (SmolLM2 has 3), so rounding them alone can miss the ratio by a sixth of the
     attention; the MLP channels absorb that error: they are chosen so that the layer's seven
-    projections together keep ``1 - ratio`` of their parameters, to within one MLP channel. E.g.
+    projections (or Phi-3's four, fused, holding the same weights) together keep ``1 - ratio`` of their
+    parameters, to within one MLP channel. E.g.
     SmolLM2 at 0.5 keeps 2 of 3 KV groups and 683 of 1536 channels (50.0% of the parameters, where
     rounding each part alone, 2 groups and 768 channels, kept 54%). Why: the ratio is what the
     memory budget and the user ask for, so it must be the parameter ratio of what is pruned.
@@ -80,40 +93,42 @@ def plan_hash(plan: dict[str, Any]) -> str:
 
 
 def module_name(layer: int, proj: str) -> str:
-    part = "self_attn" if proj in ATTN else "mlp"
-    return f"model.layers.{layer}.{part}.{proj}"
+    return f"model.layers.{layer}.{part_of(proj)}.{proj}"
 
 
-def full_shape(base: dict[str, int], proj: str) -> tuple[int, int]:
+def full_shape(base: dict[str, Any], proj: str) -> tuple[int, int]:
     """(out, in) of a projection in the unpruned model."""
-    h, hd = base["hidden_size"], base["head_dim"]
-    q, kv, inter = base["num_attention_heads"] * hd, base["num_key_value_heads"] * hd, base["intermediate_size"]
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}[proj]
+    return projection_shape(base, family_of(base).projection(proj))
 
 
 def head_rows(heads: Iterable[int], head_dim: int) -> list[int]:
     return [h * head_dim + j for h in sorted(heads) for j in range(head_dim)]
 
 
-def derive_modules(base: dict[str, int], kept_layers: list[int], layers: dict[str, dict]) -> dict[str, dict]:
-    """Per-projection kept rows/cols (runs, None = all) and names in the pruned model."""
+def kept_in_segments(base: dict[str, Any], spec: dict, kinds: Iterable[str]) -> list[list[int]] | None:
+    """Kept indices along stacked segments (each segment's kept indices at its offset) as runs; None = all."""
     hd = base["head_dim"]
+    kept = {HEADS: head_rows(spec["heads"], hd), KV: head_rows(spec["kv_heads"], hd), CHANNELS: spec["mlp_channels"]}
+    idx, total = [], 0
+    for kind, start, size in segments(base, kinds):
+        idx += [start + j for j in (range(size) if kind == HIDDEN else sorted(kept[kind]))]
+        total += size
+    return None if len(idx) == total else to_runs(idx)
+
+
+def derive_modules(base: dict[str, Any], kept_layers: list[int], layers: dict[str, dict]) -> dict[str, dict]:
+    """Per-projection kept rows/cols (runs, None = all) and names in the pruned model."""
     out: dict[str, dict] = {}
     for new, old in enumerate(kept_layers):
         spec = layers[str(old)]
-        nq, nkv, ni = base["num_attention_heads"], base["num_key_value_heads"], base["intermediate_size"]
-        q = None if len(spec["heads"]) == nq else to_runs(head_rows(spec["heads"], hd))
-        kv = None if len(spec["kv_heads"]) == nkv else to_runs(head_rows(spec["kv_heads"], hd))
-        ch = None if len(spec["mlp_channels"]) == ni else to_runs(spec["mlp_channels"])
-        rows_cols = {"q_proj": (q, None), "k_proj": (kv, None), "v_proj": (kv, None), "o_proj": (None, q),
-                     "gate_proj": (ch, None), "up_proj": (ch, None), "down_proj": (None, ch)}
-        for proj, (rows, cols) in rows_cols.items():
-            out[module_name(old, proj)] = {"pruned_name": module_name(new, proj), "rows": rows, "cols": cols}
+        for p in family_of(base).projections:
+            out[module_name(old, p.name)] = {"pruned_name": module_name(new, p.name),
+                                             "rows": kept_in_segments(base, spec, p.rows),
+                                             "cols": kept_in_segments(base, spec, (p.cols,))}
     return out
 
 
-def kept_shape(base: dict[str, int], entry: dict, proj: str) -> tuple[int, int]:
+def kept_shape(base: dict[str, Any], entry: dict, proj: str) -> tuple[int, int]:
     o, i = full_shape(base, proj)
     return len(from_runs(entry["rows"], o)), len(from_runs(entry["cols"], i))
 
@@ -137,6 +152,9 @@ def validate_plan(plan: Any, path: str | Path | None = None) -> dict[str, Any]:
     try:
         nl, nq, nkv = base["num_hidden_layers"], base["num_attention_heads"], base["num_key_value_heads"]
         ni = base["intermediate_size"]
+        if base.get("family", DEFAULT_FAMILY) not in FAMILIES:
+            raise EdgefuseError(f"plan is for model family {base['family']!r}; supported families: {supported()}",
+                                path=where)
         kept = [int(i) for i in plan["kept_layers"]]
         if not kept or sorted(set(kept)) != kept or kept[0] < 0 or kept[-1] >= nl:
             raise EdgefuseError("kept_layers must be distinct ascending layer indices of the base model", path=where)
@@ -155,7 +173,7 @@ def validate_plan(plan: Any, path: str | Path | None = None) -> dict[str, Any]:
                 raise EdgefuseError(f"layer {i}: invalid mlp_channels", path=where)
         if derive_modules(base, kept, plan["layers"]) != plan["modules"]:
             raise EdgefuseError("modules contradict the per-layer kept heads/channels", path=where)
-    except (KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise EdgefuseError(f"malformed plan ({type(e).__name__}: {e})", path=where) from None
     return plan
 

@@ -11,8 +11,10 @@ Structures:
 - ``unstructured`` / ``2:4``: zero the lowest-scoring weights (per output row; 2 of every 4
   consecutive inputs). Shapes are unchanged, so these save memory *only* with sparse storage or
   sparse kernels, never in the dense float tensors trained here; recovery is the identity.
-Only the decoder's projections are pruned. The pruned model is rebuilt from a config with the new
-(uniform) widths, so it reloads from its directory with plain transformers.
+Only the decoder's projections are pruned, as its family describes them (`edgefuse.edge.families`:
+Llama, Mistral, Qwen2/3, Gemma 2/3 text, Phi-3 with its fused ``qkv_proj`` / ``gate_up_proj``). The
+pruned model is rebuilt from a config with the new (uniform) widths, so it reloads from its directory
+with plain transformers.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from typing import Any
 import torch
 
 from edgefuse.edge import importance as imp
+from edgefuse.edge.families import base_dims, family_of
 from edgefuse.edge.memory import GIB, estimate_training_bytes
 from edgefuse.edge.plan import (
     METHODS,
     PLAN_FILE,
     PLAN_KIND,
     PLAN_VERSION,
-    PROJECTIONS,
     STRUCTURES,
     derive_modules,
     from_runs,
@@ -60,17 +62,12 @@ class PruneResult:
     estimate: dict[str, Any] | None = None
 
 
-def base_config(model) -> dict[str, int]:
-    cfg = unwrap(model).config
-    if getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise EdgefuseError(f"pruning supports Llama-style decoders, not model_type {cfg.model_type!r}")
-    return {"num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
-            "num_key_value_heads": cfg.num_key_value_heads,
-            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads}
+def base_config(model) -> dict[str, Any]:
+    """The base model's family and dimensions as a plan records them (refuses unsupported families)."""
+    return base_dims(unwrap(model).config)
 
 
-def pruned_dims(base: dict[str, int], structure: str, ratio: float) -> dict[str, int]:
+def pruned_dims(base: dict[str, Any], structure: str, ratio: float) -> dict[str, Any]:
     """Uniform widths after pruning ``ratio`` (what the memory estimate needs before scoring)."""
     d = dict(base)
     if structure == "width":
@@ -193,7 +190,7 @@ def _masked_copy(model, scores, structure: str, ratio: float):
     sparsity = {}
     with torch.no_grad():
         for i, layer in enumerate(imp.decoder_layers(lm)):
-            for p in PROJECTIONS:
+            for p in imp.projection_names(lm):
                 w = imp.projection(layer, p).weight
                 s = scores[(i, p)]
                 if structure == "2:4":
@@ -222,7 +219,7 @@ def weight_masks(pruned_model) -> dict[str, torch.Tensor]:
     base model gives the pruned weights exactly (a base weight that was already 0 stays 0 either way)."""
     masks = {}
     for i, layer in enumerate(imp.decoder_layers(unwrap(pruned_model))):
-        for p in PROJECTIONS:
+        for p in imp.projection_names(pruned_model):
             masks[module_name(i, p)] = imp.projection(layer, p).weight.detach() != 0
     return masks
 
@@ -233,7 +230,7 @@ def apply_masks(model, plan: dict[str, Any], masks: dict[str, torch.Tensor]):
     lm.__dict__.pop("_edgefuse_fingerprint", None)
     with torch.no_grad():
         for i, layer in enumerate(imp.decoder_layers(lm)):
-            for p in PROJECTIONS:
+            for p in imp.projection_names(lm):
                 w, name = imp.projection(layer, p).weight, module_name(i, p)
                 if name not in masks or masks[name].shape != w.shape:
                     raise EdgefuseError(f"mask for {name} is missing or has the wrong shape "
@@ -242,14 +239,28 @@ def apply_masks(model, plan: dict[str, Any], masks: dict[str, torch.Tensor]):
     return lm
 
 
+def _check_reloads(cfg) -> None:
+    """Refuse a pruned config that transformers would not load back from ``config.json``.
+
+    Why: the pruned model is shipped as a directory; a config whose checks tie other fields to the
+    pruned widths (e.g. Phi-3's long-RoPE factors, sized by hidden / heads) must fail here, clearly.
+    """
+    try:
+        type(cfg).from_dict(cfg.to_dict())
+    except (ValueError, TypeError, KeyError) as e:
+        raise EdgefuseError(f"the pruned {cfg.model_type} config would not reload ({e}); prune with another "
+                            "structure or ratio") from None
+
+
 def apply_plan(model, plan: dict[str, Any]):
     """The pruned model: a fresh model of the pruned config holding the kept slices of the base weights."""
     from transformers import AutoModelForCausalLM
 
     if not is_uniform(plan):
-        raise EdgefuseError("this plan has per-layer widths; a Llama config can only express uniform widths")
+        raise EdgefuseError("this plan has per-layer widths; a transformers config can only express uniform widths")
     base = plan["base_config"]
     lm = unwrap(model)
+    names = family_of(base).names
     remap = {old: new for new, old in enumerate(plan["kept_layers"])}
     pat = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
     sd = {}
@@ -262,7 +273,7 @@ def apply_plan(model, plan: dict[str, Any]):
         if old not in remap:
             continue
         parts = rest.split(".")
-        if len(parts) >= 2 and parts[-2] in PROJECTIONS:
+        if len(parts) >= 2 and parts[-2] in names:
             entry = plan["modules"][module_name(old, parts[-2])]
             out_f, in_f = full_shape(base, parts[-2])
             if entry["rows"] is not None:
@@ -277,8 +288,9 @@ def apply_plan(model, plan: dict[str, Any]):
     cfg.num_key_value_heads = len(spec["kv_heads"])
     cfg.intermediate_size = len(spec["mlp_channels"])
     cfg.head_dim = base["head_dim"]
-    if isinstance(getattr(cfg, "layer_types", None), list):
+    if isinstance(getattr(cfg, "layer_types", None), list):  # e.g. Gemma's sliding/full attention per layer
         cfg.layer_types = [cfg.layer_types[i] for i in plan["kept_layers"]]
+    _check_reloads(cfg)
     new = AutoModelForCausalLM.from_config(cfg)
     new.to(dtype=lm.dtype)
     missing, unexpected = new.load_state_dict(sd, strict=False)

@@ -39,7 +39,8 @@ from edgefuse.data.mmlu import MMLUItem
 from edgefuse.data.prompts import answer_text
 from edgefuse.edge.batching import Schedule, encode_cloze_items, encode_items
 from edgefuse.edge.memory import PeakMemory
-from edgefuse.edge.plan import PROJECTIONS, plan_hash
+from edgefuse.edge.families import ALL_PROJECTIONS, ROLES, family_for, resolve_targets
+from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.scoring import continuation_token_ids, lm_parts, make_batch
 from edgefuse.io import atomic_dir, atomic_write_json, hash_obj, load_safetensors, read_json
@@ -58,7 +59,10 @@ class TrainConfig(BaseModel):
     batch: int = Field(8, ge=1)
     seq: int = Field(256, ge=8)
     grad_accum: int = Field(1, ge=1)
-    targets: list[str] = Field(default_factory=lambda: list(PROJECTIONS))
+    targets: list[str] = Field(default_factory=lambda: list(ROLES), description=(
+        "projections to adapt, in any family's names; each model adapts its own projections doing their work "
+        "(families.resolve_targets: q_proj on Phi-3 adapts qkv_proj). The default, the seven Llama names, is "
+        "every projection of every family"))
     seed: int = 0
     checkpoint_every: int = Field(20, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -73,10 +77,10 @@ class TrainConfig(BaseModel):
     @field_validator("targets")
     @classmethod
     def _known_targets(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in PROJECTIONS]
+        bad = [t for t in v if t not in ALL_PROJECTIONS]
         if bad or not v:
-            raise ValueError(f"targets must be among {', '.join(PROJECTIONS)} (got {v})")
-        return sorted(set(v), key=PROJECTIONS.index)
+            raise ValueError(f"targets must be among {', '.join(ALL_PROJECTIONS)} (got {v})")
+        return sorted(set(v), key=ALL_PROJECTIONS.index)
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must share to be resumed (steps may grow; the schedule is step-indexed)."""
@@ -251,7 +255,8 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         sched = Schedule(lengths, config.batch, config.seed, config.bucket)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         torch.manual_seed(config.seed)
-        lcfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
+        lcfg = LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                          target_modules=resolve_targets(family_for(model.config), config.targets),
                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, lcfg)
         init_info = None

@@ -27,13 +27,15 @@ class PackageRejected(EdgefuseError):
 
 def expected_shapes(plan: dict[str, Any], targets: list[str]) -> dict[str, tuple[int, int]]:
     """(out, in) of every module of the pruned model that training adapts, keyed by pruned module name."""
+    from edgefuse.edge.families import family_of, resolve_targets
     from edgefuse.edge.plan import kept_shape
 
     base = plan["base_config"]
+    adapted = set(resolve_targets(family_of(base), targets))
     out = {}
     for entry in plan["modules"].values():
         proj = entry["pruned_name"].rsplit(".", 1)[-1]
-        if proj in targets:
+        if proj in adapted:
             out[entry["pruned_name"]] = kept_shape(base, entry, proj)
     return out
 
