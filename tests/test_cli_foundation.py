@@ -52,7 +52,7 @@ def test_adapter_dir_without_files_and_pickles(tmp_path):
     out = tmp_path / "res.json"
     (tmp_path / "empty").mkdir()
     r = run("eval", "mmlu", "--model", "tiny-llama", "--limit", "4", "--adapter", str(tmp_path / "empty"), "--out", str(out))
-    assert r.returncode != 0 and "no adapter files" in r.stderr and not out.exists()
+    assert r.returncode != 0 and "not a PEFT adapter directory" in r.stderr and not out.exists()
     (tmp_path / "empty" / "adapter_model.bin").write_bytes(b"x")
     r = run("eval", "mmlu", "--model", "tiny-llama", "--limit", "4", "--adapter", str(tmp_path / "empty"))
     assert r.returncode != 0 and "pickle file refused" in r.stderr

@@ -197,6 +197,11 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, monkeypatch, capsys
     cfg = json.loads((ia3 / "adapter_config.json").read_text())
     cfg["peft_type"] = "IA3"
     (ia3 / "adapter_config.json").write_text(json.dumps(cfg))
+    # an edited file of an edgefuse adapter breaks its manifest's hash; re-hashed, the config itself is refused
+    assert "sha256 does not match" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], ia3)
+    man = json.loads((ia3 / "edgefuse.json").read_text())
+    man["files"]["adapter_config.json"] = sha256_file(ia3 / "adapter_config.json")
+    (ia3 / "edgefuse.json").write_text(json.dumps(man))
     assert "only LORA" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], ia3)
     assert "2 weights given for 3 adapters" in _bad(
         monkeypatch, capsys, out2, "--method", "linear", "--weights", "1,2", "--adapters", *dirs

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import atomic_dir, atomic_write_json, read_json, refuse_pickles, sha256_file, load_safetensors
+from edgefuse.io import (
+    atomic_dir,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+    refuse_pickles,
+    safetensors_header,
+    sha256_file,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -83,54 +91,206 @@ class LoraAdapter:
         return self.modules[name].delta()
 
 
+# PEFT's LoraConfig defaults, for configs that leave r or lora_alpha out
+PEFT_DEFAULT_R = 8
+PEFT_DEFAULT_ALPHA = 8
+MAX_RANK = 8192
+"""Largest LoRA rank the reader accepts: the full rank of a 70B-class model's hidden size. A config above it is a
+typo or an attack, refused before PEFT would allocate r × in for every module."""
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What an adapter is checked against: a model's name, fingerprint and (out, in) of each linear layer by name.
+
+    Why a description instead of the model: the reader needs nothing more, it is computed once for K adapters
+    (``fuse --model``), and a caller that knows a model only by its shapes (e.g. from a plan) can build one.
+    """
+
+    name: str
+    shapes: dict[str, tuple[int, int]]
+    fingerprint: str | None = None
+
+    @classmethod
+    def of(cls, model) -> "ModelShapes":
+        """From a loaded transformers model (nn.Linear, or GPT-2's Conv1D whose weight is stored (in, out))."""
+        from edgefuse.models import fingerprint
+
+        shapes = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                shapes[name] = (mod.out_features, mod.in_features)
+            elif type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None:
+                shapes[name] = (mod.weight.shape[1], mod.weight.shape[0])
+        return cls(str(getattr(model.config, "name_or_path", "") or "the model"), shapes, fingerprint(model))
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that matches a dotted suffix of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _module_rank(cfg: dict[str, Any], module: str) -> int:
+    return _pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", PEFT_DEFAULT_R))
+
+
 def _scale_for(cfg: dict[str, Any], module: str, rank: int) -> float:
-    alpha = cfg.get("lora_alpha", 8)
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{pattern}$", module):
-            alpha = value
-            break
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     if cfg.get("use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank
 
 
-def load_adapter(directory: str | Path, device: str = "cpu") -> LoraAdapter:
-    """Read a PEFT LoRA adapter directory (edgefuse's or anyone's) into factored form."""
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_rank_value(value: Any, what: str, path: Path) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise EdgefuseError(f"{what} must be a positive integer, got {value!r}", path=path)
+    if value > MAX_RANK:
+        raise EdgefuseError(f"{what} = {value} is absurd (the reader accepts LoRA ranks up to {MAX_RANK})", path=path)
+
+
+def _check_patterns(cfg: dict[str, Any], key: str, check_value, path: Path) -> None:
+    patterns = cfg.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise EdgefuseError(f"{key} must map module patterns to values", path=path)
+    for pattern, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except re.error:
+            raise EdgefuseError(f"{key} key {pattern!r} is not a regular expression", path=path) from None
+        check_value(value, f"{key}[{pattern!r}]", path)
+
+
+def _check_alpha_value(value: Any, what: str, path: Path) -> None:
+    if not _is_number(value):
+        raise EdgefuseError(f"{what} must be a finite number, got {value!r}", path=path)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """adapter_config.json of a LoRA this reader can represent exactly: type, DoRA, ranks and alphas checked."""
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise EdgefuseError("adapter config is not a JSON object", path=path)
+    if str(cfg.get("peft_type", "")).upper() != "LORA":
+        raise EdgefuseError(f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)", path=path)
+    if cfg.get("use_dora"):
+        raise EdgefuseError("DoRA adapters are not supported (magnitude vectors are not a low-rank update)", path=path)
+    _check_rank_value(cfg.get("r", PEFT_DEFAULT_R), "r", path)
+    _check_alpha_value(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA), "lora_alpha", path)
+    _check_patterns(cfg, "rank_pattern", _check_rank_value, path)
+    _check_patterns(cfg, "alpha_pattern", _check_alpha_value, path)
+    return cfg
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    """``edgefuse.json`` when present, its listed files' names and hashes verified first (tampering wins)."""
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise EdgefuseError("manifest is not a JSON object", path=path)
+    verify_hashes(directory)
+    return manifest
+
+
+def _lora_keys(header: dict[str, dict[str, Any]], path: Path) -> dict[str, dict[str, str]]:
+    """Module name → {"A": tensor key, "B": tensor key}, from the header alone; only plain LoRA tensors allowed."""
+    parts: dict[str, dict[str, str]] = {}
+    for key in sorted(header):
+        m = _KEY.match(key)
+        if m is None:
+            if "lora_" in key or "modules_to_save" in key:
+                raise EdgefuseError(f"unsupported tensor {key!r} (only lora_A / lora_B weights)", path=path)
+            continue
+        if m["which"] in parts.setdefault(m["module"], {}):
+            raise EdgefuseError(f"module {m['module']} has two lora_{m['which']} tensors", path=path)
+        parts[m["module"]][m["which"]] = key
+    if not parts:
+        raise EdgefuseError("adapter holds no LoRA tensors", path=path)
+    for name, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise EdgefuseError(f"module {name} has lora_{'A' if 'A' not in ab else 'B'} missing", path=path)
+        a, b = header[ab["A"]]["shape"], header[ab["B"]]["shape"]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise EdgefuseError(f"module {name}: lora_A {tuple(a)} and lora_B {tuple(b)} do not chain", path=path)
+    return parts
+
+
+def _check_ranks(cfg: dict[str, Any], header: dict, keys: dict[str, dict[str, str]], path: Path) -> None:
+    """Each module's tensor rank is the one its config gives (r or rank_pattern): else PEFT's alpha/r scale is wrong."""
+    for name, ab in keys.items():
+        got, want = header[ab["A"]]["shape"][0], _module_rank(cfg, name)
+        if got != want:
+            raise EdgefuseError(f"module {name} has rank {got}, {CONFIG_FILE} gives r = {want} (its alpha/r scale "
+                                "would be wrong)", path=path)
+
+
+def _check_model(manifest: dict | None, header: dict, keys: dict[str, dict[str, str]], model: ModelShapes,
+                 directory: Path, force: bool) -> None:
+    """The adapter fits ``model``: same recorded base fingerprint (unless forced), existing targets, equal shapes."""
+    want = (manifest or {}).get("base_fingerprint")
+    if want and model.fingerprint and want != model.fingerprint and not force:
+        raise EdgefuseError(f"adapter was made for base model {want}, not {model.fingerprint}",
+                            path=directory / MANIFEST_FILE)
+    for name, ab in keys.items():
+        have = model.shapes.get(name)
+        if have is None:
+            raise EdgefuseError(f"module {name} is not a linear layer of {model.name}", path=directory / WEIGHTS_FILE)
+        out_f, in_f = header[ab["B"]]["shape"][0], header[ab["A"]]["shape"][1]
+        if (out_f, in_f) != tuple(have):
+            raise EdgefuseError(f"module {name} is {out_f}×{in_f}, {model.name} has {have[0]}×{have[1]}",
+                                path=directory / WEIGHTS_FILE)
+
+
+def _factors(tensors: dict[str, torch.Tensor], keys: dict[str, dict[str, str]], cfg: dict[str, Any],
+             path: Path) -> dict[str, LoraModule]:
+    modules = {}
+    for name, ab in sorted(keys.items()):
+        A, B = tensors[ab["A"]].float(), tensors[ab["B"]].float()
+        if not all_finite(A, B):
+            raise EdgefuseError(f"module {name} contains NaN or Inf", path=path)
+        modules[name] = LoraModule(A, B, _scale_for(cfg, name, A.shape[0]))
+    return modules
+
+
+def _adapter_dir(directory: str | Path) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         raise EdgefuseError("adapter directory not found", path=directory)
     refuse_pickles(directory)
-    cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not cfg_path.is_file() or not w_path.is_file():
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
         raise EdgefuseError(f"not a PEFT adapter directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})", path=directory)
-    cfg = read_json(cfg_path)
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise EdgefuseError(f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)", path=cfg_path)
-    if cfg.get("use_dora"):
-        raise EdgefuseError("DoRA adapters are not supported (magnitude vectors are not a low-rank update)", path=cfg_path)
-    tensors = load_safetensors(w_path, device=device)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            if "lora_" in key or "modules_to_save" in key:
-                raise EdgefuseError(f"unsupported tensor {key!r} (only lora_A / lora_B weights)", path=w_path)
-            continue
-        parts.setdefault(m["module"], {})[m["which"]] = t
-    modules: dict[str, LoraModule] = {}
-    for name, ab in sorted(parts.items()):
-        if set(ab) != {"A", "B"}:
-            raise EdgefuseError(f"module {name} has lora_{'A' if 'A' not in ab else 'B'} missing", path=w_path)
-        A, B = ab["A"].float(), ab["B"].float()
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise EdgefuseError(f"module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not chain", path=w_path)
-        if not all_finite(A, B):
-            raise EdgefuseError(f"module {name} contains NaN or Inf", path=w_path)
-        modules[name] = LoraModule(A, B, _scale_for(cfg, name, A.shape[0]))
-    if not modules:
-        raise EdgefuseError("adapter holds no LoRA tensors", path=w_path)
-    manifest = read_json(directory / MANIFEST_FILE) if (directory / MANIFEST_FILE).is_file() else None
+    return directory
+
+
+def load_adapter(directory: str | Path, model=None, *, force: bool = False, device: str = "cpu") -> LoraAdapter:
+    """Read a PEFT LoRA adapter directory (edgefuse's or anyone's) into factored form, refusing anything unsound.
+
+    The one reader of adapters: every command and stage reads through it, so each refuses the same inputs with
+    the same line. In order: pickles; the manifest's file names and hashes; the config (LoRA only, no DoRA, sane
+    ranks and alphas); the safetensors header against the file size; tensor ranks against the config; with
+    ``model`` (a loaded model or a `ModelShapes`) the base fingerprint (skipped with ``force``), target names and
+    shapes; only then the tensors are loaded and checked for NaN/Inf. Nothing large is allocated before the
+    header has shown the file holds what it claims.
+    """
+    directory = _adapter_dir(directory)
+    w_path = directory / WEIGHTS_FILE
+    manifest = _read_manifest(directory)
+    cfg = _read_config(directory / CONFIG_FILE)
+    header = safetensors_header(w_path)
+    keys = _lora_keys(header, w_path)
+    _check_ranks(cfg, header, keys, w_path)
+    if model is not None:
+        target = model if isinstance(model, ModelShapes) else ModelShapes.of(model)
+        _check_model(manifest, header, keys, target, directory, force)
+    modules = _factors(load_safetensors(w_path, device=device), keys, cfg, w_path)
     return LoraAdapter(modules, cfg.get("base_model_name_or_path"), cfg, manifest, directory)
 
 
@@ -187,12 +347,28 @@ def save_adapter(
     return directory
 
 
+def _listed_file(directory: Path, name: Any, manifest_path: Path) -> Path:
+    """The path of a file the manifest lists, refused when the name leaves the directory (``../``, absolute, symlink)."""
+    rel = Path(str(name))
+    if not isinstance(name, str) or not name or rel.is_absolute() or ".." in rel.parts:
+        raise EdgefuseError(f"manifest lists file {name!r}, a path outside the package directory", path=manifest_path)
+    p = directory / rel
+    if not p.resolve().is_relative_to(directory.resolve()):
+        raise EdgefuseError(f"manifest lists file {name!r}, a symlink to {p.resolve()} outside the package directory",
+                            path=manifest_path)
+    return p
+
+
 def verify_hashes(directory: str | Path) -> None:
-    """Check every file hash recorded in ``edgefuse.json``; raise on any mismatch."""
+    """Check every file recorded in ``edgefuse.json``: its name stays inside the directory and its sha256 matches."""
     directory = Path(directory)
-    man = read_json(directory / MANIFEST_FILE)
-    for fname, digest in (man.get("files") or {}).items():
-        p = directory / fname
+    man_path = directory / MANIFEST_FILE
+    man = read_json(man_path)
+    files = man.get("files") if isinstance(man, dict) else None
+    if files is not None and not isinstance(files, dict):
+        raise EdgefuseError("manifest 'files' must map file names to sha256 digests", path=man_path)
+    for fname, digest in (files or {}).items():
+        p = _listed_file(directory, fname, man_path)
         if not p.is_file():
             raise EdgefuseError("file listed in manifest is missing", path=p)
         if sha256_file(p) != digest:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -105,15 +106,71 @@ def refuse_pickles(directory: str | Path) -> None:
             )
 
 
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # bytes; the safetensors library's own limit on the JSON header
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                           "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
+def _corrupt(path: Path, detail: str) -> EdgefuseError:
+    return EdgefuseError(f"corrupted or truncated safetensors ({detail})", path=path)
+
+
+def _check_tensor_entry(name: str, info: Any, data_bytes: int, path: Path) -> None:
+    """One header entry: a known dtype, a shape, and offsets that hold exactly that many bytes inside the file."""
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        numbers = (*shape, begin, end)
+    except (KeyError, TypeError, ValueError):
+        raise _corrupt(path, f"tensor {name!r} has a malformed header entry") from None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in numbers):
+        raise _corrupt(path, f"tensor {name!r} has a malformed header entry")
+    if dtype not in SAFETENSORS_DTYPE_BYTES:
+        raise _corrupt(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
+    need = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
+    if end - begin != need:
+        raise _corrupt(path, f"tensor {name!r} of shape {list(shape)} needs {need} bytes, its offsets span {end - begin}")
+    if end > data_bytes:
+        raise _corrupt(path, f"tensor {name!r} ends at byte {end} of the data, the file holds {data_bytes}")
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The tensor table of a safetensors file (name → dtype, shape, data_offsets), checked against the file size.
+
+    Why: read before anything is allocated, so a truncated file or a header announcing terabytes is one clear
+    error instead of a traceback or an allocation the size of the claim.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EdgefuseError("file not found", path=path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = f.read(8)
+        if len(length) < 8:
+            raise _corrupt(path, f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(length, "little")
+        if n > min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise _corrupt(path, f"header announces {n} bytes, the file holds {size - 8} after the length field")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _corrupt(path, "header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name, info in tensors.items():
+        _check_tensor_entry(name, info, size - 8 - n, path)
+    return tensors
+
+
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
-    """Load a safetensors file, turning corruption into a clear error."""
+    """Load a safetensors file whose header was checked first, turning any corruption into a clear error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise EdgefuseError("file not found", path=path)
+    safetensors_header(path)
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as e:
-        raise EdgefuseError(f"corrupted or unreadable safetensors ({str(e).splitlines()[0]})", path=path) from None
+        raise _corrupt(path, (str(e).splitlines() or [type(e).__name__])[0]) from None

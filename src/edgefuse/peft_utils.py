@@ -1,42 +1,25 @@
-"""Applying PEFT adapters to a loaded model, with edgefuse's safety checks."""
+"""Applying PEFT adapters to a loaded model, after edgefuse's reader has checked them.
+
+Why: PEFT itself loads NaN tensors, a LoRA labelled IA3 and ranks that contradict the config, and a truncated
+file becomes a long traceback; `edgefuse.adapters.load_adapter` refuses all of these with one line.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE
+from edgefuse.adapters import load_adapter
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import read_json, refuse_pickles
-
-
-def check_adapter_dir(adapter: str | Path) -> Path:
-    adapter = Path(adapter)
-    if not adapter.is_dir():
-        raise EdgefuseError("adapter directory not found", path=adapter)
-    refuse_pickles(adapter)
-    if not (adapter / CONFIG_FILE).is_file() or not (adapter / WEIGHTS_FILE).is_file():
-        raise EdgefuseError(f"no adapter files ({CONFIG_FILE} and {WEIGHTS_FILE} are required)", path=adapter)
-    return adapter
-
-
-def check_fingerprint(adapter: Path, model, force: bool = False) -> None:
-    """Refuse an adapter whose manifest names another base model."""
-    from edgefuse.models import fingerprint
-
-    man_path = adapter / MANIFEST_FILE
-    if force or not man_path.is_file():
-        return
-    want = read_json(man_path).get("base_fingerprint")
-    if want and want != fingerprint(model):
-        raise EdgefuseError(f"adapter was made for base model {want}, not {fingerprint(model)}", path=man_path)
 
 
 def apply_adapter(model, adapter: str | Path, force: bool = False):
-    """PeftModel with the adapter loaded (inference mode)."""
+    """PeftModel with the adapter loaded (inference mode), once the reader accepted it for this ``model``.
+
+    ``force`` applies an adapter whose manifest names another base model; every other check still holds.
+    """
     from peft import PeftModel
 
-    adapter = check_adapter_dir(adapter)
-    check_fingerprint(adapter, model, force)
+    load_adapter(adapter, model, force=force)
     try:
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as e:

@@ -94,7 +94,9 @@ def register(app: typer.Typer) -> None:
         merged_out: Optional[Path] = typer.Option(
             None, "--merged-out", help="also write merged full weights here"
         ),
-        model: Optional[str] = typer.Option(None, "--model", help="base model for --merged-out"),
+        model: Optional[str] = typer.Option(
+            None, "--model", help="base model: check the adapters' targets and shapes against it; needed for --merged-out"
+        ),
         list_: bool = typer.Option(False, "--list", help="list methods and LoRA-CR strategies"),
     ) -> None:
         """Fuse K LoRA adapters into one (optionally with LoRA-CR conflict resolution)."""

@@ -22,7 +22,6 @@ from edgefuse.adapters import (
     load_adapter,
     peft_config_for,
     save_adapter,
-    verify_hashes,
 )
 from edgefuse.edge.plan import from_runs, full_shape, plan_hash
 from edgefuse.edge.prune import read_plan
@@ -81,12 +80,16 @@ def project_adapter(adapter: LoraAdapter, plan: dict, where: Path | str = "adapt
 
 
 def recover(package_dir: Path, plan_path: Path, out_dir: Path, force: bool = True) -> Path:
-    """Check the package against the plan (hashes, fingerprint, plan hash, shapes) and write the full adapter."""
+    """Check the package against the plan (hashes, fingerprint, plan hash, shapes) and write the full adapter.
+
+    The package is read by the one adapter reader without a model: its tensors have the *pruned* shapes, and the
+    pruned model exists here only as the plan, which `recover_adapter` checks every module's name and shape
+    against (the recovered adapter's full shapes then follow from the plan's base config by construction).
+    """
     package_dir, plan_path, out_dir = Path(package_dir), Path(plan_path), Path(out_dir)
     if not (package_dir / MANIFEST_FILE).is_file():
         raise EdgefuseError(f"not an edge package (no {MANIFEST_FILE})", path=package_dir)
-    verify_hashes(package_dir)
-    adapter = load_adapter(package_dir)
+    adapter = load_adapter(package_dir)  # verifies the manifest's hashes first
     man = adapter.manifest or {}
     if man.get("kind") != PACKAGE_KIND:
         raise EdgefuseError(f"not an edge package ({MANIFEST_FILE} kind is {man.get('kind')!r})", path=package_dir)

@@ -19,6 +19,7 @@ from edgefuse.adapters import (
     WEIGHTS_FILE,
     LoraAdapter,
     LoraModule,
+    ModelShapes,
     all_finite,
     load_adapter,
     save_adapter,
@@ -213,6 +214,15 @@ def _fingerprints(adapters: list[LoraAdapter]) -> set[str]:
     }
 
 
+def _load_base(model: str | None):
+    """(model, tokenizer) of ``--model`` on the CPU, or (None, None): adapters are then checked by fingerprint only."""
+    if model is None:
+        return None, None
+    from edgefuse.models import load_model
+
+    return load_model(model, device="cpu")
+
+
 def fuse_dirs(
     adapter_dirs: list[str | Path],
     out: str | Path,
@@ -231,7 +241,9 @@ def fuse_dirs(
 ) -> dict:
     """Load, check, fuse and save (PEFT adapter + ``edgefuse.json``); optionally merged full weights.
 
-    Nothing is written unless every check and the whole fusion succeed.
+    With ``model`` every adapter is also checked against that base model (fingerprint, targets, shapes);
+    without it, adapters recording different base fingerprints are refused. Nothing is written unless every
+    check and the whole fusion succeed.
     """
     out = Path(out)
     for target in (out, merged_out):
@@ -240,7 +252,9 @@ def fuse_dirs(
     if merged_out is not None and model is None:
         raise EdgefuseError("--merged-out needs --model (the base model to merge into)")
     get_method(method)
-    adapters = [load_adapter(d) for d in adapter_dirs]
+    base, tok = _load_base(model)
+    target = None if base is None else ModelShapes.of(base)
+    adapters = [load_adapter(d, target, force=force) for d in adapter_dirs]
     fps = _fingerprints(adapters)
     names = {a.base_model for a in adapters if a.base_model}
     if (len(fps) > 1 or len(names) > 1) and not force:
@@ -254,17 +268,8 @@ def fuse_dirs(
     with single_threaded_ops():
         conflicts = analyze_conflicts(adapters, stats["weights"], element=False)
     merged = None
-    if merged_out is not None:
-        from edgefuse.models import fingerprint, load_model
-
-        merged, tok = load_model(model, device="cpu")
-        fp = fingerprint(merged)
-        if fps and fp not in fps and not force:
-            raise EdgefuseError(
-                f"model {model} (fingerprint {fp}) is not the adapters' base model {sorted(fps)}; "
-                "pass --force to merge anyway"
-            )
-        merge_into_model(merged, fused)
+    if merged_out is not None:  # the reader already checked every adapter against this model
+        merged = merge_into_model(base, fused)
     manifest = {
         "format": FORMAT,
         "version": 1,
