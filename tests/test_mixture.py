@@ -236,6 +236,21 @@ def test_dtype_follows_the_model(tiny, adapters, batch):
     assert err <= TOL
 
 
+def test_grad_mode_matches_inference_and_backpropagates(tiny, adapters, batch):
+    model, _ = tiny
+    _, b = batch
+    trainable = copy.deepcopy(model)  # gradients must not land on the shared fixture
+    w = weight_matrix([{0: 0.5, 1: 0.5}, {2: 1.0}, {3: 0.8, 0: 0.2}, {1: 1.0}, {2: 0.3, 3: 0.7}], len(adapters))
+    with LoraMixture(trainable, adapters) as mix:
+        mix.set_weights(w)
+        out = trainable(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        out.sum().backward()
+    err = float((real(out.detach(), b) - real(mixed_logits(model, adapters, w, b), b)).abs().max())
+    report("grad mode (out-of-place add) vs inference (in-place add)", err)
+    assert err <= TOL
+    assert trainable.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(tiny, adapters, batch):
     model, _ = tiny

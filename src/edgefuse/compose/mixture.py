@@ -91,6 +91,15 @@ def _resolve_linear(model: nn.Module, name: str, adapter: LoraAdapter, index: in
     return module
 
 
+def _add_product(output: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """output + h·Bᵀ; at inference one GEMM accumulates into the layer's fresh output in place, which
+    saves a temporary of the output's size and a pass over it in every adapted layer."""
+    if output.requires_grad or not output.is_contiguous():
+        return output + F.linear(h, B)
+    output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t())
+    return output
+
+
 class LoraMixture:
     """Context manager that adds per-row mixtures of LoRA adapters to a plain transformers model.
 
@@ -188,7 +197,7 @@ class LoraMixture:
                 raise EdgefuseError(f"mixture weights were set for {self._rows} rows, the batch has "
                                     f"{x.shape[0] if x.ndim else 0}")
             A, B, w = plan
-            w = w.view(self._rows, *([1] * (x.ndim - 2)), w.shape[1])
-            return output + F.linear(F.linear(x, A) * w, B)
+            h = F.linear(x, A) * w.view(self._rows, *([1] * (x.ndim - 2)), w.shape[1])
+            return _add_product(output, h, B)
 
         return add_mixture
