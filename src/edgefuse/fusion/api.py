@@ -28,7 +28,7 @@ from edgefuse.fusion.conflict import STRATEGIES, analyze_conflicts, resolve_conf
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
 from edgefuse.fusion.lowrank import SOLVERS
 from edgefuse.fusion.registry import get_method
-from edgefuse.io import atomic_dir, sha256_file
+from edgefuse.io import sha256_file
 
 FORMAT = "edgefuse-fused-adapter"
 _COMMON = {"svd_solver": "gram", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05, "cr_share": None,
@@ -255,16 +255,9 @@ def fuse_dirs(
         conflicts = analyze_conflicts(adapters, stats["weights"], element=False)
     merged = None
     if merged_out is not None:
-        from edgefuse.models import fingerprint, load_model
+        from edgefuse.export import merged_model, write_hf
 
-        merged, tok = load_model(model, device="cpu")
-        fp = fingerprint(merged)
-        if fps and fp not in fps and not force:
-            raise EdgefuseError(
-                f"model {model} (fingerprint {fp}) is not the adapters' base model {sorted(fps)}; "
-                "pass --force to merge anyway"
-            )
-        merge_into_model(merged, fused)
+        merged, tok = merged_model(fused, model, fps, force)
     manifest = {
         "format": FORMAT,
         "version": 1,
@@ -291,9 +284,7 @@ def fuse_dirs(
     }
     save_adapter(fused, out, manifest, base_model=manifest["base_model"])
     if merged is not None:
-        with atomic_dir(Path(merged_out)) as tmp:
-            merged.save_pretrained(str(tmp), safe_serialization=True)
-            tok.save_pretrained(str(tmp))
+        write_hf(merged, tok, merged_out)
     return {
         **stats,
         "out": str(out),
