@@ -214,3 +214,20 @@ def fingerprint(model) -> str:
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def save_model_dir(model, tokenizer, out, extra_json: dict | None = None):
+    """Write a Hugging Face directory (safetensors, config, generation config, tokenizer, and any ``extra_json``
+    files) atomically: transformers loads it with no edgefuse code, and an error leaves nothing behind."""
+    import json
+    from pathlib import Path
+
+    from edgefuse.io import atomic_dir
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    return out

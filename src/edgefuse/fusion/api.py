@@ -29,7 +29,7 @@ from edgefuse.fusion.conflict import STRATEGIES, analyze_conflicts, resolve_conf
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
 from edgefuse.fusion.lowrank import SOLVERS
 from edgefuse.fusion.registry import get_method
-from edgefuse.io import atomic_dir, sha256_file
+from edgefuse.io import sha256_file
 
 FORMAT = "edgefuse-fused-adapter"
 _COMMON = {"svd_solver": "gram", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05, "cr_share": None,
@@ -296,9 +296,9 @@ def fuse_dirs(
     }
     save_adapter(fused, out, manifest, base_model=manifest["base_model"])
     if merged is not None:
-        with atomic_dir(Path(merged_out)) as tmp:
-            merged.save_pretrained(str(tmp), safe_serialization=True)
-            tok.save_pretrained(str(tmp))
+        from edgefuse.models import save_model_dir
+
+        save_model_dir(merged, tok, merged_out)
     return {
         **stats,
         "out": str(out),
