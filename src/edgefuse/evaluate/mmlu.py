@@ -71,23 +71,28 @@ def evaluate_mmlu(
     scores = scorer.score(build_prompts(items, shots, public), progress=progress)
     preds = scores.argmax(dim=1).tolist()
     correct = [int(p == it.answer) for p, it in zip(preds, items)]
-    wall = time.perf_counter() - t0
+    records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
+                "correct": bool(c), "scores": [round(float(x), 6) for x in s]}
+               for it, p, c, s in zip(items, preds, correct, scores.tolist())]
+    return _document(items, meta, "letters", shots, {"accuracy": correct}, time.perf_counter() - t0,
+                     scorer.tokens_scored, records)
+
+
+def _document(items, meta, fmt: str, shots: int, correct: dict[str, list[int]], wall: float, tokens: int,
+              records: list[dict]) -> dict:
+    """The results document of either format: ``correct`` maps each accuracy key to per-item outcomes."""
     return {
         "version": RESULTS_VERSION,
         "benchmark": "mmlu",
         **(meta or {}),
-        "format": "letters",
+        "format": fmt,
         "shots": shots,
         "n": len(items),
-        "accuracy": summarise(items, correct),
+        **{key: summarise(items, c) for key, c in correct.items()},
         "wall_s": round(wall, 3),
-        "tokens": scorer.tokens_scored,
-        "tokens_per_s": round(scorer.tokens_scored / wall, 1) if wall > 0 else None,
-        "items": [
-            {"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
-             "correct": bool(c), "scores": [round(float(x), 6) for x in s]}
-            for it, p, c, s in zip(items, preds, correct, scores.tolist())
-        ],
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "items": records,
     }
 
 
@@ -102,23 +107,9 @@ def _evaluate_cloze(model, tokenizer, items, batch_size, progress, meta) -> dict
     preds_norm = choose(scores, lengths, "acc_norm").tolist()
     correct = [int(p == it.answer) for p, it in zip(preds, items)]
     correct_norm = [int(p == it.answer) for p, it in zip(preds_norm, items)]
-    wall = time.perf_counter() - t0
-    return {
-        "version": RESULTS_VERSION,
-        "benchmark": "mmlu",
-        **(meta or {}),
-        "format": "cloze",
-        "shots": 0,
-        "n": len(items),
-        "accuracy": summarise(items, correct),
-        "accuracy_norm": summarise(items, correct_norm),
-        "wall_s": round(wall, 3),
-        "tokens": scorer.tokens_scored,
-        "tokens_per_s": round(scorer.tokens_scored / wall, 1) if wall > 0 else None,
-        "items": [
-            {"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
-             "correct": bool(c), "pred_norm": LETTERS[pn], "correct_norm": bool(cn),
-             "scores": [round(float(x), 6) for x in s]}
-            for it, p, c, pn, cn, s in zip(items, preds, correct, preds_norm, correct_norm, scores.tolist())
-        ],
-    }
+    records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
+                "correct": bool(c), "pred_norm": LETTERS[pn], "correct_norm": bool(cn),
+                "scores": [round(float(x), 6) for x in s]}
+               for it, p, c, pn, cn, s in zip(items, preds, correct, preds_norm, correct_norm, scores.tolist())]
+    return _document(items, meta, "cloze", 0, {"accuracy": correct, "accuracy_norm": correct_norm},
+                     time.perf_counter() - t0, scorer.tokens_scored, records)
