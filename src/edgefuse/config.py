@@ -200,6 +200,26 @@ class StudyConfig(_Strict):
     output: OutputConfig = OutputConfig()
     max_minutes: Optional[float] = Field(None, gt=0, description="refuse to start when the estimated duration "
                                                                  "of the stages still to run is longer")
+    device: Optional[str] = Field(None, description="cpu, cuda, cuda:N or mps (default: cuda when torch sees a GPU, "
+                                                    "else cpu); checked when the study starts")
+    dtype: Optional[str] = Field(None, description="float32 (default), bfloat16 or float16: the base weights' dtype in "
+                                                   "pruning, training and scoring (LoRA weights stay float32)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: Optional[str]) -> Optional[str]:
+        from edgefuse.precision import dtype_name
+
+        return v if v is None else _value_error(dtype_name, v)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: Optional[str]) -> Optional[str]:
+        from edgefuse.precision import parse_device
+
+        if v is not None:
+            _value_error(parse_device, v)
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -270,6 +290,12 @@ class StudyConfig(_Strict):
         """Each edge's own keys only, so that a saved config (``config.json``) loads back to the same study."""
         return {edge: p.model_dump(exclude_unset=True) for edge, p in v.items()}
 
+    def precision(self):
+        """The study's `edgefuse.precision.Precision` (defaults filled in), checked against this machine."""
+        from edgefuse.precision import resolve
+
+        return resolve(self.device, self.dtype)
+
     def pruning_for(self, edge: str) -> PruningConfig:
         """``pruning`` with this edge's own settings applied (only the keys the edge sets). An edge that sets a
         ``ratio`` but no ``memory_budget_gib`` drops a study-wide budget, so that its ratio is what counts."""
@@ -294,6 +320,14 @@ class StudyConfig(_Strict):
         """Name of the fused model that starts the next round (as in the report: ``method`` or ``method+cr``)."""
         method, cr = self.rounds.method or self.fusion.methods[0], self.rounds.cr or self.fusion.cr[0].name
         return f"{method}+{cr}" if cr != "off" else method
+
+
+def _value_error(check, value):
+    """``check(value)``, with an `EdgefuseError` turned into the ValueError pydantic reports under the key."""
+    try:
+        return check(value)
+    except EdgefuseError as e:
+        raise ValueError(str(e)) from None
 
 
 def load_config(path: str | Path) -> StudyConfig:

@@ -28,7 +28,8 @@ from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, ModelShape
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.api import merge_into_model
 from edgefuse.io import sha256_file
-from edgefuse.models import load_model, save_model_dir
+from edgefuse.models import cast, load_model, save_model_dir
+from edgefuse.precision import resolve
 
 FORMATS = ("hf", "gguf")
 QUANTS = ("f32", "f16", "q8_0")
@@ -100,13 +101,18 @@ def _adapter_fingerprints(adapter: LoraAdapter) -> set[str]:
 
 
 def export(adapter_dir: str | Path, out: str | Path, model: str | None = None, fmt: str = "hf",
-           quant: str | None = None, force: bool = False) -> dict[str, Any]:
+           quant: str | None = None, force: bool = False, device: str | None = None,
+           dtype: str | None = None) -> dict[str, Any]:
     """Merge the adapter at ``adapter_dir`` into its base model and write ``out`` as ``fmt``; returns a summary.
 
-    ``model`` defaults to the base model the adapter records. Every check (options, output path, fingerprint,
-    shapes, GGUF family and tokenizer) runs before the output appears.
+    ``model`` defaults to the base model the adapter records. The merge runs in float32 on ``device``;
+    ``dtype`` is that of the written Hugging Face weights (a GGUF's are set by ``quant``). Every check
+    (options, output path, fingerprint, shapes, GGUF family and tokenizer) runs before the output appears.
     """
     quant = check_options(fmt, quant)
+    precision = resolve(device, dtype)
+    if fmt == "gguf" and precision.reduced:
+        raise EdgefuseError(f"--dtype {precision.dtype} applies to --format hf; a GGUF's weights are set by --quant")
     out = Path(out)
     if fmt == "gguf" and out.is_dir():
         raise EdgefuseError("--out of a GGUF export is a file (e.g. model.gguf), not a directory", path=out)
@@ -115,17 +121,17 @@ def export(adapter_dir: str | Path, out: str | Path, model: str | None = None, f
     spec = model or load_adapter(adapter_dir).base_model  # the base it records, when --model is not given
     if not spec:
         raise EdgefuseError("the adapter records no base model; pass --model", path=adapter_dir)
-    merged, tok = load_model(spec, device="cpu")
+    merged, tok = load_model(spec, device=precision.device)  # float32: the merge adds ΔW without rounding
     # the one reader, now against this model: recorded fingerprint (unless forced), targets, shapes
     adapter = load_adapter(adapter_dir, ModelShapes.of(merged), force=force)
     merge_into_model(merged, adapter)
     provenance = {
         "adapter": str(adapter_dir), "base_model": spec, "base_fingerprint": next(iter(_adapter_fingerprints(adapter)), None),
         "adapter_sha256": {f: sha256_file(Path(adapter_dir) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
-        "format": fmt, "quant": quant,
+        "format": fmt, "quant": quant, "dtype": precision.dtype if fmt == "hf" else None,
     }
     if fmt == "hf":
-        save_model_dir(merged, tok, out, {EXPORT_FILE: provenance})
+        save_model_dir(cast(merged, precision.device, precision.torch_dtype), tok, out, {EXPORT_FILE: provenance})
         return {**provenance, "out": str(out), "notes": []}
     name = Path(spec).name if Path(spec).exists() else spec  # general.name: a directory's name, not its path
     notes = write_gguf(merged, tok, out, quant, name=name, source_gguf=source_gguf(spec))

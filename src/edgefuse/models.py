@@ -27,7 +27,9 @@ _FP_ATTR = "_edgefuse_fingerprint"
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from edgefuse.precision import default_device as default
+
+    return default()
 
 
 def _quiet_transformers() -> None:
@@ -143,10 +145,19 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, name: str):
     return model, tok
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``device``."""
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None):
+    """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``device``, in ``dtype``
+    (defaults and checks: `edgefuse.precision.resolve`).
+
+    Weights are read in float32 and fingerprinted before the cast, so a model has one fingerprint whatever
+    dtype it runs in, and adapters made in bfloat16 apply to the float32 model and back.
+    """
+    from edgefuse.precision import resolve
+
+    precision = resolve(device, dtype)
     _quiet_transformers()
     spec = spec or DEFAULT_MODEL
+    dtype = torch.float32  # every source is read in float32; the cast to ``precision`` comes last
     if spec == TINY_MODEL:
         model, tok = tiny_model()
     elif spec == DEFAULT_MODEL:
@@ -179,16 +190,33 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
         )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(device or default_device())
+    fingerprint(model)  # cached on the model: the float32 weights' fingerprint
+    cast(model, precision.device, precision.torch_dtype)
     model.eval()
     return model, tok
+
+
+def cast(model, device, dtype: torch.dtype):
+    """Move ``model`` to ``device`` and its weights to ``dtype``, as ``from_pretrained(dtype=...)`` would.
+
+    Why not ``model.to(dtype)`` alone: it also rounds buffers the model computes rather than stores (the
+    rotary ``inv_freq``), which transformers keeps in float32; those keep their dtype here.
+    """
+    persistent = set(model.state_dict())
+    computed = {name: buf for name, buf in model.named_buffers() if name not in persistent}
+    model.to(device=device, dtype=dtype)
+    for name, buf in computed.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attr, buf.to(device), persistent=False)
+    return model
 
 
 def fingerprint(model) -> str:
     """Stable digest of a model's architecture and weights (config, tensor names, shapes, content).
 
     The content digest samples a fixed strided subset of each tensor so it costs milliseconds while
-    still telling apart two checkpoints of the same architecture.
+    still telling apart two checkpoints of the same architecture. Half-precision tensors are hashed as
+    their exact float32 values, so saving a bfloat16 model and loading it in float32 keeps its fingerprint.
     """
     cached = getattr(model, _FP_ATTR, None)
     if cached:
@@ -200,7 +228,8 @@ def fingerprint(model) -> str:
     for name, t in sorted(model.state_dict().items()):
         if "lora_" in name:
             continue
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        dtype = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+        h.update(f"{name}:{tuple(t.shape)}:{dtype}".encode())
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 64)
         h.update(flat[::step][:64].float().cpu().numpy().tobytes())

@@ -100,6 +100,7 @@ class Study:
     cd_docs: dict[int, dict] = field(default_factory=dict)
     cd_hashes: dict[int, str] = field(default_factory=dict)
     missing_edges: list[dict] = field(default_factory=list)  # edges a (federated) trainer could not deliver
+    precision: Any = None  # edgefuse.precision.Precision: device and dtype of the base model, pruning and training
 
     def stage(self, kind: str, name: str, inputs: Any, fn: Callable[[Path, Callable], dict],
               total: int | None = None) -> tuple[Path, dict]:
@@ -219,10 +220,17 @@ def _with_adapter(st: Study, adapter_dir: Path, fn: Callable[[Any], dict]) -> di
         st.model.eval()
 
 
+def precision_inputs(st: Study) -> dict:
+    """The device and dtype as stage inputs, only where they differ from the defaults: a default study's
+    keys stay those it had before these settings existed, so its run directories keep their cache."""
+    extra = st.precision.non_default()
+    return {"precision": extra} if extra else {}
+
+
 def eval_inputs(st: Study) -> dict:
     b = st.cfg.benchmarks
     return {"model": st.base_fingerprint, "data": st.cfg.data.model_dump(), "bench": b.model_dump(),
-            "cd": st.cd_hashes}
+            "cd": st.cd_hashes, **precision_inputs(st)}
 
 
 def stage_base_eval(st: Study) -> dict:
@@ -260,7 +268,8 @@ def local_trainer(st: Study, jobs: list[TrainJob]) -> None:
     for job in jobs:
         items = st.items_of("edge", job.domains)
         train_edge(job.pruned_dir, job.edge, items, job.config, job.package_dir, progress=job.advance,
-                   resume=checkpoint_dir_for(job.package_dir).exists(), init_dir=job.init_dir)
+                   resume=checkpoint_dir_for(job.package_dir).exists(), init_dir=job.init_dir,
+                   device=st.precision.device, dtype=st.precision.dtype)
 
 
 def train_config(st: Study, seed: int):
@@ -290,7 +299,7 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
                 "base_params": count_parameters(st.model), "estimate": _jsonable(res.estimate)}
 
     inputs = {"model": st.base_fingerprint, "pruning": p.model_dump(), "edge": edge, "domains": domains,
-              "seed": seed, "training": cfg.training.model_dump()}
+              "seed": seed, "training": cfg.training.model_dump(), **precision_inputs(st)}
     out, res = st.stage("prune", f"prune-{edge}-s{seed}", inputs, run_prune)
     return out / res["dir"], res, inputs
 
@@ -512,10 +521,11 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
+    precision = cfg.precision()  # an unreachable device or a dtype it cannot run fails here, before any work
     budgets = trainer.device_budgets(list(cfg.edges)) if hasattr(trainer, "device_budgets") else {}
     if budgets:
         cfg = cfg.with_device_budgets(budgets)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, device=precision.device, dtype=precision.dtype)
     stages = estimate_study(cfg, run_dir, count_parameters(model), force)
     remaining = remaining_seconds(stages)
     if cfg.max_minutes is not None and remaining > 60 * cfg.max_minutes:  # before anything is written
@@ -532,7 +542,7 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
         atomic_write_json(run_dir / "config.json", cfg.model_dump())
         log.info("study %s in %s", cfg.name, run_dir)
         with StudyProgress(len(stages), enabled=show_progress) as progress:
-            st = Study(cfg, run_dir, StageCache(run_dir, force), progress)
+            st = Study(cfg, run_dir, StageCache(run_dir, force), progress, precision=precision)
             st.model, st.tokenizer = model, tokenizer
             st.base_fingerprint = fingerprint(st.model)
             stage_data(st)
@@ -540,7 +550,7 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
             base = stage_base_eval(st)
             seeds = [run_seed(st, seed, trainer or local_trainer) for seed in cfg.seeds]
         doc = {"name": cfg.name, "model": cfg.model, "base_fingerprint": st.base_fingerprint,
-               "config": cfg.model_dump(), "base": base, "seeds": seeds, "missing_edges": st.missing_edges,
+               "config": cfg.model_dump(), "precision": precision.as_dict(), "base": base, "seeds": seeds, "missing_edges": st.missing_edges,
                "stages": st.cache.records, "wall_s": round(time.perf_counter() - t0, 1),
                "mmlu_n": len(st.mmlu_items), "cd_n": {k: len(d["instances"]) for k, d in st.cd_docs.items()},
                "estimate": {"remaining_s": round(remaining, 1),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from edgefuse.commands.options import device_option, dtype_option
 from edgefuse.errors import EdgefuseError
 
 
@@ -22,6 +23,8 @@ def prune_cmd(
     rank: int = typer.Option(8, "--rank", min=1, help="LoRA rank the memory budget must fit."),
     seed: int = typer.Option(0, "--seed"),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject MMLU split."),
+    device: str | None = device_option(),
+    dtype: str | None = dtype_option("Dtype of the calibration passes and the pruned weights"),
 ):
     """Prune a model for an edge: structured width/depth, or unstructured / 2:4 masks."""
     from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
@@ -29,13 +32,15 @@ def prune_cmd(
     from edgefuse.edge.prune import describe, prune_model, save_pruned
     from edgefuse.edge.train import TrainConfig
     from edgefuse.models import count_parameters, load_model
+    from edgefuse.precision import resolve
     from edgefuse.ui import console
 
     if (ratio is None) == (memory_budget is None):
         raise EdgefuseError("give exactly one of --ratio and --memory-budget")
     if ratio is not None and not 0.0 < ratio < 1.0:
         raise EdgefuseError(f"--ratio must lie in (0, 1), got {ratio}")
-    m, tok = load_model(model)
+    precision = resolve(device, dtype)
+    m, tok = load_model(model, **precision.as_dict())
     prompts = None
     if calib:
         items = select(load_mmlu(), "public", limit=calib, seed=seed, split_spec=SplitSpec(seed=split_seed))
@@ -75,6 +80,8 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside --out."),
     objective: str | None = typer.Option(None, "--objective", help="letters | cloze | both: the answer letter, the "
                                          "answer text after the cloze prompt, or both (default: TrainConfig's)."),
+    device: str | None = device_option(),
+    dtype: str | None = dtype_option("Dtype of the frozen pruned weights (LoRA stays float32; autocast)"),
 ):
     """Train a LoRA on the pruned model with the domain's private edge split; write the upload package."""
     from pydantic import ValidationError
@@ -82,8 +89,10 @@ def train_cmd(
     from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
     from edgefuse.edge.train import TrainConfig, train_edge
     from edgefuse.io import read_json
+    from edgefuse.precision import resolve
     from edgefuse.ui import console
 
+    precision = resolve(device, dtype)
     try:
         cfg = TrainConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, seq=seq, grad_accum=grad_accum,
                           seed=seed, checkpoint_every=checkpoint_every, grad_checkpointing=grad_checkpointing,
@@ -92,7 +101,7 @@ def train_cmd(
         err = e.errors()[0]
         raise EdgefuseError(f"invalid training option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     items = select(load_mmlu(), "edge", domains=[domain], limit=limit, seed=seed, split_spec=SplitSpec(seed=split_seed))
-    pkg = train_edge(pruned, domain, items, cfg, out, resume=resume)
+    pkg = train_edge(pruned, domain, items, cfg, out, resume=resume, **precision.as_dict())
     s = read_json(pkg / "edgefuse.json")["stats"]
     console.print(f"{s['steps']} steps, {s['tokens']} tokens, loss {s['loss_curve'][0]:.3f} → {s['loss_curve'][-1]:.3f}, "
                   f"{s['tokens_per_s']} tokens/s, peak memory {s['peak_memory_bytes'] / 2**30:.3f} GiB"

@@ -7,15 +7,18 @@ from typing import Optional
 
 import typer
 
+from edgefuse.commands.options import device_option, dtype_option
+
 eval_app = typer.Typer(help="Evaluate a model on MMLU or MMLU-CD.", no_args_is_help=True)
 
 
-def load_with_adapter(model_spec: str, adapter: Optional[Path]):
-    """Model + tokenizer, with a PEFT adapter applied when given (checked: safetensors only)."""
+def load_with_adapter(model_spec: str, adapter: Optional[Path], precision=None):
+    """Model + tokenizer on ``precision``'s device and dtype, with a PEFT adapter applied when given (checked:
+    safetensors only; its LoRA weights stay float32 on a lower-precision base, as PEFT loads them)."""
     from edgefuse.models import load_model
     from edgefuse.peft_utils import apply_adapter
 
-    model, tok = load_model(model_spec)
+    model, tok = load_model(model_spec, **(precision.as_dict() if precision else {}))
     if adapter is not None:
         model = apply_adapter(model, adapter)
     return model, tok
@@ -38,6 +41,8 @@ def eval_mmlu(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results JSON here."),
     subjects_table: bool = typer.Option(False, "--per-subject", help="Also print per-subject rows."),
     fmt: str = typer.Option("letters", "--format", help="letters (answer letter) | cloze (answer text; acc and acc_norm)."),
+    device: Optional[str] = device_option(),
+    dtype: Optional[str] = dtype_option("Dtype the model scores in"),
 ):
     """MMLU accuracy with 95% bootstrap intervals (overall, per category, per subject), letter- or cloze-scored."""
     from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
@@ -46,9 +51,11 @@ def eval_mmlu(
     from edgefuse.evaluate.mmlu import evaluate_mmlu
     from edgefuse.io import atomic_write_json, sha256_file
     from edgefuse.models import fingerprint
+    from edgefuse.precision import resolve
     from edgefuse.ui import accuracy_table, console, progress_bar
 
     check_format(fmt)  # bad input fails before any data or model is loaded
+    precision = resolve(device, dtype)
     if fmt == "cloze" and shots:
         raise EdgefuseError("cloze scoring is zero-shot only; use --shots 0 or --format letters")
     ds = load_mmlu(data, strict=strict)
@@ -60,8 +67,9 @@ def eval_mmlu(
     if shots:
         ids = set(make_splits(ds, spec)["public"])
         public = [it for it in ds.items if it.id in ids]
-    m, tok = load_with_adapter(model, adapter)
-    meta = {"model": model, "model_fingerprint": fingerprint(m), "split": split, "split_seed": split_seed,
+    m, tok = load_with_adapter(model, adapter, precision)
+    meta = {"model": model, "model_fingerprint": fingerprint(m), **precision.as_dict(), "split": split,
+            "split_seed": split_seed,
             "adapter": str(adapter) if adapter else None,
             "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None,
             "selection": {"domains": domains, "subjects": subjects, "limit": limit, "seed": seed}}

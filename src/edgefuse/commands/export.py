@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from edgefuse.commands.options import device_option, dtype_option
 from edgefuse.errors import EdgefuseError
 
 
@@ -19,6 +20,8 @@ def export_cmd(
     quant: Optional[str] = typer.Option(None, "--quant", help="GGUF weights: f16 (default) | q8_0 | f32."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output; merge into a base whose fingerprint "
                                "differs from the adapter's."),
+    device: Optional[str] = device_option(),
+    dtype: Optional[str] = dtype_option("Dtype of the written Hugging Face weights (the merge runs in float32)"),
 ):
     """Merge an adapter into its base model and write it for transformers (hf) or llama.cpp (gguf)."""
     from edgefuse.export import export
@@ -27,7 +30,7 @@ def export_cmd(
         raise EdgefuseError("--adapter is required")
     if out is None:
         raise EdgefuseError("--out is required")
-    res = export(adapter, out, model, fmt, quant, force)
+    res = export(adapter, out, model, fmt, quant, force, device, dtype)
     what = "Hugging Face directory" if fmt == "hf" else f"GGUF ({res['quant']})"
     typer.echo(f"merged {adapter} into {res['base_model']} -> {what} {out}")
     for note in res["notes"]:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from edgefuse.commands.options import device_option, dtype_option
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.plots import conflict_grid, plot_heatmap
 
@@ -98,6 +99,8 @@ def register(app: typer.Typer) -> None:
             None, "--model", help="base model: check the adapters' targets and shapes against it; needed for --merged-out"
         ),
         list_: bool = typer.Option(False, "--list", help="list methods and LoRA-CR strategies"),
+        device: Optional[str] = device_option(),
+        dtype: Optional[str] = dtype_option("Dtype of the --merged-out weights (the merge runs in float32)"),
     ) -> None:
         """Fuse K LoRA adapters into one (optionally with LoRA-CR conflict resolution)."""
         if list_:
@@ -128,6 +131,8 @@ def register(app: typer.Typer) -> None:
                 merged_out,
                 model,
                 progress=advance,
+                device=device,
+                dtype=dtype,
                 **_params(param),
                 **({} if cr_share is None else {"cr_share": cr_share}),
             )

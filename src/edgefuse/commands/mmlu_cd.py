@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from edgefuse.commands.evaluate import eval_app, load_with_adapter
+from edgefuse.commands.options import device_option, dtype_option
 
 cd_app = typer.Typer(help="MMLU-CD: cross-domain instances of k questions from k distinct domains.",
                      no_args_is_help=True)
@@ -61,6 +62,8 @@ def eval_mmlu_cd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results JSON here."),
     fmt: str = typer.Option("letters", "--format", help="letters (answer letter) | cloze (answer text)."),
     metric: str = typer.Option("acc", "--metric", help="Which choice counts and is chained: acc | acc_norm (cloze only)."),
+    device: Optional[str] = device_option(),
+    dtype: Optional[str] = dtype_option("Dtype the model scores in"),
 ):
     """Strict / per-position / single-item accuracy, cross-domain penalty and domain matrix (95% CIs)."""
     from edgefuse.data.mmlu import load_mmlu
@@ -69,14 +72,16 @@ def eval_mmlu_cd(
     from edgefuse.evaluate.mmlu_cd import evaluate_mmlu_cd, resolve
     from edgefuse.io import atomic_write_json, sha256_file
     from edgefuse.models import fingerprint
+    from edgefuse.precision import resolve as resolve_precision
     from edgefuse.ui import console, progress_bar
 
     check_format(fmt, metric)  # bad input fails before the benchmark or the model is loaded
+    precision = resolve_precision(device, dtype)
     doc = load_benchmark(bench)
     ds = load_mmlu(data)
     resolve(doc, ds)  # fail on unknown ids before loading the model
-    m, tok = load_with_adapter(model, adapter)
-    meta = {"model": model, "model_fingerprint": fingerprint(m), "bench": str(bench),
+    m, tok = load_with_adapter(model, adapter, precision)
+    meta = {"model": model, "model_fingerprint": fingerprint(m), **precision.as_dict(), "bench": str(bench),
             "adapter": str(adapter) if adapter else None,
             "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None}
     with progress_bar("MMLU-CD", len(doc["instances"])) as advance:

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from edgefuse.commands.options import device_option, dtype_option
+
 
 def run(
     config: Path = typer.Argument(..., help="Study config (YAML); see configs/quick.yaml."),
@@ -17,6 +19,9 @@ def run(
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw progress bars."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, which are done, and the estimated "
                                  "duration of the rest; run nothing."),
+    device: Optional[str] = device_option(),
+    dtype: Optional[str] = dtype_option("Dtype of the base weights in pruning, training and scoring (overrides "
+                                        "the config's dtype)"),
 ):
     """Prune, train every edge, recover, fuse (± LoRA-CR), evaluate on MMLU and MMLU-CD, write a report."""
     from edgefuse.config import load_config
@@ -27,6 +32,8 @@ def run(
     from edgefuse.ui import console
 
     cfg = load_config(config)
+    overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    cfg = cfg.model_copy(update=overrides)  # checked with the config's own keys when the study starts
     if force is not None and force not in KINDS:
         raise EdgefuseError(f"--force {force!r}: unknown stage kind; valid: {', '.join(KINDS)}")
     run_dir = run_dir or Path("runs") / config.stem
@@ -34,6 +41,7 @@ def run(
         from edgefuse.estimate import estimate_study, plan_table
         from edgefuse.models import count_parameters, load_model
 
+        cfg.precision()  # a device or dtype this machine cannot run fails the dry run too
         stages = estimate_study(cfg, run_dir, count_parameters(load_model(cfg.model)[0]), force)
         typer.echo(plan_table(stages))
         if cfg.max_minutes is not None:

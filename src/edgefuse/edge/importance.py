@@ -133,11 +133,7 @@ def collect_stats(model, tokenizer, prompts: list[str], *, inputs: bool = False,
                     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                              ignore_index=-100, reduction="sum")
                     loss.backward()
-        if grads:
-            for i, layer in enumerate(layers):
-                for p in names:
-                    w = projection(layer, p).weight
-                    stats.grads[(i, p)] = w.grad.detach().clone() if w.grad is not None else torch.zeros_like(w)
+                    _accumulate_grads(stats.grads, layers, names)
     finally:
         for h in hooks:
             h.remove()
@@ -148,6 +144,19 @@ def collect_stats(model, tokenizer, prompts: list[str], *, inputs: bool = False,
     if influence:
         stats.influence = (1.0 - cos_sum / max(stats.tokens, 1)).float()
     return stats
+
+
+def _accumulate_grads(acc: dict[tuple[int, str], torch.Tensor], layers, names) -> None:
+    """Add each projection's weight gradient to ``acc`` in float32 and clear it.
+
+    Why per batch: a bfloat16 model's ``.grad`` is bfloat16, and summing the batches there would round
+    every partial sum to 8 bits of mantissa; in float32 this is the very sum autograd would have formed."""
+    for i, layer in enumerate(layers):
+        for p in names:
+            w = projection(layer, p).weight
+            g = torch.zeros_like(w, dtype=torch.float32) if w.grad is None else w.grad.detach().float()
+            acc[(i, p)] = g if (i, p) not in acc else acc[(i, p)].add_(g)
+            w.grad = None
 
 
 def element_scores(model, method: str, stats: CalibStats | None, seed: int = 0) -> dict[tuple[int, str], torch.Tensor]:

@@ -291,8 +291,7 @@ def apply_plan(model, plan: dict[str, Any]):
     if isinstance(getattr(cfg, "layer_types", None), list):  # e.g. Gemma's sliding/full attention per layer
         cfg.layer_types = [cfg.layer_types[i] for i in plan["kept_layers"]]
     _check_reloads(cfg)
-    new = AutoModelForCausalLM.from_config(cfg)
-    new.to(dtype=lm.dtype)
+    new = AutoModelForCausalLM.from_config(cfg, dtype=lm.dtype)  # computed buffers (RoPE) stay float32
     missing, unexpected = new.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise EdgefuseError(f"pruned weights do not fit the pruned config (missing {missing}, unexpected {unexpected})")
@@ -329,8 +328,9 @@ def read_plan(path: str | Path) -> dict[str, Any]:
     return validate_plan(read_json(path), path)
 
 
-def load_pruned(directory: str | Path, device: str | None = None):
-    """``(model, tokenizer, plan)`` of a pruned directory, checked against its plan and fingerprint."""
+def load_pruned(directory: str | Path, device: str | None = None, dtype: str | None = None):
+    """``(model, tokenizer, plan)`` of a pruned directory, checked against its plan and fingerprint (which
+    does not depend on ``dtype``: `edgefuse.models.fingerprint`)."""
     from edgefuse.models import fingerprint, load_model
 
     directory = Path(directory)
@@ -341,7 +341,7 @@ def load_pruned(directory: str | Path, device: str | None = None):
     if meta.get("plan_hash") and meta["plan_hash"] != plan_hash(plan):
         raise EdgefuseError("plan.json was changed after the model was pruned (plan hash differs)", path=directory)
     try:
-        model, tok = load_model(str(directory), device=device)
+        model, tok = load_model(str(directory), device=device, dtype=dtype)
     except EdgefuseError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers/safetensors raise many types for broken files

@@ -147,6 +147,17 @@ def adapter_from_peft(peft_model, scale: float) -> LoraAdapter:
     return LoraAdapter({n: LoraModule(ab["A"], ab["B"], scale) for n, ab in sorted(mods.items())})
 
 
+def lora_float32(peft_model):
+    """The model with its trainable (LoRA) weights in float32 whatever the frozen weights' dtype.
+
+    Why: AdamW's updates are far below a bfloat16 weight's resolution (8 bits of mantissa), so LoRA
+    weights held in bfloat16 would mostly not move; autocast runs their matmuls in the low dtype anyway."""
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model
+
+
 def answer_mask(batch, n_answer: list[int]) -> torch.Tensor:
     """True at each row's last ``n_answer`` real tokens (right padding: they end at ``last_index``)."""
     pos = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)[None]
@@ -224,8 +235,13 @@ def start_from(peft_model, init: LoraAdapter, scale: float) -> dict[str, Any]:
 
 def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: TrainConfig, out_dir: Path,
                progress: Callable[..., None] | None = None, resume: bool = False, device: str | None = None,
-               checkpoint_dir: Path | None = None, stop_after: int | None = None, init_dir: Path | None = None) -> Path:
+               checkpoint_dir: Path | None = None, stop_after: int | None = None, init_dir: Path | None = None,
+               dtype: str | None = None) -> Path:
     """Train a LoRA on the pruned model and write the edge package; returns the package directory.
+
+    ``device``/``dtype`` (defaults: `edgefuse.precision.resolve`): the frozen pruned weights are held in
+    ``dtype`` and the forward runs under autocast to it; the LoRA weights and AdamW's state stay float32
+    (`lora_float32`), and float16 scales the loss against underflow.
 
     ``progress(k, **fields)`` advances an external bar by k steps; without it a rich bar is drawn.
     ``stop_after`` ends the run after that many steps *without* writing the package (a simulated
@@ -236,15 +252,17 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
 
     from edgefuse.edge.prune import load_pruned
     from edgefuse.models import fingerprint
+    from edgefuse.precision import resolve
 
     pruned_dir, out_dir = Path(pruned_dir), Path(out_dir)
+    precision = resolve(device, dtype)
     if not items:
         raise EdgefuseError(f"no training items for domain {domain!r}")
     ckpt = Path(checkpoint_dir) if checkpoint_dir else checkpoint_dir_for(out_dir)
-    meter = PeakMemory(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    meter = PeakMemory(precision.device)
     meter.__enter__()
     try:
-        model, tok, plan = load_pruned(pruned_dir, device=device)
+        model, tok, plan = load_pruned(pruned_dir, device=precision.device, dtype=precision.dtype)
         dev = next(model.parameters()).device
         pruned_fp = fingerprint(model)
         letter_ids = torch.tensor(continuation_token_ids(tok, [answer_text(i) for i in range(4)]), device=dev)
@@ -258,7 +276,7 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         lcfg = LoraConfig(r=config.rank, lora_alpha=config.alpha,
                           target_modules=resolve_targets(family_for(model.config), config.targets),
                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-        peft_model = get_peft_model(model, lcfg)
+        peft_model = lora_float32(get_peft_model(model, lcfg))
         init_info = None
         if init_dir is not None:
             from edgefuse.adapters import load_adapter
@@ -272,13 +290,17 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         body, head, softcap = lm_parts(peft_model)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        scaler = precision.grad_scaler()
         identity = {**config.identity(), "pruned_fingerprint": pruned_fp, "domain": domain,
                     "items_sha256": hash_obj(sorted(it.id for it in items)),
-                    "init_sha256": init_info["sha256"] if init_info else None}
+                    "init_sha256": init_info["sha256"] if init_info else None,
+                    **({"dtype": precision.dtype} if precision.reduced else {})}
         state = {"identity": identity, "step": 0, "loss_curve": [], "tokens": 0, "padded_tokens": 0, "wall_s": 0.0,
                  "step_wall_s": [], "step_tokens": []}
         if resume:
             state = _load_checkpoint(ckpt, peft_model, opt, identity)
+            if state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])
         start = state["step"]
         end = config.steps if stop_after is None else min(config.steps, start + stop_after)
         bar = None
@@ -300,22 +322,26 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
                 loss_sum, tokens = 0.0, 0
                 for idx in micro:
                     losses = []
-                    if seqs is not None:
-                        b = make_batch([seqs[i] for i in idx], pad, "right", dev)
-                        y = torch.tensor([answers[i] for i in idx], device=dev)
-                        losses.append(letter_loss(body, head, softcap, letter_ids, b, y))
-                        tokens += int(b.attention_mask.sum())
-                        state["padded_tokens"] += int(b.attention_mask.numel())
-                    if cloze is not None:
-                        b = make_batch([cloze[0][i] for i in idx], pad, "right", dev)
-                        losses.append(cloze_loss(body, head, softcap, b, answer_mask(b, [cloze[1][i] for i in idx])))
-                        tokens += int(b.attention_mask.sum())
-                        state["padded_tokens"] += int(b.attention_mask.numel())
+                    with precision.autocast():
+                        if seqs is not None:
+                            b = make_batch([seqs[i] for i in idx], pad, "right", dev)
+                            y = torch.tensor([answers[i] for i in idx], device=dev)
+                            losses.append(letter_loss(body, head, softcap, letter_ids, b, y))
+                            tokens += int(b.attention_mask.sum())
+                            state["padded_tokens"] += int(b.attention_mask.numel())
+                        if cloze is not None:
+                            b = make_batch([cloze[0][i] for i in idx], pad, "right", dev)
+                            losses.append(cloze_loss(body, head, softcap, b,
+                                                     answer_mask(b, [cloze[1][i] for i in idx])))
+                            tokens += int(b.attention_mask.sum())
+                            state["padded_tokens"] += int(b.attention_mask.numel())
                     loss = sum(losses) / len(losses)
-                    (loss * (len(idx) / n_step)).backward()
+                    scaler.scale(loss * (len(idx) / n_step)).backward()
                     loss_sum += float(loss.detach()) * len(idx)
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 dt = time.perf_counter() - t0
                 state["step"] = step + 1
                 state["loss_curve"].append(round(loss_sum / n_step, 6))
@@ -327,6 +353,8 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
                     raise EdgefuseError(f"training diverged at step {step + 1} (loss is not finite); lower --lr")
                 progress(1, loss=f"{state['loss_curve'][-1]:.3f}", tok_s=f"{tokens / dt:.0f}")
                 if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
+                    if scaler.is_enabled():  # float16: resume with the loss scale reached
+                        state["grad_scaler"] = scaler.state_dict()
                     _save_checkpoint(ckpt, peft_model, opt, state)
             run_wall = time.perf_counter() - t_run
         finally:
@@ -347,7 +375,7 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
                              "peak resident memory above the process level before the pruned model was loaded"),
         "memory_estimate_bytes": (plan.get("estimate") or {}).get("total_bytes"),
         "last_session_wall_s": round(run_wall, 3), "resumed": bool(resume),
-        "device": str(dev), "torch_threads": torch.get_num_threads(),
+        "device": str(dev), "dtype": precision.dtype, "torch_threads": torch.get_num_threads(),
     }
     model_meta = read_json(pruned_dir / "edgefuse_model.json") if (pruned_dir / "edgefuse_model.json").is_file() else {}
     manifest = {

@@ -39,7 +39,7 @@ def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Pa
     if is_masked(plan) and not masks:
         raise EdgefuseError(f"a {plan['structure']} plan needs the weight masks, and the job carries none")
     spec = str(node_config.get("model") or job["model"])
-    model, tok = load_model(spec)
+    model, tok = load_model(spec, dtype=job.get("dtype"))
     fp = fingerprint(model)
     if fp != plan["base_fingerprint"]:
         raise EdgefuseError(f"this edge's base model {spec!r} has fingerprint {fp}, the plan was made for "
@@ -82,7 +82,7 @@ def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | N
         items = local_items(job, domains, node_config)
         cfg = TrainConfig(**job["train"])
         package = train_edge(pruned, job["edge"], items, cfg, Path(work_dir) / "package",
-                             progress=progress or (lambda *a, **k: None), init_dir=start_dir)
+                             progress=progress or (lambda *a, **k: None), init_dir=start_dir, dtype=job.get("dtype"))
         return package, tmp
     except BaseException:
         if tmp is not None:

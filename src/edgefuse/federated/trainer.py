@@ -100,7 +100,9 @@ class FlowerTrainer:
                 "base_fingerprint": st.base_fingerprint, "plan": read_json(job.pruned_dir / "plan.json"),
                 "pruned_fingerprint": meta.get("pruned_fingerprint", ""), "train": job.config.model_dump(),
                 "split": {"seed": d.split_seed, "public_per_subject": d.public_per_subject,
-                          "edge_fraction": d.edge_fraction}}
+                          "edge_fraction": d.edge_fraction},
+                # the edge rebuilds the pruned model in the study's dtype (its fingerprint is that model's)
+                **({"dtype": st.precision.dtype} if st.precision.reduced else {})}
 
     @staticmethod
     def masks(job) -> dict | None:

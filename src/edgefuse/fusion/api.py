@@ -214,13 +214,14 @@ def _fingerprints(adapters: list[LoraAdapter]) -> set[str]:
     }
 
 
-def _load_base(model: str | None):
-    """(model, tokenizer) of ``--model`` on the CPU, or (None, None): adapters are then checked by fingerprint only."""
+def _load_base(model: str | None, device: str | None = None):
+    """(model, tokenizer) of ``--model`` in float32 (a merge then adds ΔW without rounding), or (None, None):
+    adapters are then checked by fingerprint only."""
     if model is None:
         return None, None
     from edgefuse.models import load_model
 
-    return load_model(model, device="cpu")
+    return load_model(model, device=device)
 
 
 def fuse_dirs(
@@ -237,22 +238,30 @@ def fuse_dirs(
     merged_out: str | Path | None = None,
     model: str | None = None,
     progress: Callable[..., None] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     **params,
 ) -> dict:
     """Load, check, fuse and save (PEFT adapter + ``edgefuse.json``); optionally merged full weights.
 
     With ``model`` every adapter is also checked against that base model (fingerprint, targets, shapes);
-    without it, adapters recording different base fingerprints are refused. Nothing is written unless every
-    check and the whole fusion succeed.
+    without it, adapters recording different base fingerprints are refused. ``model`` is loaded on
+    ``device`` and merged in float32; ``dtype`` is that of the ``merged_out`` weights. Nothing is written
+    unless every check and the whole fusion succeed.
     """
+    from edgefuse.precision import resolve
+
     out = Path(out)
     for target in (out, merged_out):
         if target is not None and Path(target).exists() and not force:
             raise EdgefuseError("output already exists (pass --force to overwrite)", path=target)
     if merged_out is not None and model is None:
         raise EdgefuseError("--merged-out needs --model (the base model to merge into)")
+    if (device, dtype) != (None, None) and merged_out is None:
+        raise EdgefuseError("--device and --dtype apply to --merged-out (where the merge runs, the merged weights' dtype)")
+    precision = resolve(device, dtype)
     get_method(method)
-    base, tok = _load_base(model)
+    base, tok = _load_base(model, precision.device)
     target = None if base is None else ModelShapes.of(base)
     adapters = [load_adapter(d, target, force=force) for d in adapter_dirs]
     fps = _fingerprints(adapters)
@@ -296,9 +305,9 @@ def fuse_dirs(
     }
     save_adapter(fused, out, manifest, base_model=manifest["base_model"])
     if merged is not None:
-        from edgefuse.models import save_model_dir
+        from edgefuse.models import cast, save_model_dir
 
-        save_model_dir(merged, tok, merged_out)
+        save_model_dir(cast(merged, precision.device, precision.torch_dtype), tok, merged_out)
     return {
         **stats,
         "out": str(out),
