@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata as md
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,13 +88,32 @@ def test_assembled_once(fake_site, monkeypatch):
     assert assets.embedded_gguf("gemma3-270m") == first
 
 
+def test_load_model_and_export_accept_both_names(fake_site, monkeypatch):
+    """Every place that takes a model spec resolves embedded names through the one table."""
+    from edgefuse import models
+    from edgefuse.export import source_gguf
+
+    seen = []
+
+    def fake_load(gguf, dtype, name):
+        seen.append((gguf, name))
+        raise EdgefuseError("stop here")
+
+    monkeypatch.setattr(models, "_load_gguf", fake_load)
+    for name in ("smollm2-135m", "gemma3-270m"):
+        with pytest.raises(EdgefuseError, match="stop here"):
+            models.load_model(name)
+        assert source_gguf(name) == assets.embedded_gguf(name)
+    assert seen == [(assets.embedded_gguf(n), n) for n in ("smollm2-135m", "gemma3-270m")]
+
+
 def _one_line(err: EdgefuseError) -> str:
     text = str(err)
     assert "\n" not in text
     return text
 
 
-def test_missing_chunk_package_names_it(fake_site, monkeypatch):
+def test_missing_chunk_package_names_it(fake_site, monkeypatch, capsys):
     site, _ = fake_site
     real = assets.md.distribution
 
@@ -107,7 +127,14 @@ def test_missing_chunk_package_names_it(fake_site, monkeypatch):
         assets.embedded_gguf("gemma3-270m")
     line = _one_line(e.value)
     assert f"missing {GEMMA.parts[2]})" in line and "make setup" in line
+    # the CLI prints that line alone and exits non-zero
+    import edgefuse.cli as cli
 
+    monkeypatch.setattr(sys, "argv", ["edgefuse", "eval", "mmlu", "--model", "gemma3-270m", "--limit", "2"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code != 0 and len(err.splitlines()) == 1 and "Traceback" not in err and GEMMA.parts[2] in err
 
 
 def test_chunk_file_missing_on_disk(fake_site, isolated_cache):
@@ -154,3 +181,36 @@ def test_whole_file_checksum_is_checked(fake_site, isolated_cache):
         assets.embedded_gguf("gemma3-270m")
     assert "SHA256SUMS" in _one_line(e.value)
     assert _cache_files(isolated_cache) == []
+
+
+def test_info_lists_both_models_with_their_state(fake_site, monkeypatch):
+    from typer.testing import CliRunner
+
+    import edgefuse.cli as cli
+    from edgefuse.commands.info import _embedded_model_row
+
+    rows = {}
+    monkeypatch.setattr("edgefuse.commands.info._embedded_model_row",
+                        lambda name: rows.setdefault(name, _embedded_model_row(name)))
+    r = CliRunner().invoke(cli.app, ["info"])
+    assert r.exit_code == 0, r.output
+    assert set(rows) == set(assets.EMBEDDED_MODELS) and "gemma3-270m" in r.output
+    assert "joined into" in rows["gemma3-270m"] and "on first load" in rows["gemma3-270m"]
+    assert "SmolLM2.Q4_1.gguf" in rows["smollm2-135m"] and "dequantized and cached on first load" in rows["smollm2-135m"]
+    gguf = assets.embedded_gguf("gemma3-270m")
+    assert str(gguf) in _embedded_model_row("gemma3-270m") and "joined" not in _embedded_model_row("gemma3-270m")
+
+
+def test_info_row_for_a_missing_model_is_the_install_hint(fake_site, monkeypatch):
+    from edgefuse.commands.info import _embedded_model_row
+
+    real = assets.md.distribution
+
+    def without_main_package(dist):
+        if dist == GEMMA.dist:
+            raise md.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(assets.md, "distribution", without_main_package)
+    row = _embedded_model_row("gemma3-270m")
+    assert GEMMA.dist in row and "make setup" in row
