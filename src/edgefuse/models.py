@@ -20,6 +20,7 @@ import torch
 
 from edgefuse.assets import EMBEDDED_MODELS, cache_dir, embedded_gguf
 from edgefuse.errors import EdgefuseError
+from edgefuse.gguf_tokenizer import spm_as_bpe
 from edgefuse.io import atomic_dir, refuse_pickles
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -123,7 +124,10 @@ def _load_dir(path: Path, dtype: torch.dtype):
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, name: str):
-    """Dequantize a GGUF once, cache it as a safetensors HF directory, load from the cache."""
+    """Dequantize a GGUF once, cache it as a safetensors HF directory, load from the cache.
+
+    The cached tokenizer is the one transformers reads from the GGUF, except that a SentencePiece vocabulary is
+    segmented as llama.cpp segments it (`spm_as_bpe`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = gguf_cache_dir(gguf)
@@ -139,6 +143,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, name: str):
         with atomic_dir(cached) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
+            spm_as_bpe(tmp / "tokenizer.json", gguf)  # Gemma: segment as llama.cpp does (edgefuse.gguf_tokenizer)
             (tmp / "edgefuse_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
     model, tok = _load_dir(cached, dtype)
     model.config.name_or_path = name
