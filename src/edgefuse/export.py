@@ -142,11 +142,10 @@ def export(adapter_dir: str | Path, out: str | Path, model: str | None = None, f
 
 def source_gguf(spec: str) -> Path | None:
     """The GGUF file a model spec was loaded from, if any: its tokenizer metadata is copied as is."""
-    from edgefuse.assets import smollm2_gguf
-    from edgefuse.models import DEFAULT_MODEL
+    from edgefuse.assets import EMBEDDED_MODELS, embedded_gguf
 
-    if spec == DEFAULT_MODEL:
-        return smollm2_gguf()
+    if spec in EMBEDDED_MODELS:
+        return embedded_gguf(spec)
     if spec.endswith(".gguf") and Path(spec).is_file():
         return Path(spec)
     return None

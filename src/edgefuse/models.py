@@ -1,7 +1,8 @@
 """Load any causal LM and fingerprint it.
 
-Specs: ``smollm2-135m`` (the embedded GGUF, the default), ``tiny-llama`` (a seeded random tiny Llama
-with a small byte-level tokenizer, for tests), a local HF directory, a ``.gguf`` file, or a hub id.
+Specs: ``smollm2-135m`` (the default) and ``gemma3-270m`` (embedded GGUFs, see `edgefuse.assets`),
+``tiny-llama`` (a seeded random tiny Llama with a small byte-level tokenizer, for tests), a local HF
+directory, a ``.gguf`` file, or a hub id.
 GGUF weights are dequantized once and cached as safetensors so later loads take a second, not 20.
 
 The fingerprint (config + tensor names, shapes, content digest) lets every later stage refuse an
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from edgefuse.assets import cache_dir, smollm2_gguf
+from edgefuse.assets import EMBEDDED_MODELS, cache_dir, embedded_gguf
 from edgefuse.errors import EdgefuseError
+from edgefuse.gguf_tokenizer import spm_as_bpe
 from edgefuse.io import atomic_dir, refuse_pickles
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -92,7 +94,8 @@ def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4,
     return model, tok
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where a GGUF's dequantized safetensors live: keyed by its path, size and mtime, so a changed file is redone."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
@@ -123,10 +126,13 @@ def _load_dir(path: Path, dtype: torch.dtype):
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, name: str):
-    """Dequantize a GGUF once, cache it as a safetensors HF directory, load from the cache."""
+    """Dequantize a GGUF once, cache it as a safetensors HF directory, load from the cache.
+
+    The cached tokenizer is the one transformers reads from the GGUF, except that a SentencePiece vocabulary is
+    segmented as llama.cpp segments it (`spm_as_bpe`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = _gguf_cache_dir(gguf)
+    cached = gguf_cache_dir(gguf)
     if not (cached / "config.json").is_file():
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -139,6 +145,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, name: str):
         with atomic_dir(cached) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
+            spm_as_bpe(tmp / "tokenizer.json", gguf)  # Gemma: segment as llama.cpp does (edgefuse.gguf_tokenizer)
             (tmp / "edgefuse_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
     model, tok = _load_dir(cached, dtype)
     model.config.name_or_path = name
@@ -160,8 +167,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     dtype = torch.float32  # every source is read in float32; the cast to ``precision`` comes last
     if spec == TINY_MODEL:
         model, tok = tiny_model()
-    elif spec == DEFAULT_MODEL:
-        model, tok = _load_gguf(smollm2_gguf(), dtype, DEFAULT_MODEL)
+    elif spec in EMBEDDED_MODELS:
+        model, tok = _load_gguf(embedded_gguf(spec), dtype, spec)
     elif spec.endswith(".gguf"):
         p = Path(spec)
         if not p.is_file():
@@ -186,7 +193,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
             raise EdgefuseError(f"cannot load hub model {spec!r} ({str(e).splitlines()[0]})") from None
     else:
         raise EdgefuseError(
-            f"unknown model spec {spec!r}: use {DEFAULT_MODEL}, {TINY_MODEL}, a local HF directory, a .gguf file or a hub id"
+            f"unknown model spec {spec!r}: use {', '.join(EMBEDDED_MODELS)}, {TINY_MODEL}, a local HF directory, "
+            "a .gguf file or a hub id"
         )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -12,7 +12,7 @@ from edgefuse.errors import EdgefuseError
 
 def prune_cmd(
     out: Path = typer.Option(..., "--out", help="Directory for the pruned model and plan.json."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, tiny-llama, HF dir, .gguf or hub id."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, gemma3-270m, tiny-llama, HF dir, .gguf or hub id."),
     method: str = typer.Option("magnitude", "--method", help="magnitude | wanda | taylor | random"),
     structure: str = typer.Option("width", "--structure", help="width | depth | unstructured | 2:4"),
     ratio: float | None = typer.Option(None, "--ratio", help="Fraction to prune, in (0, 1)."),

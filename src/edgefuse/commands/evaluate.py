@@ -26,7 +26,7 @@ def load_with_adapter(model_spec: str, adapter: Optional[Path], precision=None):
 
 @eval_app.command("mmlu")
 def eval_mmlu(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, tiny-llama, HF dir, .gguf or hub id."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, gemma3-270m, tiny-llama, HF dir, .gguf or hub id."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory to apply."),
     data: Optional[str] = typer.Option(None, "--data", help="MMLU source: .jsonl, CSV dir or hub id (default: embedded)."),
     split: str = typer.Option("test", "--split", help="edge | public | test | all"),

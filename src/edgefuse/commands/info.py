@@ -1,4 +1,4 @@
-"""``edgefuse info``: what is installed and where (embedded model, MMLU, versions, device, cache)."""
+"""``edgefuse info``: what is installed and where (embedded models, MMLU, versions, device, cache)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from edgefuse.errors import EdgefuseError
 
 
 def info(strict: bool = typer.Option(False, "--strict", help="Fail on malformed MMLU rows instead of skipping them.")):
-    """Show the embedded model and MMLU files, library versions, device and cache directory."""
+    """Show the embedded models (installed, cached) and MMLU file, library versions, device and cache directory."""
     import torch
 
     from edgefuse import __version__, assets
@@ -22,11 +22,8 @@ def info(strict: bool = typer.Option(False, "--strict", help="Fail on malformed 
     t = Table(title=f"edgefuse {__version__}", show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
-    try:
-        g = assets.smollm2_gguf()
-        t.add_row("embedded model", f"{g} ({g.stat().st_size / 2**20:.1f} MiB, SmolLM2-135M-Instruct Q4_1)")
-    except EdgefuseError as e:
-        t.add_row("embedded model", f"[red]{e}")
+    for name in assets.EMBEDDED_MODELS:
+        t.add_row(f"model {name}", _embedded_model_row(name))
     try:
         path = assets.mmlu_jsonl()
         ds = load_jsonl(path, strict=strict)
@@ -47,6 +44,24 @@ def info(strict: bool = typer.Option(False, "--strict", help="Fail on malformed 
     t.add_row("torch threads", str(torch.get_num_threads()))
     t.add_row("cache directory", str(assets.cache_dir()) + "  (override with EDGEFUSE_CACHE)")
     console.print(t)
+
+
+def _embedded_model_row(name: str) -> str:
+    """Whether an embedded model is installed, where its GGUF is, and whether its dequantized copy is cached yet,
+    so a user knows which first load will be slow; nothing is assembled or loaded here."""
+    from edgefuse import assets
+    from edgefuse.models import gguf_cache_dir
+
+    title = assets.EMBEDDED_MODELS[name].title
+    try:
+        g = assets.gguf_location(name)
+    except EdgefuseError as e:
+        return f"{title}: [red]{e}"
+    if not g.is_file():
+        return f"{title}: installed; its chunks are joined into {g} on first load"
+    cached = (gguf_cache_dir(g) / "config.json").is_file()
+    return (f"{title}: {g} ({g.stat().st_size / 2**20:.1f} MiB); "
+            + ("dequantized copy cached" if cached else "dequantized and cached on first load"))
 
 
 def register(app: typer.Typer) -> None:

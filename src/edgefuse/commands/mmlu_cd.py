@@ -55,7 +55,7 @@ def build(
 @eval_app.command("mmlu-cd")
 def eval_mmlu_cd(
     bench: Path = typer.Option(..., "--bench", help="MMLU-CD JSONL made by `edgefuse mmlu-cd build`."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, tiny-llama, HF dir, .gguf or hub id."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, gemma3-270m, tiny-llama, HF dir, .gguf or hub id."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory to apply."),
     data: Optional[str] = typer.Option(None, "--data", help="MMLU source the benchmark was built from (default: embedded)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),

@@ -1,0 +1,67 @@
+"""The embedded Gemma 3 270M: a Gemma 3 text model loaded from its assembled GGUF, fingerprinted, cached, with
+a tokenizer that segments as llama.cpp, and usable from the CLI (issue 16's `eval mmlu --model gemma3-270m`).
+
+Slow: the first load dequantizes the GGUF (about 80 s of CPU); later loads read the cached safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+NAME = "gemma3-270m"
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from edgefuse.models import load_model
+
+    return load_model(NAME, device="cpu")
+
+
+def test_is_a_gemma3_text_model_with_a_stable_fingerprint(gemma):
+    from edgefuse.edge.families import family_for
+    from edgefuse.models import fingerprint, load_model
+
+    model, tok = gemma
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.model_type == "gemma3_text"
+    assert family_for(model.config).label == "Gemma 3 (text)"
+    assert model.config.name_or_path == NAME and tok.pad_token is not None
+    again, _ = load_model(NAME, device="cpu")  # from the cache this time
+    assert fingerprint(again) == fingerprint(model)
+
+
+def test_tokenizer_segments_mmlu_prompts_as_llama_cpp(gemma, mmlu):
+    """The cached tokenizer gives llama.cpp's segmentation of real prompts under the real 262k vocabulary."""
+    from test_gguf_tokenizer import llama_cpp_segment
+
+    from edgefuse.assets import embedded_gguf
+    from edgefuse.data.prompts import mc_prompt
+    from edgefuse.gguf_tokenizer import gguf_spm_pieces
+
+    _, tok = gemma
+    pieces = gguf_spm_pieces(embedded_gguf(NAME))
+    vocab = {p.replace(" ", "▁"): i for i, (p, _) in reversed(list(enumerate(pieces)))}
+    scores = [s for _, s in pieces]
+    for item in mmlu.items[::1409][:10]:
+        text = mc_prompt(item)
+        assert tok(text, add_special_tokens=False).input_ids == llama_cpp_segment(text, vocab, scores)
+
+
+def test_cli_eval_mmlu_20_items(gemma, tmp_path):
+    from typer.testing import CliRunner
+
+    import edgefuse.cli as cli
+    from edgefuse.models import fingerprint
+
+    out = tmp_path / "mmlu.json"
+    r = CliRunner().invoke(cli.app, ["eval", "mmlu", "--model", NAME, "--limit", "20", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["n"] == 20 and len(res["items"]) == 20
+    assert res["model"] == NAME and res["model_fingerprint"] == fingerprint(gemma[0])
+    overall = res["accuracy"]["overall"]
+    assert overall["n"] == 20 and 0.0 <= overall["lo"] <= overall["acc"] <= overall["hi"] <= 1.0
