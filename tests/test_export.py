@@ -309,6 +309,9 @@ def test_smollm2_gguf_export_round_trip(tmp_path):
     r = run("export", "--adapter", tmp_path / "ef", "--format", "gguf", "--quant", "f32", "--out", tmp_path / "s.gguf")
     assert r.returncode == 0, r.stderr
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="s.gguf")
-    assert (logits(back, tok) - ref).abs().max() <= BOUNDS["f32"]
+    # relative to the logits' size: SmolLM2's reach ~23, and 30 layers of float32 sums taken in another order
+    # (merged weights vs PEFT's separate B·A) differ by ~1e-4 (measured 1.0e-4); the tiny model's stay < 1e-6
+    got = logits(back, tok)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     back_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="s.gguf")
     assert back_tok(PROMPTS[0]).input_ids == tok(PROMPTS[0]).input_ids
