@@ -252,3 +252,30 @@ def test_cloze_study_with_answer_text_training_and_a_cr_share(tmp_path, capsys):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Transfer matrix" in report and "## LoRA-CR against the same method without it" in report
     assert "`acc_norm`" in report
+
+
+# ----------------------------------------------------------------------------------------------- faults
+def test_stage_cache_never_reads_a_partial_directory(tmp_path):
+    """A `.partial` holding everything a finished stage holds (killed between writing stage.json and the rename)
+    is not finished: lookup misses it, the estimate does not count it, and the stage runs again from an empty
+    directory. Only training keeps its `.partial`, for its checkpoints."""
+    from edgefuse.stages import StageCache, finished_stage_files
+
+    cache = StageCache(tmp_path)
+
+    def fuse(work: Path) -> dict:
+        seen.append(sorted(f.name for f in work.iterdir()))
+        (work / "fused.json").write_text("{}")
+        return {"n": len(seen)}
+
+    seen: list = []
+    done, _ = cache.run("fuse", "fuse-x", {"a": 1}, fuse)
+    partial = done.with_name(done.name + ".partial")
+    os.replace(done, partial)
+    assert (partial / "stage.json").is_file()
+    assert cache.lookup("fuse", "fuse-x", {"a": 1}) is None and finished_stage_files(tmp_path) == []
+    again, res = cache.run("fuse", "fuse-x", {"a": 1}, fuse)
+    assert res == {"n": 2} and seen[1] == [] and again == done and not partial.exists()
+    work = cache.begin("train", "train-x", {"a": 1})
+    (work / "package.ckpt").mkdir()
+    assert cache.begin("train", "train-x", {"a": 1}) == work and (work / "package.ckpt").is_dir()

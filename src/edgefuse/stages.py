@@ -2,8 +2,10 @@
 
 Why: a study is hours of work on a CPU. A rerun must reuse what is finished, an interrupted run must
 resume at the stage it was in, and ``--force KIND`` must redo a kind of stage and everything after it.
-A stage works in ``<name>-<key>.partial/`` (kept across interruptions so training can resume from its
-checkpoints) and is renamed to ``<name>-<key>/`` with a ``stage.json`` only when it has finished.
+A stage works in ``<name>-<key>.partial/`` and is renamed to ``<name>-<key>/`` with a ``stage.json`` only
+when it has finished; only that final directory is ever read back. An interrupted training stage keeps its
+``.partial`` (its checkpoints let the rerun resume); any other kind's ``.partial`` is deleted and redone from
+scratch, since half of a fusion or an evaluation is not worth trusting.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from edgefuse.io import atomic_write_json, hash_obj
 
 # Stage kinds in dependency order: forcing one kind redoes it and every later kind.
 KINDS = ("data", "prune", "train", "recover", "fuse", "eval")
+RESUMABLE = frozenset({"train"})  # kinds whose interrupted work directory is resumed, not redone
 STAGE_FILE = "stage.json"
 LOG_FILE = "stages.jsonl"
 
 log = logging.getLogger("edgefuse.run")
+
+
+def finished_stage_files(run_dir: Path) -> list[Path]:
+    """The ``stage.json`` of every finished stage; a ``.partial`` one (killed while being renamed) is not finished."""
+    root = Path(run_dir) / "stages"
+    return [m for m in sorted(root.glob(f"*/{STAGE_FILE}")) if not m.parent.name.endswith(".partial")]
 
 
 class StageCache:
@@ -57,8 +66,11 @@ class StageCache:
         return final, rec["result"]
 
     def begin(self, kind: str, name: str, inputs: Any) -> Path:
-        """Create (or reuse, after an interruption) the stage's work directory."""
+        """Create the stage's work directory; after an interruption reuse it (training) or start it afresh."""
         work = self.root / f"{name}-{self.key(kind, name, inputs)}.partial"
+        if work.exists() and kind not in RESUMABLE:
+            log.warning("stage %s: discarding the unfinished output of an interrupted run (%s)", name, work)
+            shutil.rmtree(work)
         log.info("stage %s: %s", name, "resuming" if work.exists() else "running")
         work.mkdir(parents=True, exist_ok=True)
         return work
