@@ -10,6 +10,7 @@ single-process study with the same seeds produce the same adapters and scores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from edgefuse.config import StudyConfig
 from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
 from edgefuse.estimate import round_tag
-from edgefuse.io import atomic_write_json, read_json, sha256_file
+from edgefuse.io import atomic_write_json, read_json, sha256_file, writing
 from edgefuse.stages import StageCache
 
 log = logging.getLogger("edgefuse.run")
@@ -485,9 +486,22 @@ def run_seed(st: Study, seed: int, trainer: Callable[[Study, list[TrainJob]], No
 
 
 # ----------------------------------------------------------------------------------------------- entry
+class RunLogHandler(logging.FileHandler):
+    """``run.log``, dropping what it cannot write: on a full disk the stage writing next stops the run with one
+    line naming its file, which a traceback per log record (logging's default) would bury."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()
+
+
 def setup_logging(run_dir: Path) -> logging.Handler:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    with writing(run_dir / "run.log", always=True):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        h = RunLogHandler(run_dir / "run.log", encoding="utf-8")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("edgefuse")
     root.setLevel(logging.INFO)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgefuse.io import atomic_write_json, hash_obj
+from edgefuse.io import append_line, atomic_write_json, hash_obj, writing
 
 # Stage kinds in dependency order: forcing one kind redoes it and every later kind.
 KINDS = ("data", "prune", "train", "recover", "fuse", "eval")
@@ -38,7 +38,8 @@ def finished_stage_files(run_dir: Path) -> list[Path]:
 class StageCache:
     def __init__(self, run_dir: Path, force: str | None = None):
         self.root = Path(run_dir) / "stages"
-        self.root.mkdir(parents=True, exist_ok=True)
+        with writing(self.root, always=True):
+            self.root.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(run_dir) / LOG_FILE
         self.forced = set(KINDS[KINDS.index(force):]) if force else set()
         self.records: list[dict] = []
@@ -48,8 +49,7 @@ class StageCache:
 
     def _log(self, rec: dict) -> None:
         self.records.append(rec)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_line(self.log_path, json.dumps(rec))
 
     def lookup(self, kind: str, name: str, inputs: Any) -> tuple[Path, dict] | None:
         """The finished stage's (dir, result), or None when it must (re)run."""
@@ -72,7 +72,8 @@ class StageCache:
             log.warning("stage %s: discarding the unfinished output of an interrupted run (%s)", name, work)
             shutil.rmtree(work)
         log.info("stage %s: %s", name, "resuming" if work.exists() else "running")
-        work.mkdir(parents=True, exist_ok=True)
+        with writing(work, always=True):
+            work.mkdir(parents=True, exist_ok=True)
         return work
 
     def finish(self, kind: str, name: str, inputs: Any, result: dict, wall: float) -> Path:
