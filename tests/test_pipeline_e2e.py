@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,17 @@ def scores(run_dir: Path) -> dict:
     return {k: (v["mmlu"]["correct"], v["mmlu_cd_k2"]["strict_outcomes"]) for k, v in rows.items()}
 
 
+def assert_same_results(ref_dir: Path, run_dir: Path) -> None:
+    """Every fused adapter within 1e-6 of the reference run's, and the same per-item outcomes."""
+    a, b = fused_tensors(ref_dir), fused_tensors(run_dir)
+    assert set(a) == set(b) == {"task_arithmetic", "task_arithmetic+element", "ties", "ties+element"}
+    for name in a:
+        assert set(a[name]) == set(b[name]) and a[name]
+        for mod in a[name]:
+            assert (a[name][mod] - b[name][mod]).abs().max() <= 1e-6, (name, mod)
+    assert scores(ref_dir) == scores(run_dir)
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
@@ -88,6 +100,7 @@ def test_every_stage_runs_and_report_is_written(study):
     assert "| science | stem | 0 | magnitude width 0.50 |" in report and "| law | law | 0 | random width 0.25 |" in report
     csv_rows = (run_dir / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 1 + 2 + 4  # header, base, 2 edges, 2 methods × 2 CR settings
+    assert not (run_dir / "run.lock").exists()  # released when the run ended
 
 
 def test_figures_are_pngs(study):
@@ -117,6 +130,12 @@ def test_force_fuse_redoes_fusion_and_eval_only(study, tmp_path):
     assert ran == {"fuse", "eval"}
 
 
+def _stage_dirs(run_dir: Path, prefix: str) -> tuple[list[Path], list[Path]]:
+    """(finished, .partial) directories of the stages whose name starts with ``prefix``."""
+    dirs = sorted((run_dir / "stages").glob(f"{prefix}-*"))
+    return [d for d in dirs if not d.name.endswith(".partial")], [d for d in dirs if d.name.endswith(".partial")]
+
+
 def test_killed_run_resumes_with_the_same_results(study, tmp_path):
     cfg, ref_dir, _ = study
     run_dir = tmp_path / "run"
@@ -141,16 +160,10 @@ def test_killed_run_resumes_with_the_same_results(study, tmp_path):
     log = stage_log(run_dir)
     assert any(r["stage"] == "train-science-s0" and r["status"] == "cached" for r in log)
     assert any(r["stage"] == "train-law-s0" and r["status"] == "ran" for r in log)
-    a, b = fused_tensors(ref_dir), fused_tensors(run_dir)
-    for name in a:
-        for mod in a[name]:
-            assert (a[name][mod] - b[name][mod]).abs().max() <= 1e-6, (name, mod)
-    assert scores(ref_dir) == scores(run_dir)
+    assert_same_results(ref_dir, run_dir)
 
 
 def test_second_round_starts_every_edge_from_the_fused_adapter(study, tmp_path):
-    import shutil
-
     from edgefuse.config import load_config
     from edgefuse.edge.plan import from_runs, full_shape
     from edgefuse.io import sha256_file
@@ -279,3 +292,145 @@ def test_stage_cache_never_reads_a_partial_directory(tmp_path):
     work = cache.begin("train", "train-x", {"a": 1})
     (work / "package.ckpt").mkdir()
     assert cache.begin("train", "train-x", {"a": 1}) == work and (work / "package.ckpt").is_dir()
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``edgefuse ARGS`` in this process: (exit code, stderr)."""
+    from edgefuse.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["edgefuse", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def test_second_run_on_a_busy_run_directory_exits_at_once(tmp_path):
+    """While a process holds the run directory, `edgefuse run` on it stops before loading anything, naming the
+    holder and the lock file."""
+    import socket
+
+    from edgefuse.runlock import run_lock
+
+    cfg, run_dir = tmp_path / "tiny.yaml", tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(TINY_STUDY, sort_keys=False))
+    with run_lock(run_dir):
+        p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
+        _, err = p.communicate(timeout=120)
+        assert sorted(os.listdir(run_dir)) == ["run.lock"]  # no log, no stage, no config snapshot
+    assert p.returncode == 2
+    assert one_line(err) == (f"error: {run_dir / 'run.lock'}: another edgefuse run (pid {os.getpid()} on "
+                             f"{socket.gethostname()}) is using this run directory; wait for it to end, or delete "
+                             "this file if that process is not an edgefuse run")
+    assert not run_dir.exists()  # the lock went with its holder, and with it the directory it had created
+
+
+@pytest.mark.parametrize("holder, refused", [({"pid": 2**22 + 7}, None),  # above any pid_max: not running
+                                             ({"pid": 1, "host": "elsewhere"}, "pid 1 on elsewhere"),
+                                             ("not json", "unreadable lock file")],
+                         ids=["dead", "other-host", "unreadable"])
+def test_lock_left_by_a_dead_run_is_taken_over_and_others_are_refused(tmp_path, holder, refused):
+    import socket
+
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.runlock import run_lock
+
+    lock = tmp_path / "run.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), **holder}) if isinstance(holder, dict) else holder)
+    if refused:
+        with pytest.raises(EdgefuseError, match=refused), run_lock(tmp_path):
+            pass
+        assert lock.read_text() == (json.dumps({"host": socket.gethostname(), **holder})
+                                    if isinstance(holder, dict) else holder)  # left to its owner
+        return
+    with run_lock(tmp_path) as stale:
+        assert stale["pid"] == holder["pid"] and json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mount a tmpfs of the given size (KiB), optionally read-only: a real full disk or read-only filesystem,
+    which the tests (running as root, where chmod stops nothing) cannot get otherwise. Needs mount rights."""
+    mounted: list[Path] = []
+
+    def mount(kib: int, readonly: bool = False) -> Path:
+        mnt = tmp_path / f"fs{len(mounted)}"
+        mnt.mkdir()
+        opts = f"size={kib}k" + (",ro" if readonly else "")
+        if not shutil.which("mount"):
+            pytest.skip("no mount command to make a small filesystem with")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path, small_fs):
+    """A directory this process cannot write: chmod 555 for a normal user, a read-only tmpfs for root."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+    else:
+        yield small_fs(64, readonly=True)
+
+
+@pytest.mark.parametrize("where", ["existing", "new"])
+def test_unwritable_run_directory_is_one_line_and_nothing_written(readonly_dir, tmp_path, monkeypatch, capsys, where):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_STUDY, sort_keys=False))
+    run_dir = readonly_dir if where == "existing" else readonly_dir / "run"
+    code, err = run_cli(monkeypatch, capsys, "run", cfg, "--run-dir", run_dir, "--no-progress")
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    assert code == 2 and one_line(err) == f"error: {run_dir}: cannot write ({reason})"
+    assert os.listdir(readonly_dir) == []
+
+
+def test_full_disk_is_one_line_nothing_half_written_and_the_rerun_finishes(study, small_fs, monkeypatch, capsys):
+    """The disk fills up while the last fusion writes its adapter: one line naming it, no finished stage directory
+    for it, no results.json, the lock released. With space again the rerun redoes that fusion and its evaluation
+    only and ends with the uninterrupted run's adapters and scores."""
+    import re
+
+    cfg, ref_dir, _ = study
+    size = sum(f.stat().st_size // 1024 + 4 for f in ref_dir.rglob("*") if f.is_file())
+    run_dir = small_fs(size + 1024) / "run"
+    shutil.copytree(ref_dir, run_dir, ignore=lambda d, names: [n for n in names if n.startswith(
+        ("fuse-ties+element-s0", "eval-ties+element-s0", "results.", "report.md")) or n.endswith(".png")])
+    fs = os.statvfs(run_dir)
+    room = 6 * fs.f_frsize  # a page each for the lock, config.json, run.log and stages.jsonl, and spare
+    adapter = next(ref_dir.glob("stages/fuse-ties+element-s0-*/fused/adapter_model.safetensors")).stat().st_size
+    if adapter <= room:
+        pytest.skip(f"pages of {fs.f_frsize} bytes: no room for the logs that is too small for the adapter")
+    (run_dir.parent / "ballast").write_bytes(b"\0" * (fs.f_bavail * fs.f_frsize - room))
+    n_log = len(stage_log(run_dir))
+    code, err = run_cli(monkeypatch, capsys, "run", cfg, "--run-dir", run_dir, "--no-progress")
+    assert code == 2
+    assert re.fullmatch(rf"error: {re.escape(str(run_dir))}/stages/fuse-ties\+element-s0-\w+\.partial/fused: "
+                        r"cannot write \(No space left on device\)", one_line(err))
+    assert not _stage_dirs(run_dir, "fuse-ties+element-s0")[0] and not _stage_dirs(run_dir, "eval-ties+element-s0")[0]
+    [partial] = _stage_dirs(run_dir, "fuse-ties+element-s0")[1]
+    assert os.listdir(partial) == []  # the adapter's temporary directory went with the error
+    assert not (run_dir / "results.json").exists() and not (run_dir / "run.lock").exists()
+    assert all(r["status"] == "cached" for r in stage_log(run_dir)[n_log:])
+    (run_dir.parent / "ballast").unlink()
+    n_log = len(stage_log(run_dir))
+    code, err = run_cli(monkeypatch, capsys, "run", cfg, "--run-dir", run_dir, "--no-progress")
+    assert code == 0, err[-3000:]
+    assert {r["stage"] for r in stage_log(run_dir)[n_log:] if r["status"] == "ran"} == {"fuse-ties+element-s0",
+                                                                                         "eval-ties+element-s0"}
+    assert_same_results(ref_dir, run_dir)

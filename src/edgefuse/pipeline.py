@@ -519,12 +519,22 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
     (Flower's) reports each device's own memory budget, which becomes that edge's pruning budget.
     Before any stage runs, the remaining duration is estimated (`edgefuse.estimate`), checked against
     ``max_minutes`` and handed to ``on_estimate``; results.json keeps it beside the measured wall times.
+    One run at a time per run directory: a second one is refused at once (`edgefuse.runlock`).
     """
+    from edgefuse.runlock import run_lock
+
+    with run_lock(run_dir) as stale:
+        return _run_locked(cfg, Path(run_dir), force, show_progress, trainer, on_estimate, stale)
+
+
+def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progress: bool,
+                trainer: Callable[[Study, list[TrainJob]], None] | None,
+                on_estimate: Callable[[list], None] | None, stale: dict | None) -> dict:
+    """`run_study` while this process holds the run directory's lock (``stale``: a dead run's lock it took over)."""
     from edgefuse.estimate import estimate_study, remaining_seconds
     from edgefuse.models import count_parameters, fingerprint, load_model
     from edgefuse.report import write_report
 
-    run_dir = Path(run_dir)
     t0 = time.perf_counter()
     budgets = trainer.device_budgets(list(cfg.edges)) if hasattr(trainer, "device_budgets") else {}
     if budgets:
@@ -539,6 +549,10 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
         on_estimate(stages)
     handler = setup_logging(run_dir)
     try:
+        if stale is not None:
+            from edgefuse.runlock import stale_note
+
+            log.warning(stale_note(stale, run_dir))
         if budgets:
             log.info("memory budgets reported by the edge devices (GiB): %s; the config sets the pruning of %s",
                      budgets, sorted(set(budgets) & set(cfg.edge_pruning)) or "none of them")
