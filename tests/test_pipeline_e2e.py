@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ TINY_STUDY = {
     "seeds": [0],
     "edges": {"science": ["stem"], "law": {"domains": ["law"], "pruning": {"ratio": 0.25, "method": "random"}}},
     "pruning": {"method": "magnitude", "structure": "width", "ratio": 0.5, "calib": 4},
-    "training": {"steps": 6, "rank": 4, "alpha": 8, "lr": 0.005, "batch": 4, "seq": 256},
+    "training": {"steps": 6, "rank": 4, "alpha": 8, "lr": 0.005, "batch": 4, "seq": 256, "checkpoint_every": 2},
     "fusion": {"methods": ["task_arithmetic", "ties"], "cr": ["off", "element"], "density": 0.5},
     "benchmarks": {"batch_size": 8, "mmlu": {"limit": 24}, "mmlu_cd": {"ks": [2], "n": 8}},
 }
@@ -130,37 +129,150 @@ def test_force_fuse_redoes_fusion_and_eval_only(study, tmp_path):
     assert ran == {"fuse", "eval"}
 
 
+# A real kill at a chosen point: the CLI runs with one function wrapped to SIGKILL its own process when ``cond``
+# (an expression over the call's args ``a`` and kwargs ``k``) holds, "before" or "after" the call.
+KILLER = """
+import importlib, os, signal, sys
+module, attr, when, cond = sys.argv[1:5]
+mod = importlib.import_module(module)
+real = getattr(mod, attr)
+
+def wrapped(*a, **k):
+    hit = eval(cond)
+    if hit and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = real(*a, **k)
+    if hit:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+setattr(mod, attr, wrapped)
+sys.argv = ["edgefuse", *sys.argv[5:]]
+from edgefuse.cli import main
+main()
+"""
+
+# (phase, function, when, condition): each run of the chain is killed at one of these points, the last one finishes
+KILLS = [
+    ("between-checkpoints", "edgefuse.edge.train:_save_checkpoint", "before",
+     "'train-law-' in str(a[0]) and a[3]['step'] == 4"),  # steps 3-4 done in memory, last checkpoint at step 2
+    ("after-checkpoint", "edgefuse.edge.train:_save_checkpoint", "after",
+     "'train-law-' in str(a[0]) and a[3]['step'] == 4"),  # the checkpoint at step 4 is on disk
+    ("fusion", "edgefuse.fusion:fuse_dirs", "after",
+     "k['method'] == 'ties' and k['cr'] == 'element'"),  # its output complete in the .partial, the stage not finished
+    ("evaluation", "edgefuse.evaluate.mmlu_cd:evaluate_mmlu_cd", "before",
+     "k['meta']['label'] == 'ties+element'"),  # mmlu.json written, MMLU-CD not
+]
+LEFTOVER = "written-by-the-killed-run"
+
+
 def _stage_dirs(run_dir: Path, prefix: str) -> tuple[list[Path], list[Path]]:
     """(finished, .partial) directories of the stages whose name starts with ``prefix``."""
     dirs = sorted((run_dir / "stages").glob(f"{prefix}-*"))
     return [d for d in dirs if not d.name.endswith(".partial")], [d for d in dirs if d.name.endswith(".partial")]
 
 
-def test_killed_run_resumes_with_the_same_results(study, tmp_path):
-    cfg, ref_dir, _ = study
-    run_dir = tmp_path / "run"
-    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
-    deadline = time.time() + 300
-    killed_in = None
-    while time.time() < deadline and p.poll() is None:
-        # kill while the second edge trains: the first edge's training stage has just been logged as finished
-        log_path = run_dir / "stages.jsonl"
-        if log_path.exists() and any(r["stage"] == "train-science-s0" and r["status"] == "ran"
-                                     for r in stage_log(run_dir)):
-            os.kill(p.pid, signal.SIGKILL)
-            killed_in = [d.name for d in (run_dir / "stages").glob("train-law-*.partial")]
-            break
-        time.sleep(0.02)
-    p.wait(timeout=60)
-    assert killed_in, "the run was not interrupted inside the second edge's training stage"
-    assert not (run_dir / "results.json").exists()
-    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-2000:]
-    log = stage_log(run_dir)
-    assert any(r["stage"] == "train-science-s0" and r["status"] == "cached" for r in log)
-    assert any(r["stage"] == "train-law-s0" and r["status"] == "ran" for r in log)
+def _law_checkpoint_step(run_dir: Path) -> int | None:
+    [partial] = _stage_dirs(run_dir, "train-law-s0")[1] or [None]
+    state = partial / "package.ckpt" / "state.json" if partial else None
+    return json.loads(state.read_text())["step"] if state and state.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def interrupted(study, tmp_path_factory):
+    """The study run from scratch and killed four times (`KILLS`), then run to the end; per run: its exit code,
+    its stage-log records and run.log lines, and what it left in the run directory."""
+    cfg, _, _ = study
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    phases: dict[str, dict] = {}
+    for phase, target, when, cond in [*KILLS, ("rerun", None, None, None)]:
+        n_log = len(stage_log(run_dir)) if (run_dir / "stages.jsonl").exists() else 0
+        n_run = len((run_dir / "run.log").read_text()) if (run_dir / "run.log").exists() else 0
+        args = ["run", str(cfg), "--run-dir", str(run_dir), "--no-progress"]
+        argv = [sys.executable, "-c", KILLER, *target.split(":"), when, cond, *args] if target else \
+            [sys.executable, "-m", "edgefuse.cli", *args]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, err = p.communicate(timeout=600)
+        lock = run_dir / "run.lock"
+        phases[phase] = {"pid": p.pid, "rc": p.returncode, "err": err, "stages": stage_log(run_dir)[n_log:],
+                         "log": (run_dir / "run.log").read_text()[n_run:], "ckpt": _law_checkpoint_step(run_dir),
+                         "lock": json.loads(lock.read_text()) if lock.exists() else None,
+                         "results": (run_dir / "results.json").exists()}
+        for _, partial in (_stage_dirs(run_dir, "fuse-ties+element-s0"), _stage_dirs(run_dir, "eval-ties+element-s0")):
+            for d in partial:  # what a killed run could have left half-written: never to be read back
+                phases[phase].setdefault("partials", {})[d.name] = sorted(f.name for f in d.iterdir())
+                (d / LEFTOVER).write_text("half-written")
+    return run_dir, phases
+
+
+def _ran(phase: dict) -> set[str]:
+    return {r["stage"] for r in phase["stages"] if r["status"] == "ran"}
+
+
+def test_training_killed_between_checkpoints_resumes_from_the_last_one(interrupted):
+    run_dir, ph = interrupted
+    killed = ph["between-checkpoints"]
+    assert killed["rc"] == -signal.SIGKILL, killed["err"][-2000:]
+    assert "train-science-s0" in _ran(killed) and "train-law-s0" not in _ran(killed)
+    assert killed["ckpt"] == 2 and not killed["results"]  # steps 3-4 were lost with the process
+    assert killed["lock"]["pid"] == killed["pid"]  # left behind by the kill
+    resumed = ph["after-checkpoint"]
+    assert "edge law: resuming from its checkpoint at step 2 of 6" in resumed["log"]
+    # the dead run's lock is taken over, with one line in the log
+    assert f"took over the lock of pid {killed['pid']} on {killed['lock']['host']}, which no longer runs" in resumed["log"]
+
+
+def test_training_killed_after_a_checkpoint_resumes_from_it_and_ends_with_the_same_adapter(interrupted, study):
+    run_dir, ph = interrupted
+    killed = ph["after-checkpoint"]
+    assert killed["rc"] == -signal.SIGKILL and killed["ckpt"] == 4 and not killed["results"]
+    assert "train-law-s0" not in _ran(killed)
+    assert "edge law: resuming from its checkpoint at step 4 of 6" in ph["fusion"]["log"]
+    assert "train-law-s0" in _ran(ph["fusion"]) and "train-science-s0" not in _ran(ph["fusion"])
+    [ref], [got] = (_stage_dirs(d, "train-law-s0")[0] for d in (study[1], run_dir))
+    ref_ad, got_ad = load_adapter(ref / "package"), load_adapter(got / "package")
+    assert set(ref_ad.modules) == set(got_ad.modules)
+    for n in ref_ad.modules:
+        assert (ref_ad.delta(n) - got_ad.delta(n)).abs().max() <= 1e-6, n
+    ref_loss, got_loss = (json.loads((d / "package" / "edgefuse.json").read_text())["stats"]["loss_curve"]
+                          for d in (ref, got))
+    assert got_loss == pytest.approx(ref_loss, abs=1e-6) and len(got_loss) == 6
+
+
+def test_fusion_killed_is_redone_from_scratch_and_alone(interrupted):
+    run_dir, ph = interrupted
+    killed = ph["fusion"]
+    assert killed["rc"] == -signal.SIGKILL and not killed["results"]
+    [(name, files)] = killed["partials"].items()
+    assert name.startswith("fuse-ties+element-s0-") and "fused" in files  # a complete-looking output, unfinished
+    rerun = ph["evaluation"]
+    assert _ran(rerun) == {"fuse-ties+element-s0"}  # everything finished before the kill came from the cache
+    assert f"stage fuse-ties+element-s0: discarding the unfinished output of an interrupted run ({run_dir / 'stages' / name})" \
+        in rerun["log"]
+    [final] = _stage_dirs(run_dir, "fuse-ties+element-s0")[0]
+    assert final.name + ".partial" == name and not (final / LEFTOVER).exists()
+
+
+def test_evaluation_killed_is_redone_from_scratch_and_alone(interrupted, study):
+    run_dir, ph = interrupted
+    killed = ph["evaluation"]
+    assert killed["rc"] == -signal.SIGKILL and not killed["results"]
+    [(name, files)] = [(n, f) for n, f in killed["partials"].items() if n.startswith("eval-")]
+    assert files == ["mmlu.json"]  # half of the evaluation was written
+    final_run = ph["rerun"]
+    assert final_run["rc"] == 0, final_run["err"][-2000:]
+    assert _ran(final_run) == {"eval-ties+element-s0"}
+    assert "stage eval-ties+element-s0: discarding the unfinished output" in final_run["log"]
+    [final] = _stage_dirs(run_dir, "eval-ties+element-s0")[0]
+    assert sorted(f.name for f in final.iterdir()) == ["mmlu.json", "mmlu_cd_k2.json", "stage.json"]
+    assert final_run["results"] and final_run["lock"] is None  # released at the end
+
+
+def test_killed_and_resumed_study_ends_with_the_uninterrupted_adapters_and_scores(interrupted, study):
+    run_dir, _ = interrupted
+    ref_dir = study[1]
     assert_same_results(ref_dir, run_dir)
+    assert not list((run_dir / "stages").glob("*.partial"))
 
 
 def test_second_round_starts_every_edge_from_the_fused_adapter(study, tmp_path):

@@ -260,8 +260,12 @@ def local_trainer(st: Study, jobs: list[TrainJob]) -> None:
 
     for job in jobs:
         items = st.items_of("edge", job.domains)
+        state = checkpoint_dir_for(job.package_dir) / "state.json"
+        if state.is_file():  # an interrupted run: the stage's work directory kept this edge's last checkpoint
+            log.info("edge %s: resuming from its checkpoint at step %d of %d (%s)", job.edge,
+                     read_json(state)["step"], job.config.steps, state.parent)
         train_edge(job.pruned_dir, job.edge, items, job.config, job.package_dir, progress=job.advance,
-                   resume=checkpoint_dir_for(job.package_dir).exists(), init_dir=job.init_dir)
+                   resume=state.is_file(), init_dir=job.init_dir)
 
 
 def train_config(st: Study, seed: int):
