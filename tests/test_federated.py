@@ -292,6 +292,101 @@ def test_not_enough_edges_is_one_clear_error(reference, tmp_path):
         run_study(load_config(CONFIG), run_dir, show_progress=False, trainer=FlowerTrainer(DeadGrid(), wait_nodes=0))
 
 
+class FakeFederation:
+    """SuperNodes in this process behind a Grid's two calls: each node runs the real ClientApp handlers on its node
+    config; ``faults[node_id](msg, ctx, handler)`` replaces a node's answer to a training job (None: no reply)."""
+
+    def __init__(self, nodes: dict[int, dict], faults: dict | None = None):
+        self.nodes, self.faults = nodes, faults or {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, msgs, timeout=None):
+        from types import SimpleNamespace
+        from uuid import uuid4
+
+        from edgefuse.federated.clientapp import handle_identify, handle_train
+
+        replies = []
+        for m in msgs:
+            m.metadata.__dict__["_message_id"] = uuid4().hex  # as a Grid's push_messages does
+            nid = m.metadata.dst_node_id
+            ctx = SimpleNamespace(node_config=self.nodes[nid])
+            if m.metadata.message_type == "train" and nid in self.faults:
+                reply = self.faults[nid](m, ctx, handle_train)
+            else:
+                reply = (handle_train if m.metadata.message_type == "train" else handle_identify)(m, ctx)
+            replies += [reply] if reply is not None else []
+        return replies
+
+
+def _extra_record(msg, ctx, handler):
+    from flwr.app import ConfigRecord
+
+    reply = handler(msg, ctx)
+    reply.content["debug"] = ConfigRecord({"note": "an edge should not send this"})
+    return reply
+
+
+def _manifest_lists_absent_file(msg, ctx, handler):
+    reply = handler(msg, ctx)
+    package = reply.content.config_records["package"]
+    man = json.loads(package["manifest"])
+    man["files"]["tokenizer.json"] = "0" * 64
+    package["manifest"] = json.dumps(man)
+    return reply
+
+
+def _vanished(msg, ctx, handler):
+    """The node took the job and stopped sending heartbeats: what the SuperLink itself answers for it."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+
+
+def _silent(msg, ctx, handler):
+    return None  # no answer at all before the round's timeout
+
+
+def test_edge_faults_on_flower_each_leave_one_report_line_and_the_study_completes(reference, tmp_path, monkeypatch):
+    """One round with five faulty edges and min-edges 1: an extra record in the reply, a manifest listing a file
+    the package lacks, two SuperNodes claiming the same edge, a SuperNode the SuperLink reports gone mid-round and
+    one that never answers. Each edge is left out with its reason in the report; the study fuses and evaluates the
+    one good edge."""
+    from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from edgefuse.federated.trainer import FlowerTrainer
+    from edgefuse.pipeline import run_study
+
+    for key in ("_run_id", "_node_id", "_task_id"):  # the cloud's messages are made as inside a Flower run
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    edges = {"science": ["stem"], "law": ["law"], "history": ["history"], "math": ["math"], "physics": ["physics"],
+             "chemistry": ["chemistry"]}
+    cfg = write_config(tmp_path / "six.yaml", edges=edges)
+    run_dir = copy_without_training(reference, tmp_path / "run", ["law"])  # science's package stays cached
+    nodes = {20 + i: {"edge": e} for i, e in enumerate(edges)} | {30: {"edge": "math"}}
+    grid = FakeFederation(nodes, {21: _extra_record, 22: _manifest_lists_absent_file, 24: _vanished, 25: _silent})
+    doc = run_study(load_config(cfg), run_dir, show_progress=False,
+                    trainer=FlowerTrainer(grid, min_edges=1, timeout=30, wait_nodes=0))
+    want = {"law": "package rejected: reply carries records beyond the package: debug",
+            "history": "package rejected: manifest lists tokenizer.json, which the package does not hold",
+            "math": "2 SuperNodes claim this edge (node ids 23, 30); give each node a distinct edge= node config",
+            "physics": f"edge failed: {NODE_UNAVAILABLE_ERROR_REASON}",
+            "chemistry": "no reply within 30 s"}
+    assert {m["edge"]: m["reason"] for m in doc["missing_edges"]} == want
+    report = (run_dir / "report.md").read_text()
+    for edge, reason in want.items():
+        assert f"| {edge} | 0 | 1 | {' '.join(reason.split())} |" in report, edge
+    assert [e["edge"] for e in doc["seeds"][0]["edges"]] == ["science"]
+    fuse_stage = json.loads(next((run_dir / "stages").glob("fuse-*/stage.json")).read_text())
+    assert [Path(a).parts[0].rsplit("-", 1)[0] for a in fuse_stage["inputs"]["adapters"]] == ["recover-science-s0"]
+    assert doc["seeds"][0]["fused"][0]["eval"]["mmlu"]["correct"]  # the study went on to evaluate
+    assert not list((run_dir / "stages").glob("train-*/.upload"))  # rejected uploads are not kept
+    assert [p.parent.name.rsplit("-", 1)[0] for p in (run_dir / "stages").glob("train-*/package")] == ["train-science-s0"]
+
+
 class _IdentityGrid:
     """Two connected SuperNodes that answer "who are you" with these node configs (no training messages)."""
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ TINY_STUDY = {
     "seeds": [0],
     "edges": {"science": ["stem"], "law": {"domains": ["law"], "pruning": {"ratio": 0.25, "method": "random"}}},
     "pruning": {"method": "magnitude", "structure": "width", "ratio": 0.5, "calib": 4},
-    "training": {"steps": 6, "rank": 4, "alpha": 8, "lr": 0.005, "batch": 4, "seq": 256},
+    "training": {"steps": 6, "rank": 4, "alpha": 8, "lr": 0.005, "batch": 4, "seq": 256, "checkpoint_every": 2},
     "fusion": {"methods": ["task_arithmetic", "ties"], "cr": ["off", "element"], "density": 0.5},
     "benchmarks": {"batch_size": 8, "mmlu": {"limit": 24}, "mmlu_cd": {"ks": [2], "n": 8}},
 }
@@ -50,6 +50,17 @@ def scores(run_dir: Path) -> dict:
     doc = json.loads((run_dir / "results.json").read_text())
     rows = {"base": doc["base"]} | {f["name"]: f["eval"] for f in doc["seeds"][0]["fused"]}
     return {k: (v["mmlu"]["correct"], v["mmlu_cd_k2"]["strict_outcomes"]) for k, v in rows.items()}
+
+
+def assert_same_results(ref_dir: Path, run_dir: Path) -> None:
+    """Every fused adapter within 1e-6 of the reference run's, and the same per-item outcomes."""
+    a, b = fused_tensors(ref_dir), fused_tensors(run_dir)
+    assert set(a) == set(b) == {"task_arithmetic", "task_arithmetic+element", "ties", "ties+element"}
+    for name in a:
+        assert set(a[name]) == set(b[name]) and a[name]
+        for mod in a[name]:
+            assert (a[name][mod] - b[name][mod]).abs().max() <= 1e-6, (name, mod)
+    assert scores(ref_dir) == scores(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +99,7 @@ def test_every_stage_runs_and_report_is_written(study):
     assert "| science | stem | 0 | magnitude width 0.50 |" in report and "| law | law | 0 | random width 0.25 |" in report
     csv_rows = (run_dir / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 1 + 2 + 4  # header, base, 2 edges, 2 methods × 2 CR settings
+    assert not (run_dir / "run.lock").exists()  # released when the run ended
 
 
 def test_figures_are_pngs(study):
@@ -117,40 +129,153 @@ def test_force_fuse_redoes_fusion_and_eval_only(study, tmp_path):
     assert ran == {"fuse", "eval"}
 
 
-def test_killed_run_resumes_with_the_same_results(study, tmp_path):
-    cfg, ref_dir, _ = study
-    run_dir = tmp_path / "run"
-    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
-    deadline = time.time() + 300
-    killed_in = None
-    while time.time() < deadline and p.poll() is None:
-        # kill while the second edge trains: the first edge's training stage has just been logged as finished
-        log_path = run_dir / "stages.jsonl"
-        if log_path.exists() and any(r["stage"] == "train-science-s0" and r["status"] == "ran"
-                                     for r in stage_log(run_dir)):
-            os.kill(p.pid, signal.SIGKILL)
-            killed_in = [d.name for d in (run_dir / "stages").glob("train-law-*.partial")]
-            break
-        time.sleep(0.02)
-    p.wait(timeout=60)
-    assert killed_in, "the run was not interrupted inside the second edge's training stage"
-    assert not (run_dir / "results.json").exists()
-    p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-2000:]
-    log = stage_log(run_dir)
-    assert any(r["stage"] == "train-science-s0" and r["status"] == "cached" for r in log)
-    assert any(r["stage"] == "train-law-s0" and r["status"] == "ran" for r in log)
-    a, b = fused_tensors(ref_dir), fused_tensors(run_dir)
-    for name in a:
-        for mod in a[name]:
-            assert (a[name][mod] - b[name][mod]).abs().max() <= 1e-6, (name, mod)
-    assert scores(ref_dir) == scores(run_dir)
+# A real kill at a chosen point: the CLI runs with one function wrapped to SIGKILL its own process when ``cond``
+# (an expression over the call's args ``a`` and kwargs ``k``) holds, "before" or "after" the call.
+KILLER = """
+import importlib, os, signal, sys
+module, attr, when, cond = sys.argv[1:5]
+mod = importlib.import_module(module)
+real = getattr(mod, attr)
+
+def wrapped(*a, **k):
+    hit = eval(cond)
+    if hit and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = real(*a, **k)
+    if hit:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+setattr(mod, attr, wrapped)
+sys.argv = ["edgefuse", *sys.argv[5:]]
+from edgefuse.cli import main
+main()
+"""
+
+# (phase, function, when, condition): each run of the chain is killed at one of these points, the last one finishes
+KILLS = [
+    ("between-checkpoints", "edgefuse.edge.train:_save_checkpoint", "before",
+     "'train-law-' in str(a[0]) and a[3]['step'] == 4"),  # steps 3-4 done in memory, last checkpoint at step 2
+    ("after-checkpoint", "edgefuse.edge.train:_save_checkpoint", "after",
+     "'train-law-' in str(a[0]) and a[3]['step'] == 4"),  # the checkpoint at step 4 is on disk
+    ("fusion", "edgefuse.fusion:fuse_dirs", "after",
+     "k['method'] == 'ties' and k['cr'] == 'element'"),  # its output complete in the .partial, the stage not finished
+    ("evaluation", "edgefuse.evaluate.mmlu_cd:evaluate_mmlu_cd", "before",
+     "k['meta']['label'] == 'ties+element'"),  # mmlu.json written, MMLU-CD not
+]
+LEFTOVER = "written-by-the-killed-run"
+
+
+def _stage_dirs(run_dir: Path, prefix: str) -> tuple[list[Path], list[Path]]:
+    """(finished, .partial) directories of the stages whose name starts with ``prefix``."""
+    dirs = sorted((run_dir / "stages").glob(f"{prefix}-*"))
+    return [d for d in dirs if not d.name.endswith(".partial")], [d for d in dirs if d.name.endswith(".partial")]
+
+
+def _law_checkpoint_step(run_dir: Path) -> int | None:
+    [partial] = _stage_dirs(run_dir, "train-law-s0")[1] or [None]
+    state = partial / "package.ckpt" / "state.json" if partial else None
+    return json.loads(state.read_text())["step"] if state and state.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def interrupted(study, tmp_path_factory):
+    """The study run from scratch and killed four times (`KILLS`), then run to the end; per run: its exit code,
+    its stage-log records and run.log lines, and what it left in the run directory."""
+    cfg, _, _ = study
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    phases: dict[str, dict] = {}
+    for phase, target, when, cond in [*KILLS, ("rerun", None, None, None)]:
+        n_log = len(stage_log(run_dir)) if (run_dir / "stages.jsonl").exists() else 0
+        n_run = len((run_dir / "run.log").read_text()) if (run_dir / "run.log").exists() else 0
+        args = ["run", str(cfg), "--run-dir", str(run_dir), "--no-progress"]
+        argv = [sys.executable, "-c", KILLER, *target.split(":"), when, cond, *args] if target else \
+            [sys.executable, "-m", "edgefuse.cli", *args]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, err = p.communicate(timeout=600)
+        lock = run_dir / "run.lock"
+        phases[phase] = {"pid": p.pid, "rc": p.returncode, "err": err, "stages": stage_log(run_dir)[n_log:],
+                         "log": (run_dir / "run.log").read_text()[n_run:], "ckpt": _law_checkpoint_step(run_dir),
+                         "lock": json.loads(lock.read_text()) if lock.exists() else None,
+                         "results": (run_dir / "results.json").exists()}
+        for _, partial in (_stage_dirs(run_dir, "fuse-ties+element-s0"), _stage_dirs(run_dir, "eval-ties+element-s0")):
+            for d in partial:  # what a killed run could have left half-written: never to be read back
+                phases[phase].setdefault("partials", {})[d.name] = sorted(f.name for f in d.iterdir())
+                (d / LEFTOVER).write_text("half-written")
+    return run_dir, phases
+
+
+def _ran(phase: dict) -> set[str]:
+    return {r["stage"] for r in phase["stages"] if r["status"] == "ran"}
+
+
+def test_training_killed_between_checkpoints_resumes_from_the_last_one(interrupted):
+    run_dir, ph = interrupted
+    killed = ph["between-checkpoints"]
+    assert killed["rc"] == -signal.SIGKILL, killed["err"][-2000:]
+    assert "train-science-s0" in _ran(killed) and "train-law-s0" not in _ran(killed)
+    assert killed["ckpt"] == 2 and not killed["results"]  # steps 3-4 were lost with the process
+    assert killed["lock"]["pid"] == killed["pid"]  # left behind by the kill
+    resumed = ph["after-checkpoint"]
+    assert "edge law: resuming from its checkpoint at step 2 of 6" in resumed["log"]
+    # the dead run's lock is taken over, with one line in the log
+    assert f"took over the lock of pid {killed['pid']} on {killed['lock']['host']}, which no longer runs" in resumed["log"]
+
+
+def test_training_killed_after_a_checkpoint_resumes_from_it_and_ends_with_the_same_adapter(interrupted, study):
+    run_dir, ph = interrupted
+    killed = ph["after-checkpoint"]
+    assert killed["rc"] == -signal.SIGKILL and killed["ckpt"] == 4 and not killed["results"]
+    assert "train-law-s0" not in _ran(killed)
+    assert "edge law: resuming from its checkpoint at step 4 of 6" in ph["fusion"]["log"]
+    assert "train-law-s0" in _ran(ph["fusion"]) and "train-science-s0" not in _ran(ph["fusion"])
+    [ref], [got] = (_stage_dirs(d, "train-law-s0")[0] for d in (study[1], run_dir))
+    ref_ad, got_ad = load_adapter(ref / "package"), load_adapter(got / "package")
+    assert set(ref_ad.modules) == set(got_ad.modules)
+    for n in ref_ad.modules:
+        assert (ref_ad.delta(n) - got_ad.delta(n)).abs().max() <= 1e-6, n
+    ref_loss, got_loss = (json.loads((d / "package" / "edgefuse.json").read_text())["stats"]["loss_curve"]
+                          for d in (ref, got))
+    assert got_loss == pytest.approx(ref_loss, abs=1e-6) and len(got_loss) == 6
+
+
+def test_fusion_killed_is_redone_from_scratch_and_alone(interrupted):
+    run_dir, ph = interrupted
+    killed = ph["fusion"]
+    assert killed["rc"] == -signal.SIGKILL and not killed["results"]
+    [(name, files)] = killed["partials"].items()
+    assert name.startswith("fuse-ties+element-s0-") and "fused" in files  # a complete-looking output, unfinished
+    rerun = ph["evaluation"]
+    assert _ran(rerun) == {"fuse-ties+element-s0"}  # everything finished before the kill came from the cache
+    assert f"stage fuse-ties+element-s0: discarding the unfinished output of an interrupted run ({run_dir / 'stages' / name})" \
+        in rerun["log"]
+    [final] = _stage_dirs(run_dir, "fuse-ties+element-s0")[0]
+    assert final.name + ".partial" == name and not (final / LEFTOVER).exists()
+
+
+def test_evaluation_killed_is_redone_from_scratch_and_alone(interrupted, study):
+    run_dir, ph = interrupted
+    killed = ph["evaluation"]
+    assert killed["rc"] == -signal.SIGKILL and not killed["results"]
+    [(name, files)] = [(n, f) for n, f in killed["partials"].items() if n.startswith("eval-")]
+    assert files == ["mmlu.json"]  # half of the evaluation was written
+    final_run = ph["rerun"]
+    assert final_run["rc"] == 0, final_run["err"][-2000:]
+    assert _ran(final_run) == {"eval-ties+element-s0"}
+    assert "stage eval-ties+element-s0: discarding the unfinished output" in final_run["log"]
+    [final] = _stage_dirs(run_dir, "eval-ties+element-s0")[0]
+    assert sorted(f.name for f in final.iterdir()) == ["mmlu.json", "mmlu_cd_k2.json", "stage.json"]
+    assert final_run["results"] and final_run["lock"] is None  # released at the end
+
+
+def test_killed_and_resumed_study_ends_with_the_uninterrupted_adapters_and_scores(interrupted, study):
+    run_dir, _ = interrupted
+    ref_dir = study[1]
+    assert_same_results(ref_dir, run_dir)
+    assert not list((run_dir / "stages").glob("*.partial"))
 
 
 def test_second_round_starts_every_edge_from_the_fused_adapter(study, tmp_path):
-    import shutil
-
     from edgefuse.config import load_config
     from edgefuse.edge.plan import from_runs, full_shape
     from edgefuse.io import sha256_file
@@ -252,3 +377,172 @@ def test_cloze_study_with_answer_text_training_and_a_cr_share(tmp_path, capsys):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Transfer matrix" in report and "## LoRA-CR against the same method without it" in report
     assert "`acc_norm`" in report
+
+
+# ----------------------------------------------------------------------------------------------- faults
+def test_stage_cache_never_reads_a_partial_directory(tmp_path):
+    """A `.partial` holding everything a finished stage holds (killed between writing stage.json and the rename)
+    is not finished: lookup misses it, the estimate does not count it, and the stage runs again from an empty
+    directory. Only training keeps its `.partial`, for its checkpoints."""
+    from edgefuse.stages import StageCache, finished_stage_files
+
+    cache = StageCache(tmp_path)
+
+    def fuse(work: Path) -> dict:
+        seen.append(sorted(f.name for f in work.iterdir()))
+        (work / "fused.json").write_text("{}")
+        return {"n": len(seen)}
+
+    seen: list = []
+    done, _ = cache.run("fuse", "fuse-x", {"a": 1}, fuse)
+    partial = done.with_name(done.name + ".partial")
+    os.replace(done, partial)
+    assert (partial / "stage.json").is_file()
+    assert cache.lookup("fuse", "fuse-x", {"a": 1}) is None and finished_stage_files(tmp_path) == []
+    again, res = cache.run("fuse", "fuse-x", {"a": 1}, fuse)
+    assert res == {"n": 2} and seen[1] == [] and again == done and not partial.exists()
+    work = cache.begin("train", "train-x", {"a": 1})
+    (work / "package.ckpt").mkdir()
+    assert cache.begin("train", "train-x", {"a": 1}) == work and (work / "package.ckpt").is_dir()
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``edgefuse ARGS`` in this process: (exit code, stderr)."""
+    from edgefuse.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["edgefuse", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def test_second_run_on_a_busy_run_directory_exits_at_once(tmp_path):
+    """While a process holds the run directory, `edgefuse run` on it stops before loading anything, naming the
+    holder and the lock file."""
+    import socket
+
+    from edgefuse.runlock import run_lock
+
+    cfg, run_dir = tmp_path / "tiny.yaml", tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(TINY_STUDY, sort_keys=False))
+    with run_lock(run_dir):
+        p = cli("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
+        _, err = p.communicate(timeout=120)
+        assert sorted(os.listdir(run_dir)) == ["run.lock"]  # no log, no stage, no config snapshot
+    assert p.returncode == 2
+    assert one_line(err) == (f"error: {run_dir / 'run.lock'}: another edgefuse run (pid {os.getpid()} on "
+                             f"{socket.gethostname()}) is using this run directory; wait for it to end, or delete "
+                             "this file if that process is not an edgefuse run")
+    assert not run_dir.exists()  # the lock went with its holder, and with it the directory it had created
+
+
+@pytest.mark.parametrize("holder, refused", [({"pid": 2**22 + 7}, None),  # above any pid_max: not running
+                                             ({"pid": 1, "host": "elsewhere"}, "pid 1 on elsewhere"),
+                                             ("not json", "unreadable lock file")],
+                         ids=["dead", "other-host", "unreadable"])
+def test_lock_left_by_a_dead_run_is_taken_over_and_others_are_refused(tmp_path, holder, refused):
+    import socket
+
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.runlock import run_lock
+
+    lock = tmp_path / "run.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), **holder}) if isinstance(holder, dict) else holder)
+    if refused:
+        with pytest.raises(EdgefuseError, match=refused), run_lock(tmp_path):
+            pass
+        assert lock.read_text() == (json.dumps({"host": socket.gethostname(), **holder})
+                                    if isinstance(holder, dict) else holder)  # left to its owner
+        return
+    with run_lock(tmp_path) as stale:
+        assert stale["pid"] == holder["pid"] and json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mount a tmpfs of the given size (KiB), optionally read-only: a real full disk or read-only filesystem,
+    which the tests (running as root, where chmod stops nothing) cannot get otherwise. Needs mount rights."""
+    mounted: list[Path] = []
+
+    def mount(kib: int, readonly: bool = False) -> Path:
+        mnt = tmp_path / f"fs{len(mounted)}"
+        mnt.mkdir()
+        opts = f"size={kib}k" + (",ro" if readonly else "")
+        if not shutil.which("mount"):
+            pytest.skip("no mount command to make a small filesystem with")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path, small_fs):
+    """A directory this process cannot write: chmod 555 for a normal user, a read-only tmpfs for root."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+    else:
+        yield small_fs(64, readonly=True)
+
+
+@pytest.mark.parametrize("where", ["existing", "new"])
+def test_unwritable_run_directory_is_one_line_and_nothing_written(readonly_dir, tmp_path, monkeypatch, capsys, where):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_STUDY, sort_keys=False))
+    run_dir = readonly_dir if where == "existing" else readonly_dir / "run"
+    code, err = run_cli(monkeypatch, capsys, "run", cfg, "--run-dir", run_dir, "--no-progress")
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    assert code == 2 and one_line(err) == f"error: {run_dir}: cannot write ({reason})"
+    assert os.listdir(readonly_dir) == []
+
+
+def test_full_disk_is_one_line_nothing_half_written_and_the_rerun_finishes(study, small_fs, monkeypatch, capsys):
+    """The disk fills up while the last fusion writes its adapter: one line naming it, no finished stage directory
+    for it, no results.json, the lock released. With space again the rerun redoes that fusion and its evaluation
+    only and ends with the uninterrupted run's adapters and scores."""
+    import re
+
+    cfg, ref_dir, _ = study
+    size = sum(f.stat().st_size // 1024 + 4 for f in ref_dir.rglob("*") if f.is_file())
+    run_dir = small_fs(size + 1024) / "run"
+    shutil.copytree(ref_dir, run_dir, ignore=lambda d, names: [n for n in names if n.startswith(
+        ("fuse-ties+element-s0", "eval-ties+element-s0", "results.", "report.md")) or n.endswith(".png")])
+    fs = os.statvfs(run_dir)
+    room = 6 * fs.f_frsize  # a page each for the lock, config.json, run.log and stages.jsonl, and spare
+    adapter = next(ref_dir.glob("stages/fuse-ties+element-s0-*/fused/adapter_model.safetensors")).stat().st_size
+    if adapter <= room:
+        pytest.skip(f"pages of {fs.f_frsize} bytes: no room for the logs that is too small for the adapter")
+    (run_dir.parent / "ballast").write_bytes(b"\0" * (fs.f_bavail * fs.f_frsize - room))
+    n_log = len(stage_log(run_dir))
+    code, err = run_cli(monkeypatch, capsys, "run", cfg, "--run-dir", run_dir, "--no-progress")
+    assert code == 2
+    assert re.fullmatch(rf"error: {re.escape(str(run_dir))}/stages/fuse-ties\+element-s0-\w+\.partial/fused: "
+                        r"cannot write \(No space left on device\)", one_line(err))
+    assert not _stage_dirs(run_dir, "fuse-ties+element-s0")[0] and not _stage_dirs(run_dir, "eval-ties+element-s0")[0]
+    [partial] = _stage_dirs(run_dir, "fuse-ties+element-s0")[1]
+    assert os.listdir(partial) == []  # the adapter's temporary directory went with the error
+    assert not (run_dir / "results.json").exists() and not (run_dir / "run.lock").exists()
+    assert all(r["status"] == "cached" for r in stage_log(run_dir)[n_log:])
+    (run_dir.parent / "ballast").unlink()
+    n_log = len(stage_log(run_dir))
+    code, err = run_cli(monkeypatch, capsys, "run", cfg, "--run-dir", run_dir, "--no-progress")
+    assert code == 0, err[-3000:]
+    assert {r["stage"] for r in stage_log(run_dir)[n_log:] if r["status"] == "ran"} == {"fuse-ties+element-s0",
+                                                                                         "eval-ties+element-s0"}
+    assert_same_results(ref_dir, run_dir)

@@ -18,3 +18,15 @@ class EdgefuseError(Exception):
         if path is not None:
             where = f"{path}:{line}: " if line is not None else f"{path}: "
         super().__init__(where + message)
+
+
+class WriteError(EdgefuseError):
+    """A write failed for a reason of the machine, not of the input (a full disk, a read-only directory).
+
+    Kept apart so that code which turns an input's problem into a verdict (an edge's package rejected)
+    does not mistake the cloud's own full disk for a fault of that input.
+    """
+
+    def __init__(self, reason: str, *, path: object):
+        super().__init__(f"cannot write ({reason})", path=path)
+        self.reason = reason

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefuse.config import StudyConfig
+from edgefuse.stages import finished_stage_files
 
 REFERENCE_PARAMS = 134.5e6  # SmolLM2-135M, the model the rates were measured with
 
@@ -98,9 +99,8 @@ def mark_done(stages: list[PlannedStage], run_dir: Path) -> dict[str, float]:
     """Mark the stages already finished in ``run_dir`` (a finished directory of the same name; a changed
     config may still redo some of them) and return each kind's correction factor, measured ÷ estimated
     over the stages this run directory has run."""
-    root = Path(run_dir) / "stages"
     finished = {}
-    for marker in root.glob("*/stage.json") if root.is_dir() else []:
+    for marker in finished_stage_files(run_dir):
         try:
             rec = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError):

@@ -1,22 +1,25 @@
 """Safe file I/O shared by every stage.
 
 Why: a crash or bad input must never leave half-written artifacts, and only formats that cannot run
-code (safetensors, JSON) are ever read. Writes go to a temporary sibling and are renamed into place.
+code (safetensors, JSON) are ever read. Writes go to a temporary sibling and are renamed into place; a
+write the machine refuses (a full disk, a read-only directory) is one `WriteError` naming the path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgefuse.errors import EdgefuseError
+from edgefuse.errors import EdgefuseError, WriteError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -42,32 +45,88 @@ def hash_obj(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj).encode())
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# errno values that mean the machine refused a write (disk or quota full, read-only or forbidden place)
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM})
+
+
+def write_failure(err: BaseException) -> str | None:
+    """The OS's reason when ``err`` is a refused write, else None (also safetensors' Rust errors: "os error 28")."""
+    if isinstance(err, OSError):
+        return (err.strerror or str(err)) if err.errno in WRITE_ERRNOS else None
+    m = re.search(r"os error (\d+)", str(err))
+    return os.strerror(int(m[1])) if m and int(m[1]) in WRITE_ERRNOS else None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, always: bool = False) -> Iterator[None]:
+    """Turn a refused write inside the block into one `WriteError` naming ``path`` (also one raised for a file
+    inside it: a temporary name means nothing to the user).
+
+    ``always``: every OSError of the block is a write failure (the block only creates or writes ``path``).
+    """
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        yield
+    except WriteError as e:
+        raise WriteError(e.reason, path=path) from None
+    except EdgefuseError:
+        raise
+    except Exception as e:
+        why = (e.strerror or str(e)) if always and isinstance(e, OSError) else write_failure(e)
+        if why is None:
+            raise
+        raise WriteError(why, path=path) from None
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only if the block finishes."""
+    path = Path(path)
+    with writing(path, always=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    tmp = Path(name)
+    try:
+        with writing(path, always=True):
+            yield tmp
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
+
+
+def atomic_write_png(fig: Any, path: str | Path, dpi: int) -> None:
+    """A matplotlib figure as PNG, written like every other file (a temporary sibling, then renamed)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log file (a refused write is one `WriteError` naming the file)."""
+    with writing(path, always=True), open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block finishes without error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with writing(path, always=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with writing(path):
+            yield tmp
         if path.exists():
             if not overwrite:
                 raise EdgefuseError("already exists (pass --force to overwrite)", path=path)

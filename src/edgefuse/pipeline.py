@@ -10,6 +10,7 @@ single-process study with the same seeds produce the same adapters and scores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from edgefuse.config import StudyConfig
 from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
 from edgefuse.estimate import round_tag
-from edgefuse.io import atomic_write_json, read_json, sha256_file
+from edgefuse.io import atomic_write_json, read_json, sha256_file, writing
 from edgefuse.stages import StageCache
 
 log = logging.getLogger("edgefuse.run")
@@ -267,8 +268,12 @@ def local_trainer(st: Study, jobs: list[TrainJob]) -> None:
 
     for job in jobs:
         items = st.items_of("edge", job.domains)
+        state = checkpoint_dir_for(job.package_dir) / "state.json"
+        if state.is_file():  # an interrupted run: the stage's work directory kept this edge's last checkpoint
+            log.info("edge %s: resuming from its checkpoint at step %d of %d (%s)", job.edge,
+                     read_json(state)["step"], job.config.steps, state.parent)
         train_edge(job.pruned_dir, job.edge, items, job.config, job.package_dir, progress=job.advance,
-                   resume=checkpoint_dir_for(job.package_dir).exists(), init_dir=job.init_dir,
+                   resume=state.is_file(), init_dir=job.init_dir,
                    device=st.precision.device, dtype=st.precision.dtype)
 
 
@@ -494,9 +499,22 @@ def run_seed(st: Study, seed: int, trainer: Callable[[Study, list[TrainJob]], No
 
 
 # ----------------------------------------------------------------------------------------------- entry
+class RunLogHandler(logging.FileHandler):
+    """``run.log``, dropping what it cannot write: on a full disk the stage writing next stops the run with one
+    line naming its file, which a traceback per log record (logging's default) would bury."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()
+
+
 def setup_logging(run_dir: Path) -> logging.Handler:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    with writing(run_dir / "run.log", always=True):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        h = RunLogHandler(run_dir / "run.log", encoding="utf-8")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("edgefuse")
     root.setLevel(logging.INFO)
@@ -514,12 +532,22 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
     (Flower's) reports each device's own memory budget, which becomes that edge's pruning budget.
     Before any stage runs, the remaining duration is estimated (`edgefuse.estimate`), checked against
     ``max_minutes`` and handed to ``on_estimate``; results.json keeps it beside the measured wall times.
+    One run at a time per run directory: a second one is refused at once (`edgefuse.runlock`).
     """
+    from edgefuse.runlock import run_lock
+
+    with run_lock(run_dir) as stale:
+        return _run_locked(cfg, Path(run_dir), force, show_progress, trainer, on_estimate, stale)
+
+
+def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progress: bool,
+                trainer: Callable[[Study, list[TrainJob]], None] | None,
+                on_estimate: Callable[[list], None] | None, stale: dict | None) -> dict:
+    """`run_study` while this process holds the run directory's lock (``stale``: a dead run's lock it took over)."""
     from edgefuse.estimate import estimate_study, remaining_seconds
     from edgefuse.models import count_parameters, fingerprint, load_model
     from edgefuse.report import write_report
 
-    run_dir = Path(run_dir)
     t0 = time.perf_counter()
     precision = cfg.precision()  # an unreachable device or a dtype it cannot run fails here, before any work
     budgets = trainer.device_budgets(list(cfg.edges)) if hasattr(trainer, "device_budgets") else {}
@@ -535,6 +563,10 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
         on_estimate(stages)
     handler = setup_logging(run_dir)
     try:
+        if stale is not None:
+            from edgefuse.runlock import stale_note
+
+            log.warning(stale_note(stale, run_dir))
         if budgets:
             log.info("memory budgets reported by the edge devices (GiB): %s; the config sets the pruning of %s",
                      budgets, sorted(set(budgets) & set(cfg.edge_pruning)) or "none of them")

@@ -388,7 +388,7 @@ def write_report(doc: dict, run_dir: Path) -> Path:
     if figures:
         md += ["## Figures", ""] + [f"![{cap}]({name})\n\n*{cap}*\n" for name, cap in figures.items()]
     md += ["## Stage wall times", "", stages_table(doc), ""]
-    atomic_write_json(run_dir / "results.json", doc)
     atomic_write_text(run_dir / "results.csv", results_csv(doc))
     atomic_write_text(run_dir / "report.md", "\n".join(md))
+    atomic_write_json(run_dir / "results.json", doc)  # last: a results.json means the whole report was written
     return run_dir / "report.md"

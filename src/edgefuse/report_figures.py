@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefuse.io import atomic_write_png
+
 
 def _plt():
     import matplotlib
@@ -21,7 +23,7 @@ def _save(fig, ax, path: Path, title: str, **title_kw) -> None:
     ax.set_title(title, **title_kw)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write_png(fig, path, dpi=110)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -163,7 +165,7 @@ def fig_transfer(doc: dict, path: Path) -> str | None:
     fig.colorbar(im, ax=ax, label="Δ vs base (points)")
     ax.set_title("Transfer matrix: each edge adapter alone, per domain", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write_png(fig, path, dpi=110)
     plt.close(fig)
     return ("Each edge's adapter alone (rows) on each edge's domain (columns): paired Δ against the base model in "
             "points with its 95% interval (* = excludes 0). Diagonal: own-domain gain; off-diagonal: interference.")

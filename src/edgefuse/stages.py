@@ -2,8 +2,10 @@
 
 Why: a study is hours of work on a CPU. A rerun must reuse what is finished, an interrupted run must
 resume at the stage it was in, and ``--force KIND`` must redo a kind of stage and everything after it.
-A stage works in ``<name>-<key>.partial/`` (kept across interruptions so training can resume from its
-checkpoints) and is renamed to ``<name>-<key>/`` with a ``stage.json`` only when it has finished.
+A stage works in ``<name>-<key>.partial/`` and is renamed to ``<name>-<key>/`` with a ``stage.json`` only
+when it has finished; only that final directory is ever read back. An interrupted training stage keeps its
+``.partial`` (its checkpoints let the rerun resume); any other kind's ``.partial`` is deleted and redone from
+scratch, since half of a fusion or an evaluation is not worth trusting.
 """
 
 from __future__ import annotations
@@ -16,20 +18,28 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgefuse.io import atomic_write_json, hash_obj
+from edgefuse.io import append_line, atomic_write_json, hash_obj, writing
 
 # Stage kinds in dependency order: forcing one kind redoes it and every later kind.
 KINDS = ("data", "prune", "train", "recover", "fuse", "eval")
+RESUMABLE = frozenset({"train"})  # kinds whose interrupted work directory is resumed, not redone
 STAGE_FILE = "stage.json"
 LOG_FILE = "stages.jsonl"
 
 log = logging.getLogger("edgefuse.run")
 
 
+def finished_stage_files(run_dir: Path) -> list[Path]:
+    """The ``stage.json`` of every finished stage; a ``.partial`` one (killed while being renamed) is not finished."""
+    root = Path(run_dir) / "stages"
+    return [m for m in sorted(root.glob(f"*/{STAGE_FILE}")) if not m.parent.name.endswith(".partial")]
+
+
 class StageCache:
     def __init__(self, run_dir: Path, force: str | None = None):
         self.root = Path(run_dir) / "stages"
-        self.root.mkdir(parents=True, exist_ok=True)
+        with writing(self.root, always=True):
+            self.root.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(run_dir) / LOG_FILE
         self.forced = set(KINDS[KINDS.index(force):]) if force else set()
         self.records: list[dict] = []
@@ -39,8 +49,7 @@ class StageCache:
 
     def _log(self, rec: dict) -> None:
         self.records.append(rec)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_line(self.log_path, json.dumps(rec))
 
     def lookup(self, kind: str, name: str, inputs: Any) -> tuple[Path, dict] | None:
         """The finished stage's (dir, result), or None when it must (re)run."""
@@ -57,10 +66,14 @@ class StageCache:
         return final, rec["result"]
 
     def begin(self, kind: str, name: str, inputs: Any) -> Path:
-        """Create (or reuse, after an interruption) the stage's work directory."""
+        """Create the stage's work directory; after an interruption reuse it (training) or start it afresh."""
         work = self.root / f"{name}-{self.key(kind, name, inputs)}.partial"
+        if work.exists() and kind not in RESUMABLE:
+            log.warning("stage %s: discarding the unfinished output of an interrupted run (%s)", name, work)
+            shutil.rmtree(work)
         log.info("stage %s: %s", name, "resuming" if work.exists() else "running")
-        work.mkdir(parents=True, exist_ok=True)
+        with writing(work, always=True):
+            work.mkdir(parents=True, exist_ok=True)
         return work
 
     def finish(self, kind: str, name: str, inputs: Any, result: dict, wall: float) -> Path:

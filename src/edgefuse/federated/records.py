@@ -26,6 +26,7 @@ from typing import Any
 
 from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from edgefuse.errors import EdgefuseError
+from edgefuse.io import writing
 
 JOB_RECORD = "job"
 ADAPTER_RECORD = "adapter"
@@ -159,10 +160,11 @@ def _write_dir(arrays, cfg, directory: Path) -> None:
             json.loads(cfg[key])
         except (TypeError, ValueError):
             raise EdgefuseError(f"package {key} is not JSON text") from None
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(cfg["adapter_config"], encoding="utf-8")
-    (directory / MANIFEST_FILE).write_text(cfg["manifest"], encoding="utf-8")
+    with writing(directory, always=True):
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(cfg["adapter_config"], encoding="utf-8")
+        (directory / MANIFEST_FILE).write_text(cfg["manifest"], encoding="utf-8")
 
 
 def identity_content(node_config: dict[str, Any]):

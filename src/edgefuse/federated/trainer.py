@@ -30,6 +30,7 @@ class FlowerTrainer:
         self.wait_nodes = float(wait_nodes)
         self.node_of: dict[str, int] = {}
         self.identity: dict[str, dict[str, Any]] = {}
+        self.conflicts: dict[str, str] = {}  # edge → why it has no node (several nodes claim it)
         self.rounds: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ nodes
@@ -49,8 +50,7 @@ class FlowerTrainer:
         msgs = [Message(RecordDict(), dst_node_id=nid, message_type=MSG_IDENTIFY, group_id="identify")
                 for nid in node_ids]
         replies = list(self.grid.send_and_receive(msgs, timeout=max(30.0, self.wait_nodes))) if msgs else []
-        node_of: dict[str, int] = {}
-        identity: dict[str, dict[str, Any]] = {}
+        claims: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         for r in replies:
             if r.has_error() or IDENTITY_RECORD not in r.content.config_records:
                 continue
@@ -59,14 +59,17 @@ class FlowerTrainer:
             if name is None and "partition-id" in ident and int(ident["partition-id"]) < len(edges):
                 name = edges[int(ident["partition-id"])]  # simulation: one virtual node per edge, in config order
             if name in edges:
-                if name in node_of:
-                    raise EdgefuseError(f"two SuperNodes claim edge {name!r} (node ids {node_of[name]} and "
-                                        f"{r.metadata.src_node_id}); give each node a distinct edge= node config")
-                node_of[name] = r.metadata.src_node_id
-                identity[name] = ident
-        log.info("federation: %d nodes connected, edges mapped: %s", len(node_ids), node_of)
-        self.node_of, self.identity = node_of, identity
-        return node_of
+                claims.setdefault(name, []).append((r.metadata.src_node_id, ident))
+        # an edge two nodes claim is left out: the cloud cannot tell which one holds that edge's data
+        self.conflicts = {name: f"{len(c)} SuperNodes claim this edge (node ids {', '.join(str(n) for n, _ in c)}); "
+                                "give each node a distinct edge= node config"
+                          for name, c in claims.items() if len(c) > 1}
+        for name, why in self.conflicts.items():
+            log.warning("federation: edge %s: %s", name, why)
+        self.node_of = {name: c[0][0] for name, c in claims.items() if len(c) == 1}
+        self.identity = {name: c[0][1] for name, c in claims.items() if len(c) == 1}
+        log.info("federation: %d nodes connected, edges mapped: %s", len(node_ids), self.node_of)
+        return self.node_of
 
     def device_budgets(self, edges: list[str]) -> dict[str, float]:
         """Memory budgets (GiB) the edge devices report in their node config (``memory-budget-gib``): the
@@ -118,40 +121,35 @@ class FlowerTrainer:
     def __call__(self, st, jobs: list) -> None:
         from flwr.app import Message
 
-        from edgefuse.federated.records import MSG_TRAIN, content_to_files, job_to_content
+        from edgefuse.federated.records import MSG_TRAIN, job_to_content
 
         edges = list(st.cfg.edges)
         if not self.node_of or any(j.edge not in self.node_of for j in jobs):
             self.discover(edges)
-        msgs, by_node = [], {}
+        msgs, sent = [], []
         for job in jobs:
             nid = self.node_of.get(job.edge)
             if nid is None:
-                job.failure = "no SuperNode with this edge name is connected"
+                job.failure = self.conflicts.get(job.edge, "no SuperNode with this edge name is connected")
                 continue
-            by_node[nid] = job
+            sent.append(job)
             msgs.append(Message(job_to_content(self.job_message(st, job), job.init_dir, self.masks(job)),
                                 dst_node_id=nid, message_type=MSG_TRAIN, group_id=f"train-s{job.seed}-r{job.round_no}"))
         t0 = time.perf_counter()
         log.info("federation: sending %d training jobs (timeout %s)", len(msgs), self.timeout)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
+        # by the id the grid gave each message: the SuperLink's own error reply for a node that vanished
+        # mid-round comes from the SuperLink, not from that node
+        pending = {m.metadata.message_id: job for m, job in zip(msgs, sent)}
         for r in replies:
-            job = by_node.pop(r.metadata.src_node_id, None)
+            job = pending.pop(r.metadata.reply_to_message_id, None)
             if job is None:
                 continue
             if r.has_error():
                 job.failure = f"edge failed: {r.error.reason}"
                 continue
-            upload = job.work_dir / ".upload"
-            shutil.rmtree(upload, ignore_errors=True)
-            try:
-                content_to_files(r.content, upload)
-                self.accept(st, job, upload)
-            except EdgefuseError as e:
-                job.failure = f"package rejected: {e}"
-            finally:
-                shutil.rmtree(upload, ignore_errors=True)
-        for job in by_node.values():
+            self.receive(st, job, r.content)
+        for job in pending.values():
             job.failure = f"no reply within {self.timeout:g} s" if self.timeout else "no reply"
         wall = time.perf_counter() - t0
         failed = {j.edge: j.failure for j in jobs if getattr(j, "failure", None)}
@@ -165,6 +163,25 @@ class FlowerTrainer:
             detail = "; ".join(f"{e}: {w}" for e, w in failed.items())
             raise EdgefuseError(f"only {delivered} of {len(edges)} edges delivered a package, min_edges is {need} "
                                 f"({detail})")
+
+    def receive(self, st, job, content) -> None:
+        """Write one edge's reply into its package directory if it passes every check, else mark it rejected.
+
+        A refused write (the cloud's own full disk) is no fault of the edge: it stops the study."""
+        from edgefuse.errors import WriteError
+        from edgefuse.federated.records import content_to_files
+
+        upload = job.work_dir / ".upload"
+        shutil.rmtree(upload, ignore_errors=True)
+        try:
+            content_to_files(content, upload)
+            self.accept(st, job, upload)
+        except WriteError:
+            raise
+        except EdgefuseError as e:
+            job.failure = f"package rejected: {e}"
+        finally:
+            shutil.rmtree(upload, ignore_errors=True)
 
     def accept(self, st, job, upload) -> None:
         from edgefuse.federated.verify import verify_package

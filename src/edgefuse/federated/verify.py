@@ -55,6 +55,9 @@ def verify_package(package_dir: Path, *, edge: str, plan: dict[str, Any], base_f
         if not isinstance(man, dict):
             raise PackageRejected("manifest is not a JSON object")
         listed = sorted(man.get("files") or {})
+        absent = sorted(set(map(str, listed)) - {p.name for p in package_dir.iterdir()})
+        if absent:
+            raise PackageRejected(f"manifest lists {', '.join(absent)}, which the package does not hold")
         if listed != sorted([CONFIG_FILE, WEIGHTS_FILE]):
             raise PackageRejected(f"manifest lists files {listed}, expected {CONFIG_FILE} and {WEIGHTS_FILE}")
         try:

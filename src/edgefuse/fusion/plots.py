@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from edgefuse.io import atomic_write_png
+
 
 def _layer_type(name: str) -> tuple[str, str]:
     m = re.search(r"layers\.(\d+)\.", name)
@@ -41,6 +43,5 @@ def plot_heatmap(stats: dict, path: Path, key: str = "score") -> None:
     ax.set_title(f"adapter conflict ({key})")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write_png(fig, path, dpi=120)
     plt.close(fig)
