@@ -6,16 +6,15 @@ with the factors PEFT itself applies."""
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli as run
 import torch
 from safetensors.torch import load_file, save_file
 from test_fusion_helpers import one_thread, rel
 
 from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, load_adapter
-from edgefuse.cli import main
 from edgefuse.models import tiny_model
 
 peft = pytest.importorskip("peft")
@@ -54,17 +53,6 @@ def valid(tmp_path_factory):
     pm = _peft_adapter(root / "a", 1)
     _peft_adapter(root / "b", 2)
     return root / "a", root / "b", pm
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["edgefuse", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 # ------------------------------------------------------------------------------------------------- corruptions

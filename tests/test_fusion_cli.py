@@ -2,14 +2,13 @@
 nothing written), PEFT loading of the fused adapter and merged full weights."""
 
 import json
-import sys
 
 import pytest
+from cli_helpers import run_cli as run
 import torch
 from test_fusion_helpers import one_thread, rel
 
 from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter, save_adapter, verify_hashes
-from edgefuse.cli import main
 from edgefuse.fusion import fuse_adapters
 from edgefuse.io import sha256_file
 from edgefuse.models import fingerprint, tiny_model
@@ -50,17 +49,6 @@ def dirs(tmp_path, tiny):
         save_adapter(_adapter(seed, rank), d, {"base_fingerprint": tiny, "domain": f"d{k}"})
         out.append(d)
     return out
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["edgefuse", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_fuse_writes_peft_adapter_manifest_and_merged_weights(tmp_path, dirs, monkeypatch, capsys):
