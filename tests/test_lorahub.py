@@ -131,3 +131,63 @@ def test_bad_input_gives_one_clear_line(base, adapters, items):
     assert "objective" in one_line_error(lambda: lorahub(model, tok, adapters, items, objective="x"))
     assert "3 adapters" in one_line_error(lambda: lorahub(model, tok, adapters, items, start=[0.1]))
     assert "[-1.5, 1.5]" in one_line_error(lambda: lorahub(model, tok, adapters, items, start=[2, 0, 0]))
+
+
+# --- CLI: edgefuse compose lorahub ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter_dirs(tmp_path, base, adapters):
+    from edgefuse.adapters import save_adapter
+    from edgefuse.models import fingerprint
+
+    fp = fingerprint(tiny_model()[0])
+    dirs = []
+    for k, a in enumerate(adapters):
+        d = tmp_path / f"a{k}"
+        save_adapter(LoraAdapter(a.modules, base_model="tiny-llama"), d, {"base_fingerprint": fp, "domain": f"d{k}"})
+        dirs.append(d)
+    return dirs
+
+
+def test_cli_writes_a_peft_adapter_with_weights_and_trace(tmp_path, adapter_dirs, monkeypatch, capsys):
+    import json
+
+    from cli_helpers import run_cli
+
+    out = tmp_path / "hub"
+    code, so, se = run_cli(monkeypatch, capsys, "compose", "lorahub", "--domains", "stem", "--examples", 4,
+                           "--budget", 3, "--out", out, "--device", "cpu", "--adapters", *adapter_dirs)
+    assert code == 0, se
+    assert "in 4 evaluations" in so
+    man = json.loads((out / "edgefuse.json").read_text())
+    hub = man["lorahub"]
+    assert len(hub["weights"]) == 3 and len(hub["trace"]) == 4 and hub["settings"]["domains"] == ["stem"]
+    assert hub["objective"] <= hub["start_objective"] and man["base_model"] == "tiny-llama"
+    assert [i["domain"] for i in man["inputs"]] == ["d0", "d1", "d2"]
+    load_adapter(out, tiny_model()[0])
+
+
+def test_cli_bad_input_one_line_nothing_written(tmp_path, adapter_dirs, monkeypatch, capsys):
+    from cli_helpers import run_cli
+
+    out = tmp_path / "never"
+
+    def bad(*args) -> str:
+        code, _, se = run_cli(monkeypatch, capsys, "compose", "lorahub", "--out", out, *args)
+        assert code != 0 and not out.exists()
+        lines = [ln for ln in se.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), se
+        return lines[0]
+
+    assert "budget must be an integer >= 0" in bad("--domains", "stem", "--budget", -1, "--adapters", *adapter_dirs)
+    assert "at least one adapter" in bad("--domains", "stem")
+    assert "unknown domain 'astrology'" in bad("--domains", "astrology", "--adapters", *adapter_dirs)
+    assert "--domains" in bad("--adapters", *adapter_dirs)
+    assert "--examples" in bad("--domains", "stem", "--examples", 0, "--adapters", *adapter_dirs)
+    assert "unknown fusion method 'nope'" in bad("--domains", "stem", "--method", "nope", "--adapters", *adapter_dirs)
+    assert "--start" in bad("--domains", "stem", "--start", "random", "--adapters", *adapter_dirs)
+    out.mkdir()
+    code, _, se = run_cli(monkeypatch, capsys, "compose", "lorahub", "--out", out, "--domains", "stem",
+                          "--adapters", *adapter_dirs)
+    assert code != 0 and "already exists" in se and not any(out.iterdir())

@@ -225,11 +225,12 @@ def lorahub(model, tokenizer, adapters: Sequence[LoraAdapter], items: Sequence, 
 
 
 def save_lorahub(result: LoraHubResult, out: str | Path, *, base_model: str | None = None,
-                 inputs: Sequence[dict] | None = None) -> Path:
+                 inputs: Sequence[dict] | None = None, base_fingerprint: str | None = None) -> Path:
     """Write the fused adapter as a normal PEFT adapter; ``edgefuse.json`` holds the weights and the trace."""
     manifest = {
         "format": "edgefuse-fused-adapter",
         "version": 1,
+        "base_fingerprint": base_fingerprint,
         "base_model": base_model,
         "method": result.settings.get("method"),
         "composition": "lorahub",
@@ -249,3 +250,59 @@ def save_lorahub(result: LoraHubResult, out: str | Path, *, base_model: str | No
         "output_rank": max((m.rank for m in result.adapter.modules.values()), default=0),
     }
     return save_adapter(result.adapter, out, manifest, base_model=base_model)
+
+
+def lorahub_dirs(adapter_dirs: Sequence[str | Path], out: str | Path, domains: Sequence[str], *,
+                 examples: int = 20, budget: int = DEFAULT_BUDGET, method: str = "task_arithmetic",
+                 objective: str = "letters", model: str | None = None, mmlu: str | None = None,
+                 start=None, seed: int = 0, force: bool = False, device: str | None = None) -> dict:
+    """Load the adapters and the base model, learn LoraHub weights on ``examples`` items of the MMLU
+    ``public`` split of ``domains``, write the adapter (`save_lorahub`). Every check runs before the
+    model loads; nothing is written unless the search succeeds."""
+    from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, ModelShapes, load_adapter
+    from edgefuse.data.mmlu import load_mmlu, select
+    from edgefuse.data.taxonomy import domain_subjects
+    from edgefuse.fusion.registry import get_method
+    from edgefuse.io import sha256_file
+    from edgefuse.models import load_model
+
+    out = Path(out)
+    if not adapter_dirs:
+        raise EdgefuseError("LoraHub needs at least one adapter (--adapters DIR DIR ...)")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise EdgefuseError(f"LoraHub budget must be an integer >= 0, got {budget!r}")
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise EdgefuseError(f"--examples must be a positive integer, got {examples!r}")
+    if objective not in OBJECTIVES:
+        raise EdgefuseError(f"unknown LoraHub objective {objective!r}; use one of: {', '.join(OBJECTIVES)}")
+    if not domains:
+        raise EdgefuseError("LoraHub needs --domains (the MMLU domains its examples come from)")
+    for d in domains:
+        if not domain_subjects(d):
+            raise EdgefuseError(f"unknown MMLU domain {d!r}")
+    get_method(method)
+    if out.exists() and not force:
+        raise EdgefuseError("output already exists (pass --force to overwrite)", path=out)
+    raw = [load_adapter(d) for d in adapter_dirs]
+    names = {a.base_model for a in raw if a.base_model}
+    if model is None:
+        if len(names) != 1:
+            raise EdgefuseError("pass --model: the adapters do not name one base model")
+        model = next(iter(names))
+    items = select(load_mmlu(mmlu), "public", domains=list(domains), limit=examples, seed=seed)
+    if not items:
+        raise EdgefuseError(f"no public-split MMLU items for domains {', '.join(domains)}")
+    base, tok = load_model(model, device=device, dtype="float32")
+    shapes = ModelShapes.of(base)
+    adapters = [load_adapter(d, shapes, force=force) for d in adapter_dirs]
+    res = lorahub(base, tok, adapters, items, objective=objective, budget=budget, method=method, start=start,
+                  seed=seed, device=next(base.parameters()).device)
+    inputs = [{"path": str(Path(d)), "domain": (a.manifest or {}).get("domain"),
+               "sha256": {f: sha256_file(Path(d) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)}}
+              for d, a in zip(adapter_dirs, adapters)]
+    res.settings.update({"domains": list(domains), "model": model})
+    fps = {str((a.manifest or {}).get("base_fingerprint")) for a in adapters if (a.manifest or {}).get("base_fingerprint")}
+    save_lorahub(res, out, base_model=next(iter(names)) if len(names) == 1 else None, inputs=inputs,
+                 base_fingerprint=next(iter(fps)) if len(fps) == 1 else None)
+    return {"weights": res.weights, "loss": res.loss, "objective": res.objective, "start_loss": res.start_loss,
+            "start_objective": res.start_objective, "evaluations": len(res.trace), "out": str(out)}
