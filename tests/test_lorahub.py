@@ -76,6 +76,7 @@ def test_search_never_ends_above_the_start_and_records_its_trace(base, adapters,
     assert len(res.trace) == 9 and [t["step"] for t in res.trace] == list(range(9))
     assert min(t["objective"] for t in res.trace) == res.objective
     assert all(-1.5 <= w <= 1.5 for t in res.trace for w in t["weights"])
+    assert any(t["weights"] != res.start for t in res.trace[1:])  # the optimiser moved away from the start
     assert {m.rank for m in res.adapter.modules.values()} == {14}  # task arithmetic concatenates 2+4+8
     after = weights_of(model)
     assert all(torch.equal(before[k], after[k]) for k in before)

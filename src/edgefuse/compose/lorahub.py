@@ -15,6 +15,10 @@ bullet as the binding one and start by default at the uniform weights 1/K (the p
 average, a meaningful composition on its own, so a zero budget returns a usable adapter); ``start=
 "zeros"`` gives the paper's start and an explicit vector any other. The start is always evaluated
 first and the best point seen is returned, so the result's loss never exceeds the start's.
+
+API: `lorahub` (model, tokenizer, adapters, MMLU items → `LoraHubResult`), `lorahub_objective` (one
+evaluation), `save_lorahub` (PEFT adapter + ``edgefuse.json`` with weights and trace), `lorahub_dirs`
+(directories in, adapter out: ``edgefuse compose lorahub``).
 """
 
 from __future__ import annotations
