@@ -522,6 +522,35 @@ def setup_logging(run_dir: Path) -> logging.Handler:
     return h
 
 
+@contextlib.contextmanager
+def deterministic(seed: int = 0):
+    """The whole study under torch's deterministic algorithms, with every global RNG seeded at its start.
+
+    Each stage also seeds its own generators from the study's seeds (training, pruning, fusion), so a resumed run
+    draws the same numbers as one from scratch; the global seeding here is only a safety net. ``warn_only``: an
+    operation torch has no deterministic kernel for warns instead of failing the study. The previous setting is
+    restored afterwards, so a library caller's process is left as it was."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it (CUDA ≥ 10.2)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
 def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, show_progress: bool = True,
               trainer: Callable[[Study, list[TrainJob]], None] | None = None,
               on_estimate: Callable[[list], None] | None = None) -> dict:
@@ -532,11 +561,12 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
     (Flower's) reports each device's own memory budget, which becomes that edge's pruning budget.
     Before any stage runs, the remaining duration is estimated (`edgefuse.estimate`), checked against
     ``max_minutes`` and handed to ``on_estimate``; results.json keeps it beside the measured wall times.
-    One run at a time per run directory: a second one is refused at once (`edgefuse.runlock`).
+    One run at a time per run directory: a second one is refused at once (`edgefuse.runlock`). The study runs
+    under `deterministic`: the same config run twice from scratch gives the same adapters and scores.
     """
     from edgefuse.runlock import run_lock
 
-    with run_lock(run_dir) as stale:
+    with run_lock(run_dir) as stale, deterministic(cfg.seeds[0] if cfg.seeds else 0):
         return _run_locked(cfg, Path(run_dir), force, show_progress, trainer, on_estimate, stale)
 
 
