@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
@@ -27,15 +25,7 @@ from edgefuse.data.prompts import cloze_continuation, cloze_prompt, mc_prompt
 from edgefuse.evaluate.cloze import ClozeScorer, choice_lengths, choose, encode_choices
 from edgefuse.evaluate.scoring import LetterScorer, make_batch
 from edgefuse.models import load_model
-
-
-def timed(fn, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), result
+from edgefuse.profiling import median_time
 
 
 def main() -> None:
@@ -71,9 +61,9 @@ def main() -> None:
         return out
 
     letters.score(letter_prompts[: args.batch_size])  # warm-up
-    t_letters, _ = timed(lambda: letters.score(letter_prompts), args.repeats)
-    t_cloze, got = timed(lambda: cloze.score(contexts, conts), args.repeats)
-    t_naive, ref = timed(run_naive, args.repeats)
+    t_letters, _ = median_time(lambda: letters.score(letter_prompts), args.repeats)
+    t_cloze, got = median_time(lambda: cloze.score(contexts, conts), args.repeats)
+    t_naive, ref = median_time(run_naive, args.repeats)
 
     lengths = torch.tensor([choice_lengths(cs) for cs in conts], dtype=torch.float32)
     agree = {m: float((choose(got, lengths, m) == choose(ref, lengths, m)).float().mean()) for m in ("acc", "acc_norm")}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
@@ -19,15 +17,7 @@ from edgefuse.data.mmlu import load_mmlu, select
 from edgefuse.data.prompts import answer_text, mc_prompt
 from edgefuse.evaluate.scoring import LetterScorer, make_batch
 from edgefuse.models import load_model
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from edgefuse.profiling import median_time
 
 
 def main() -> None:
@@ -71,9 +61,9 @@ def main() -> None:
                 lp[r, L - 2, naive_seqs[i][L - 1]].item()
 
     run_edgefuse()  # warm-up
-    t_ef = timed(run_edgefuse, args.repeats)
-    t_raw = timed(run_raw, args.repeats)
-    t_naive = timed(run_naive, max(1, args.repeats // 2))
+    t_ef = median_time(run_edgefuse, args.repeats)[0]
+    t_raw = median_time(run_raw, args.repeats)[0]
+    t_naive = median_time(run_naive, max(1, args.repeats // 2))[0]
     print(f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model {args.model}; {args.n} MMLU test questions, {n_tokens} prompt tokens, batch {args.batch_size}")
     print(f"{'scorer':<28}{'s':>8}{'tokens/s':>12}")

@@ -25,3 +25,16 @@ def allocation_peak(fn):
     events.sort()
     base = events[0][1] - events[0][2]
     return res, max(total for _, total, _ in events) - base
+
+
+def median_time(fn, repeats: int):
+    """(median wall seconds over ``repeats`` calls, the last call's result): the benches' side-by-side timing."""
+    import statistics
+    import time
+
+    times, result = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
