@@ -14,26 +14,29 @@ from collections.abc import Sequence
 
 from edgefuse.data.mmlu import MMLUItem
 from edgefuse.data.prompts import cloze_continuation, cloze_prompt, mc_prompt
+from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
 
 
 def encode_items(tokenizer, items: Sequence[MMLUItem], seq: int) -> list[list[int]]:
-    """Zero-shot prompt tokens ending at ``Answer:``; over-long prompts keep their end (question, choices)."""
-    enc = tokenizer([mc_prompt(it) for it in items], add_special_tokens=False).input_ids
-    return [e[-seq:] for e in enc]
+    """Zero-shot prompt tokens ending at ``Answer:``, with the tokenizer's default BOS (`edgefuse.tokens`);
+    over-long prompts keep the BOS and their end (question, choices)."""
+    head = bos_prefix(tokenizer)
+    return [keep_end(e, seq, head) for e in encode_prompts(tokenizer, [mc_prompt(it) for it in items])]
 
 
 def encode_cloze_items(tokenizer, items: Sequence[MMLUItem], seq: int) -> tuple[list[list[int]], list[int]]:
     """Cloze prompt + gold answer text as tokens, and how many of the last tokens are the answer.
 
     The pair is encoded whole and the answer is what follows the context's own tokens (as evaluation
-    harnesses split a context/continuation pair); over-long examples keep their end.
+    harnesses split a context/continuation pair); both start with the tokenizer's default BOS
+    (`edgefuse.tokens`), so the answer carries none; over-long examples keep the BOS and their end.
     """
     ctxs = [cloze_prompt(it) for it in items]
-    whole = tokenizer([c + cloze_continuation(it, it.answer) for c, it in zip(ctxs, items)],
-                      add_special_tokens=False).input_ids
-    ctx = tokenizer(ctxs, add_special_tokens=False).input_ids
+    whole = encode_prompts(tokenizer, [c + cloze_continuation(it, it.answer) for c, it in zip(ctxs, items)])
+    ctx = encode_prompts(tokenizer, ctxs)
     n_answer = [max(1, len(w) - len(c)) for w, c in zip(whole, ctx)]
-    return [w[-seq:] for w in whole], [min(n, seq - 1) for n in n_answer]
+    head = bos_prefix(tokenizer)
+    return [keep_end(w, seq, head) for w in whole], [min(n, seq - 1) for n in n_answer]
 
 
 def epoch_batches(lengths: Sequence[int], batch: int, seed: int, epoch: int, bucket: int = 16) -> list[list[int]]:

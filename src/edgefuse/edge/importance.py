@@ -39,6 +39,7 @@ from edgefuse.edge.families import (
 )
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.scoring import make_batch, unwrap
+from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
 
 CALIB_MAX_TOKENS = 256
 
@@ -111,7 +112,8 @@ def collect_stats(model, tokenizer, prompts: list[str], *, inputs: bool = False,
         if influence:
             hooks.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
             hooks.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
-    enc = [e[-CALIB_MAX_TOKENS:] for e in tokenizer(list(prompts), add_special_tokens=False).input_ids]
+    head = bos_prefix(tokenizer)  # calibration prompts start as the model sees them: with its default BOS
+    enc = [keep_end(e, CALIB_MAX_TOKENS, head) for e in encode_prompts(tokenizer, prompts)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()

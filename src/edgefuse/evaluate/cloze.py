@@ -17,7 +17,8 @@ the last context position for the first one, then the continuation's own.
 Tokenization follows lm-eval-harness's ``_encode_pair``: trailing whitespace of the context moves
 to the continuation, the context is encoded alone, and the continuation tokens are what encoding
 ``context + continuation`` adds past the context's token count. The context tokens are therefore
-the same for every choice, which is what lets one cached context serve them all.
+the same for every choice, which is what lets one cached context serve them all. Both encodings
+start with the tokenizer's default BOS, if it adds one (`edgefuse.tokens`), so continuations carry none.
 
 ``acc_norm`` divides the summed log-likelihood by the length in characters of the choice text
 *without* the leading space delimiter, as lm-eval-harness does (``len(choice)`` over
@@ -32,6 +33,7 @@ import torch
 
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.scoring import head_logprobs, lm_parts, unwrap
+from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
 
 FORMATS = ("letters", "cloze")
 METRICS = {"letters": ("acc",), "cloze": ("acc", "acc_norm")}
@@ -74,15 +76,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    ctx = tokenizer(context, add_special_tokens=False).input_ids
-    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    ctx, whole = encode_prompts(tokenizer, [context, context + continuation])
     return ctx, whole[len(ctx):]
 
 
 def encode_choices(tokenizer, context: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
     """`encode_pair` for every continuation of one context (the context ids do not depend on it)."""
-    ctx = tokenizer(context.rstrip(), add_special_tokens=False).input_ids
-    wholes = tokenizer([context + c for c in continuations], add_special_tokens=False).input_ids
+    ctx, *wholes = encode_prompts(tokenizer, [context.rstrip(), *(context + c for c in continuations)])
     return ctx, [w[len(ctx):] for w in wholes]
 
 
@@ -188,19 +188,19 @@ class ClozeScorer:
 
     def encode(self, contexts: Sequence[str], continuations: Sequence[Sequence[str]]
                ) -> tuple[list[list[int]], list[list[list[int]]]]:
-        """Context ids and continuation ids per choice; over-long contexts keep their end (the
-        question and ``Answer:`` matter most), so context + continuation fits the model."""
+        """Context ids and continuation ids per choice; over-long contexts keep their BOS (if any) and
+        their end (the question and ``Answer:`` matter most), so context + continuation fits the model."""
         if len(contexts) != len(continuations):
             raise EdgefuseError("cloze scoring needs one list of continuations per context")
         if continuations and len({len(c) for c in continuations}) != 1:
             raise EdgefuseError("cloze scoring needs the same number of choices for every context")
-        ctxs, conts = [], []
+        ctxs, conts, head = [], [], bos_prefix(self.tokenizer)
         for context, cs in zip(contexts, continuations):
             ctx, cont = encode_choices(self.tokenizer, context, cs)
             if not ctx:
                 raise EdgefuseError("cloze scoring needs a non-empty context")
             keep = max(1, self.max_length + 1 - max(len(c) for c in cont))
-            ctxs.append(ctx[-keep:])
+            ctxs.append(keep_end(ctx, keep, head))
             conts.append(cont)
         return ctxs, conts
 

@@ -47,6 +47,7 @@ from edgefuse.evaluate.cloze import check_format, choose, continuation_logliks, 
 from edgefuse.evaluate.mmlu import evaluate_mmlu
 from edgefuse.evaluate.scoring import continuation_token_ids, head_logprobs, lm_parts, make_batch, unwrap
 from edgefuse.evaluate.stats import bootstrap_ci, paired_diff_ci
+from edgefuse.tokens import encode_bare, encode_prompts
 
 RESULTS_VERSION = 1
 CONTINUATIONS = (" A", " B", " C", " D")
@@ -134,8 +135,9 @@ class ChainedClozeScorer:
         self.tokens = 0  # tokens run through the decoder (prefix, steps and continuations, no padding)
 
     def _enc(self, texts: Sequence[str]) -> list[list[int]]:
+        # whole growing contexts, so each starts with the tokenizer's default BOS (edgefuse.tokens);
         # contexts end in "Answer j:", so lm-eval's move of trailing spaces never applies; rstrip anyway
-        return self.tokenizer([t.rstrip() for t in texts], add_special_tokens=False).input_ids
+        return encode_prompts(self.tokenizer, [t.rstrip() for t in texts])
 
     def _check_length(self, live: Sequence[int], conts: Sequence[Sequence[int]]) -> None:
         if self.max_length and len(live) + max(len(c) for c in conts) > self.max_length + 1:
@@ -228,13 +230,14 @@ class ChainedScorer:
         self.tokens = 0  # tokens run through the decoder (prefix + steps, padding excluded)
 
     def encode(self, instances: Sequence[Sequence[MMLUItem]]) -> tuple[list[list[int]], list[list[int]]]:
-        """Prefix token ids per instance and the cue ids per answer position 2..k."""
+        """Prefix token ids per instance (with the tokenizer's default BOS, `edgefuse.tokens`) and the cue
+        ids per answer position 2..k (later segments: no BOS)."""
         k = len(instances[0])
 
         def enc(text: str) -> list[int]:
-            return self.tokenizer(text, add_special_tokens=False).input_ids
+            return encode_bare(self.tokenizer, [text])[0]
 
-        prefixes = [enc(cd_prefix(items)) for items in instances]
+        prefixes = encode_prompts(self.tokenizer, [cd_prefix(items) for items in instances])
         cues = [enc(answer_cue(j)) for j in range(2, k + 1)]
         # the chain concatenates separately tokenized pieces; make sure that equals tokenizing the text
         for x, letter_id in enumerate(self.letter_ids):

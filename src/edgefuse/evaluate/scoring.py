@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from edgefuse.errors import EdgefuseError
+from edgefuse.tokens import bos_prefix, encode_bare, encode_prompts, keep_end
 
 
 def unwrap(model):
@@ -46,10 +47,9 @@ def continuation_token_ids(tokenizer, continuations: Sequence[str]) -> list[int]
     A tokenizer may merge the space with the preceding text; we encode ``'Answer:' + cont`` and take
     the tokens added after ``'Answer:'``, and insist on exactly one.
     """
-    ctx = tokenizer("Answer:", add_special_tokens=False).input_ids
+    ctx, *fulls = encode_bare(tokenizer, ["Answer:", *("Answer:" + c for c in continuations)])
     ids = []
-    for c in continuations:
-        full = tokenizer("Answer:" + c, add_special_tokens=False).input_ids
+    for c, full in zip(continuations, fulls):
         extra = full[len(ctx):]
         if full[: len(ctx)] != ctx or len(extra) != 1:
             raise EdgefuseError(f"continuation {c!r} is not a single token for this tokenizer")
@@ -90,24 +90,21 @@ class LetterScorer:
     """Scores prompts by the log-probability of each answer continuation at the next position."""
 
     def __init__(self, model, tokenizer, continuations: Sequence[str] = (" A", " B", " C", " D"),
-                 batch_size: int = 8, padding_side: str = "right", max_length: int | None = None,
-                 add_bos: bool = False):
+                 batch_size: int = 8, padding_side: str = "right", max_length: int | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError("padding_side must be 'left' or 'right'")
         self.model, self.tokenizer = model, tokenizer
         self.choice_ids = torch.tensor(continuation_token_ids(tokenizer, continuations))
         self.batch_size, self.padding_side = batch_size, padding_side
         self.max_length = max_length or getattr(unwrap(model).config, "max_position_embeddings", 4096)
-        self.add_bos = add_bos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.tokens_scored = 0
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        enc = self.tokenizer(list(prompts), add_special_tokens=False).input_ids
-        if self.add_bos and self.tokenizer.bos_token_id is not None:
-            enc = [[self.tokenizer.bos_token_id] + e for e in enc]
-        # keep the end of over-long prompts: the question and "Answer:" matter most
-        return [e[-self.max_length:] for e in enc]
+        """Prompt ids, with the tokenizer's default BOS (`edgefuse.tokens`); over-long prompts keep the BOS
+        and their end: the question and "Answer:" matter most."""
+        head = bos_prefix(self.tokenizer)
+        return [keep_end(e, self.max_length, head) for e in encode_prompts(self.tokenizer, prompts)]
 
     def batches(self, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
         """Index groups, longest first, so each batch holds prompts of similar length."""
