@@ -21,23 +21,24 @@ from edgefuse.evaluate.mmlu import evaluate_mmlu
 # ---------------------------------------------------------------- naive reference
 
 
-def ref_pair(tok, context, continuation):
-    """lm-eval-harness's boundary rule, written out again independently of the library."""
+def ref_pair(tok, context, continuation, specials=False):
+    """lm-eval-harness's boundary rule, written out again independently of the library; ``specials``:
+    encode as the tokenizer does by default (with its BOS, for a BOS-adding tokenizer)."""
     stripped = context.rstrip()
     continuation = context[len(stripped):] + continuation
-    ctx = tok(stripped, add_special_tokens=False).input_ids
-    whole = tok(stripped + continuation, add_special_tokens=False).input_ids
+    ctx = tok(stripped, add_special_tokens=specials).input_ids
+    whole = tok(stripped + continuation, add_special_tokens=specials).input_ids
     return ctx, whole[len(ctx):]
 
 
-def naive_scores(model, tok, contexts, continuations):
+def naive_scores(model, tok, contexts, continuations, specials=False):
     """One unbatched forward per (context + continuation), full logits, summed log-softmax of the
     continuation tokens (each predicted from the position before it)."""
     out = torch.empty((len(contexts), len(continuations[0])))
     with torch.no_grad():
         for i, (context, conts) in enumerate(zip(contexts, continuations)):
             for c, cont in enumerate(conts):
-                ctx, tail = ref_pair(tok, context, cont)
+                ctx, tail = ref_pair(tok, context, cont, specials)
                 lp = torch.log_softmax(model(torch.tensor([ctx + tail])).logits[0].float(), -1)
                 out[i, c] = sum(float(lp[len(ctx) - 1 + t, x]) for t, x in enumerate(tail))
     return out
@@ -181,12 +182,12 @@ def short(mmlu):
     return MMLUDataset([it for it in mmlu.items if len(it.question) + sum(map(len, it.choices)) < 250], "short")
 
 
-def reference_cloze_chain(model, tok, items, metric):
+def reference_cloze_chain(model, tok, items, metric, specials=False):
     """Every growing context built as text (the model's own earlier choices) and scored naively."""
     chosen, rows = [], []
     for j, it in enumerate(items):
         conts = [[cloze_continuation(it, c) for c in range(4)]]
-        ll = naive_scores(model, tok, [cd.cloze_cd_text(items, chosen)], conts)
+        ll = naive_scores(model, tok, [cd.cloze_cd_text(items, chosen)], conts, specials)
         rows.append(ll[0])
         chosen.append(int(choose(ll, lengths_of(conts), metric)[0]))
     return torch.stack(rows)
@@ -250,6 +251,26 @@ def test_evaluate_mmlu_cd_cloze_document_and_reuse(tiny, short):
     assert all("correct_norm" in r for r in mixed["single_items"])
     with pytest.raises(EdgefuseError, match="acc_norm"):
         cd.evaluate_mmlu_cd(model, tok, doc, short, metric="acc_norm")
+
+
+def test_packed_and_chained_cloze_equal_their_references_with_a_bos_tokenizer(tiny, cloze_inputs, short):
+    """With a tokenizer that adds its BOS by default, each context starts with it once (the reference
+    encodes as the tokenizer does by default) and the continuations carry none, packed or chained."""
+    from bos_tokenizer import with_default_bos
+
+    model, tok = tiny
+    btok = with_default_bos(tok)
+    contexts, conts = cloze_inputs
+    ref = naive_scores(model, btok, contexts, conts, specials=True)
+    got = ClozeScorer(model, btok, batch_size=3).score(contexts, conts)
+    assert_same(got, ref, conts)
+    assert not torch.allclose(got, naive_scores(model, tok, contexts, conts), atol=1e-3)  # the BOS is seen
+    instances = cd.resolve(build_instances(short, k=3, n=3, seed=4), short)
+    for metric in ("acc", "acc_norm"):
+        chained = cd.ChainedClozeScorer(model, btok, batch_size=2, metric=metric).score(instances)
+        for r, items in enumerate(instances):
+            ref = reference_cloze_chain(model, btok, items, metric, specials=True)
+            assert torch.allclose(chained[r], ref, atol=1e-4), (chained[r] - ref).abs().max()
 
 
 # ---------------------------------------------------------------- command line

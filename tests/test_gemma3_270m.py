@@ -65,3 +65,28 @@ def test_cli_eval_mmlu_20_items(gemma, tmp_path):
     assert res["model"] == NAME and res["model_fingerprint"] == fingerprint(gemma[0])
     overall = res["accuracy"]["overall"]
     assert overall["n"] == 20 and 0.0 <= overall["lo"] <= overall["acc"] <= overall["hi"] <= 1.0
+
+
+def test_prompts_start_with_gemmas_bos_once_and_cloze_equals_its_reference(gemma, mmlu):
+    """Gemma's tokenizer adds ``<bos>`` by default and the model needs it; every scored prompt starts with it once,
+    continuations carry none, and the packed cloze scorer equals a naive one-forward-per-choice reference that
+    encodes as the tokenizer does by default."""
+    from test_cloze import assert_same, naive_scores
+
+    from edgefuse.data.mmlu import select
+    from edgefuse.data.prompts import cloze_continuation, cloze_prompt, mc_prompt
+    from edgefuse.evaluate.cloze import ClozeScorer
+    from edgefuse.evaluate.scoring import LetterScorer
+
+    model, tok = gemma
+    bos = tok.bos_token_id
+    assert tok.convert_ids_to_tokens(bos) == "<bos>"
+    items = select(mmlu, "test", limit=3, seed=0)
+    for seq in LetterScorer(model, tok).encode([mc_prompt(it) for it in items]):
+        assert seq[0] == bos and bos not in seq[1:]
+    contexts = [cloze_prompt(it) for it in items]
+    conts = [[cloze_continuation(it, c) for c in range(4)] for it in items]
+    scorer = ClozeScorer(model, tok, batch_size=3)
+    ctxs, tails = scorer.encode(contexts, conts)
+    assert all(c[0] == bos and bos not in c[1:] for c in ctxs) and all(bos not in t for ts in tails for t in ts)
+    assert_same(scorer.score(contexts, conts), naive_scores(model, tok, contexts, conts, specials=True), conts)

@@ -37,13 +37,14 @@ def short(mmlu):
     return MMLUDataset([it for it in mmlu.items if len(it.question) + sum(map(len, it.choices)) < 250], "short")
 
 
-def reference_chain(model, tok, items, preds=None):
-    """Re-run every growing prompt in full (no cache, full logits); answers chained on its own argmax."""
+def reference_chain(model, tok, items, preds=None, specials=False):
+    """Re-run every growing prompt in full (no cache, full logits); answers chained on its own argmax.
+    ``specials``: encode as the tokenizer does by default (with its BOS, for a BOS-adding tokenizer)."""
     ids = continuation_token_ids(tok, cd.CONTINUATIONS)
     letters, rows = [], []
     with torch.no_grad():
         for j in range(len(items)):
-            x = tok(cd.cd_text(items, letters), add_special_tokens=False, return_tensors="pt").input_ids
+            x = tok(cd.cd_text(items, letters), add_special_tokens=specials, return_tensors="pt").input_ids
             lp = torch.log_softmax(model(x).logits[0, -1].float(), -1)[ids]
             rows.append(lp)
             letters.append(int(lp.argmax()) if preds is None else preds[j])
@@ -67,6 +68,22 @@ def test_chained_kv_scoring_equals_full_reruns(tiny, short, k, batch_size):
     wrong = [(int(got[0, 0].argmax()) + 1) % 4]
     alt = reference_chain(model, tok, items, preds=wrong + [0] * (k - 1))
     assert not torch.allclose(alt[1], got[0, 1], atol=1e-4)
+
+
+def test_chained_scoring_with_a_bos_tokenizer_equals_full_reruns(tiny, short):
+    """A tokenizer that adds its BOS by default: the prefix starts with it once, the cached answer steps
+    add none, and the chain equals re-running each whole prompt as the tokenizer encodes it by default."""
+    from bos_tokenizer import with_default_bos
+
+    model, tok = tiny
+    btok = with_default_bos(tok)
+    instances = cd.resolve(build_instances(short, k=3, n=4, seed=5), short)
+    got = cd.ChainedScorer(model, btok, batch_size=3).score(instances)
+    plain = cd.ChainedScorer(model, tok, batch_size=3).score(instances)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the BOS is seen
+    for r, items in enumerate(instances):
+        ref = reference_chain(model, btok, items, specials=True)
+        assert torch.allclose(got[r], ref, atol=1e-4), (got[r] - ref).abs().max()
 
 
 def test_prompt_layout(short):

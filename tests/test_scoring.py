@@ -11,13 +11,14 @@ from edgefuse.data.prompts import mc_prompt
 from edgefuse.evaluate.scoring import LetterScorer, continuation_token_ids
 
 
-def reference_scores(model, tok, prompts):
-    """One unbatched forward per prompt, full logits, log-softmax at the last position."""
+def reference_scores(model, tok, prompts, specials=False):
+    """One unbatched forward per prompt, full logits, log-softmax at the last position; ``specials``:
+    encode as the tokenizer does by default (with its BOS, for a BOS-adding tokenizer)."""
     ids = continuation_token_ids(tok, [" A", " B", " C", " D"])
     rows = []
     with torch.no_grad():
         for p in prompts:
-            x = tok(p, add_special_tokens=False, return_tensors="pt").input_ids
+            x = tok(p, add_special_tokens=specials, return_tensors="pt").input_ids
             rows.append(torch.log_softmax(model(x).logits[0, -1].float(), -1)[ids])
     return torch.stack(rows)
 
@@ -35,6 +36,18 @@ def test_batched_equals_unbatched_reference(tiny, prompts, side, batch_size):
     ref = reference_scores(model, tok, prompts)
     got = LetterScorer(model, tok, batch_size=batch_size, padding_side=side).score(prompts)
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_bos_tokenizer_scores_prompts_as_it_encodes_them_by_default(tiny, prompts, side):
+    from bos_tokenizer import with_default_bos
+
+    model, tok = tiny
+    btok = with_default_bos(tok)
+    ref = reference_scores(model, btok, prompts, specials=True)
+    got = LetterScorer(model, btok, batch_size=3, padding_side=side).score(prompts)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    assert not torch.allclose(got, reference_scores(model, tok, prompts), atol=1e-3)  # the BOS is seen
 
 
 def test_order_and_padding_do_not_change_predictions(tiny, prompts):

@@ -5,8 +5,8 @@ an MMLU-CD prefix, then the later answer cues) and join the ids themselves, so s
 with no special tokens. Called that way a tokenizer also drops the BOS it would put first by default,
 and a model trained to see it first degrades: Gemma 3 270M's loss on an MMLU prompt is 5.27 without
 its ``<bos>`` and 2.43 with it. So the first segment of a sequence gets the BOS exactly when
-``tokenizer(text)`` would add it (Gemma and Llama tokenizers), and every later segment is bare.
-GPT-2-style tokenizers such as SmolLM2's add none by default, so their ids are unchanged.
+``tokenizer(text)`` would add it (Gemma and Llama tokenizers; see `bos_prefix` for the one exception),
+and every later segment is bare. GPT-2-style tokenizers such as SmolLM2's get none: ids unchanged.
 """
 
 from __future__ import annotations
@@ -15,9 +15,14 @@ from collections.abc import Sequence
 
 
 def bos_prefix(tokenizer) -> list[int]:
-    """``[bos_token_id]`` when the tokenizer puts its BOS before a text by default, else ``[]``."""
+    """``[bos_token_id]`` when the tokenizer puts its BOS before a text by default, else ``[]``.
+
+    A "BOS" that is also the tokenizer's EOS does not count: transformers' GGUF converter gives SmolLM2
+    (whose GGUF says ``add_bos_token: false`` and whose own tokenizer adds nothing) a tokenizer that
+    prepends ``<|im_start|>``, which it also names EOS and pad; a token that ends sequences is no
+    sequence-start marker, and SmolLM2 was never run with it first (its scores stay bit-identical)."""
     bos = tokenizer.bos_token_id
-    if bos is None:
+    if bos is None or bos == tokenizer.eos_token_id:
         return []
     default = tokenizer("a").input_ids
     bare = tokenizer("a", add_special_tokens=False).input_ids
