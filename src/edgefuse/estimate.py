@@ -21,14 +21,15 @@ REFERENCE_PARAMS = 134.5e6  # SmolLM2-135M, the model the rates were measured wi
 
 # seconds per unit on the 2-core CPU (SmolLM2-135M, 2 torch threads), measured by bench/cloze_throughput.py,
 # bench/edge_recipe_sweep.py and the first stages of configs/cpu-study.yaml (BENCHMARKS.md, "CPU study"); the
-# fusion rates are first guesses. A run directory's own finished stages correct every kind's rates.
+# fusion rates from its fuse stages (0.3–1.1 s plain, 6–7 s TIES). A run directory's own finished stages correct
+# every kind's rates.
 RATES = {
     "setup": 20.0,                 # per study: model load, data, splits
     "prune_calib": 0.6,            # per calibration prompt (Taylor/Wanda: forward (+ backward))
     "prune": 28.0,                 # per edge: scoring, selection, building and saving the pruned model (32 s measured)
     "train_prompt": {"letters": 0.33, "cloze": 0.154, "both": 0.49},  # per prompt of a step (steps × batch)
     "recover": 3.0,                # per edge
-    "fuse": {"plain": 6.0, "elementwise": 25.0, "cr": 40.0},  # per fused model; cr is added to the method
+    "fuse": {"plain": 1.0, "elementwise": 7.0, "cr": 1.0},   # per fused model; cr is added to the method
     "mmlu_item": {"letters": 0.19, "cloze": 0.165},           # per item, batch 8, adapter applied (250 s / 1,500)
     "cd_answer": {"letters": 0.12, "cloze": 0.30},            # per answer of an MMLU-CD instance (241 s / 800)
 }
