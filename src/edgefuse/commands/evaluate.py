@@ -1,4 +1,5 @@
-"""``edgefuse eval mmlu``: accuracy of a model (optionally with an adapter) on MMLU."""
+"""``edgefuse eval mmlu``: accuracy of a model (optionally with an adapter, or with a retrieval mixture over a
+pool of adapters) on MMLU."""
 
 from __future__ import annotations
 
@@ -24,6 +25,65 @@ def load_with_adapter(model_spec: str, adapter: Optional[Path], precision=None):
     return model, tok
 
 
+def pool_argument():
+    return typer.Argument(None, help="adapter directories of the retrieval pool (after --pool)", show_default=False)
+
+
+def pool_flag_option():
+    return typer.Option(False, "--pool", help="score a retrieval mixture over the adapter directories that follow "
+                                              "(each needs an embedding: `edgefuse compose embed`)")
+
+
+def top_k_option():
+    from edgefuse.compose.retrieval import RetrievalSettings as S
+
+    return typer.Option(None, "--top-k", help=f"adapters mixed per request (k = 1: plain selection; default {S.top_k})")
+
+
+def weighting_option():
+    from edgefuse.compose.retrieval import RetrievalSettings as S
+
+    return typer.Option(None, "--weighting", help=f"uniform (1/k) | softmax (over similarity; default {S.weighting})")
+
+
+def temperature_option():
+    from edgefuse.compose.retrieval import RetrievalSettings as S
+
+    return typer.Option(None, "--temperature", help=f"softmax temperature (default {S.temperature})")
+
+
+def retrieval_request(pool_flag: bool, pool_dirs: Optional[list[Path]], adapter: Optional[Path], **given):
+    """(pool directories, `RetrievalSettings`) when ``--pool`` is given, else None; every check that needs no
+    model (settings, k against the pool, each adapter's embedding, the embedded MiniLM) runs here, first."""
+    from edgefuse.assets import minilm_dir
+    from edgefuse.compose.retrieval import RetrievalSettings, pool_manifests
+    from edgefuse.errors import EdgefuseError
+
+    if not pool_flag:
+        if pool_dirs:
+            raise EdgefuseError(f"unexpected argument {pool_dirs[0]} (adapter directories of a pool follow --pool)")
+        named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+        if named:
+            raise EdgefuseError(f"{', '.join(named)} only apply to a retrieval mixture (--pool DIR DIR ...)")
+        return None
+    if adapter is not None:
+        raise EdgefuseError("--adapter and --pool exclude each other (one adapter, or a retrieval mixture over a pool)")
+    dirs = list(pool_dirs or [])
+    settings = RetrievalSettings.given(**given).check(len(dirs) if dirs else None)
+    pool_manifests(dirs)
+    minilm_dir()
+    return dirs, settings
+
+
+def load_retrieval(dirs: list[Path], model, device: Optional[str] = None):
+    """The pool read against the loaded model's shapes, and the embedded MiniLM encoder."""
+    from edgefuse.adapters import ModelShapes
+    from edgefuse.compose.embedding import load_encoder
+    from edgefuse.compose.retrieval import load_pool
+
+    return load_pool(dirs, ModelShapes.of(model)), load_encoder("cpu")
+
+
 @eval_app.command("mmlu")
 def eval_mmlu(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, gemma3-270m, tiny-llama, HF dir, .gguf or hub id."),
@@ -43,8 +103,14 @@ def eval_mmlu(
     fmt: str = typer.Option("letters", "--format", help="letters (answer letter) | cloze (answer text; acc and acc_norm)."),
     device: Optional[str] = device_option(),
     dtype: Optional[str] = dtype_option("Dtype the model scores in"),
+    pool_flag: bool = pool_flag_option(),
+    pool_dirs: Optional[list[Path]] = pool_argument(),
+    top_k: Optional[int] = top_k_option(),
+    weighting: Optional[str] = weighting_option(),
+    temperature: Optional[float] = temperature_option(),
 ):
-    """MMLU accuracy with 95% bootstrap intervals (overall, per category, per subject), letter- or cloze-scored."""
+    """MMLU accuracy with 95% bootstrap intervals (overall, per category, per subject), letter- or cloze-scored;
+    with --pool, of a retrieval mixture (each question mixes its top-k adapters)."""
     from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
     from edgefuse.errors import EdgefuseError
     from edgefuse.evaluate.cloze import check_format
@@ -58,6 +124,8 @@ def eval_mmlu(
     precision = resolve(device, dtype)
     if fmt == "cloze" and shots:
         raise EdgefuseError("cloze scoring is zero-shot only; use --shots 0 or --format letters")
+    retrieval = retrieval_request(pool_flag, pool_dirs, adapter, top_k=top_k, weighting=weighting,
+                                  temperature=temperature)
     ds = load_mmlu(data, strict=strict)
     spec = SplitSpec(seed=split_seed)
     items = select(ds, split, domains, subjects, limit, seed, spec)
@@ -69,23 +137,53 @@ def eval_mmlu(
         public = [it for it in ds.items if it.id in ids]
     m, tok = load_with_adapter(model, adapter, precision)
     meta = {"model": model, "model_fingerprint": fingerprint(m), **precision.as_dict(), "split": split,
+            **({"pool": [str(d) for d in retrieval[0]]} if retrieval else {}),
             "split_seed": split_seed,
             "adapter": str(adapter) if adapter else None,
             "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None,
             "selection": {"domains": domains, "subjects": subjects, "limit": limit, "seed": seed}}
-    with progress_bar("MMLU", len(items)) as advance:
-        res = evaluate_mmlu(m, tok, items, shots=shots, public=public, batch_size=batch_size, progress=advance,
-                            meta=meta, fmt=fmt)
-    title = f"MMLU ({model}{' + ' + str(adapter) if adapter else ''}, {shots}-shot, {split}"
+    if retrieval:
+        from edgefuse.compose.evaluation import evaluate_mmlu_retrieval
+
+        pool, encoder = load_retrieval(retrieval[0], m)
+        with progress_bar("MMLU", len(items)) as advance:
+            res = evaluate_mmlu_retrieval(m, tok, items, pool, retrieval[1], encoder=encoder, shots=shots,
+                                          public=public, batch_size=batch_size, progress=advance, meta=meta, fmt=fmt)
+    else:
+        with progress_bar("MMLU", len(items)) as advance:
+            res = evaluate_mmlu(m, tok, items, shots=shots, public=public, batch_size=batch_size, progress=advance,
+                                meta=meta, fmt=fmt)
+    title = f"MMLU ({model}{' + ' + str(adapter) if adapter else ''}{mixture_title(res)}, {shots}-shot, {split}"
     if fmt == "cloze":
         console.print(accuracy_table(f"{title}, cloze, acc)", res["accuracy"], subjects=subjects_table))
         console.print(accuracy_table(f"{title}, cloze, acc_norm)", res["accuracy_norm"], subjects=subjects_table))
     else:
         console.print(accuracy_table(f"{title})", res["accuracy"], subjects=subjects_table))
     console.print(f"{res['n']} items, {res['wall_s']:.1f} s, {res['tokens_per_s']} tokens/s")
+    if retrieval:
+        console.print(retrieval_line(res))
     if out:
         atomic_write_json(out, res)
         console.print(f"results written to {out}")
+
+
+def mixture_title(res: dict) -> str:
+    """`` + retrieval mixture of N (k=2, uniform)`` for a retrieval result, else empty."""
+    r = res.get("retrieval")
+    if not r:
+        return ""
+    st = r["settings"]
+    how = st["weighting"] + (f" T={st['temperature']}" if st["weighting"] == "softmax" else "")
+    return f" + retrieval mixture of {len(r['pool'])} (k={st['top_k']}, {how})"
+
+
+def retrieval_line(res: dict) -> str:
+    """Retrieval accuracy: the share of questions whose own-domain adapter ranks first."""
+    from edgefuse.evaluate.stats import fmt_ci
+
+    a = res["retrieval"]["accuracy"]
+    skipped = f", {a['skipped']} questions of domains outside the pool left out" if a["skipped"] else ""
+    return f"retrieval accuracy (own-domain adapter ranked first): {fmt_ci(a)} % of {a['n']} questions{skipped}"
 
 
 def register(app: typer.Typer) -> None:

@@ -7,8 +7,21 @@ from typing import Optional
 
 import typer
 
-from edgefuse.commands.evaluate import eval_app, load_with_adapter
+from edgefuse.commands.evaluate import (
+    eval_app,
+    load_retrieval,
+    load_with_adapter,
+    mixture_title,
+    pool_argument,
+    pool_flag_option,
+    retrieval_line,
+    retrieval_request,
+    temperature_option,
+    top_k_option,
+    weighting_option,
+)
 from edgefuse.commands.options import device_option, dtype_option
+from edgefuse.compose.retrieval import RetrievalSettings
 
 cd_app = typer.Typer(help="MMLU-CD: cross-domain instances of k questions from k distinct domains.",
                      no_args_is_help=True)
@@ -64,8 +77,17 @@ def eval_mmlu_cd(
     metric: str = typer.Option("acc", "--metric", help="Which choice counts and is chained: acc | acc_norm (cloze only)."),
     device: Optional[str] = device_option(),
     dtype: Optional[str] = dtype_option("Dtype the model scores in"),
+    pool_flag: bool = pool_flag_option(),
+    pool_dirs: Optional[list[Path]] = pool_argument(),
+    top_k: Optional[int] = top_k_option(),
+    weighting: Optional[str] = weighting_option(),
+    temperature: Optional[float] = temperature_option(),
+    routing: Optional[str] = typer.Option(None, "--routing", help="instance (one mixture per instance) | segment "
+                                                                  "(one per Question j block; default "
+                                                                  f"{RetrievalSettings.routing})"),
 ):
-    """Strict / per-position / single-item accuracy, cross-domain penalty and domain matrix (95% CIs)."""
+    """Strict / per-position / single-item accuracy, cross-domain penalty and domain matrix (95% CIs); with
+    --pool, of a retrieval mixture routed per instance or per question segment."""
     from edgefuse.data.mmlu import load_mmlu
     from edgefuse.data.mmlu_cd import load_benchmark
     from edgefuse.evaluate.cloze import check_format
@@ -77,19 +99,35 @@ def eval_mmlu_cd(
 
     check_format(fmt, metric)  # bad input fails before the benchmark or the model is loaded
     precision = resolve_precision(device, dtype)
+    retrieval = retrieval_request(pool_flag, pool_dirs, adapter, top_k=top_k, weighting=weighting,
+                                  temperature=temperature, routing=routing)
     doc = load_benchmark(bench)
     ds = load_mmlu(data)
     resolve(doc, ds)  # fail on unknown ids before loading the model
     m, tok = load_with_adapter(model, adapter, precision)
     meta = {"model": model, "model_fingerprint": fingerprint(m), **precision.as_dict(), "bench": str(bench),
             "adapter": str(adapter) if adapter else None,
-            "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None}
-    with progress_bar("MMLU-CD", len(doc["instances"])) as advance:
-        res = evaluate_mmlu_cd(m, tok, doc, ds, batch_size=batch_size, progress=advance, meta=meta,
-                               fmt=fmt, metric=metric)
+            "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None,
+            **({"pool": [str(d) for d in retrieval[0]]} if retrieval else {})}
+    if retrieval:
+        from edgefuse.compose.evaluation import evaluate_mmlu_cd_retrieval
+
+        pool, encoder = load_retrieval(retrieval[0], m)
+        with progress_bar("MMLU-CD", len(doc["instances"])) as advance:
+            res = evaluate_mmlu_cd_retrieval(m, tok, doc, ds, pool, retrieval[1], encoder=encoder,
+                                             batch_size=batch_size, progress=advance, meta=meta, fmt=fmt,
+                                             metric=metric)
+    else:
+        with progress_bar("MMLU-CD", len(doc["instances"])) as advance:
+            res = evaluate_mmlu_cd(m, tok, doc, ds, batch_size=batch_size, progress=advance, meta=meta,
+                                   fmt=fmt, metric=metric)
     scoring = f", cloze, {metric}" if fmt == "cloze" else ""
-    for table in results_tables(res, f"MMLU-CD k={res['k']} ({model}{' + ' + str(adapter) if adapter else ''}{scoring})"):
+    routed = f", {res['retrieval']['settings']['routing']} routing" if retrieval else ""
+    title = f"MMLU-CD k={res['k']} ({model}{' + ' + str(adapter) if adapter else ''}{mixture_title(res)}{routed}{scoring})"
+    for table in results_tables(res, title):
         console.print(table)
+    if retrieval:
+        console.print(retrieval_line(res))
     console.print(f"{res['n']} instances, {res['wall_s']:.1f} s, benchmark sha256 {res['benchmark_sha256'][:16]}…")
     if out:
         atomic_write_json(out, res)

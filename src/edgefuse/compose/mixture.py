@@ -104,7 +104,8 @@ class LoraMixture:
     """Context manager that adds per-row mixtures of LoRA adapters to a plain transformers model.
 
     ``with LoraMixture(model, adapters) as mix: mix.set_weights(W); model(...)`` where ``W`` is
-    (batch rows, len(adapters)). Every position of a row, padding included, uses that row's weights.
+    (batch rows, len(adapters)): every position of a row, padding included, uses that row's weights;
+    or (batch rows, tokens, len(adapters)): each position uses its own (per-segment routing).
     The model's parameters are never touched: forward hooks add the update, and leaving the context
     removes them, so the model computes exactly what it did before.
     """
@@ -125,6 +126,7 @@ class LoraMixture:
         self._stacks: OrderedDict[tuple[int, ...], dict] = OrderedDict()
         self._plans: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._rows = 0
+        self._tokens: int | None = None  # set: per-position weights for batches of this many tokens
         self._handles: list = []
 
     def __enter__(self) -> "LoraMixture":
@@ -145,27 +147,30 @@ class LoraMixture:
         """Remove the hooks and forget the weights and stacked factors."""
         for h in self._handles:
             h.remove()
-        self._handles, self._plans, self._rows = [], None, 0
+        self._handles, self._plans, self._rows, self._tokens = [], None, 0, None
         self._stacks.clear()
 
     def set_weights(self, weights) -> None:
-        """Set the (rows, n_adapters) mixture weights for the next forward passes."""
+        """Set the mixture weights for the next forward passes: (rows, n_adapters), one mixture per row,
+        or (rows, tokens, n_adapters), one per position (e.g. per question segment of a prompt); the
+        per-position form then needs batches of exactly that many tokens."""
         w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
-        if w.ndim != 2 or w.shape[1] != self.n_adapters:
-            raise EdgefuseError(f"mixture weights must be (rows, {self.n_adapters}) for {self.n_adapters} "
-                                f"adapters, got shape {tuple(w.shape)}")
+        if w.ndim not in (2, 3) or w.shape[-1] != self.n_adapters:
+            raise EdgefuseError(f"mixture weights must be (rows, {self.n_adapters}) or (rows, tokens, "
+                                f"{self.n_adapters}) for {self.n_adapters} adapters, got shape {tuple(w.shape)}")
         if not bool(torch.isfinite(w).all()):
             raise EdgefuseError("mixture weights contain NaN or Inf")
-        union = tuple(int(j) for j in torch.nonzero(w.abs().sum(0)).flatten())
+        union = tuple(int(j) for j in torch.nonzero(w.abs().reshape(-1, self.n_adapters).sum(0)).flatten())
         expanded: dict[tuple, torch.Tensor] = {}
         plans = {}
         for name, (A, B, cols) in self._stacked(union).items():
             lin = self.linears[name]
             key = (tuple(cols.tolist()), lin.weight.device, lin.weight.dtype)
             if key not in expanded:  # modules with the same adapters and ranks share one expansion
-                expanded[key] = w[:, cols].to(device=lin.weight.device, dtype=lin.weight.dtype)
+                expanded[key] = w[..., cols].to(device=lin.weight.device, dtype=lin.weight.dtype)
             plans[name] = (A, B, expanded[key])
         self._plans, self._rows = plans, w.shape[0]
+        self._tokens = w.shape[1] if w.ndim == 3 else None
 
     def _stacked(self, union: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per module: A_cat (Σr, in), B_cat (out, Σr) over the union's adapters, and each rank
@@ -197,7 +202,12 @@ class LoraMixture:
                 raise EdgefuseError(f"mixture weights were set for {self._rows} rows, the batch has "
                                     f"{x.shape[0] if x.ndim else 0}")
             A, B, w = plan
-            h = F.linear(x, A) * w.view(self._rows, *([1] * (x.ndim - 2)), w.shape[1])
+            if self._tokens is None:
+                w = w.view(self._rows, *([1] * (x.ndim - 2)), w.shape[1])
+            elif x.ndim != 3 or x.shape[1] != self._tokens:
+                raise EdgefuseError(f"per-token mixture weights were set for {self._tokens} tokens, the batch has "
+                                    f"{x.shape[1] if x.ndim == 3 else 'no token axis'}")
+            h = F.linear(x, A) * w
             return _add_product(output, h, B)
 
         return add_mixture

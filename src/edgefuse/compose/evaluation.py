@@ -1,0 +1,183 @@
+"""MMLU and MMLU-CD accuracy of a retrieval mixture over a pool of adapters (RAMoLE-style, issue 13).
+
+Plain functions for the CLI (``edgefuse eval mmlu/mmlu-cd --pool ...``) and the study runner: each
+request (an MMLU question; an MMLU-CD instance, or each of its question segments) is embedded with the
+embedded MiniLM, its top-k adapters are retrieved (`edgefuse.compose.retrieval`), and it is scored with
+their output mixture (`edgefuse.compose.routing`). The results documents have the layout of
+`edgefuse.evaluate.mmlu.evaluate_mmlu` / `edgefuse.evaluate.mmlu_cd.evaluate_mmlu_cd`, plus a
+``retrieval`` block (settings, pool, retrieval accuracy) and each record's mixture.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from edgefuse.compose.embedding import embed_texts, example_text
+from edgefuse.compose.mixture import LoraMixture
+from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings, retrieval_accuracy, retrieve
+from edgefuse.compose.routing import MixtureScorer, score_cd
+from edgefuse.errors import EdgefuseError
+
+
+def _mixture_record(weights: torch.Tensor, pool: AdapterPool) -> dict[str, float]:
+    return {pool.names[j]: round(float(weights[j]), 6) for j in torch.nonzero(weights).flatten().tolist()}
+
+
+def _retrieval_block(pool: AdapterPool, settings: RetrievalSettings, queries: torch.Tensor,
+                     subjects: Sequence[str]) -> dict:
+    return {"settings": settings.as_dict(), "pool": [{"path": n, "domain": d} for n, d in zip(pool.names, pool.domains)],
+            "encoder": "sentence-transformers/all-MiniLM-L6-v2",
+            "accuracy": {k: v for k, v in retrieval_accuracy(queries, subjects, pool).items() if k != "top1"}}
+
+
+def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool,
+                            settings: RetrievalSettings = RetrievalSettings(), *, encoder=None, shots: int = 0,
+                            public: Sequence = (), fmt: str = "letters", batch_size: int = 8,
+                            progress: Callable[[int], None] | None = None, meta: dict | None = None) -> dict:
+    """MMLU results document of the retrieval mixture: each question retrieves its own top-k adapters
+    (the question and its choices are the query; few-shot examples are not)."""
+    from edgefuse.data.mmlu import LETTERS
+    from edgefuse.data.prompts import cloze_continuation, cloze_prompt
+    from edgefuse.evaluate.cloze import check_format, choose, encode_choices
+    from edgefuse.evaluate.mmlu import _document, build_prompts
+    from edgefuse.evaluate.scoring import continuation_token_ids
+
+    check_format(fmt)
+    settings.check(len(pool))
+    if fmt == "cloze" and shots:
+        raise EdgefuseError("cloze scoring is zero-shot only; use --shots 0 or the letters format")
+    if not items:
+        raise EdgefuseError("the selection holds no items")
+    t0 = time.perf_counter()
+    queries = embed_texts([example_text(it) for it in items], encoder)
+    W = retrieve(queries, pool, settings)
+    with LoraMixture(model, pool.adapters) as mix:
+        scorer = MixtureScorer(model, tokenizer, mix, batch_size)
+        if fmt == "letters":
+            enc = tokenizer(build_prompts(items, shots, public), add_special_tokens=False).input_ids
+            seqs = [e[-scorer.max_length:] for e in enc]  # keep the end, as LetterScorer does
+            scores = torch.empty((len(items), 4))
+            ids = continuation_token_ids(tokenizer, [" A", " B", " C", " D"])
+            for s in range(0, len(items), batch_size):
+                part = range(s, min(len(items), s + batch_size))
+                scores[list(part)] = scorer.next_token([seqs[i] for i in part],
+                                                       [W[i].expand(len(seqs[i]), -1) for i in part], ids)
+                if progress is not None:
+                    progress(len(part))
+        else:
+            ctxs, conts = [], []
+            for it in items:
+                ctx, cs = encode_choices(tokenizer, cloze_prompt(it), [cloze_continuation(it, c)
+                                                                       for c in range(len(it.choices))])
+                keep = max(1, scorer.max_length + 1 - max(len(c) for c in cs))  # as ClozeScorer truncates
+                ctxs.append(ctx[-keep:])
+                conts.append(cs)
+            scores = torch.empty((len(items), len(items[0].choices)))
+            for s in range(0, len(items), batch_size):
+                part = list(range(s, min(len(items), s + batch_size)))
+                scores[part] = scorer.continuations([ctxs[i] for i in part], [conts[i] for i in part],
+                                                    [W[i].expand(len(ctxs[i]), -1) for i in part], [W[i] for i in part])
+                if progress is not None:
+                    progress(len(part))
+    wall = time.perf_counter() - t0
+    subjects = [it.subject for it in items]
+    mixes = [_mixture_record(W[i], pool) for i in range(len(items))]
+    if fmt == "letters":
+        preds = scores.argmax(1).tolist()
+        correct = {"accuracy": [int(p == it.answer) for p, it in zip(preds, items)]}
+        records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
+                    "correct": bool(p == it.answer), "scores": [round(float(x), 6) for x in sc], "mixture": mx}
+                   for it, p, sc, mx in zip(items, preds, scores.tolist(), mixes)]
+    else:
+        lengths = [[len(c) for c in it.choices] for it in items]
+        preds, preds_norm = choose(scores, lengths, "acc").tolist(), choose(scores, lengths, "acc_norm").tolist()
+        correct = {"accuracy": [int(p == it.answer) for p, it in zip(preds, items)],
+                   "accuracy_norm": [int(p == it.answer) for p, it in zip(preds_norm, items)]}
+        records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
+                    "correct": bool(p == it.answer), "pred_norm": LETTERS[pn], "correct_norm": bool(pn == it.answer),
+                    "scores": [round(float(x), 6) for x in sc], "mixture": mx}
+                   for it, p, pn, sc, mx in zip(items, preds, preds_norm, scores.tolist(), mixes)]
+    doc = _document(items, meta, fmt, shots, correct, wall, scorer.tokens, records)
+    doc["retrieval"] = _retrieval_block(pool, settings, queries, subjects)
+    return doc
+
+
+def cd_mixtures(instances: Sequence[Sequence], pool: AdapterPool, settings: RetrievalSettings,
+                encoder=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(segment weights (n, k, pool), header weights (n, pool), per-question query vectors (n·k, d)).
+
+    ``instance`` routing: the whole instance (all its questions) is one query and every segment uses
+    its mixture; ``segment``: each question is its own query and the header uses the mean mixture."""
+    n, k = len(instances), len(instances[0])
+    per_question = embed_texts([example_text(it) for items in instances for it in items], encoder)
+    if settings.routing == "segment":
+        segments = retrieve(per_question, pool, settings).view(n, k, len(pool))
+        return segments, segments.mean(1), per_question
+    whole = embed_texts(["\n\n".join(example_text(it) for it in items) for items in instances], encoder)
+    W = retrieve(whole, pool, settings)
+    return W[:, None, :].expand(n, k, len(pool)).clone(), W, per_question
+
+
+def evaluate_mmlu_cd_retrieval(model, tokenizer, doc: dict, dataset, pool: AdapterPool,
+                               settings: RetrievalSettings = RetrievalSettings(), *, encoder=None,
+                               fmt: str = "letters", metric: str = "acc", batch_size: int = 8, single: bool = True,
+                               progress: Callable[[int], None] | None = None, meta: dict | None = None) -> dict:
+    """MMLU-CD results document of the retrieval mixture, routed per instance or per question segment
+    (``settings.routing``); the same items asked alone are routed per item (`evaluate_mmlu_retrieval`)."""
+    from edgefuse.data.mmlu import LETTERS
+    from edgefuse.data.mmlu_cd import content_hash
+    from edgefuse.evaluate.cloze import check_format, choose
+    from edgefuse.evaluate.mmlu_cd import RESULTS_VERSION, cd_metrics, resolve
+
+    check_format(fmt, metric)
+    settings.check(len(pool))
+    instances = resolve(doc, dataset)
+    if not instances:
+        raise EdgefuseError("the MMLU-CD benchmark holds no instances")
+    t0 = time.perf_counter()
+    segments, header, queries = cd_mixtures(instances, pool, settings, encoder)
+    with LoraMixture(model, pool.adapters) as mix:
+        scorer = MixtureScorer(model, tokenizer, mix, batch_size)
+        scores = score_cd(scorer, instances, segments, header, fmt, metric, progress)
+    if fmt == "cloze":
+        lengths = torch.tensor([[[len(c) for c in it.choices] for it in items] for items in instances],
+                               dtype=torch.float32)
+        preds = choose(scores, lengths, metric).tolist()
+    else:
+        preds = scores.argmax(-1).tolist()
+    t_chain = time.perf_counter() - t0
+    correct = [[int(p == it.answer) for p, it in zip(row, items)] for row, items in zip(preds, instances)]
+    alone, single_correct, single_doc = {}, None, None
+    pred_key, correct_key = ("pred_norm", "correct_norm") if metric == "acc_norm" else ("pred", "correct")
+    if single:
+        unique = list({it.id: it for items in instances for it in items}.values())
+        single_doc = evaluate_mmlu_retrieval(model, tokenizer, unique, pool, settings, encoder=encoder, fmt=fmt,
+                                             batch_size=batch_size)
+        alone = {r["id"]: r for r in single_doc["items"]}
+        single_correct = [[int(alone[it.id][correct_key]) for it in items] for items in instances]
+    metrics = cd_metrics([inst["domains"] for inst in doc["instances"]], correct, single_correct,
+                         doc["header"].get("domains"))
+    k = len(instances[0])
+    records = []
+    for r, (inst, items, row, sc) in enumerate(zip(doc["instances"], instances, preds, scores.tolist())):
+        records.append({
+            "id": inst["id"], "items": [it.id for it in items], "domains": inst["domains"],
+            "answers": [LETTERS[it.answer] for it in items], "preds": [LETTERS[p] for p in row],
+            "correct": [p == it.answer for p, it in zip(row, items)],
+            "strict": all(p == it.answer for p, it in zip(row, items)),
+            "scores": [[round(float(x), 6) for x in pos] for pos in sc],
+            "mixtures": [_mixture_record(segments[r, j], pool) for j in range(k)],
+            **({"single_preds": [alone[it.id][pred_key] for it in items]} if single else {}),
+        })
+    return {
+        "version": RESULTS_VERSION, "benchmark": "mmlu-cd", **(meta or {}),
+        "benchmark_sha256": content_hash(doc), "benchmark_header": doc["header"], "format": fmt, "metric": metric,
+        "k": k, "n": len(instances), **metrics,
+        "wall_s": round(time.perf_counter() - t0, 3), "chained_wall_s": round(t_chain, 3), "tokens": scorer.tokens,
+        "single_items": single_doc["items"] if single_doc else None,
+        "retrieval": _retrieval_block(pool, settings, queries, [it.subject for items in instances for it in items]),
+        "instances": records,
+    }
