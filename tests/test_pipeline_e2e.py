@@ -279,7 +279,7 @@ def test_second_round_starts_every_edge_from_the_fused_adapter(study, tmp_path):
     from edgefuse.config import load_config
     from edgefuse.edge.plan import from_runs, full_shape
     from edgefuse.io import sha256_file
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     _, run_dir, _ = study
     two = tmp_path / "run"
@@ -319,10 +319,10 @@ def test_second_round_starts_every_edge_from_the_fused_adapter(study, tmp_path):
 
 
 def test_plan_names_every_stage_the_run_records_and_dry_run_sees_them_done(study):
-    """`edgefuse.estimate.plan` is the run's own list of stages (the progress bar counts it, the estimate sums it);
+    """`edgefuse.runner.estimate.plan` is the run's own list of stages (the progress bar counts it, the estimate sums it);
     after the run, --dry-run finds every stage done and nothing left to estimate."""
     from edgefuse.config import load_config
-    from edgefuse.estimate import plan
+    from edgefuse.runner.estimate import plan
 
     cfg, run_dir, _ = study
     planned = [s.name for s in plan(load_config(cfg), 24)]
@@ -352,7 +352,7 @@ def test_cloze_study_with_answer_text_training_and_a_cr_share(tmp_path, capsys):
     report has the transfer matrix and the LoRA-CR comparison. Output that is not a terminal gets one plain line
     per stage start and finish instead of progress bars."""
     from edgefuse.config import StudyConfig
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     cfg = StudyConfig.model_validate({
         **TINY_STUDY, "edges": {"science": ["stem"], "law": ["law"]},
@@ -384,7 +384,7 @@ def test_stage_cache_never_reads_a_partial_directory(tmp_path):
     """A `.partial` holding everything a finished stage holds (killed between writing stage.json and the rename)
     is not finished: lookup misses it, the estimate does not count it, and the stage runs again from an empty
     directory. Only training keeps its `.partial`, for its checkpoints."""
-    from edgefuse.stages import StageCache, finished_stage_files
+    from edgefuse.runner.cache import StageCache, finished_stage_files
 
     cache = StageCache(tmp_path)
 

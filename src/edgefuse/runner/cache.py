@@ -1,4 +1,4 @@
-"""A stage cache: each stage's output lives in a directory keyed by a hash of its inputs and settings.
+"""The stage cache: each stage's output lives in a directory keyed by a hash of its inputs and settings.
 
 Why: a study is hours of work on a CPU. A rerun must reuse what is finished, an interrupted run must
 resume at the stage it was in, and ``--force KIND`` must redo a kind of stage and everything after it.
