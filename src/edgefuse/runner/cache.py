@@ -44,7 +44,8 @@ class StageCache:
         self.forced = set(KINDS[KINDS.index(force):]) if force else set()
         self.records: list[dict] = []
 
-    def key(self, kind: str, name: str, inputs: Any) -> str:
+    @staticmethod
+    def key(kind: str, name: str, inputs: Any) -> str:
         return hash_obj({"kind": kind, "name": name, "inputs": inputs})[:12]
 
     def _log(self, rec: dict) -> None:

@@ -3,7 +3,8 @@
   data → mmlu-cd build (per k) → base eval → per seed: per edge prune; then per round: per edge
   train → recover → eval alone; per fusion method × LoRA-CR strategy: fuse → eval.
 Every stage's ``inputs`` dict is its cache key: changing one (a key, a value's form) makes every existing run
-directory redo that stage and all after it, so they stay exactly as they are (tests/test_stage_keys.py).
+directory redo that stage and all after it, so they stay exactly as they are (tests/test_pipeline_e2e.py,
+``test_stage_keys_are_those_the_code_before_the_runner_package_wrote``).
 """
 
 from __future__ import annotations
