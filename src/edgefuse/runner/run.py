@@ -22,6 +22,7 @@ from edgefuse.runner.estimate import estimate_study, remaining_seconds
 from edgefuse.runner.stages import run_seed, stage_base_eval, stage_cd_build, stage_data
 from edgefuse.runner.study import Study
 from edgefuse.runner.trainers import LocalTrainer, Trainer
+from edgefuse.runlock import run_lock, stale_note
 from edgefuse.ui import StudyProgress
 
 log = logging.getLogger("edgefuse.run")
@@ -91,8 +92,6 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
     One run at a time per run directory: a second one is refused at once (`edgefuse.runlock`). The study runs
     under `deterministic`: the same config run twice from scratch gives the same adapters and scores.
     """
-    from edgefuse.runlock import run_lock
-
     with run_lock(run_dir) as stale, deterministic(cfg.seeds[0] if cfg.seeds else 0):
         return _run_locked(cfg, Path(run_dir), force, show_progress, trainer or LocalTrainer(), on_estimate, stale)
 
@@ -100,7 +99,6 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
 def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progress: bool, trainer: Trainer,
                 on_estimate: Callable[[list], None] | None, stale: dict | None) -> dict:
     """`run_study` while this process holds the run directory's lock (``stale``: a dead run's lock it took over)."""
-
     from edgefuse.models import count_parameters, fingerprint, load_model
     from edgefuse.report import write_report
 
@@ -120,8 +118,6 @@ def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progres
     handler = setup_logging(run_dir)
     try:
         if stale is not None:
-            from edgefuse.runlock import stale_note
-
             log.warning(stale_note(stale, run_dir))
         if budgets:
             log.info("memory budgets reported by the edge devices (GiB): %s; the config sets the pruning of %s",
