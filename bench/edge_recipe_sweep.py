@@ -5,7 +5,7 @@ each recipe ``objective:steps:lr:rank`` trains an adapter on the domain's edge s
 and scored on the same ``--n-test`` own-domain test items as the base model, in cloze form (acc and
 acc_norm) with paired bootstrap intervals. The configs/cpu-study.yaml edge recipe comes from this table
 (BENCHMARKS.md, "Edge recipe sweep"). Each recipe's training and scoring times are printed as well:
-they are the rates `edgefuse.estimate` starts from.
+they are the rates `edgefuse.runner.estimate` starts from.
 
     .venv/bin/python bench/edge_recipe_sweep.py --domain social_sciences --n-test 300 \
         --recipes cloze:80:3e-4:8 cloze:160:1e-3:8 both:80:1e-3:8 letters:80:1e-3:8

@@ -7,7 +7,7 @@ import json
 import torch
 
 from edgefuse.config import StudyConfig
-from edgefuse.pipeline import run_study
+from edgefuse.runner import run_study
 from test_pipeline_e2e import TINY_STUDY, fused_tensors, scores
 
 # TINY_STUDY cut down to what a rerun could differ in: pruning, training, one fusion method with and without

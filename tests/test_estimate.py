@@ -8,7 +8,7 @@ import json
 import pytest
 
 from edgefuse.config import StudyConfig
-from edgefuse.estimate import RATES, mark_done, plan, remaining_seconds
+from edgefuse.runner.estimate import RATES, mark_done, plan, remaining_seconds
 
 CFG = {"model": "smollm2-135m", "edges": {"a": ["stem"], "b": ["law"]},
        "pruning": {"method": "taylor", "ratio": 0.25, "calib": 8},

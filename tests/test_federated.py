@@ -134,7 +134,7 @@ def job_mod(out_dir, msg, ctx, call_next):
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     run_dir = tmp_path_factory.mktemp("fed") / "reference"
     run_study(load_config(CONFIG), run_dir, show_progress=False)
@@ -171,7 +171,7 @@ def two_rounds(reference, simulated, tmp_path_factory):
     """A second round on top of the reference and the simulated runs (round 1 comes from their caches)."""
     from edgefuse.federated.clientapp import make_client_app
     from edgefuse.federated.simulate import simulate
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     root = tmp_path_factory.mktemp("rounds")
     cfg = write_config(root / "two.yaml", rounds={"count": 2})
@@ -280,7 +280,7 @@ def test_tampered_package_is_rejected_with_reason(faulty):
 def test_not_enough_edges_is_one_clear_error(reference, tmp_path):
     """With min_edges = 2 and one edge failing, the study stops with the reason instead of fusing one edge."""
     from edgefuse.federated.trainer import FlowerTrainer
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     class DeadGrid:  # no SuperNode ever connects
         def get_node_ids(self):
@@ -358,7 +358,7 @@ def test_edge_faults_on_flower_each_leave_one_report_line_and_the_study_complete
     from flwr.supercore.task_identity import TaskIdentity
 
     from edgefuse.federated.trainer import FlowerTrainer
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     for key in ("_run_id", "_node_id", "_task_id"):  # the cloud's messages are made as inside a Flower run
         monkeypatch.setattr(TaskIdentity, key, 1)
@@ -413,11 +413,11 @@ def test_device_reported_memory_budget_prunes_that_edge(tmp_path, monkeypatch):
     from edgefuse.edge.prune import ratio_for_budget
     from edgefuse.federated.trainer import FlowerTrainer
     from edgefuse.models import load_model
-    from edgefuse.pipeline import local_trainer, run_study
+    from edgefuse.runner import LocalTrainer, run_study
 
     class LocalWithBudgets(FlowerTrainer):  # budgets from the (fake) federation, training in this process
-        def __call__(self, st, jobs):
-            local_trainer(st, jobs)
+        def train(self, st, jobs):
+            LocalTrainer().train(st, jobs)
 
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -658,7 +658,7 @@ def test_masked_plans_travel_as_bit_masks_and_rebuild_exactly(tmp_path, structur
 
 def test_unstructured_study_on_flower_equals_single_process_run(tmp_path):
     from edgefuse.federated.simulate import simulate
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     cfg = write_config(tmp_path / "unstructured.yaml",
                        pruning={"method": "magnitude", "structure": "unstructured", "ratio": 0.5, "calib": 2})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,74 @@ def test_every_stage_runs_and_report_is_written(study):
     csv_rows = (run_dir / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 1 + 2 + 4  # header, base, 2 edges, 2 methods × 2 CR settings
     assert not (run_dir / "run.lock").exists()  # released when the run ended
+
+
+HEAD_STAGES = Path(__file__).resolve().parent / "fixtures" / "tiny_study_head" / "stage_inputs.json"
+SHA = re.compile(r"[0-9a-f]{64}")
+
+
+def _same_but_hashes(a, b) -> bool:
+    """Equal, except that two sha256 strings (of trained or fused tensors: bits may differ between CPUs) may differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_but_hashes(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_but_hashes, a, b))
+    return a == b or (isinstance(a, str) and isinstance(b, str) and bool(SHA.fullmatch(a) and SHA.fullmatch(b)))
+
+
+def test_stage_keys_are_those_the_code_before_the_runner_package_wrote(study):
+    """A run directory made before the runner/report redesign keeps its cache: the same stages (names, kinds),
+    each key the hash of {kind, name, inputs}, every inputs dict as the old code wrote it (fixture from commit
+    44f4484), and the keys of the stages upstream of training bit-identical. Each kind's inputs are also checked
+    against a hand-written expectation built from the config and the files the inputs name."""
+    from edgefuse.io import hash_obj, sha256_file
+    from edgefuse.runner.cache import StageCache
+
+    _, run_dir, _ = study
+    head = json.loads(HEAD_STAGES.read_text())
+    new = {}
+    for f in (run_dir / "stages").glob("*/stage.json"):
+        rec = json.loads(f.read_text())
+        assert f.parent.name == f"{rec['name']}-{rec['key']}"
+        new[rec["name"]] = rec | {"dir": f.parent}
+    assert {n: r["kind"] for n, r in new.items()} == {n: r["kind"] for n, r in head.items()}
+    for name, rec in new.items():
+        assert rec["key"] == StageCache.key(rec["kind"], name, rec["inputs"]) \
+            == hash_obj({"kind": rec["kind"], "name": name, "inputs": rec["inputs"]})[:12]
+        assert _same_but_hashes(rec["inputs"], head[name]["inputs"]), name
+        if rec["kind"] in ("data", "prune", "train") or name == "eval-base":
+            assert rec["key"] == head[name]["key"], name
+    t, cfg = TINY_STUDY, yaml.safe_load(yaml.safe_dump(TINY_STUDY))
+    data = new["data"]["inputs"]
+    assert data == {"source": "embedded", "split_seed": data["split_seed"], "public_per_subject": data["public_per_subject"],
+                    "edge_fraction": data["edge_fraction"]}
+    assert set(new["mmlu-cd-k2"]["inputs"]) == {"data", "cd", "k"} and new["mmlu-cd-k2"]["inputs"]["k"] == 2
+    base = new["eval-base"]["inputs"]
+    assert set(base) == {"model", "data", "bench", "cd"} and base["data"] == data
+    assert base["cd"] == {"2": new["mmlu-cd-k2"]["result"]["hash"]}
+    for edge, domains in (("science", ["stem"]), ("law", ["law"])):
+        prune, train = new[f"prune-{edge}-s0"], new[f"train-{edge}-s0"]
+        assert prune["inputs"]["edge"] == edge and prune["inputs"]["domains"] == domains
+        assert prune["inputs"]["seed"] == 0 and prune["inputs"]["model"] == base["model"]
+        assert set(prune["inputs"]) == {"model", "pruning", "edge", "domains", "seed", "training"}
+        assert prune["inputs"]["training"]["steps"] == t["training"]["steps"]
+        plan = sha256_file(prune["dir"] / "pruned" / "plan.json")
+        assert train["inputs"] == {"prune": prune["inputs"], "plan": plan,
+                                   "train": {**prune["inputs"]["training"], "seed": 0}}
+        rec = new[f"recover-{edge}-s0"]
+        assert rec["inputs"] == {"package": sha256_file(train["dir"] / "package" / "adapter_model.safetensors"),
+                                 "plan": plan}
+        alone = new[f"eval-edge-{edge}-s0"]["inputs"]
+        assert alone == {"eval": base, "adapter": sha256_file(rec["dir"] / "adapter" / "adapter_model.safetensors")}
+    adapters = [f"{new[f'recover-{e}-s0']['dir'].name}/adapter" for e in ("science", "law")]
+    for method in cfg["fusion"]["methods"]:
+        for cr in cfg["fusion"]["cr"]:
+            name = method + ("" if cr == "off" else f"+{cr}")
+            fuse = new[f"fuse-{name}-s0"]
+            assert fuse["inputs"] == {"adapters": adapters, "method": method, "cr": cr, "rank": None,
+                                      "density": 0.5, "weights": None, "params": {}, "seed": 0}
+            assert new[f"eval-{name}-s0"]["inputs"] == {
+                "eval": base, "fused": sha256_file(fuse["dir"] / "fused" / "adapter_model.safetensors")}
 
 
 def test_figures_are_pngs(study):
@@ -279,7 +348,7 @@ def test_second_round_starts_every_edge_from_the_fused_adapter(study, tmp_path):
     from edgefuse.config import load_config
     from edgefuse.edge.plan import from_runs, full_shape
     from edgefuse.io import sha256_file
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     _, run_dir, _ = study
     two = tmp_path / "run"
@@ -319,10 +388,10 @@ def test_second_round_starts_every_edge_from_the_fused_adapter(study, tmp_path):
 
 
 def test_plan_names_every_stage_the_run_records_and_dry_run_sees_them_done(study):
-    """`edgefuse.estimate.plan` is the run's own list of stages (the progress bar counts it, the estimate sums it);
+    """`edgefuse.runner.estimate.plan` is the run's own list of stages (the progress bar counts it, the estimate sums it);
     after the run, --dry-run finds every stage done and nothing left to estimate."""
     from edgefuse.config import load_config
-    from edgefuse.estimate import plan
+    from edgefuse.runner.estimate import plan
 
     cfg, run_dir, _ = study
     planned = [s.name for s in plan(load_config(cfg), 24)]
@@ -352,7 +421,7 @@ def test_cloze_study_with_answer_text_training_and_a_cr_share(tmp_path, capsys):
     report has the transfer matrix and the LoRA-CR comparison. Output that is not a terminal gets one plain line
     per stage start and finish instead of progress bars."""
     from edgefuse.config import StudyConfig
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     cfg = StudyConfig.model_validate({
         **TINY_STUDY, "edges": {"science": ["stem"], "law": ["law"]},
@@ -384,7 +453,7 @@ def test_stage_cache_never_reads_a_partial_directory(tmp_path):
     """A `.partial` holding everything a finished stage holds (killed between writing stage.json and the rename)
     is not finished: lookup misses it, the estimate does not count it, and the stage runs again from an empty
     directory. Only training keeps its `.partial`, for its checkpoints."""
-    from edgefuse.stages import StageCache, finished_stage_files
+    from edgefuse.runner.cache import StageCache, finished_stage_files
 
     cache = StageCache(tmp_path)
 

@@ -181,7 +181,7 @@ def test_pruning_importance_accumulates_in_float32(tiny):
 def test_default_precision_adds_nothing_to_cache_keys_and_others_add_what_differs():
     from types import SimpleNamespace
 
-    from edgefuse.pipeline import precision_inputs
+    from edgefuse.runner.stages import precision_inputs
 
     default = precision.resolve()
     assert default.as_dict() == {"device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "float32"}

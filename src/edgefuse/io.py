@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -43,6 +44,22 @@ def canonical_json(obj: Any) -> str:
 
 def hash_obj(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj).encode())
+
+
+def jsonable(obj: Any) -> Any:
+    """What JSON can carry of ``obj``: statistics may hold tensors, numpy scalars or tuples (results.json, stage
+    results); mappings get string keys, numbers become int/float, anything else its ``tolist()`` or ``str``."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool)) or obj is None:
+        return obj
+    if isinstance(obj, numbers.Number):
+        return float(obj) if not isinstance(obj, int) else int(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
 
 
 # errno values that mean the machine refused a write (disk or quota full, read-only or forbidden place)

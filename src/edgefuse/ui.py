@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -43,6 +44,59 @@ def progress_bar(description: str, total: int | None, disable: bool = False) -> 
     finally:
         if task is not None:
             prog.stop()
+
+
+class StudyProgress:
+    """A study's progress: one overall bar (stage i of N, elapsed, remaining) and one for the current stage's work.
+
+    When stderr is not a terminal (a log file, CI, ``| tee``) bars would draw nothing until the end, so each stage
+    prints one plain line on stdout when it starts and one when it finishes instead."""
+
+    def __init__(self, total_stages: int, enabled: bool = True):
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=err_console, disable=not enabled)
+        self.overall = self.progress.add_task("study", total=total_stages, info="")
+        self.current = None
+        self.n_done = 0
+        self.total = total_stages
+        self.plain = enabled and not err_console.is_terminal
+        self.started = 0.0
+        self.name = ""
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def _line(self, name: str, what: str) -> None:
+        if self.plain:
+            print(f"{time.strftime('%H:%M:%S')} stage {self.n_done + 1}/{self.total} {name}: {what}", flush=True)
+
+    def stage(self, name: str, total: int | None) -> Callable[..., None]:
+        """Start stage ``name``; returns its ``advance(k=1, total=None, **info)``."""
+        if self.current is not None:
+            self.progress.remove_task(self.current)
+        self.progress.update(self.overall, description=f"study: stage {self.n_done + 1} of {self.total}")
+        self.current = self.progress.add_task(f"  {name}", total=total, info="")
+        self.name, self.started = name, time.perf_counter()
+        self._line(name, "started")
+
+        def advance(k: int = 1, total: int | None = None, **fields) -> None:
+            if total is not None:
+                self.progress.update(self.current, total=total)
+            info = " ".join(f"{a}={b:.3g}" if isinstance(b, float) else f"{a}={b}" for a, b in fields.items())
+            self.progress.update(self.current, advance=k, **({"info": info} if info else {}))
+
+        return advance
+
+    def stage_done(self, name: str | None = None, note: str | None = None) -> None:
+        """``name``/``note`` for a stage that had no `stage` call of its own (a cached or batch-trained one)."""
+        self._line(name or self.name, note or f"finished in {time.perf_counter() - self.started:.0f} s")
+        self.n_done += 1
+        self.progress.update(self.overall, advance=1)
 
 
 def accuracy_table(title: str, acc: dict, subjects: bool = True) -> Table:

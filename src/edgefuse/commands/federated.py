@@ -28,20 +28,15 @@ def simulate_cmd(
     """Run the study on Flower's simulation engine, one virtual SuperNode per configured edge."""
     from edgefuse.errors import EdgefuseError
     from edgefuse.federated.simulate import simulate
-    from edgefuse.report import headline_table
-    from edgefuse.stages import KINDS
-    from edgefuse.ui import console
+    from edgefuse.report.console import print_summary
+    from edgefuse.runner.cache import KINDS
 
     if force is not None and force not in KINDS:
         raise EdgefuseError(f"--force {force!r}: unknown stage kind; valid: {', '.join(KINDS)}")
     run_dir = run_dir or Path("runs") / f"{config.stem}-federated"
     doc = simulate(config, run_dir, min_edges=min_edges, timeout=timeout, force=force,
                    show_progress=not no_progress, cpus_per_edge=cpus_per_edge)
-    console.print(f"\n[bold]Headline ({doc['name']}, federated simulation, {doc['wall_s']:.0f} s)[/bold]")
-    console.print(headline_table(doc))
-    for m in doc.get("missing_edges") or []:
-        console.print(f"[yellow]left out: edge {m['edge']} (seed {m['seed']}): {m['reason']}[/yellow]")
-    console.print(f"\nreport: {run_dir / 'report.md'}")
+    print_summary(doc, run_dir, "federated simulation")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,7 @@ import typer
 
 from edgefuse.commands.options import device_option, dtype_option
 from edgefuse.errors import EdgefuseError
-from edgefuse.fusion.plots import conflict_grid, plot_heatmap
+from edgefuse.report.figures import conflict_grid, plot_heatmap
 
 _ADAPTERS_HELP = "the adapter directories follow: --adapters DIR DIR ..."
 

@@ -26,9 +26,9 @@ def run(
     """Prune, train every edge, recover, fuse (± LoRA-CR), evaluate on MMLU and MMLU-CD, write a report."""
     from edgefuse.config import load_config
     from edgefuse.errors import EdgefuseError
-    from edgefuse.pipeline import run_study
-    from edgefuse.report import headline_table
-    from edgefuse.stages import KINDS
+    from edgefuse.report.console import print_summary
+    from edgefuse.runner import run_study
+    from edgefuse.runner.cache import KINDS
     from edgefuse.ui import console
 
     cfg = load_config(config)
@@ -38,7 +38,7 @@ def run(
         raise EdgefuseError(f"--force {force!r}: unknown stage kind; valid: {', '.join(KINDS)}")
     run_dir = run_dir or Path("runs") / config.stem
     if dry_run:
-        from edgefuse.estimate import estimate_study, plan_table
+        from edgefuse.runner.estimate import estimate_study, plan_table
         from edgefuse.models import count_parameters, load_model
 
         cfg.precision()  # a device or dtype this machine cannot run fails the dry run too
@@ -49,15 +49,13 @@ def run(
         return
 
     def announce(stages) -> None:
-        from edgefuse.estimate import remaining_seconds
+        from edgefuse.runner.estimate import remaining_seconds
 
         todo = sum(not s.done for s in stages)
         console.print(f"{todo} of {len(stages)} stages to run, estimated {remaining_seconds(stages) / 60:.0f} min")
 
     doc = run_study(cfg, run_dir, force=force, show_progress=not no_progress, on_estimate=announce)
-    console.print(f"\n[bold]Headline ({cfg.name}, {doc['wall_s']:.0f} s)[/bold]")
-    typer.echo(headline_table(doc))  # plain markdown, never wrapped, so it can be pasted
-    console.print(f"\nreport: {run_dir / 'report.md'}")
+    print_summary(doc, run_dir)
 
 
 def register(app: typer.Typer) -> None:

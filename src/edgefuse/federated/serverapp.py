@@ -1,6 +1,6 @@
 """The cloud role as a Flower ServerApp (``edgefuse.federated.serverapp:app``).
 
-It runs the very study `edgefuse run` runs (`edgefuse.pipeline.run_study`: prune, recover, fuse
+It runs the very study `edgefuse run` runs (`edgefuse.runner.run_study`: prune, recover, fuse
 ± LoRA-CR, evaluate, report, with the same stage cache), except that edge training goes to the
 SuperNodes through `FlowerTrainer`. Same seeds, same adapters, same report.
 
@@ -30,7 +30,7 @@ def run_federated_study(grid: Grid, settings: dict[str, Any]) -> dict:
     """Load the config named in ``settings`` and run the study with Flower edges; returns the results doc."""
     from edgefuse.config import load_config
     from edgefuse.federated.trainer import FlowerTrainer
-    from edgefuse.pipeline import run_study
+    from edgefuse.runner import run_study
 
     s = {**DEFAULTS, **settings}
     cfg = load_config(Path(str(s["config"])).expanduser())

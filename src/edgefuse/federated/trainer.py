@@ -1,6 +1,6 @@
 """The cloud's side of edge training over Flower: one round of messages, checked packages back.
 
-`FlowerTrainer` is a ``trainer`` for `edgefuse.pipeline.run_study`: it maps SuperNodes to edges
+`FlowerTrainer` is a `edgefuse.runner.Trainer` for `edgefuse.runner.run_study`: it maps SuperNodes to edges
 (``query.identify``), sends every pending `TrainJob` to its edge at once (the edges train in
 parallel), writes each reply into the job's package directory only after `verify_package` accepts it,
 and marks a failed, timed-out or rejected edge on ``job.failure`` so the study leaves it out and the
@@ -23,6 +23,8 @@ log = logging.getLogger("edgefuse.run")
 
 
 class FlowerTrainer:
+    parallel = True  # every pending edge of a round in one message round: the edges train at the same time
+
     def __init__(self, grid, min_edges: int = 0, timeout: float | None = None, wait_nodes: float = 120.0):
         self.grid = grid
         self.min_edges = int(min_edges)
@@ -118,7 +120,7 @@ class FlowerTrainer:
         model, _, _ = load_pruned(job.pruned_dir)
         return weight_masks(model)
 
-    def __call__(self, st, jobs: list) -> None:
+    def train(self, st, jobs: list) -> None:
         from flwr.app import Message
 
         from edgefuse.federated.records import MSG_TRAIN, job_to_content

@@ -1,4 +1,4 @@
-"""The study report: ``report.md`` tables, ``results.json``, ``results.csv`` and PNG figures.
+"""The report's tables (markdown) and ``results.csv``, each a pure function of the results document.
 
 Every accuracy carries its 95% bootstrap interval; every change against the base model is a *paired*
 bootstrap interval over the same items, so "inside the interval" has a precise meaning.
@@ -9,11 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import statistics
-from pathlib import Path
 from typing import Any
 
+from edgefuse.data.taxonomy import domain_subjects
 from edgefuse.evaluate.stats import bootstrap_ci, fmt_ci, paired_diff_ci
-from edgefuse.io import atomic_write_json, atomic_write_text
 
 
 def _pct(x: float | None) -> str:
@@ -48,7 +47,7 @@ def domain_acc(ev: dict, subjects: set[str], ids_subject: dict[str, str]) -> dic
     return bootstrap_ci(xs) if xs else None
 
 
-def _ks(doc: dict) -> list[int]:
+def cd_ks(doc: dict) -> list[int]:
     return sorted(int(k) for k in doc.get("cd_n", {}))
 
 
@@ -62,7 +61,7 @@ def headline_rows(doc: dict) -> list[dict]:
 
 
 def headline_table(doc: dict) -> str:
-    ks = _ks(doc)
+    ks = cd_ks(doc)
     head = "| model | MMLU % [95% CI] | Δ vs base (paired) |" + "".join(
         f" MMLU-CD k={k} strict % [95% CI] | Δ vs base (paired) |" for k in ks)
     sep = "|---|---:|---:|" + "---:|---:|" * len(ks)
@@ -75,7 +74,7 @@ def headline_table(doc: dict) -> str:
 def cd_answer_table(doc: dict) -> str:
     """MMLU-CD scored per answer (each of the k answers of an instance, conditioned on the model's own earlier
     answers): k times the outcomes of the strict score, so its paired intervals are narrower."""
-    ks = [k for k in _ks(doc) if "answer_outcomes" in doc["base"].get(f"mmlu_cd_k{k}", {})]
+    ks = [k for k in cd_ks(doc) if "answer_outcomes" in doc["base"].get(f"mmlu_cd_k{k}", {})]
     if not ks:
         return ""
     lines = ["| model |" + "".join(f" MMLU-CD k={k} answers % [95% CI] | Δ vs base (paired) |" for k in ks),
@@ -99,7 +98,7 @@ def score_cells(ev: dict, doc: dict, is_base: bool = False) -> list[str]:
     base = doc["base"]
     cells = [fmt_ci(ev["mmlu"]["accuracy"]["overall"]) if "mmlu" in ev else "–",
              "–" if is_base else _diff(mmlu_diff(ev, base))]
-    for k in _ks(doc):
+    for k in cd_ks(doc):
         key = f"mmlu_cd_k{k}"
         cells += [fmt_ci(ev[key]["strict"]) if key in ev else "–", "–" if is_base else _diff(cd_diff(ev, base, k))]
     return cells
@@ -107,7 +106,7 @@ def score_cells(ev: dict, doc: dict, is_base: bool = False) -> list[str]:
 
 def rounds_table(doc: dict) -> str:
     """Accuracy per round of every fused model (and each edge alone, when evaluated), first seed."""
-    ks = _ks(doc)
+    ks = cd_ks(doc)
     lines = ["| round | model | MMLU % [95% CI] | Δ vs base (paired) |" + "".join(
         f" MMLU-CD k={k} strict % [95% CI] | Δ vs base (paired) |" for k in ks),
         "|---:|---|---:|---:|" + "---:|---:|" * len(ks)]
@@ -125,8 +124,6 @@ def _subject_index(doc: dict) -> dict[str, str]:
 
 
 def edges_table(doc: dict) -> str:
-    from edgefuse.data.taxonomy import domain_subjects
-
     subj = _subject_index(doc)
     lines = ["| edge | domains | seed | pruning (ratio) | params (pruned / base) | peak train memory MiB, measured (estimate) | tokens/s | "
              "train s | final loss | own domain % [CI] n (base) | all MMLU % [CI] | Δ all vs base |",
@@ -160,8 +157,6 @@ def transfer_matrix(doc: dict) -> dict | None:
     """Each edge adapter alone (rows) on each edge's domain (columns): paired Δ against the base model on the
     same test items. The diagonal is the own-domain gain, the rest cross-domain interference — what a fusion
     result is made of. First seed, last round; None when edges were not evaluated alone."""
-    from edgefuse.data.taxonomy import domain_subjects
-
     edges = [e for e in doc["seeds"][0]["edges"] if "mmlu" in (e.get("eval") or {})] if doc["seeds"] else []
     base = doc["base"].get("mmlu", {}).get("correct")
     if not edges or not base:
@@ -204,7 +199,7 @@ def cr_sweep_rows(doc: dict) -> list[dict]:
         row = {"name": f["name"], "method": f["method"], "cr": f["cr"], "share_changed": cr.get("share_changed"),
                "modules_flagged": cr.get("modules_flagged"), "modules_total": cr.get("modules_total"),
                "mmlu": mmlu_diff(f["eval"], ref["eval"])}
-        for k in _ks(doc):
+        for k in cd_ks(doc):
             key = f"mmlu_cd_k{k}"
             ev, rv = f["eval"].get(key), ref["eval"].get(key)
             if ev and rv:
@@ -220,7 +215,7 @@ def cr_sweep_table(doc: dict) -> str:
     rows = cr_sweep_rows(doc)
     if not rows:
         return ""
-    ks = _ks(doc)
+    ks = cd_ks(doc)
     lines = ["| model | modules edited | params changed % | Δ MMLU vs no CR |" + "".join(
         f" Δ MMLU-CD k={k} per answer | Δ MMLU-CD k={k} strict |" for k in ks),
         "|---|---:|---:|---:|" + "---:|---:|" * len(ks)]
@@ -247,7 +242,7 @@ def _last_loss(curve: list) -> float:
 
 def seeds_table(doc: dict) -> str:
     """Mean ± std across seeds for every fused model (only meaningful with ≥ 2 seeds)."""
-    ks = _ks(doc)
+    ks = cd_ks(doc)
     names = [f["name"] for f in doc["seeds"][0]["fused"]]
     lines = ["| model | MMLU mean ± std |" + "".join(f" MMLU-CD k={k} mean ± std |" for k in ks),
              "|---|---:|" + "---:|" * len(ks)]
@@ -290,7 +285,7 @@ def _num(x: Any, pct: bool = False) -> str:
 
 
 def stages_table(doc: dict) -> str:
-    """Each stage's wall time, with the estimate made before the run started (`edgefuse.estimate`)."""
+    """Each stage's wall time, with the estimate made before the run started (`edgefuse.runner.estimate`)."""
     est = (doc.get("estimate") or {}).get("stages", {})
     lines = ["| stage | status | wall s | estimated s |", "|---|---|---:|---:|"]
     for r in doc["stages"]:
@@ -304,7 +299,7 @@ def stages_table(doc: dict) -> str:
 
 
 def results_csv(doc: dict) -> str:
-    ks = _ks(doc)
+    ks = cd_ks(doc)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["model", "seed", "mmlu_acc", "mmlu_lo", "mmlu_hi", "mmlu_diff_vs_base", "mmlu_diff_lo", "mmlu_diff_hi"]
@@ -325,7 +320,7 @@ def results_csv(doc: dict) -> str:
     return buf.getvalue()
 
 
-def _scoring_line(doc: dict) -> str:
+def scoring_line(doc: dict) -> str:
     b = doc["config"]["benchmarks"]
     fmt = b.get("format", "letters")
     metric = b.get("metric") or ("acc_norm" if fmt == "cloze" else "acc")
@@ -333,62 +328,3 @@ def _scoring_line(doc: dict) -> str:
             "cloze": "each answer text as the continuation of the question (cloze)"}[fmt]
     norm = " divided by the answer's length in characters" if metric == "acc_norm" else ""
     return f"Scoring: {what}; the prediction is the choice with the highest log-likelihood{norm} (`{metric}`)."
-
-
-def write_report(doc: dict, run_dir: Path) -> Path:
-    from edgefuse.report_figures import draw_figures
-
-    run_dir = Path(run_dir)
-    figures = draw_figures(doc, run_dir) if doc["config"]["output"]["figures"] else {}
-    ks = _ks(doc)
-    md = [f"# edgefuse study: {doc['name']}", "",
-          f"Model `{doc['model']}` (fingerprint `{doc['base_fingerprint']}`); {len(doc['config']['edges'])} edges; "
-          f"seeds {doc['config']['seeds']}; MMLU items: {doc['mmlu_n']}; MMLU-CD instances: "
-          + ", ".join(f"k={k}: {n}" for k, n in doc["cd_n"].items()) + f"; total wall time {doc['wall_s']:.0f} s.", "",
-          "Accuracies in %, with 95% bootstrap intervals. Δ columns are paired bootstrap intervals over the same "
-          "items; `*` marks a difference whose interval excludes 0.", "",
-          "## Headline: base model vs fused edge adapters (± LoRA-CR)", "", _scoring_line(doc), "",
-          headline_table(doc), ""]
-    answers = cd_answer_table(doc)
-    if answers:
-        md += [answers, ""]
-    for k in ks:
-        b = doc["base"].get(f"mmlu_cd_k{k}", {})
-        if b:
-            md.append(f"MMLU-CD k={k}: chance {100 * b.get('chance', 0.25 ** k):.2f}%; base single-item accuracy on the "
-                      f"same items {fmt_ci(b['single']) if isinstance(b.get('single'), dict) else '–'}.")
-    md += ["", "## Edges", "", edges_table(doc), "",
-           "Measured peak: resident memory sampled during training above its level when training started. "
-           "Inside `edgefuse run` the edges train in the cloud's process, next to the loaded base model, so this "
-           "figure is only indicative; `bench/edge_memory.py` measures one process per pruning ratio.", ""]
-    if doc.get("missing_edges"):
-        md += ["## Missing edges", "", "Left out of fusion and evaluation (federated run: the edge failed, timed out "
-               "or its package was rejected).", "", "| edge | seed | round | reason |", "|---|---:|---:|---|"]
-        md += [f"| {m['edge']} | {m['seed']} | {m.get('round', 1)} | {' '.join(str(m['reason']).replace('|', '/').split())} |"
-               for m in doc["missing_edges"]]
-        md.append("")
-    if len(doc["seeds"][0].get("rounds", [])) > 1:
-        md += ["## Accuracy per round", "", "Each round after the first starts every edge from the fused model "
-               "marked *sent back* (`rounds.method`/`rounds.cr`), projected to the edge's pruned shapes. The tables "
-               "above show the last round.", "", rounds_table(doc), ""]
-    if len(doc["seeds"]) > 1:
-        md += ["## Across seeds", "", seeds_table(doc), ""]
-    transfer = transfer_table(doc)
-    if transfer:
-        md += ["## Transfer matrix: each edge alone, per domain", "",
-               "Paired Δ (points) of each edge's recovered adapter alone against the base model on the test items of "
-               "each edge's domain; the diagonal (bold) is the own-domain gain, the rest cross-domain interference.",
-               "", transfer, ""]
-    md += ["## Conflict statistics (LoRA-CR)", "", conflict_table(doc), ""]
-    sweep = cr_sweep_table(doc)
-    if sweep:
-        md += ["## LoRA-CR against the same method without it", "",
-               "Paired Δ of each LoRA-CR setting against its method with LoRA-CR off, with the share of adapter "
-               "parameters LoRA-CR changed.", "", sweep, ""]
-    if figures:
-        md += ["## Figures", ""] + [f"![{cap}]({name})\n\n*{cap}*\n" for name, cap in figures.items()]
-    md += ["## Stage wall times", "", stages_table(doc), ""]
-    atomic_write_text(run_dir / "results.csv", results_csv(doc))
-    atomic_write_text(run_dir / "report.md", "\n".join(md))
-    atomic_write_json(run_dir / "results.json", doc)  # last: a results.json means the whole report was written
-    return run_dir / "report.md"

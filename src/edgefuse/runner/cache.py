@@ -1,4 +1,4 @@
-"""A stage cache: each stage's output lives in a directory keyed by a hash of its inputs and settings.
+"""The stage cache: each stage's output lives in a directory keyed by a hash of its inputs and settings.
 
 Why: a study is hours of work on a CPU. A rerun must reuse what is finished, an interrupted run must
 resume at the stage it was in, and ``--force KIND`` must redo a kind of stage and everything after it.
@@ -44,7 +44,8 @@ class StageCache:
         self.forced = set(KINDS[KINDS.index(force):]) if force else set()
         self.records: list[dict] = []
 
-    def key(self, kind: str, name: str, inputs: Any) -> str:
+    @staticmethod
+    def key(kind: str, name: str, inputs: Any) -> str:
         return hash_obj({"kind": kind, "name": name, "inputs": inputs})[:12]
 
     def _log(self, rec: dict) -> None:

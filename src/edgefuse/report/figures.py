@@ -1,12 +1,15 @@
-"""PNG figures of a study (matplotlib, Agg backend): each returns a caption that says what it shows."""
+"""PNG figures of a study (matplotlib, Agg backend), drawn from the results document alone: each returns a
+caption that says what it shows. The conflict heatmap is also drawn by ``edgefuse conflicts --plot``."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from edgefuse.io import atomic_write_png
+from edgefuse.report.tables import cd_ks, cr_sweep_rows, transfer_matrix
 
 
 def _plt():
@@ -142,8 +145,6 @@ def fig_rounds(doc: dict, path: Path) -> str | None:
 
 def fig_transfer(doc: dict, path: Path) -> str | None:
     """Heatmap of the transfer matrix: edge alone (rows) × domain (columns), paired Δ vs base in points."""
-    from edgefuse.report import transfer_matrix
-
     tm = transfer_matrix(doc)
     if tm is None:
         return None
@@ -173,9 +174,7 @@ def fig_transfer(doc: dict, path: Path) -> str | None:
 
 def fig_cr_sweep(doc: dict, path: Path) -> str | None:
     """Share of parameters LoRA-CR changed → its paired Δ on MMLU-CD (per answer) against the method without it."""
-    from edgefuse.report import _ks, cr_sweep_rows
-
-    ks = _ks(doc)
+    ks = cd_ks(doc)
     rows = [r for r in cr_sweep_rows(doc) if ks and r.get(f"cd_k{ks[0]}_answer") and r["share_changed"] is not None]
     if not rows:
         return None
@@ -197,10 +196,57 @@ def fig_cr_sweep(doc: dict, path: Path) -> str | None:
             "(per answer) against the same fusion method without LoRA-CR (y), with 95% intervals.")
 
 
-def draw_figures(doc: dict, run_dir: Path) -> dict[str, str]:
-    """Draw every figure the data allows; returns {file name: caption}."""
+def _layer_type(name: str) -> tuple[str, str]:
+    m = re.search(r"layers\.(\d+)\.", name)
+    return (m.group(1) if m else "-"), name.rsplit(".", 1)[-1]
+
+
+def conflict_grid(stats: dict, key: str = "score"):
+    """Per-layer × module-type table of a conflict statistic (missing cells are None)."""
+    layers, types, cells = [], [], {}
+    for name, e in stats["modules"].items():
+        layer, typ = _layer_type(name)
+        layers.append(layer) if layer not in layers else None
+        types.append(typ) if typ not in types else None
+        cells[(layer, typ)] = e.get(key)
+    layers.sort(key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0))
+    return layers, types, cells
+
+
+def plot_heatmap(stats: dict, path: Path, key: str = "score") -> None:
+    """Layer × module-type heatmap of one statistic of `edgefuse.fusion.analyze_conflicts`' ``modules``."""
+    plt = _plt()
+    layers, types, cells = conflict_grid(stats, key)
+    grid = np.array([[np.nan if cells.get((y, t)) is None else cells[(y, t)] for t in types] for y in layers])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(types), 1.5 + 0.25 * len(layers)))
+    im = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("module type")
+    ax.set_ylabel("layer")
+    ax.set_title(f"adapter conflict ({key})")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    atomic_write_png(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def edge_conflicts(doc: dict) -> dict | None:
+    """The first seed's conflict statistics between its edge adapters, as its fuse stages stored them (every fused
+    model of a round has the same ones); None when this results document has no per-module scores."""
+    fused = doc["seeds"][0]["fused"] if doc["seeds"] else []
+    for f in fused:
+        stats = (f.get("fusion") or {}).get("conflicts") or {}
+        if stats.get("modules") and all("score" in e for e in stats["modules"].values()):
+            return stats
+    return None
+
+
+def draw_figures(doc: dict, run_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """Draw every figure the data allows; returns ({file name: caption}, one note per figure it cannot draw)."""
     out: dict[str, str] = {}
-    ks = sorted(int(k) for k in doc.get("cd_n", {}))
+    notes: list[str] = []
+    ks = cd_ks(doc)
     if doc["seeds"] and doc["seeds"][0]["fused"]:
         for k in ks:
             name = f"mmlu_cd_k{k}_methods.png"
@@ -218,21 +264,13 @@ def draw_figures(doc: dict, run_dir: Path) -> dict[str, str]:
             cap = fig(doc, run_dir / name)
             if cap:
                 out[name] = cap
-        heat = _conflict_heatmap(doc, run_dir / "conflict_heatmap.png")
-        if heat:
-            out["conflict_heatmap.png"] = heat
-    return out
-
-
-def _conflict_heatmap(doc: dict, path: Path) -> str | None:
-    """Layer × module-type conflict heatmap of the first seed's edge adapters."""
-    from edgefuse.fusion import analyze_conflicts
-    from edgefuse.fusion.plots import plot_heatmap as plot_conflict_heatmap
-    from edgefuse.adapters import load_adapter
-
-    adapters = [load_adapter(e["adapter"]) for e in doc["seeds"][0]["edges"]]
-    if len(adapters) < 2:
-        return None
-    plot_conflict_heatmap(analyze_conflicts(adapters, element=False), path)
-    return ("Conflict score between the edge adapters per layer (rows) and module type (columns); higher means the "
-            "adapters' updates pull in more opposite directions.")
+        if len(doc["seeds"][0]["edges"]) >= 2 and doc["seeds"][0]["fused"]:
+            stats = edge_conflicts(doc)
+            if stats is None:
+                notes.append("Conflict heatmap left out: these results hold no per-module conflict scores.")
+            else:
+                plot_heatmap(stats, run_dir / "conflict_heatmap.png")
+                out["conflict_heatmap.png"] = (
+                    "Conflict score between the edge adapters per layer (rows) and module type (columns); higher "
+                    "means the adapters' updates pull in more opposite directions.")
+    return out, notes

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefuse.config import StudyConfig
-from edgefuse.stages import finished_stage_files
+from edgefuse.runner.cache import KINDS, finished_stage_files
 
 REFERENCE_PARAMS = 134.5e6  # SmolLM2-135M, the model the rates were measured with
 
@@ -60,7 +60,7 @@ def _elementwise(method: str) -> bool:
 
 
 def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[PlannedStage]:
-    """Every stage `edgefuse.pipeline.run_study` will pass through, in order, with its estimated seconds."""
+    """Every stage `edgefuse.runner.run_study` will pass through, in order, with its estimated seconds."""
     s, b, f = _scale(params), cfg.benchmarks, cfg.fusion
     fmt = b.format
     eval_s = (n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0)
@@ -154,7 +154,6 @@ def estimate_study(cfg: StudyConfig, run_dir: Path, params: float | None = None,
                    force: str | None = None) -> list[PlannedStage]:
     """The plan with this run directory's finished stages marked and its measured corrections applied;
     ``force`` (a stage kind) marks that kind and every later one to run again."""
-    from edgefuse.stages import KINDS
 
     stages = plan(cfg, mmlu_count(cfg), params)
     mark_done(stages, run_dir)

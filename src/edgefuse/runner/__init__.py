@@ -1,0 +1,14 @@
+"""The study runner (``edgefuse run``): stages cached by their inputs, trainers, and the run's entry point.
+
+- `cache`: `StageCache`, the on-disk store of finished stages (``stages/<name>-<key>/``).
+- `study`: `Study`, the context the stages share, and the one path a stage takes through cache and progress.
+- `stages`: the stage functions (data, prune, train, recover, fuse, evaluate) and their cache inputs.
+- `trainers`: the `Trainer` contract, `TrainJob` and the in-process `LocalTrainer` (Flower's is in
+  `edgefuse.federated.trainer`).
+- `run`: `run_study`, which locks the run directory, estimates, runs every stage and writes the report.
+"""
+
+from edgefuse.runner.run import run_study
+from edgefuse.runner.trainers import LocalTrainer, Trainer, TrainJob
+
+__all__ = ["LocalTrainer", "TrainJob", "Trainer", "run_study"]

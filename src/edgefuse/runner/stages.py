@@ -1,0 +1,332 @@
+"""The study's stages, each a pure function over files cached by `StageCache` (through `Study.stage`).
+
+  data → mmlu-cd build (per k) → base eval → per seed: per edge prune; then per round: per edge
+  train → recover → eval alone; per fusion method × LoRA-CR strategy: fuse → eval.
+Every stage's ``inputs`` dict is its cache key: changing one (a key, a value's form) makes every existing run
+directory redo that stage and all after it, so they stay exactly as they are (tests/test_pipeline_e2e.py,
+``test_stage_keys_are_those_the_code_before_the_runner_package_wrote``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from edgefuse.config import StudyConfig
+from edgefuse.edge.plan import plan_hash
+from edgefuse.errors import EdgefuseError
+from edgefuse.runner.estimate import round_tag
+from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
+from edgefuse.runner.study import Pending, Study
+from edgefuse.runner.trainers import Trainer, TrainJob
+
+log = logging.getLogger("edgefuse.run")
+
+
+def _edge_names(cfg: StudyConfig) -> list[str]:
+    return list(cfg.edges)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def stage_data(st: Study) -> None:
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
+
+    d = st.cfg.data
+    st.dataset = load_mmlu(None if d.source == "embedded" else d.source)
+    st.split_spec = SplitSpec(seed=d.split_seed, public_per_subject=d.public_per_subject,
+                              edge_fraction=d.edge_fraction)
+
+    def run(work: Path, advance) -> dict:
+        splits = make_splits(st.dataset, st.split_spec)
+        atomic_write_json(work / "splits.json", splits, indent=None)
+        return {k: len(v) for k, v in splits.items()} | {"skipped_rows": st.dataset.skipped}
+
+    st.stage("data", "data", d.model_dump(), run)
+    m = st.cfg.benchmarks.mmlu
+    st.mmlu_items = select(st.dataset, "test", m.domains, None, m.limit, d.split_seed, st.split_spec)
+
+
+def stage_cd_build(st: Study) -> None:
+    from edgefuse.data.mmlu_cd import build_instances, load_benchmark, write_benchmark
+
+    cd = st.cfg.benchmarks.mmlu_cd
+    if not cd.enabled:
+        return
+    for k in cd.ks:
+        def run(work: Path, advance, k=k) -> dict:
+            doc = build_instances(st.dataset, k=k, n=cd.n, seed=st.cfg.data.split_seed, domains=cd.domains,
+                                  split="test", split_spec=st.split_spec)
+            return {"hash": write_benchmark(doc, work / f"mmlu_cd_k{k}.jsonl"), "file": f"mmlu_cd_k{k}.jsonl"}
+
+        out, res = st.stage("data", f"mmlu-cd-k{k}", {"data": st.cfg.data.model_dump(), "cd": cd.model_dump(),
+                                                     "k": k}, run)
+        st.cd_docs[k] = load_benchmark(out / res["file"])
+        st.cd_hashes[k] = res["hash"]
+
+
+def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool = True) -> dict:
+    """MMLU and (unless ``cd`` is False) MMLU-CD for each k, for one model; full results to files, summary returned.
+
+    The summary's ``accuracy`` and per-item ``correct`` are those of the study's headline metric
+    (``benchmarks.metric``); a cloze evaluation also keeps both metrics under ``metrics``.
+    """
+    from edgefuse.evaluate.mmlu import evaluate_mmlu
+    from edgefuse.evaluate.mmlu_cd import evaluate_mmlu_cd
+
+    b = st.cfg.benchmarks
+    metric = b.headline_metric
+    norm = "_norm" if metric == "acc_norm" else ""
+    summary: dict[str, Any] = {"label": label, "format": b.format, "metric": metric}
+    alone: list[dict] = []  # zero-shot per-item records of this model, reused by MMLU-CD's "items alone"
+    if b.mmlu.enabled:
+        res = evaluate_mmlu(model, st.tokenizer, st.mmlu_items, shots=b.mmlu.shots,
+                            public=st.items_of("public") if b.mmlu.shots else (), batch_size=b.batch_size,
+                            progress=advance, meta={"label": label}, fmt=b.format)
+        atomic_write_json(work / "mmlu.json", res)
+        summary["mmlu"] = {"accuracy": res["accuracy" + norm], "file": "mmlu.json",
+                           "correct": {i["id"]: int(i["correct" + norm]) for i in res["items"]}}
+        if b.format == "cloze":
+            summary["mmlu"]["metrics"] = {"acc": res["accuracy"]["overall"], "acc_norm": res["accuracy_norm"]["overall"]}
+        if not b.mmlu.shots:
+            alone = list(res["items"])
+    for k, doc in (st.cd_docs if cd else {}).items():
+        res = evaluate_mmlu_cd(model, st.tokenizer, doc, st.dataset, batch_size=b.batch_size,
+                               progress=advance, meta={"label": label}, single_items=alone, fmt=b.format,
+                               metric=metric, single=b.mmlu_cd.single)
+        alone += res["single_items"] or []
+        atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
+        summary[f"mmlu_cd_k{k}"] = {key: res[key] for key in ("strict", "per_position", "answer", "single", "penalty", "chance")
+                                    if key in res}
+        summary[f"mmlu_cd_k{k}"]["file"] = f"mmlu_cd_k{k}.json"
+        summary[f"mmlu_cd_k{k}"]["strict_outcomes"] = [int(inst["strict"]) for inst in res["instances"]]
+        summary[f"mmlu_cd_k{k}"]["answer_outcomes"] = [[int(c) for c in inst["correct"]] for inst in res["instances"]]
+    return summary
+
+
+def _eval_total(st: Study, cd: bool = True) -> int:
+    b = st.cfg.benchmarks
+    return (len(st.mmlu_items) if b.mmlu.enabled else 0) + (sum(len(d["instances"]) for d in st.cd_docs.values())
+                                                            if cd else 0)
+
+
+def _with_adapter(st: Study, adapter_dir: Path, fn: Callable[[Any], dict]) -> dict:
+    """Apply an adapter to the shared base model, run ``fn``, then remove the adapter again."""
+    from edgefuse.peft_utils import apply_adapter
+
+    peft_model = apply_adapter(st.model, adapter_dir)
+    try:
+        return fn(peft_model)
+    finally:
+        st.model = peft_model.unload()
+        st.model.eval()
+
+
+def precision_inputs(st: Study) -> dict:
+    """The device and dtype as stage inputs, only where they differ from the defaults: a default study's
+    keys stay those it had before these settings existed, so its run directories keep their cache."""
+    extra = st.precision.non_default()
+    return {"precision": extra} if extra else {}
+
+
+def eval_inputs(st: Study) -> dict:
+    b = st.cfg.benchmarks
+    return {"model": st.base_fingerprint, "data": st.cfg.data.model_dump(), "bench": b.model_dump(),
+            "cd": st.cd_hashes, **precision_inputs(st)}
+
+
+def stage_base_eval(st: Study) -> dict:
+    _, res = st.stage("eval", "eval-base", eval_inputs(st),
+                      lambda work, adv: evaluate_model(st, st.model, work, adv, "base"), total=_eval_total(st))
+    return res
+
+
+def train_config(st: Study, seed: int):
+    return st.cfg.training.model_copy(update={"seed": seed})
+
+
+def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
+    """Prune the base model for one edge; returns (pruned dir, result, stage inputs)."""
+    from edgefuse.data.prompts import answer_text, mc_prompt
+    from edgefuse.edge.prune import prune_model, save_pruned
+    from edgefuse.models import count_parameters
+
+    cfg, domains, p = st.cfg, st.cfg.edges[edge], st.cfg.pruning_for(edge)
+
+    def run_prune(work: Path, advance) -> dict:
+        calib = [mc_prompt(it) + answer_text(it.answer) for it in st.items_of("public", domains)[: p.calib]]
+        try:
+            res = prune_model(st.model, st.tokenizer, method=p.method, structure=p.structure,
+                              ratio=p.ratio if p.memory_budget_gib is None else None,
+                              memory_budget_gib=p.memory_budget_gib, calib_prompts=calib or None,
+                              train_cfg=train_config(st, seed), seed=seed)
+        except EdgefuseError as e:  # which device's budget or settings are wrong
+            raise EdgefuseError(f"edge {edge}: {e}") from None
+        save_pruned(res, st.tokenizer, work / "pruned")
+        return {"dir": "pruned", "ratio": res.plan.get("ratio"), "method": p.method, "structure": p.structure,
+                "memory_budget_gib": p.memory_budget_gib, "params": count_parameters(res.model),
+                "base_params": count_parameters(st.model), "estimate": jsonable(res.estimate)}
+
+    inputs = {"model": st.base_fingerprint, "pruning": p.model_dump(), "edge": edge, "domains": domains,
+              "seed": seed, "training": cfg.training.model_dump(), **precision_inputs(st)}
+    out, res = st.stage("prune", f"prune-{edge}-s{seed}", inputs, run_prune)
+    return out / res["dir"], res, inputs
+
+
+def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed: int, trainer: Trainer,
+                    round_no: int = 1, start: Path | None = None) -> dict[str, tuple[Path, dict]]:
+    """Train every edge whose package is not cached, through ``trainer`` (local or Flower); (package, result) by edge.
+
+    ``start`` (rounds after the first) is the fused full-model adapter every edge starts from; each
+    job gets it projected to its own pruned shapes in ``work_dir / "init"``. A trainer with ``parallel`` gets
+    every pending edge in one call; an edge it could not deliver is left out and recorded in ``missing_edges``.
+    """
+    tcfg = train_config(st, seed)
+    wanted: dict[str, tuple[str, Pending]] = {}  # stage name → (edge, stage)
+    for edge, (pdir, _, pinputs) in pruned.items():
+        name = f"train-{edge}-{round_tag(seed, round_no)}"
+        inputs = {"prune": pinputs, "plan": sha256_file(pdir / "plan.json"), "train": tcfg.model_dump()}
+        if start is not None:
+            inputs |= {"round": round_no, "start": sha256_file(start / "adapter_model.safetensors")}
+        wanted[name] = (edge, Pending(name, inputs, tcfg.steps))
+
+    def train(group: list[Pending]) -> None:
+        jobs = []
+        for p in group:
+            edge = wanted[p.name][0]
+            pdir = pruned[edge][0]
+            job = TrainJob(edge, seed, st.cfg.edges[edge], pdir, tcfg, p.work, p.name, p.inputs,
+                           advance=p.advance, round_no=round_no)
+            if start is not None:
+                job.init_dir = write_start(start, pdir / "plan.json", job.work_dir / "init")
+            jobs.append(job)
+        trainer.train(st, jobs)
+        for p, job in zip(group, jobs):
+            p.result = _package_result(st, job)
+
+    done = st.stages("train", [p for _, p in wanted.values()], train, together=trainer.parallel,
+                     label="train {n} edges")
+    return {wanted[name][0]: (final / res["dir"], res) for name, (final, res) in done.items()}
+
+
+def write_start(fused_dir: Path, plan_path: Path, out_dir: Path) -> Path:
+    """The fused adapter projected to one edge's pruned shapes, as a PEFT directory (its next round's start)."""
+    from edgefuse.adapters import load_adapter, save_adapter
+    from edgefuse.edge.prune import read_plan
+    from edgefuse.edge.recover import project_adapter
+
+    if (out_dir / "adapter_model.safetensors").is_file():  # a resumed job: same inputs, same start
+        return out_dir
+    plan = read_plan(plan_path)
+    start = project_adapter(load_adapter(fused_dir), plan, fused_dir)
+    return save_adapter(start, out_dir, manifest={"kind": "edgefuse-round-start", "from": str(fused_dir.name),
+                                                  "fused_sha256": sha256_file(fused_dir / "adapter_model.safetensors"),
+                                                  "plan_hash": plan_hash(plan)})
+
+
+def _package_result(st: Study, job: TrainJob) -> dict | None:
+    """The train stage's result if the trainer wrote this job's package; else None, the edge left out and
+    recorded with the reason."""
+    if job.failure is None and (job.package_dir / "edgefuse.json").is_file():
+        man = read_json(job.package_dir / "edgefuse.json")
+        return {"dir": "package", "stats": man.get("training", man.get("stats", {}))}
+    reason = job.failure or "the trainer wrote no package"
+    st.missing_edges.append({"edge": job.edge, "seed": job.seed, "round": job.round_no, "reason": reason})
+    log.warning("edge %s (seed %d) left out: %s", job.edge, job.seed, reason)
+    return None
+
+
+def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, package: Path, train_res: dict,
+                       prune_res: dict, round_no: int = 1) -> dict:
+    from edgefuse.edge.recover import recover
+
+    inputs = {"package": sha256_file(package / "adapter_model.safetensors"), "plan": sha256_file(pruned_dir / "plan.json")}
+
+    def run_recover(work: Path, advance) -> dict:
+        recover(package, pruned_dir / "plan.json", work / "adapter")
+        return {"dir": "adapter", "sha256": sha256_file(work / "adapter" / "adapter_model.safetensors")}
+
+    tag = round_tag(seed, round_no)
+    rec_dir, rec_res = st.stage("recover", f"recover-{edge}-{tag}", inputs, run_recover)
+    adapter = rec_dir / rec_res["dir"]
+    out = {"edge": edge, "seed": seed, "round": round_no, "domains": st.cfg.edges[edge], "adapter": str(adapter),
+           "prune": prune_res, "train": train_res["stats"]}
+    if st.cfg.benchmarks.edges_alone:
+        _, res = st.stage("eval", f"eval-edge-{edge}-{tag}", {"eval": eval_inputs(st), "adapter": rec_res["sha256"]},
+                          lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(
+                              st, m, work, adv, edge, cd=st.cfg.benchmarks.edges_alone_cd)),
+                          total=_eval_total(st, st.cfg.benchmarks.edges_alone_cd))
+        out["eval"] = res
+    return out
+
+
+def stage_edges(st: Study, seed: int, trainer: Trainer, pruned: dict[str, tuple[Path, dict, dict]],
+                round_no: int = 1, start: Path | None = None) -> list[dict]:
+    """train all (one dispatch, so federated edges train in parallel) → recover and evaluate each."""
+    packages = stage_train_all(st, pruned, seed, trainer, round_no, start)
+    return [stage_recover_eval(st, e, seed, pruned[e][0], packages[e][0], packages[e][1], pruned[e][1], round_no)
+            for e in _edge_names(st.cfg) if e in packages]
+
+
+def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) -> list[dict]:
+    from edgefuse.fusion import fuse_dirs
+    from edgefuse.fusion.registry import get_method
+
+    f = st.cfg.fusion
+    names = _edge_names(st.cfg)
+    weights = [f.weights[names.index(e["edge"])] for e in edges] if f.weights else None  # without missing edges
+    results = []
+    for method in f.methods:
+        for setting in f.cr:
+            cr = setting.name
+            name = f"{method}+{cr}" if cr != "off" else method
+            inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
+                      "cr": cr if setting.is_plain else setting.model_dump(), "rank": f.rank, "density": f.density,
+                      "weights": weights, "params": f.params.get(method, {}), "seed": seed}
+
+            def run_fuse(work: Path, advance, method=method, setting=setting) -> dict:
+                spec = get_method(method)  # the shared rank/density apply to the methods that take them
+                off = setting.strategy == "off"
+                stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
+                                  cr=None if off else setting.strategy, cr_threshold=setting.threshold,
+                                  weights=weights, rank=None if spec.exact_rank else f.rank,
+                                  density=f.density if spec.density is not None else None,
+                                  seed=seed, force=True, progress=advance,
+                                  **{**f.params.get(method, {}), **({} if off else setting.fuse_params())})
+                return {"dir": "fused", "stats": jsonable(stats)}
+
+            tag = round_tag(seed, round_no)
+            fdir, fres = st.stage("fuse", f"fuse-{name}-{tag}", inputs, run_fuse)
+            adapter = fdir / fres["dir"]
+            _, res = st.stage("eval", f"eval-{name}-{tag}",
+                              {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
+                              lambda work, adv, adapter=adapter, name=name: _with_adapter(
+                                  st, adapter, lambda m: evaluate_model(st, m, work, adv, name)),
+                              total=_eval_total(st))
+            results.append({"name": name, "method": method, "cr": cr, "seed": seed, "round": round_no,
+                            "adapter": str(adapter),
+                            "fusion": fres["stats"], "eval": res})
+    return results
+
+
+def run_seed(st: Study, seed: int, trainer: Trainer) -> dict:
+    """Prune each edge once, then ``rounds.count`` rounds of train → recover → fuse → evaluate.
+
+    From the second round on, every edge starts from the fused model named by `StudyConfig.sent_back`
+    (in its own pruned shapes); the seed's ``edges``/``fused`` are the last round's, ``rounds`` all of them.
+    """
+    pruned = {e: stage_prune(st, e, seed) for e in _edge_names(st.cfg)}
+    rounds, start = [], None
+    for round_no in range(1, st.cfg.rounds.count + 1):
+        edges = stage_edges(st, seed, trainer, pruned, round_no, start)
+        if not edges:
+            raise EdgefuseError(f"round {round_no} (seed {seed}): no edge delivered an adapter")
+        fused = stage_fusions(st, edges, seed, round_no)
+        sent = st.cfg.sent_back()
+        rounds.append({"round": round_no, "edges": edges, "fused": fused,
+                       "sent_back": sent if round_no < st.cfg.rounds.count else None})
+        start = next(Path(f["adapter"]) for f in fused if f["name"] == sent)
+    return {"seed": seed, "edges": rounds[-1]["edges"], "fused": rounds[-1]["fused"], "rounds": rounds,
+            "missing_edges": [m for m in st.missing_edges if m["seed"] == seed]}
+
+

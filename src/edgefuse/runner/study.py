@@ -1,0 +1,104 @@
+"""The study's shared context and the one path every stage takes through the cache and the progress display.
+
+Why one path: a stage is looked up in the cache by (kind, name, inputs); a miss gets a work directory, runs,
+and is stored with its result and wall time. Training is no exception: its stages only differ in that a
+trainer may run several of them in one call (`Study.stages` with ``together``), so edges on remote devices
+train at the same time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgefuse.config import StudyConfig
+from edgefuse.runner.cache import StageCache
+from edgefuse.ui import StudyProgress
+
+
+def _ignore(*args, **kwargs) -> None:
+    pass
+
+
+@dataclass
+class Pending:
+    """A stage that was not in the cache: its identity, its work directory, and the result once it ran."""
+
+    name: str
+    inputs: Any
+    total: int | None = None  # units of work, for its progress bar
+    work: Path = Path()  # set by `Study.stages` before the stage runs
+    advance: Callable[..., None] = _ignore
+    result: dict | None = None  # None after running: the stage delivered nothing and stays unfinished
+
+
+@dataclass
+class Study:
+    """Everything the stages share: config, data, base model, cache and progress."""
+
+    cfg: StudyConfig
+    run_dir: Path
+    cache: StageCache
+    progress: StudyProgress
+    dataset: Any = None
+    split_spec: Any = None
+    model: Any = None
+    tokenizer: Any = None
+    base_fingerprint: str = ""
+    mmlu_items: list = field(default_factory=list)
+    cd_docs: dict[int, dict] = field(default_factory=dict)
+    cd_hashes: dict[int, str] = field(default_factory=dict)
+    missing_edges: list[dict] = field(default_factory=list)  # edges a (federated) trainer could not deliver
+    precision: Any = None  # edgefuse.precision.Precision: device and dtype of the base model, pruning and training
+
+    def stages(self, kind: str, wanted: list[Pending], run: Callable[[list[Pending]], None],
+               together: bool = False, label: str = "") -> dict[str, tuple[Path, dict]]:
+        """(stage dir, result) by name for each ``wanted`` stage: from the cache, or by ``run`` on the misses.
+
+        ``run(pending)`` sets each one's ``result`` (None: not delivered, left unfinished). With ``together``
+        the misses go to one ``run`` call under one progress line ``label`` (``{n}``: how many); otherwise one each."""
+        out: dict[str, tuple[Path, dict]] = {}
+        todo: list[Pending] = []
+        for p in wanted:
+            hit = self.cache.lookup(kind, p.name, p.inputs)
+            if hit is not None:
+                out[p.name] = hit
+                self.progress.stage_done(p.name, "cached")
+                continue
+            p.work = self.cache.begin(kind, p.name, p.inputs)
+            todo.append(p)
+        groups = [todo] if together and len(todo) > 1 else [[p] for p in todo]
+        for group in groups:
+            alone = len(group) == 1
+            if alone:
+                group[0].advance = self.progress.stage(group[0].name, group[0].total)
+            else:
+                self.progress.stage((label or kind + " {n} stages").format(n=len(group)), None)
+            t0 = time.perf_counter()
+            run(group)
+            for p in group:
+                if p.result is not None:
+                    final = self.cache.finish(kind, p.name, p.inputs, p.result, time.perf_counter() - t0)
+                    out[p.name] = (final, p.result)
+                if alone:
+                    self.progress.stage_done()
+                else:
+                    self.progress.stage_done(p.name, "finished" if p.name in out else "left out")
+        return out
+
+    def stage(self, kind: str, name: str, inputs: Any, fn: Callable[[Path, Callable], dict],
+              total: int | None = None) -> tuple[Path, dict]:
+        """One stage: ``fn(work_dir, advance) -> result`` unless the cache has it."""
+
+        def run(group: list[Pending]) -> None:
+            [p] = group
+            p.result = fn(p.work, p.advance)
+
+        return self.stages(kind, [Pending(name, inputs, total)], run)[name]
+
+    def items_of(self, split: str, domains: list[str] | None = None):
+        from edgefuse.data.mmlu import select
+
+        return select(self.dataset, split, domains, None, None, self.cfg.data.split_seed, self.split_spec)
