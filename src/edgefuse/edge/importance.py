@@ -38,7 +38,7 @@ from edgefuse.edge.families import (
     segments,
 )
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.scoring import make_batch, unwrap
+from edgefuse.models import make_batch, unwrap
 
 CALIB_MAX_TOKENS = 256
 
