@@ -54,7 +54,8 @@ def main() -> None:
 
     import torch
 
-    from edgefuse.edge.prune import estimate_for, prune_model, ratio_for_budget, save_pruned
+    from edgefuse.edge.plan import save_pruned
+    from edgefuse.edge.prune import estimate_for, prune_model, ratio_for_budget
     from edgefuse.edge.train import TrainConfig
     from edgefuse.models import count_parameters, load_model
 

@@ -15,7 +15,8 @@ from collections import Counter
 
 from edgefuse.data.mmlu import load_mmlu, select
 from edgefuse.data.prompts import answer_text, mc_prompt
-from edgefuse.edge.prune import prune_model, save_pruned
+from edgefuse.edge.plan import save_pruned
+from edgefuse.edge.prune import prune_model
 from edgefuse.edge.recover import recover
 from edgefuse.edge.train import TrainConfig, train_edge
 from edgefuse.evaluate.mmlu import evaluate_mmlu

@@ -93,7 +93,8 @@ def _prune(args, dtype: str, out: Path) -> float:
     """Taylor width pruning at 0.25 in ``dtype``, saved to ``out``; returns its seconds."""
     from edgefuse.data.mmlu import load_mmlu, select
     from edgefuse.data.prompts import answer_text, mc_prompt
-    from edgefuse.edge.prune import prune_model, save_pruned
+    from edgefuse.edge.plan import save_pruned
+    from edgefuse.edge.prune import prune_model
     from edgefuse.models import load_model
 
     model, tok = load_model(args.model, device=args.device, dtype=dtype)

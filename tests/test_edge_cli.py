@@ -74,3 +74,13 @@ def test_bad_input_is_one_clear_line(pipeline, args, msg):
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (pipeline / "x").exists()
+
+
+def test_prune_without_calib_calibrates_on_as_many_prompts_as_a_study(tmp_path):
+    """One default for both: `edgefuse prune` without --calib uses the study config's `pruning.calib`."""
+    from edgefuse.config import StudyConfig
+
+    r = run("prune", "--model", "tiny-llama", "--method", "wanda", "--ratio", "0.5", "--out", tmp_path / "p")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["calibration"]["n_prompts"] == StudyConfig.model_fields["pruning"].get_default().calib

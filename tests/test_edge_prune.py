@@ -10,9 +10,9 @@ import torch
 
 from edgefuse.edge import importance as imp
 from edgefuse.edge.memory import estimate_training_bytes
-from edgefuse.edge.plan import keep_count, plan_hash, validate_plan, width_counts
-from edgefuse.edge.prune import base_config, load_pruned, prune_model, ratio_for_budget, save_pruned
-from edgefuse.edge.train import TrainConfig
+from edgefuse.edge.plan import keep_count, load_pruned, plan_hash, save_pruned, validate_plan, width_counts
+from edgefuse.edge.prune import base_config, prune_model, ratio_for_budget
+from edgefuse.edge.schema import TrainConfig
 from edgefuse.errors import EdgefuseError
 from edgefuse.models import count_parameters, fingerprint, load_model, tiny_model
 

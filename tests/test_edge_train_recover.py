@@ -18,13 +18,13 @@ from edgefuse.adapters import load_adapter
 from edgefuse.data.mmlu import select
 from edgefuse.data.prompts import mc_prompt
 from edgefuse.edge.batching import Schedule, epoch_batches
-from edgefuse.edge.plan import from_runs, full_shape
-from edgefuse.edge.prune import load_pruned, prune_model, save_pruned
+from edgefuse.edge.plan import from_runs, full_shape, load_pruned, save_pruned
+from edgefuse.edge.prune import prune_model
 from edgefuse.edge.recover import recover
-from edgefuse.edge.train import TrainConfig, letter_loss, train_edge
+from edgefuse.edge.schema import TrainConfig
+from edgefuse.edge.train import letter_loss, train_edge
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.scoring import continuation_token_ids, lm_parts, make_batch
-from edgefuse.models import fingerprint, tiny_model
+from edgefuse.models import continuation_token_ids, fingerprint, lm_parts, make_batch, tiny_model
 
 CFG = {"batch": 4, "seq": 48, "lr": 1e-2, "checkpoint_every": 2, "seed": 1}
 

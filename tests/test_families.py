@@ -22,15 +22,15 @@ from edgefuse.data.mmlu import select
 from edgefuse.data.prompts import answer_text, mc_prompt
 from edgefuse.edge.families import FAMILIES, family_for, resolve_targets
 from edgefuse.edge.memory import estimate_training_bytes
-from edgefuse.edge.plan import from_runs, full_shape, validate_plan
-from edgefuse.edge.prune import base_config, load_pruned, prune_model, save_pruned
+from edgefuse.edge.plan import from_runs, full_shape, load_pruned, save_pruned, validate_plan
+from edgefuse.edge.prune import base_config, prune_model
 from edgefuse.edge.recover import project_adapter, recover
-from edgefuse.edge.train import TrainConfig, train_edge
+from edgefuse.edge.schema import TrainConfig
+from edgefuse.edge.train import train_edge
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.mmlu import evaluate_mmlu
-from edgefuse.evaluate.scoring import continuation_token_ids
 from edgefuse.fusion import fuse_adapters, merge_into_model
-from edgefuse.models import tiny_tokenizer
+from edgefuse.models import continuation_token_ids, tiny_tokenizer
 
 PROMPTS = ["Question: what is two plus two? A. one B. two C. three D. four Answer: D",
            "The following are multiple choice questions (with answers) about science.",

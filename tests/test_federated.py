@@ -620,8 +620,8 @@ def test_superlink_and_two_supernodes_run_the_study(reference, federation, tmp_p
 def test_masked_plans_travel_as_bit_masks_and_rebuild_exactly(tmp_path, structure):
     from types import SimpleNamespace
 
-    from edgefuse.edge.plan import full_shape
-    from edgefuse.edge.prune import load_pruned, prune_model, save_pruned
+    from edgefuse.edge.plan import full_shape, load_pruned, save_pruned
+    from edgefuse.edge.prune import prune_model
     from edgefuse.federated.edge import rebuild_pruned
     from edgefuse.federated.records import MASKS_RECORD, content_to_job, content_to_masks, job_to_content
     from edgefuse.federated.trainer import FlowerTrainer

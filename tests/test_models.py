@@ -1,4 +1,4 @@
-"""Model specs, the GGUF cache and fingerprints."""
+"""Model specs, the GGUF cache, fingerprints, and the helpers every layer shares over a loaded model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from edgefuse.errors import EdgefuseError
-from edgefuse.models import fingerprint, load_model, tiny_model
+from edgefuse.edge.schema import MODEL_META
+from edgefuse.models import fingerprint, lm_parts, load_model, make_batch, save_model_dir, tiny_model, unwrap
 
 
 def test_tiny_model_is_deterministic_and_fingerprint_tracks_weights():
@@ -57,3 +58,37 @@ def test_missing_embedded_package_says_make_setup(monkeypatch):
     monkeypatch.setattr(assets.md, "distribution", missing)
     with pytest.raises(EdgefuseError, match="make setup"):
         assets.smollm2_gguf()
+
+
+def test_a_directory_named_in_its_edgefuse_meta_file_loads_under_that_name(tmp_path, tiny):
+    """The loader reads the meta file pruning writes (`edgefuse.edge.schema.MODEL_META`), by the same name."""
+    model, tok = tiny
+    save_model_dir(model, tok, tmp_path / "m", extra_json={MODEL_META: {"name": "tiny-llama-width-0.5"}})
+    loaded, _ = load_model(str(tmp_path / "m"), device="cpu")
+    assert loaded.config.name_or_path == "tiny-llama-width-0.5"
+
+
+@pytest.mark.parametrize("side, ids, mask, last", [
+    ("right", [[5, 6, 7], [8, 9, 0]], [[1, 1, 1], [1, 1, 0]], [2, 1]),
+    ("left", [[5, 6, 7], [0, 8, 9]], [[1, 1, 1], [0, 1, 1]], [2, 2]),
+])
+def test_make_batch_pads_and_counts_positions_over_real_tokens_only(side, ids, mask, last):
+    """Hand-worked: the shorter row's real tokens sit at positions 0, 1 on either side of its padding."""
+    b = make_batch([[5, 6, 7], [8, 9]], pad_id=0, padding_side=side, device="cpu")
+    assert b.input_ids.tolist() == ids and b.attention_mask.tolist() == mask and b.last_index.tolist() == last
+    real_positions = [[p for p, m in zip(pos, row) if m] for pos, row in zip(b.position_ids.tolist(), mask)]
+    assert real_positions == [[0, 1, 2], [0, 1]]
+
+
+def test_lm_parts_recompose_the_models_logits_through_a_peft_wrapper():
+    """Body then head gives the full model's logits, also when PEFT wraps the model (`unwrap`)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_model()  # a fresh copy: PEFT injects LoRA layers in place
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert unwrap(wrapped) is model
+    body, head, softcap = lm_parts(wrapped)
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(head(body(input_ids=x).last_hidden_state), model(x).logits, atol=1e-6)
+    assert softcap is None

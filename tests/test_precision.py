@@ -113,7 +113,7 @@ def test_bf16_package_records_its_dtype_and_its_adapter_is_float32(chains):
 def test_an_adapter_trained_in_bf16_applies_to_the_float32_model(chains):
     """One fingerprint whatever the dtype: the bf16 chain's adapter is accepted by the float32 base, and the
     bf16 pruned model (saved in bf16) reloads in float32 with its recorded fingerprint."""
-    from edgefuse.edge.prune import load_pruned
+    from edgefuse.edge.plan import load_pruned
     from edgefuse.models import fingerprint, load_model
 
     r = run("eval", "mmlu", "--model", "tiny-llama", "--adapter", chains["bfloat16"] / "rec", "--limit", 4)
@@ -126,7 +126,8 @@ def test_an_adapter_trained_in_bf16_applies_to_the_float32_model(chains):
 def test_lora_weights_stay_float32_and_the_forward_runs_under_bf16_autocast(tmp_path, mmlu, monkeypatch):
     from edgefuse.data.mmlu import select
     from edgefuse.edge import train
-    from edgefuse.edge.prune import prune_model, save_pruned
+    from edgefuse.edge.plan import save_pruned
+    from edgefuse.edge.prune import prune_model
     from edgefuse.models import load_model
 
     model, tok = load_model("tiny-llama", device="cpu", dtype="bfloat16")

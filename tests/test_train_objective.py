@@ -10,7 +10,8 @@ import torch
 from edgefuse.data.mmlu import select
 from edgefuse.data.prompts import cloze_continuation, cloze_prompt
 from edgefuse.edge.batching import encode_cloze_items
-from edgefuse.edge.prune import prune_model, save_pruned
+from edgefuse.edge.plan import save_pruned
+from edgefuse.edge.prune import prune_model
 from edgefuse.edge.train import TrainConfig, answer_mask, cloze_loss, train_edge
 from edgefuse.evaluate.scoring import lm_parts, make_batch
 from edgefuse.models import tiny_model
@@ -56,7 +57,7 @@ def test_cloze_loss_equals_hf_masked_label_loss(base, items):
 
 
 def _cloze_loss_of(model_dir, items, adapter=None):
-    from edgefuse.edge.prune import load_pruned
+    from edgefuse.edge.plan import load_pruned
 
     model, tok, _ = load_pruned(model_dir)
     if adapter is not None:

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from edgefuse.edge.train import TrainConfig
+from edgefuse.edge.schema import PruningConfig, TrainConfig
 from edgefuse.errors import EdgefuseError
 
 
@@ -26,16 +26,8 @@ class DataConfig(_Strict):
     edge_fraction: float = Field(0.4, gt=0, lt=1)
 
 
-class PruningConfig(_Strict):
-    method: Literal["magnitude", "wanda", "taylor", "random"] = "magnitude"
-    structure: Literal["width", "depth", "unstructured", "2:4"] = "width"
-    ratio: Optional[float] = Field(0.25, ge=0, lt=1)
-    memory_budget_gib: Optional[float] = Field(None, gt=0)
-    calib: int = Field(16, ge=0, description="calibration prompts from the public split")
-
-
 class TrainingConfig(TrainConfig):
-    """Edge LoRA training: every setting of `edgefuse.edge.train.TrainConfig` (one definition, one set of
+    """Edge LoRA training: every setting of `edgefuse.edge.schema.TrainConfig` (one definition, one set of
     defaults); the seed is not set here but by the study's ``seeds``."""
 
     model_config = ConfigDict(extra="forbid")

@@ -1,4 +1,4 @@
-"""Load any causal LM and fingerprint it.
+"""Load any causal LM and fingerprint it; the helpers every layer shares over a loaded model.
 
 Specs: ``smollm2-135m`` (the default) and ``gemma3-270m`` (embedded GGUFs, see `edgefuse.assets`),
 ``tiny-llama`` (a seeded random tiny Llama with a small byte-level tokenizer, for tests), a local HF
@@ -7,6 +7,10 @@ GGUF weights are dequantized once and cached as safetensors so later loads take 
 
 The fingerprint (config + tensor names, shapes, content digest) lets every later stage refuse an
 artifact made for another base model.
+
+Shared helpers (`unwrap`, `lm_parts`, `make_batch`, `continuation_token_ids`) live here rather than in
+the evaluation code because training (`edgefuse.edge`) runs the model the same way scoring does, and the
+edge layer must not depend on evaluation.
 """
 
 from __future__ import annotations
@@ -14,14 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from edgefuse.assets import EMBEDDED_MODELS, cache_dir, embedded_gguf
+from edgefuse.assets import EMBEDDED_MODELS, cache_dir, embedded_gguf, mmlu_jsonl
 from edgefuse.errors import EdgefuseError
 from edgefuse.gguf_tokenizer import spm_as_bpe
 from edgefuse.io import atomic_dir, refuse_pickles
+from edgefuse.precision import default_device as _default_device
+from edgefuse.precision import resolve
+from edgefuse.tokens import encode_bare
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-llama"
@@ -29,9 +38,7 @@ _FP_ATTR = "_edgefuse_fingerprint"
 
 
 def default_device() -> str:
-    from edgefuse.precision import default_device as default
-
-    return default()
+    return _default_device()
 
 
 def _quiet_transformers() -> None:
@@ -44,8 +51,6 @@ def _quiet_transformers() -> None:
 def _tokenizer_corpus(every: int = 40) -> list[str]:
     """Every 40th line of the embedded MMLU file (fixed): words the tests will see, so prompts stay short."""
     try:
-        from edgefuse.assets import mmlu_jsonl
-
         with open(mmlu_jsonl(), encoding="utf-8") as f:
             return [line for i, line in enumerate(f) if i % every == 0]
     except (EdgefuseError, OSError):
@@ -159,8 +164,6 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     Weights are read in float32 and fingerprinted before the cast, so a model has one fingerprint whatever
     dtype it runs in, and adapters made in bfloat16 apply to the float32 model and back.
     """
-    from edgefuse.precision import resolve
-
     precision = resolve(device, dtype)
     _quiet_transformers()
     spec = spec or DEFAULT_MODEL
@@ -179,7 +182,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         if not (p / "config.json").is_file():
             raise EdgefuseError("not a Hugging Face model directory (no config.json)", path=p)
         model, tok = _load_dir(p, dtype)
-        edgefuse_meta = p / "edgefuse_model.json"
+        edgefuse_meta = p / "edgefuse_model.json"  # edgefuse.edge.schema.MODEL_META (models sits below edge)
         if edgefuse_meta.is_file():
             model.config.name_or_path = json.loads(edgefuse_meta.read_text()).get("name", str(p))
     elif "/" in spec and not Path(spec).exists() and not spec.startswith((".", "/")):
@@ -256,11 +259,6 @@ def count_parameters(model) -> int:
 def save_model_dir(model, tokenizer, out, extra_json: dict | None = None):
     """Write a Hugging Face directory (safetensors, config, generation config, tokenizer, and any ``extra_json``
     files) atomically: transformers loads it with no edgefuse code, and an error leaves nothing behind."""
-    import json
-    from pathlib import Path
-
-    from edgefuse.io import atomic_dir
-
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -268,3 +266,63 @@ def save_model_dir(model, tokenizer, out, extra_json: dict | None = None):
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def unwrap(model):
+    """The underlying transformers causal LM (PEFT wrappers inject LoRA in place, so this keeps it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def lm_parts(model):
+    """(decoder body, output head, final logit soft-cap or None) of a causal LM."""
+    lm = unwrap(model)
+    body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    head = lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    return body, head, softcap
+
+
+def continuation_token_ids(tokenizer, continuations: Sequence[str]) -> list[int]:
+    """Token id of each single-token continuation (e.g. ' A'), checked in context.
+
+    A tokenizer may merge the space with the preceding text; we encode ``'Answer:' + cont`` and take
+    the tokens added after ``'Answer:'``, and insist on exactly one.
+    """
+    ctx, *fulls = encode_bare(tokenizer, ["Answer:", *("Answer:" + c for c in continuations)])
+    ids = []
+    for c, full in zip(continuations, fulls):
+        extra = full[len(ctx):]
+        if full[: len(ctx)] != ctx or len(extra) != 1:
+            raise EdgefuseError(f"continuation {c!r} is not a single token for this tokenizer")
+        ids.append(extra[0])
+    if len(set(ids)) != len(ids):
+        raise EdgefuseError("answer continuations map to the same token")
+    return ids
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    last_index: torch.Tensor  # position of each row's last real token
+
+
+def make_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str, device) -> Batch:
+    """Pad token sequences; positions count real tokens only, so padding cannot shift RoPE."""
+    n, width = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    last = torch.empty(n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if padding_side == "left":
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+            last[i] = width - 1
+        else:
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            last[i] = len(s) - 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids.to(device), mask.to(device), pos.to(device), last.to(device))

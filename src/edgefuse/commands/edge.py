@@ -1,26 +1,38 @@
-"""``edgefuse prune`` / ``train`` / ``recover``: the edge side of the pipeline (thin over edgefuse.edge)."""
+"""``edgefuse prune`` / ``train`` / ``recover``: the edge side of the pipeline (thin over edgefuse.edge).
+
+Options state no defaults or bounds of their own: they read them from `edgefuse.edge.schema`
+(`PruningConfig`, `TrainConfig`), which the study config uses too.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+from pydantic import BaseModel
 
 from edgefuse.commands.options import device_option, dtype_option
+from edgefuse.edge.schema import METHODS, STRUCTURES, PruningConfig, TrainConfig, default, lower_bound
 from edgefuse.errors import EdgefuseError
+
+
+def schema_option(model: type[BaseModel], field: str, *flags: str, **kwargs):
+    """A typer option whose default (and ``min``, from ``ge``) is the schema field's."""
+    return typer.Option(default(model, field), *flags, min=lower_bound(model, field), **kwargs)
 
 
 def prune_cmd(
     out: Path = typer.Option(..., "--out", help="Directory for the pruned model and plan.json."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, gemma3-270m, tiny-llama, HF dir, .gguf or hub id."),
-    method: str = typer.Option("magnitude", "--method", help="magnitude | wanda | taylor | random"),
-    structure: str = typer.Option("width", "--structure", help="width | depth | unstructured | 2:4"),
+    method: str = schema_option(PruningConfig, "method", "--method", help=" | ".join(METHODS)),
+    structure: str = schema_option(PruningConfig, "structure", "--structure", help=" | ".join(STRUCTURES)),
     ratio: float | None = typer.Option(None, "--ratio", help="Fraction to prune, in (0, 1)."),
     memory_budget: float | None = typer.Option(None, "--memory-budget", help="GiB for LoRA training; picks the ratio."),
-    calib: int = typer.Option(32, "--calib", min=0, help="Calibration prompts from the public split (wanda, taylor, depth)."),
-    batch: int = typer.Option(8, "--batch", min=1, help="Training batch the memory budget must fit."),
-    seq: int = typer.Option(256, "--seq", min=8, help="Training sequence length the memory budget must fit."),
-    rank: int = typer.Option(8, "--rank", min=1, help="LoRA rank the memory budget must fit."),
+    calib: int = schema_option(PruningConfig, "calib", "--calib",
+                               help="Calibration prompts from the public split (wanda, taylor, depth)."),
+    batch: int = schema_option(TrainConfig, "batch", "--batch", help="Training batch the memory budget must fit."),
+    seq: int = schema_option(TrainConfig, "seq", "--seq", help="Training sequence length the memory budget must fit."),
+    rank: int = schema_option(TrainConfig, "rank", "--rank", help="LoRA rank the memory budget must fit."),
     seed: int = typer.Option(0, "--seed"),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject MMLU split."),
     device: str | None = device_option(),
@@ -29,8 +41,8 @@ def prune_cmd(
     """Prune a model for an edge: structured width/depth, or unstructured / 2:4 masks."""
     from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
     from edgefuse.data.prompts import answer_text, mc_prompt
-    from edgefuse.edge.prune import describe, prune_model, save_pruned
-    from edgefuse.edge.train import TrainConfig
+    from edgefuse.edge.plan import describe, save_pruned
+    from edgefuse.edge.prune import prune_model
     from edgefuse.models import count_parameters, load_model
     from edgefuse.precision import resolve
     from edgefuse.ui import console
@@ -64,17 +76,18 @@ def train_cmd(
     pruned: Path = typer.Option(..., "--pruned", help="Pruned model directory (from edgefuse prune)."),
     domain: str = typer.Option(..., "--domain", help="Category, subcategory or subject whose edge split is used."),
     out: Path = typer.Option(..., "--out", help="Edge adapter package directory."),
-    steps: int = typer.Option(80, "--steps", min=1),
-    rank: int = typer.Option(8, "--rank", min=1),
-    alpha: float = typer.Option(16.0, "--alpha"),
-    lr: float = typer.Option(3e-4, "--lr"),
-    batch: int = typer.Option(8, "--batch", min=1),
-    seq: int = typer.Option(256, "--seq", min=8),
-    grad_accum: int = typer.Option(1, "--grad-accum", min=1),
+    steps: int = schema_option(TrainConfig, "steps", "--steps"),
+    rank: int = schema_option(TrainConfig, "rank", "--rank"),
+    alpha: float = schema_option(TrainConfig, "alpha", "--alpha"),
+    lr: float = schema_option(TrainConfig, "lr", "--lr"),
+    batch: int = schema_option(TrainConfig, "batch", "--batch"),
+    seq: int = schema_option(TrainConfig, "seq", "--seq"),
+    grad_accum: int = schema_option(TrainConfig, "grad_accum", "--grad-accum"),
     targets: list[str] | None = typer.Option(None, "--targets", help="Projections to adapt, in any family's names (q_proj on Phi-3 adapts qkv_proj; default: all)."),
-    seed: int = typer.Option(0, "--seed"),
-    checkpoint_every: int = typer.Option(20, "--checkpoint-every", min=0),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward."),
+    seed: int = schema_option(TrainConfig, "seed", "--seed"),
+    checkpoint_every: int = schema_option(TrainConfig, "checkpoint_every", "--checkpoint-every"),
+    grad_checkpointing: bool = schema_option(TrainConfig, "grad_checkpointing", "--grad-checkpointing",
+                                             help="Recompute activations in backward."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Use a stratified subsample of the edge split."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-subject MMLU split."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint beside --out."),
@@ -87,7 +100,7 @@ def train_cmd(
     from pydantic import ValidationError
 
     from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
-    from edgefuse.edge.train import TrainConfig, train_edge
+    from edgefuse.edge.train import train_edge
     from edgefuse.io import read_json
     from edgefuse.precision import resolve
     from edgefuse.ui import console

@@ -38,7 +38,7 @@ from edgefuse.edge.families import (
     segments,
 )
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.scoring import make_batch, unwrap
+from edgefuse.models import make_batch, unwrap
 from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
 
 CALIB_MAX_TOKENS = 256

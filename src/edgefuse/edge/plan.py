@@ -9,13 +9,24 @@ same information out per projection of the model's family (kept output ``rows`` 
 offsets, see `edgefuse.edge.families`) and is checked against the layers on load, so a hand-edited
 plan that contradicts itself is refused. ``base_config["family"]`` names the family (absent in older
 plans: Llama). The plan holds no data (calibration prompts appear only as a hash).
+
+The pruned model lives here too, since it is a function of the base model and its plan: `apply_plan`
+rebuilds it from a config with the plan's (uniform) widths, so it reloads from its directory with plain
+transformers; `save_pruned` / `load_pruned` write and read it with ``plan.json`` and ``edgefuse_model.json``
+(names in `edgefuse.edge.schema`), checked against each other on load. Choosing what to keep is
+`edgefuse.edge.prune`'s job.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from edgefuse.edge.families import (
     CHANNELS,
@@ -30,14 +41,11 @@ from edgefuse.edge.families import (
     segments,
     supported,
 )
+from edgefuse.edge.importance import decoder_layers, projection, projection_names
+from edgefuse.edge.schema import MODEL_META, PLAN_FILE, PLAN_KIND, PLAN_VERSION
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import hash_obj
-
-PLAN_FILE = "plan.json"
-PLAN_VERSION = 1
-PLAN_KIND = "edgefuse-prune-plan"
-METHODS = ("magnitude", "wanda", "taylor", "random")
-STRUCTURES = ("width", "depth", "unstructured", "2:4")
+from edgefuse.io import atomic_dir, atomic_write_json, hash_obj, read_json
+from edgefuse.models import fingerprint, load_model, unwrap
 
 
 def keep_count(n: int, ratio: float) -> int:
@@ -181,3 +189,172 @@ def validate_plan(plan: Any, path: str | Path | None = None) -> dict[str, Any]:
 def is_uniform(plan: dict[str, Any]) -> bool:
     specs = [plan["layers"][str(i)] for i in plan["kept_layers"]]
     return len({(len(s["heads"]), len(s["kv_heads"]), len(s["mlp_channels"])) for s in specs}) == 1
+
+
+# --- the pruned model: built from a plan, written and read back with it ---
+
+
+@dataclass
+class PruneResult:
+    """A pruned model with its plan (and the memory estimate that chose the ratio, if a budget did)."""
+
+    model: Any
+    plan: dict[str, Any]
+    estimate: dict[str, Any] | None = None
+
+
+def is_masked(plan: dict[str, Any]) -> bool:
+    """Whether the plan zeroes weights inside unchanged shapes (unstructured / 2:4), which it cannot list."""
+    return plan["structure"] in ("unstructured", "2:4") and bool(plan.get("sparsity"))
+
+
+def weight_masks(pruned_model) -> dict[str, torch.Tensor]:
+    """Per projection, which weights a masked pruned model keeps (nonzero). Applying these masks to the
+    base model gives the pruned weights exactly (a base weight that was already 0 stays 0 either way)."""
+    masks = {}
+    for i, layer in enumerate(decoder_layers(unwrap(pruned_model))):
+        for p in projection_names(pruned_model):
+            masks[module_name(i, p)] = projection(layer, p).weight.detach() != 0
+    return masks
+
+
+def apply_masks(model, plan: dict[str, Any], masks: dict[str, torch.Tensor]):
+    """A copy of the base model with the given masks applied: how an edge rebuilds a masked plan's model."""
+    lm = copy.deepcopy(unwrap(model))
+    lm.__dict__.pop("_edgefuse_fingerprint", None)
+    with torch.no_grad():
+        for i, layer in enumerate(decoder_layers(lm)):
+            for p in projection_names(lm):
+                w, name = projection(layer, p).weight, module_name(i, p)
+                if name not in masks or masks[name].shape != w.shape:
+                    raise EdgefuseError(f"mask for {name} is missing or has the wrong shape "
+                                        f"({tuple(masks[name].shape) if name in masks else None} vs {tuple(w.shape)})")
+                w.mul_(masks[name].to(device=w.device, dtype=w.dtype))
+    return lm
+
+
+def _check_reloads(cfg) -> None:
+    """Refuse a pruned config that transformers would not load back from ``config.json``.
+
+    Why: the pruned model is shipped as a directory; a config whose checks tie other fields to the
+    pruned widths (e.g. Phi-3's long-RoPE factors, sized by hidden / heads) must fail here, clearly.
+    """
+    try:
+        type(cfg).from_dict(cfg.to_dict())
+    except (ValueError, TypeError, KeyError) as e:
+        raise EdgefuseError(f"the pruned {cfg.model_type} config would not reload ({e}); prune with another "
+                            "structure or ratio") from None
+
+
+def apply_plan(model, plan: dict[str, Any]):
+    """The pruned model: a fresh model of the pruned config holding the kept slices of the base weights."""
+    from transformers import AutoModelForCausalLM
+
+    if not is_uniform(plan):
+        raise EdgefuseError("this plan has per-layer widths; a transformers config can only express uniform widths")
+    base = plan["base_config"]
+    lm = unwrap(model)
+    names = family_of(base).names
+    remap = {old: new for new, old in enumerate(plan["kept_layers"])}
+    pat = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+    sd = {}
+    for key, t in lm.state_dict().items():
+        m = pat.match(key)
+        if m is None:
+            sd[key] = t
+            continue
+        old, rest = int(m[1]), m[2]
+        if old not in remap:
+            continue
+        parts = rest.split(".")
+        if len(parts) >= 2 and parts[-2] in names:
+            entry = plan["modules"][module_name(old, parts[-2])]
+            out_f, in_f = full_shape(base, parts[-2])
+            if entry["rows"] is not None:
+                t = t[torch.tensor(from_runs(entry["rows"], out_f), device=t.device)]
+            if entry["cols"] is not None and parts[-1] == "weight":
+                t = t[:, torch.tensor(from_runs(entry["cols"], in_f), device=t.device)]
+        sd[f"model.layers.{remap[old]}.{rest}"] = t.clone()
+    spec = plan["layers"][str(plan["kept_layers"][0])]
+    cfg = copy.deepcopy(lm.config)
+    cfg.num_hidden_layers = len(plan["kept_layers"])
+    cfg.num_attention_heads = len(spec["heads"])
+    cfg.num_key_value_heads = len(spec["kv_heads"])
+    cfg.intermediate_size = len(spec["mlp_channels"])
+    cfg.head_dim = base["head_dim"]
+    if isinstance(getattr(cfg, "layer_types", None), list):  # e.g. Gemma's sliding/full attention per layer
+        cfg.layer_types = [cfg.layer_types[i] for i in plan["kept_layers"]]
+    _check_reloads(cfg)
+    new = AutoModelForCausalLM.from_config(cfg, dtype=lm.dtype)  # computed buffers (RoPE) stay float32
+    missing, unexpected = new.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise EdgefuseError(f"pruned weights do not fit the pruned config (missing {missing}, unexpected {unexpected})")
+    if getattr(cfg, "tie_word_embeddings", False):
+        new.tie_weights()
+    new.config.name_or_path = f"{getattr(lm.config, 'name_or_path', 'model')}-pruned"
+    new.to(next(lm.parameters()).device)
+    new.eval()
+    return new
+
+
+def save_pruned(result: PruneResult, tokenizer, out_dir: str | Path, force: bool = True) -> Path:
+    """Write the pruned model as an HF directory with ``plan.json`` and ``edgefuse_model.json``."""
+    out_dir = Path(out_dir)
+    h = plan_hash(result.plan)
+    name = f"{result.plan.get('base_model') or 'model'}-{result.plan['structure']}-{result.plan['method']}-" \
+           f"{result.plan['ratio']:g}-{h[:8]}"
+    with atomic_dir(out_dir, overwrite=force) as tmp:
+        result.model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / PLAN_FILE, result.plan)
+        atomic_write_json(tmp / MODEL_META, {"name": name, "plan_hash": h,
+                                             "base_fingerprint": result.plan["base_fingerprint"],
+                                             "pruned_fingerprint": fingerprint(result.model)})
+    return out_dir
+
+
+def read_plan(path: str | Path) -> dict[str, Any]:
+    """The validated plan in ``path`` (a ``plan.json`` or a pruned model directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PLAN_FILE
+    return validate_plan(read_json(path), path)
+
+
+def load_pruned(directory: str | Path, device: str | None = None, dtype: str | None = None):
+    """``(model, tokenizer, plan)`` of a pruned directory, checked against its plan and fingerprint (which
+    does not depend on ``dtype``: `edgefuse.models.fingerprint`)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise EdgefuseError("pruned model directory not found", path=directory)
+    plan = read_plan(directory)
+    meta = read_json(directory / MODEL_META) if (directory / MODEL_META).is_file() else {}
+    if meta.get("plan_hash") and meta["plan_hash"] != plan_hash(plan):
+        raise EdgefuseError("plan.json was changed after the model was pruned (plan hash differs)", path=directory)
+    try:
+        model, tok = load_model(str(directory), device=device, dtype=dtype)
+    except EdgefuseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers/safetensors raise many types for broken files
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise EdgefuseError(f"cannot load the pruned model ({type(e).__name__}: {msg})", path=directory) from None
+    cfg = model.config
+    spec = plan["layers"][str(plan["kept_layers"][0])]
+    want = (len(plan["kept_layers"]), len(spec["heads"]), len(spec["kv_heads"]), len(spec["mlp_channels"]))
+    got = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
+    if want != got:
+        raise EdgefuseError(f"model shapes {got} contradict plan.json {want} (layers, heads, kv heads, channels)",
+                            path=directory)
+    if meta.get("pruned_fingerprint") and meta["pruned_fingerprint"] != fingerprint(model):
+        raise EdgefuseError("model weights differ from those written at pruning time (fingerprint)", path=directory)
+    return model, tok, plan
+
+
+def describe(plan: dict[str, Any], before: int, after: int) -> str:
+    """One line on what a plan kept, with the parameter counts before and after (``edgefuse prune`` prints it)."""
+    spec = plan["layers"][str(plan["kept_layers"][0])]
+    b = plan["base_config"]
+    return (f"{plan['structure']} {plan['method']} ratio {plan['ratio']:g}: layers {len(plan['kept_layers'])}/"
+            f"{b['num_hidden_layers']}, heads {len(spec['heads'])}/{b['num_attention_heads']}, kv heads "
+            f"{len(spec['kv_heads'])}/{b['num_key_value_heads']}, MLP channels {len(spec['mlp_channels'])}/"
+            f"{b['intermediate_size']}; parameters {after:,}/{before:,} ({after / before:.1%})")

@@ -23,13 +23,10 @@ from edgefuse.adapters import (
     peft_config_for,
     save_adapter,
 )
-from edgefuse.edge.plan import from_runs, full_shape, plan_hash
-from edgefuse.edge.prune import read_plan
-from edgefuse.edge.train import PACKAGE_KIND
+from edgefuse.edge.plan import from_runs, full_shape, plan_hash, read_plan
+from edgefuse.edge.schema import PACKAGE_KIND, RECOVERED_KIND
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import sha256_file
-
-RECOVERED_KIND = "edgefuse-recovered-adapter"
 
 
 def recover_adapter(adapter: LoraAdapter, plan: dict, where: Path | str = "package") -> LoraAdapter:

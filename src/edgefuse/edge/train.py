@@ -30,61 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
-
-from edgefuse.adapters import LoraAdapter, LoraModule, save_adapter
+from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter, save_adapter
 from edgefuse.data.mmlu import MMLUItem
 from edgefuse.data.prompts import answer_text
 from edgefuse.edge.batching import Schedule, encode_cloze_items, encode_items
+from edgefuse.edge.families import family_for, resolve_targets
 from edgefuse.edge.memory import PeakMemory
-from edgefuse.edge.families import ALL_PROJECTIONS, ROLES, family_for, resolve_targets
-from edgefuse.edge.plan import plan_hash
+from edgefuse.edge.plan import load_pruned, plan_hash
+from edgefuse.edge.schema import CHECKPOINT_STATE, MODEL_META, PACKAGE_KIND, PACKAGE_VERSION, TrainConfig
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.scoring import continuation_token_ids, lm_parts, make_batch
-from edgefuse.io import atomic_dir, atomic_write_json, hash_obj, load_safetensors, read_json
-
-PACKAGE_VERSION = 1
-PACKAGE_KIND = "edgefuse-edge-package"
-
-
-class TrainConfig(BaseModel):
-    """Hyper-parameters of edge LoRA training (everything but steps/checkpointing fixes a run's identity)."""
-
-    steps: int = Field(80, ge=1)
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    lr: float = Field(3e-4, gt=0)
-    batch: int = Field(8, ge=1)
-    seq: int = Field(256, ge=8)
-    grad_accum: int = Field(1, ge=1)
-    targets: list[str] = Field(default_factory=lambda: list(ROLES), description=(
-        "projections to adapt, in any family's names; each model adapts its own projections doing their work "
-        "(families.resolve_targets: q_proj on Phi-3 adapts qkv_proj). The default, the seven Llama names, is "
-        "every projection of every family"))
-    seed: int = 0
-    checkpoint_every: int = Field(20, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    bucket: int = Field(16, ge=1)
-    grad_checkpointing: bool = False
-    objective: Literal["letters", "cloze", "both"] = Field(
-        "letters", description="what the loss teaches: the answer letter after the lettered prompt, the answer "
-                               "text after the cloze prompt, or the mean of both")
-
-    @field_validator("targets")
-    @classmethod
-    def _known_targets(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in ALL_PROJECTIONS]
-        if bad or not v:
-            raise ValueError(f"targets must be among {', '.join(ALL_PROJECTIONS)} (got {v})")
-        return sorted(set(v), key=ALL_PROJECTIONS.index)
-
-    def identity(self) -> dict[str, Any]:
-        """What a checkpoint must share to be resumed (steps may grow; the schedule is step-indexed)."""
-        return self.model_dump(exclude={"steps", "checkpoint_every"})
+from edgefuse.io import atomic_dir, atomic_write_json, hash_obj, load_safetensors, read_json, sha256_file
+from edgefuse.models import continuation_token_ids, fingerprint, lm_parts, make_batch
+from edgefuse.precision import resolve
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -105,18 +63,18 @@ def _save_checkpoint(path: Path, peft_model, opt, state: dict) -> None:
     with atomic_dir(path) as tmp:
         save_file(lora, str(tmp / "lora.safetensors"))
         save_file(opt_t or {"empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
-        atomic_write_json(tmp / "state.json", {**state, "param_groups": osd["param_groups"]})
+        atomic_write_json(tmp / CHECKPOINT_STATE, {**state, "param_groups": osd["param_groups"]})
 
 
 def _load_checkpoint(path: Path, peft_model, opt, identity: dict) -> dict:
-    if not (path / "state.json").is_file():
+    if not (path / CHECKPOINT_STATE).is_file():
         raise EdgefuseError("no checkpoint to resume from", path=path)
-    state = read_json(path / "state.json")
+    state = read_json(path / CHECKPOINT_STATE)
     if state.get("identity") != identity:
         old, new = state.get("identity") or {}, identity
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise EdgefuseError(f"checkpoint was made with a different configuration (differs in: {', '.join(diff)})",
-                            path=path / "state.json")
+                            path=path / CHECKPOINT_STATE)
     lora = load_safetensors(path / "lora.safetensors")
     params = dict(peft_model.named_parameters())
     for n, t in lora.items():
@@ -250,10 +208,6 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
     """
     from peft import LoraConfig, get_peft_model
 
-    from edgefuse.edge.prune import load_pruned
-    from edgefuse.models import fingerprint
-    from edgefuse.precision import resolve
-
     pruned_dir, out_dir = Path(pruned_dir), Path(out_dir)
     precision = resolve(device, dtype)
     if not items:
@@ -279,9 +233,6 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         peft_model = lora_float32(get_peft_model(model, lcfg))
         init_info = None
         if init_dir is not None:
-            from edgefuse.adapters import load_adapter
-            from edgefuse.io import sha256_file
-
             init_info = {"sha256": sha256_file(Path(init_dir) / "adapter_model.safetensors"),
                          **start_from(peft_model, load_adapter(init_dir), config.alpha / config.rank)}
         if config.grad_checkpointing:
@@ -377,7 +328,7 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         "last_session_wall_s": round(run_wall, 3), "resumed": bool(resume),
         "device": str(dev), "dtype": precision.dtype, "torch_threads": torch.get_num_threads(),
     }
-    model_meta = read_json(pruned_dir / "edgefuse_model.json") if (pruned_dir / "edgefuse_model.json").is_file() else {}
+    model_meta = read_json(pruned_dir / MODEL_META) if (pruned_dir / MODEL_META).is_file() else {}
     manifest = {
         "kind": PACKAGE_KIND, "format_version": PACKAGE_VERSION,
         "base_model": plan.get("base_model"), "base_fingerprint": plan["base_fingerprint"],

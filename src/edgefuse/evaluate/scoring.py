@@ -9,28 +9,16 @@ and right padding give the same scores as running each prompt alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from edgefuse.errors import EdgefuseError
-from edgefuse.tokens import bos_prefix, encode_bare, encode_prompts, keep_end
+from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
 
+# shared with training (edgefuse.edge), so they live with the model loader; importable from here as before
+from edgefuse.models import continuation_token_ids, lm_parts, make_batch, unwrap
 
-def unwrap(model):
-    """The underlying transformers causal LM (PEFT wrappers inject LoRA in place, so this keeps it)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def lm_parts(model):
-    """(decoder body, output head, final logit soft-cap or None) of a causal LM."""
-    lm = unwrap(model)
-    body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    head = lm.get_output_embeddings()
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    return body, head, softcap
+__all__ = ["LetterScorer", "continuation_token_ids", "head_logprobs", "lm_parts", "make_batch", "unwrap"]
 
 
 def head_logprobs(head, softcap, hidden: torch.Tensor) -> torch.Tensor:
@@ -39,51 +27,6 @@ def head_logprobs(head, softcap, hidden: torch.Tensor) -> torch.Tensor:
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.log_softmax(logits, dim=-1)
-
-
-def continuation_token_ids(tokenizer, continuations: Sequence[str]) -> list[int]:
-    """Token id of each single-token continuation (e.g. ' A'), checked in context.
-
-    A tokenizer may merge the space with the preceding text; we encode ``'Answer:' + cont`` and take
-    the tokens added after ``'Answer:'``, and insist on exactly one.
-    """
-    ctx, *fulls = encode_bare(tokenizer, ["Answer:", *("Answer:" + c for c in continuations)])
-    ids = []
-    for c, full in zip(continuations, fulls):
-        extra = full[len(ctx):]
-        if full[: len(ctx)] != ctx or len(extra) != 1:
-            raise EdgefuseError(f"continuation {c!r} is not a single token for this tokenizer")
-        ids.append(extra[0])
-    if len(set(ids)) != len(ids):
-        raise EdgefuseError("answer continuations map to the same token")
-    return ids
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    last_index: torch.Tensor  # position of each row's last real token
-
-
-def make_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str, device) -> Batch:
-    """Pad token sequences; positions count real tokens only, so padding cannot shift RoPE."""
-    n, width = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    last = torch.empty(n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if padding_side == "left":
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-            last[i] = width - 1
-        else:
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            last[i] = len(s) - 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(ids.to(device), mask.to(device), pos.to(device), last.to(device))
 
 
 class LetterScorer:

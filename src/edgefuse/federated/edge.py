@@ -2,7 +2,7 @@
 
 Why here and not in the ClientApp: this is plain edgefuse (no Flower types), so it can be tested
 directly and reused by any transport. The edge receives only the plan and a base-model reference;
-it loads the base model itself, rebuilds the pruned model with `edgefuse.edge.prune.apply_plan`
+it loads the base model itself, rebuilds the pruned model with `edgefuse.edge.plan.apply_plan`
 and checks its fingerprint against the one the cloud pruned, so both sides train the very same
 weights. Its training items come from its own copy of the data (``node_config["data"]``, default the
 embedded MMLU) and the split settings in the job; they never leave the node.
@@ -31,8 +31,7 @@ def parse_domains(value: Any) -> list[str] | None:
 def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Path, masks: dict | None = None) -> Path:
     """Base model (node's ``model`` or the job's spec) + plan (+ masks for unstructured/2:4) → pruned
     directory, checked by fingerprint against the cloud's pruned model."""
-    from edgefuse.edge.plan import validate_plan
-    from edgefuse.edge.prune import PruneResult, apply_masks, apply_plan, is_masked, save_pruned
+    from edgefuse.edge.plan import PruneResult, apply_masks, apply_plan, is_masked, save_pruned, validate_plan
     from edgefuse.models import fingerprint, load_model
 
     plan = validate_plan(job["plan"], "plan received from the cloud")

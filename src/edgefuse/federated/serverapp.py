@@ -22,6 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 
 log = logging.getLogger("edgefuse.run")
 
+# The run config's defaults. flwr reads them from ``[tool.flwr.app.config]`` in pyproject.toml, which must hold these
+# very values (tests/test_defaults.py compares the two); this copy serves callers that pass only some settings.
 DEFAULTS: dict[str, Any] = {"config": "configs/federated-tiny.yaml", "run-dir": "runs/federated-tiny",
                             "min-edges": 0, "timeout": 0, "wait-nodes": 120, "force": "", "progress": False}
 

@@ -112,7 +112,7 @@ class FlowerTrainer:
     @staticmethod
     def masks(job) -> dict | None:
         """Weight masks of an unstructured / 2:4 pruned model (its plan cannot list them); None otherwise."""
-        from edgefuse.edge.prune import is_masked, load_pruned, weight_masks
+        from edgefuse.edge.plan import is_masked, load_pruned, weight_masks
 
         plan = read_json(job.pruned_dir / "plan.json")
         if not is_masked(plan):

@@ -148,7 +148,8 @@ def train_config(st: Study, seed: int):
 def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
     """Prune the base model for one edge; returns (pruned dir, result, stage inputs)."""
     from edgefuse.data.prompts import answer_text, mc_prompt
-    from edgefuse.edge.prune import prune_model, save_pruned
+    from edgefuse.edge.plan import save_pruned
+    from edgefuse.edge.prune import prune_model
     from edgefuse.models import count_parameters
 
     cfg, domains, p = st.cfg, st.cfg.edges[edge], st.cfg.pruning_for(edge)
@@ -212,7 +213,7 @@ def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed:
 def write_start(fused_dir: Path, plan_path: Path, out_dir: Path) -> Path:
     """The fused adapter projected to one edge's pruned shapes, as a PEFT directory (its next round's start)."""
     from edgefuse.adapters import load_adapter, save_adapter
-    from edgefuse.edge.prune import read_plan
+    from edgefuse.edge.plan import read_plan
     from edgefuse.edge.recover import project_adapter
 
     if (out_dir / "adapter_model.safetensors").is_file():  # a resumed job: same inputs, same start
