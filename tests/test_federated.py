@@ -28,6 +28,8 @@ from edgefuse.adapters import load_adapter
 from edgefuse.config import load_config
 from edgefuse.errors import EdgefuseError
 
+pytestmark = pytest.mark.federated
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "federated-tiny.yaml"
 BIN = Path(sys.executable).parent

@@ -8,6 +8,8 @@ import torch
 from edgefuse.errors import EdgefuseError
 from edgefuse.models import fingerprint, load_model, tiny_model
 
+pytestmark = pytest.mark.unit
+
 
 def test_tiny_model_is_deterministic_and_fingerprint_tracks_weights():
     a, _ = tiny_model(seed=0)
