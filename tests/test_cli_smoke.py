@@ -8,6 +8,9 @@ torch start-up. `edgefuse run` on a whole study as a process is covered by test_
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import yaml
 
@@ -39,19 +42,34 @@ NEEDS_OUT = {"eval mmlu", "eval mmlu-cd", "mmlu-cd build", "prune", "train", "re
              "compose lorahub"}
 
 
-def test_info_runs_as_a_process(cli_process):
-    r = cli_process("info")
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, cli_process):
+    """Every smoke command, started together (a few at a time): each process spends seconds importing Python,
+    torch and transformers, and they do not depend on one another. {name: (directory, result)}."""
+    def one(name: str):
+        d = tmp_path_factory.mktemp(name.replace(" ", "-"))
+        if name == "info":
+            return d, cli_process("info")
+        (d / "study.yaml").write_text(yaml.safe_dump(BAD_STUDY))
+        argv, _ = BAD[name]
+        argv = [a.format(d=d) for a in argv] + (["--out", str(d / "out")] if name in NEEDS_OUT else [])
+        return d, cli_process(*argv)
+
+    names = ["info", *sorted(BAD)]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def test_info_runs_as_a_process(ran):
+    _, r = ran["info"]
     assert r.returncode == 0, r.stderr
     assert "14042 items, 57 subjects" in r.stdout
 
 
 @pytest.mark.parametrize("command", sorted(BAD))
-def test_bad_input_is_one_line_on_the_real_stderr_and_nothing_written(command, tmp_path, cli_process):
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(BAD_STUDY))
-    argv, msg = BAD[command]
-    argv = [a.format(d=tmp_path) for a in argv] + (["--out", str(tmp_path / "out")] if command in NEEDS_OUT else [])
-    r = cli_process(*argv)
+def test_bad_input_is_one_line_on_the_real_stderr_and_nothing_written(command, ran):
+    d, r = ran[command]
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr  # EdgefuseError's exit code, as the shell sees it
-    assert lines[0].startswith("error: ") and msg in lines[0] and "Traceback" not in r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # no output, no temporary files
+    assert lines[0].startswith("error: ") and BAD[command][1] in lines[0] and "Traceback" not in r.stderr
+    assert sorted(p.name for p in d.iterdir()) == ["study.yaml"]  # no output, no temporary files

@@ -32,6 +32,16 @@ def test_shipped_configs_validate():
         load_config(p)
 
 
+def test_the_tiny_study_of_the_end_to_end_tests_validates(tmp_path, tiny_study):
+    """The shared tiny study (fixture) is a valid config with what the end-to-end tests rely on: a second edge
+    pruned its own way, two methods with and without LoRA-CR."""
+    cfg = load_config(write(tmp_path, tiny_study))
+    assert list(cfg.edges) == ["science", "law"] and cfg.edges["law"] == ["law"]
+    assert (cfg.pruning_for("law").method, cfg.pruning_for("law").ratio) == ("random", 0.25)
+    assert cfg.pruning_for("science") is cfg.pruning and cfg.pruning.ratio == 0.5
+    assert cfg.fusion.methods == ["task_arithmetic", "ties"] and [c.name for c in cfg.fusion.cr] == ["off", "element"]
+
+
 def test_good_config_defaults(tmp_path):
     cfg = load_config(write(tmp_path, GOOD))
     assert cfg.training.steps > 0 and cfg.benchmarks.mmlu_cd.ks == [2]
