@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(BIN)/pytest -q
 
+# unit + integration: no study, no Flower, no embedded model (markers in pyproject.toml); target ≤ 90 s.
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not e2e and not federated and not slow"
 
 demo: setup
 	$(BIN)/edgefuse run configs/quick.yaml

@@ -9,10 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_cli as run
 import torch
 from safetensors.torch import load_file, save_file
-from test_fusion_helpers import one_thread, rel
+from helpers.fusion import rel
 
 from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, load_adapter
 from edgefuse.models import tiny_model
@@ -27,10 +26,7 @@ CONFIG = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_thread")]
 
 
 def _peft_adapter(directory: Path, seed: int):
@@ -165,44 +161,44 @@ def _one_clear_line(code: int, err: str, names: Path, problem: str) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_broken_adapter_is_one_clear_line_on_eval_and_fuse(case, valid, tmp_path, monkeypatch, capsys):
+def test_broken_adapter_is_one_clear_line_on_eval_and_fuse(case, valid, tmp_path, cli):
     _, corrupt, fname, problem, needs_model = case
     good = valid[0]
     bad = tmp_path / "bad"
     shutil.copytree(good, bad)
     corrupt(bad)
     out = tmp_path / "results.json"
-    code, _, err = run(monkeypatch, capsys, "eval", "mmlu", "--model", "tiny-llama", "--adapter", bad,
+    code, _, err = cli("eval", "mmlu", "--model", "tiny-llama", "--adapter", bad,
                        "--limit", 2, "--out", out)
     _one_clear_line(code, err, bad / fname, problem)
     assert not out.exists()
     fused = tmp_path / "fused"
     model = ["--model", "tiny-llama"] if needs_model else []
-    code, _, err = run(monkeypatch, capsys, "fuse", "--method", "linear", *model, "--adapters", good, bad,
+    code, _, err = cli("fuse", "--method", "linear", *model, "--adapters", good, bad,
                        "--out", fused)
     _one_clear_line(code, err, bad / fname, problem)
     assert not fused.exists()
 
 
-def test_fuse_without_a_model_cannot_see_targets_the_base_lacks(valid, tmp_path, monkeypatch, capsys):
+def test_fuse_without_a_model_cannot_see_targets_the_base_lacks(valid, tmp_path, cli):
     """Without --model nothing knows the base's module names: that is what --model adds."""
     bad = tmp_path / "bad"
     shutil.copytree(valid[0], bad)
     _edit_tensors(bad, _rename(Q0, Q0.replace("layers.0", "layers.7")))
-    code, _, err = run(monkeypatch, capsys, "fuse", "--method", "linear", "--adapters", valid[0], bad,
+    code, _, err = cli("fuse", "--method", "linear", "--adapters", valid[0], bad,
                        "--out", tmp_path / "fused")
     assert code == 0, err
 
 
-def test_valid_peft_adapter_evaluates_fuses_and_matches_peft(valid, tmp_path, monkeypatch, capsys):
+def test_valid_peft_adapter_evaluates_fuses_and_matches_peft(valid, tmp_path, cli):
     a, b, pm = valid
     out = tmp_path / "results.json"
-    code, _, err = run(monkeypatch, capsys, "eval", "mmlu", "--model", "tiny-llama", "--adapter", a,
+    code, _, err = cli("eval", "mmlu", "--model", "tiny-llama", "--adapter", a,
                        "--limit", 2, "--out", out)
     assert code == 0, err
     assert json.loads(out.read_text())["n"] == 2
     fused = tmp_path / "fused"
-    code, _, err = run(monkeypatch, capsys, "fuse", "--method", "linear", "--model", "tiny-llama",
+    code, _, err = cli("fuse", "--method", "linear", "--model", "tiny-llama",
                        "--adapters", a, b, "--out", fused)
     assert code == 0, err
     assert (fused / WEIGHTS_FILE).is_file()

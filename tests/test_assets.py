@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata as md
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from edgefuse.errors import EdgefuseError
 
 GEMMA = assets.EMBEDDED_MODELS["gemma3-270m"]
 SMOL = assets.EMBEDDED_MODELS["smollm2-135m"]
+
+pytestmark = pytest.mark.unit
 
 
 def _record_line(site: Path, rel: str) -> str:
@@ -113,7 +114,7 @@ def _one_line(err: EdgefuseError) -> str:
     return text
 
 
-def test_missing_chunk_package_names_it(fake_site, monkeypatch, capsys):
+def test_missing_chunk_package_names_it(fake_site, monkeypatch, cli):
     site, _ = fake_site
     real = assets.md.distribution
 
@@ -128,13 +129,9 @@ def test_missing_chunk_package_names_it(fake_site, monkeypatch, capsys):
     line = _one_line(e.value)
     assert f"missing {GEMMA.parts[2]})" in line and "make setup" in line
     # the CLI prints that line alone and exits non-zero
-    import edgefuse.cli as cli
-
-    monkeypatch.setattr(sys, "argv", ["edgefuse", "eval", "mmlu", "--model", "gemma3-270m", "--limit", "2"])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    err = capsys.readouterr().err.strip()
-    assert exc.value.code != 0 and len(err.splitlines()) == 1 and "Traceback" not in err and GEMMA.parts[2] in err
+    code, _, err = cli("eval", "mmlu", "--model", "gemma3-270m", "--limit", "2")
+    err = err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "Traceback" not in err and GEMMA.parts[2] in err
 
 
 def test_chunk_file_missing_on_disk(fake_site, isolated_cache):
@@ -183,18 +180,15 @@ def test_whole_file_checksum_is_checked(fake_site, isolated_cache):
     assert _cache_files(isolated_cache) == []
 
 
-def test_info_lists_both_models_with_their_state(fake_site, monkeypatch):
-    from typer.testing import CliRunner
-
-    import edgefuse.cli as cli
+def test_info_lists_both_models_with_their_state(fake_site, monkeypatch, cli):
     from edgefuse.commands.info import _embedded_model_row
 
     rows = {}
     monkeypatch.setattr("edgefuse.commands.info._embedded_model_row",
                         lambda name: rows.setdefault(name, _embedded_model_row(name)))
-    r = CliRunner().invoke(cli.app, ["info"])
-    assert r.exit_code == 0, r.output
-    assert set(rows) == set(assets.EMBEDDED_MODELS) and "gemma3-270m" in r.output
+    r = cli("info")
+    assert r.returncode == 0, r.stderr
+    assert set(rows) == set(assets.EMBEDDED_MODELS) and "gemma3-270m" in r.stdout
     assert "joined into" in rows["gemma3-270m"] and "on first load" in rows["gemma3-270m"]
     assert "SmolLM2.Q4_1.gguf" in rows["smollm2-135m"] and "dequantized and cached on first load" in rows["smollm2-135m"]
     gguf = assets.embedded_gguf("gemma3-270m")

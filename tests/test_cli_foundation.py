@@ -1,28 +1,25 @@
-"""CLI behaviour on good and bad input: one clear line, non-zero exit, nothing half-written."""
+"""CLI behaviour on good and bad input: one clear line, non-zero exit, nothing half-written (in-process; the
+subprocess smoke tests are in test_cli_smoke.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-
-def run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "edgefuse.cli", *args], capture_output=True, text=True, env=env)
+pytestmark = pytest.mark.integration
 
 
-def test_info_reports_counts_and_skipped_rows():
-    r = run("info")
+def test_info_reports_counts_and_skipped_rows(cli):
+    r = cli("info")
     assert r.returncode == 0, r.stderr
     assert "14042 items, 57 subjects" in r.stdout
     assert "11777" in r.stdout and "12794" in r.stdout
 
 
-def test_eval_mmlu_on_tiny_model_writes_results(tmp_path):
+def test_eval_mmlu_on_tiny_model_writes_results(tmp_path, cli):
     out = tmp_path / "res.json"
-    r = run("eval", "mmlu", "--model", "tiny-llama", "--domains", "stem", "--limit", "12", "--out", str(out))
+    r = cli("eval", "mmlu", "--model", "tiny-llama", "--domains", "stem", "--limit", "12", "--out", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["n"] == 12 and len(res["items"]) == 12
@@ -40,27 +37,27 @@ def test_eval_mmlu_on_tiny_model_writes_results(tmp_path):
         (["eval", "mmlu", "--model", "tiny-llama", "--data", "/nope/mmlu.jsonl"], "/nope/mmlu.jsonl"),
     ],
 )
-def test_bad_input_is_one_clear_line(args, msg):
-    r = run(*args)
+def test_bad_input_is_one_clear_line(args, msg, cli):
+    r = cli(*args)
     assert r.returncode != 0
     assert msg in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_adapter_dir_without_files_and_pickles(tmp_path):
+def test_adapter_dir_without_files_and_pickles(tmp_path, cli):
     out = tmp_path / "res.json"
     (tmp_path / "empty").mkdir()
-    r = run("eval", "mmlu", "--model", "tiny-llama", "--limit", "4", "--adapter", str(tmp_path / "empty"), "--out", str(out))
+    r = cli("eval", "mmlu", "--model", "tiny-llama", "--limit", "4", "--adapter", str(tmp_path / "empty"), "--out", str(out))
     assert r.returncode != 0 and "not a PEFT adapter directory" in r.stderr and not out.exists()
     (tmp_path / "empty" / "adapter_model.bin").write_bytes(b"x")
-    r = run("eval", "mmlu", "--model", "tiny-llama", "--limit", "4", "--adapter", str(tmp_path / "empty"))
+    r = cli("eval", "mmlu", "--model", "tiny-llama", "--limit", "4", "--adapter", str(tmp_path / "empty"))
     assert r.returncode != 0 and "pickle file refused" in r.stderr
 
 
-def test_malformed_mmlu_file_names_the_line(tmp_path):
+def test_malformed_mmlu_file_names_the_line(tmp_path, cli):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"question": "q", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d", '
                  '"correct_answer": "Z", "topic": "anatomy"}\n')
-    r = run("eval", "mmlu", "--model", "tiny-llama", "--data", str(p), "--strict", "--split", "all")
+    r = cli("eval", "mmlu", "--model", "tiny-llama", "--data", str(p), "--strict", "--split", "all")
     assert r.returncode != 0 and f"{p}:1: answer 'Z'" in r.stderr

@@ -18,6 +18,8 @@ from edgefuse.evaluate import mmlu_cd as cd
 from edgefuse.evaluate.cloze import ClozeScorer, choice_lengths, choose, encode_pair, normalised
 from edgefuse.evaluate.mmlu import evaluate_mmlu
 
+pytestmark = pytest.mark.unit
+
 # ---------------------------------------------------------------- naive reference
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,10 @@ import yaml
 
 from edgefuse.config import load_config
 from edgefuse.errors import EdgefuseError
+
+pytestmark = pytest.mark.unit
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 GOOD = {"model": "tiny-llama", "edges": {"a": ["stem"], "b": ["law"]},
         "fusion": {"methods": ["task_arithmetic"], "cr": ["off"]}}
@@ -24,8 +26,20 @@ def write(tmp_path: Path, cfg: dict) -> Path:
 
 
 def test_shipped_configs_validate():
-    for p in sorted(Path("configs").glob("*.yaml")):
+    shipped = sorted(CONFIGS.glob("*.yaml"))
+    assert shipped
+    for p in shipped:
         load_config(p)
+
+
+def test_the_tiny_study_of_the_end_to_end_tests_validates(tmp_path, tiny_study):
+    """The shared tiny study (fixture) is a valid config with what the end-to-end tests rely on: a second edge
+    pruned its own way, two methods with and without LoRA-CR."""
+    cfg = load_config(write(tmp_path, tiny_study))
+    assert list(cfg.edges) == ["science", "law"] and cfg.edges["law"] == ["law"]
+    assert (cfg.pruning_for("law").method, cfg.pruning_for("law").ratio) == ("random", 0.25)
+    assert cfg.pruning_for("science") is cfg.pruning and cfg.pruning.ratio == 0.5
+    assert cfg.fusion.methods == ["task_arithmetic", "ties"] and [c.name for c in cfg.fusion.cr] == ["off", "element"]
 
 
 def test_good_config_defaults(tmp_path):
@@ -87,10 +101,9 @@ def test_per_edge_pruning_overrides_only_what_it_sets(tmp_path):
     assert all(again.pruning_for(e) == cfg.pruning_for(e) for e in cfg.edges)
 
 
-def test_cli_rejects_bad_config_before_work(tmp_path):
+def test_cli_rejects_bad_config_before_work(tmp_path, cli):
     p = write(tmp_path, {**GOOD, "fusion": {"methods": ["nope"]}})
-    r = subprocess.run([sys.executable, "-m", "edgefuse.cli", "run", str(p), "--run-dir", str(tmp_path / "run")],
-                       capture_output=True, text=True)
+    r = cli("run", p, "--run-dir", tmp_path / "run")
     assert r.returncode != 0 and "unknown fusion method 'nope'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
@@ -103,7 +116,7 @@ def test_malformed_yaml_names_the_line(tmp_path):
         load_config(p)
 
 
-def test_impossible_edge_budget_names_the_edge(tmp_path):
+def test_impossible_edge_budget_names_the_edge(tmp_path, cli):
     """A device whose own memory budget cannot hold even a 95%-pruned model stops the run with one line that
     names that edge; no report is written."""
     cfg = {**GOOD, "edges": {"phone": {"domains": ["stem"], "pruning": {"memory_budget_gib": 0.0001}},
@@ -111,8 +124,7 @@ def test_impossible_edge_budget_names_the_edge(tmp_path):
            "training": {"steps": 2, "batch": 4, "seq": 128},
            "benchmarks": {"mmlu": {"limit": 4}, "mmlu_cd": {"ks": [2], "n": 2}}}
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "edgefuse.cli", "run", str(write(tmp_path, cfg)), "--run-dir",
-                        str(run_dir), "--no-progress"], capture_output=True, text=True)
+    r = cli("run", write(tmp_path, cfg), "--run-dir", run_dir, "--no-progress")
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert "edge phone: memory budget 0.0001 GiB is too small" in r.stderr

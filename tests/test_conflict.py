@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_fusion_helpers import NAMES, deltas, make_adapters, one_thread, rel, truncated
+from helpers.fusion import NAMES, deltas, make_adapters, rel, truncated
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.fusion import analyze_conflicts, fuse_adapters, pipeline, resolve_conflicts
@@ -12,10 +12,7 @@ from edgefuse.fusion import analyze_conflicts, fuse_adapters, pipeline, resolve_
 N = "model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
 def _hand():

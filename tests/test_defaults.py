@@ -13,6 +13,8 @@ from edgefuse.commands import edge as edge_cmds
 from edgefuse.config import StudyConfig
 from edgefuse.edge.schema import PruningConfig, TrainConfig
 
+pytestmark = pytest.mark.unit
+
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 # option -> the schema field it sets, for every option of `edgefuse prune` / `edgefuse train` that one sets

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from helpers.study import TINY_STUDY, fused_tensors, scores
 
 from edgefuse.config import StudyConfig
 from edgefuse.runner import run_study
-from test_pipeline_e2e import TINY_STUDY, fused_tensors, scores
+
+pytestmark = pytest.mark.e2e
 
 # TINY_STUDY cut down to what a rerun could differ in: pruning, training, one fusion method with and without
 # LoRA-CR, MMLU and MMLU-CD on a few items (no edges evaluated alone, no figures).

@@ -3,46 +3,27 @@ one clear line, non-zero exit, nothing half-written."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import sys
-from types import SimpleNamespace
 
 import pytest
 
-
-def run(*args):
-    """``edgefuse ARGS`` through the real entry point, in-process (a subprocess per call costs ~5 s of imports)."""
-    from edgefuse.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv, code = sys.argv, 0
-    sys.argv = ["edgefuse", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, cli):
     d = tmp_path_factory.mktemp("cli")
-    r = run("prune", "--model", "tiny-llama", "--method", "wanda", "--ratio", "0.5", "--calib", "4", "--out", d / "p")
+    r = cli("prune", "--model", "tiny-llama", "--method", "wanda", "--ratio", "0.5", "--calib", "4", "--out", d / "p")
     assert r.returncode == 0, r.stderr
-    r = run("train", "--pruned", d / "p", "--domain", "stem", "--steps", "3", "--batch", "2", "--seq", "48",
+    r = cli("train", "--pruned", d / "p", "--domain", "stem", "--steps", "3", "--batch", "2", "--seq", "48",
             "--limit", "6", "--checkpoint-every", "1", "--out", d / "pkg")
     assert r.returncode == 0, r.stderr
-    r = run("recover", "--package", d / "pkg", "--plan", d / "p" / "plan.json", "--out", d / "rec")
+    r = cli("recover", "--package", d / "pkg", "--plan", d / "p" / "plan.json", "--out", d / "rec")
     assert r.returncode == 0, r.stderr
     return d
 
 
-def test_prune_train_recover_then_evaluate_with_the_recovered_adapter(pipeline):
+def test_prune_train_recover_then_evaluate_with_the_recovered_adapter(pipeline, cli):
     d = pipeline
     plan = json.loads((d / "p" / "plan.json").read_text())
     assert plan["method"] == "wanda" and plan["ratio"] == 0.5 and plan["calibration"]["n_prompts"] == 4
@@ -50,9 +31,9 @@ def test_prune_train_recover_then_evaluate_with_the_recovered_adapter(pipeline):
     assert man["stats"]["steps"] == 3 and man["n_items"] == 6 and man["domain"] == "stem"
     rec = json.loads((d / "rec" / "adapter_config.json").read_text())
     assert rec["base_model_name_or_path"] == "tiny-llama"
-    r = run("eval", "mmlu", "--model", "tiny-llama", "--adapter", d / "rec", "--limit", "4", "--out", d / "res.json")
+    r = cli("eval", "mmlu", "--model", "tiny-llama", "--adapter", d / "rec", "--limit", "4", "--out", d / "res.json")
     assert r.returncode == 0, r.stderr  # the manifest's base fingerprint matches the unpruned base
-    r = run("eval", "mmlu", "--model", "tiny-llama", "--adapter", d / "pkg", "--limit", "4")
+    r = cli("eval", "mmlu", "--model", "tiny-llama", "--adapter", d / "pkg", "--limit", "4")
     # pruned shapes: this is why recovery exists
     assert r.returncode != 0 and ", tiny-llama has " in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -68,19 +49,19 @@ def test_prune_train_recover_then_evaluate_with_the_recovered_adapter(pipeline):
      "invalid training option objective: Input should be 'letters', 'cloze' or 'both'"),
     (["recover", "--package", "{d}/rec", "--plan", "{d}/p/plan.json", "--out", "{d}/x"], "not an edge package"),
 ])
-def test_bad_input_is_one_clear_line(pipeline, args, msg):
-    r = run(*[a.format(d=pipeline) for a in args])
+def test_bad_input_is_one_clear_line(pipeline, args, msg, cli):
+    r = cli(*[a.format(d=pipeline) for a in args])
     assert r.returncode != 0
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (pipeline / "x").exists()
 
 
-def test_prune_without_calib_calibrates_on_as_many_prompts_as_a_study(tmp_path):
+def test_prune_without_calib_calibrates_on_as_many_prompts_as_a_study(tmp_path, cli):
     """One default for both: `edgefuse prune` without --calib uses the study config's `pruning.calib`."""
     from edgefuse.config import StudyConfig
 
-    r = run("prune", "--model", "tiny-llama", "--method", "wanda", "--ratio", "0.5", "--out", tmp_path / "p")
+    r = cli("prune", "--model", "tiny-llama", "--method", "wanda", "--ratio", "0.5", "--out", tmp_path / "p")
     assert r.returncode == 0, r.stderr
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert plan["calibration"]["n_prompts"] == StudyConfig.model_fields["pruning"].get_default().calib

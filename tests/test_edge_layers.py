@@ -11,6 +11,8 @@ import pytest
 
 import edgefuse
 
+pytestmark = pytest.mark.unit
+
 PACKAGE = Path(edgefuse.__file__).resolve().parent
 EDGE = PACKAGE / "edge"
 

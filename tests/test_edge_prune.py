@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers.pruning import PROMPTS, masked_reference
 
 from edgefuse.edge import importance as imp
 from edgefuse.edge.memory import estimate_training_bytes
@@ -16,10 +17,7 @@ from edgefuse.edge.schema import TrainConfig
 from edgefuse.errors import EdgefuseError
 from edgefuse.models import count_parameters, fingerprint, load_model, tiny_model
 
-PROMPTS = ["Question: what is two plus two? A. one B. two C. three D. four Answer: D",
-           "The following are multiple choice questions (with answers) about science.",
-           "abc def 0123 (x) = y; z!", "Answer: B"]
-
+pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def tiny4():
@@ -28,35 +26,6 @@ def tiny4():
 
 def ids(tok, text):
     return tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-
-
-def masked_reference(model, plan):
-    """The full model with every pruned head/channel zeroed and every dropped layer made the identity,
-    built from the plan's per-layer lists only (independent of the pruner's slicing code)."""
-    import copy
-
-    ref = copy.deepcopy(model)
-    b = plan["base_config"]
-    hd = b["head_dim"]
-    with torch.no_grad():
-        for i, layer in enumerate(ref.model.layers):
-            a, m = layer.self_attn, layer.mlp
-            if i not in plan["kept_layers"]:
-                a.o_proj.weight.zero_()
-                m.down_proj.weight.zero_()
-                continue
-            spec = plan["layers"][str(i)]
-            for h in set(range(b["num_attention_heads"])) - set(spec["heads"]):
-                a.q_proj.weight[h * hd:(h + 1) * hd] = 0
-                a.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
-            for g in set(range(b["num_key_value_heads"])) - set(spec["kv_heads"]):
-                a.k_proj.weight[g * hd:(g + 1) * hd] = 0
-                a.v_proj.weight[g * hd:(g + 1) * hd] = 0
-            for c in set(range(b["intermediate_size"])) - set(spec["mlp_channels"]):
-                m.gate_proj.weight[c] = 0
-                m.up_proj.weight[c] = 0
-                m.down_proj.weight[:, c] = 0
-    return ref
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "taylor", "random"])

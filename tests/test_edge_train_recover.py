@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 import torch
+from helpers.pruning import PROMPTS, masked_reference
 from peft import PeftModel
-from test_edge_prune import PROMPTS, masked_reference
 
 from edgefuse.adapters import load_adapter
 from edgefuse.data.mmlu import select
@@ -25,6 +25,8 @@ from edgefuse.edge.schema import TrainConfig
 from edgefuse.edge.train import letter_loss, train_edge
 from edgefuse.errors import EdgefuseError
 from edgefuse.models import continuation_token_ids, fingerprint, lm_parts, make_batch, tiny_model
+
+pytestmark = pytest.mark.integration
 
 CFG = {"batch": 4, "seq": 48, "lr": 1e-2, "checkpoint_every": 2, "seed": 1}
 

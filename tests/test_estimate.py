@@ -10,6 +10,8 @@ import pytest
 from edgefuse.config import StudyConfig
 from edgefuse.runner.estimate import RATES, mark_done, plan, remaining_seconds
 
+pytestmark = pytest.mark.unit
+
 CFG = {"model": "smollm2-135m", "edges": {"a": ["stem"], "b": ["law"]},
        "pruning": {"method": "taylor", "ratio": 0.25, "calib": 8},
        "training": {"steps": 10, "batch": 4, "objective": "both"},

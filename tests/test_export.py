@@ -13,13 +13,14 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_edge_cli import run
-from test_families import make_config
+from helpers.families import make_config
 
 from edgefuse.adapters import load_adapter, save_adapter
 from edgefuse.errors import EdgefuseError
 from edgefuse.export import rotate_pairs, write_gguf
 from edgefuse.models import fingerprint, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.integration
 
 PROMPTS = ["Question: what is two plus two? A. one B. two C. three D. four Answer: D",
            "The following are multiple choice questions (with answers) about law."]
@@ -65,11 +66,11 @@ def test_the_adapter_changes_the_model_more_than_any_bound(made):
     assert (made["ref"] - made["base"]).abs().max() > 5 * max(BOUNDS.values())
 
 
-def test_hf_export_loads_with_plain_transformers_and_equals_base_plus_adapter(made):
+def test_hf_export_loads_with_plain_transformers_and_equals_base_plus_adapter(made, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = made["dir"] / "hf"
-    r = run("export", "--adapter", made["dir"] / "ef", "--out", out)  # --model: the adapter's recorded base
+    r = cli("export", "--adapter", made["dir"] / "ef", "--out", out)  # --model: the adapter's recorded base
     assert r.returncode == 0, r.stderr
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
         p.name for p in out.iterdir()}
@@ -81,23 +82,23 @@ def test_hf_export_loads_with_plain_transformers_and_equals_base_plus_adapter(ma
     assert json.loads((out / "edgefuse_export.json").read_text())["base_model"] == "tiny-llama"
 
 
-def test_a_plain_peft_adapter_exports_with_model_given(made):
+def test_a_plain_peft_adapter_exports_with_model_given(made, cli):
     from transformers import AutoModelForCausalLM
 
     out = made["dir"] / "hf-peft"
-    r = run("export", "--adapter", made["dir"] / "peft", "--model", "tiny-llama", "--out", out)
+    r = cli("export", "--adapter", made["dir"] / "peft", "--model", "tiny-llama", "--out", out)
     assert r.returncode == 0, r.stderr
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert (logits(model, made["tok"]) - made["ref"]).abs().max() <= BOUNDS["f32"]
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
-def test_gguf_export_reads_back_with_transformers_within_the_stated_bound(made, quant):
+def test_gguf_export_reads_back_with_transformers_within_the_stated_bound(made, quant, cli):
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
     out = made["dir"] / f"model-{quant}.gguf"
-    r = run("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--quant", quant, "--out", out)
+    r = cli("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--quant", quant, "--out", out)
     assert r.returncode == 0, r.stderr
     model = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name)
     err = float((logits(model, made["tok"]) - made["ref"]).abs().max())
@@ -110,7 +111,7 @@ def test_gguf_export_reads_back_with_transformers_within_the_stated_bound(made, 
     assert types["blk.0.attn_q.weight"] == quant.upper() and types["blk.0.attn_norm.weight"] == "F32"
 
 
-def test_q8_0_differs_from_f32_only_by_q8_0_rounding(made):
+def test_q8_0_differs_from_f32_only_by_q8_0_rounding(made, cli):
     """The q8_0 file is the f32 file with every matrix rounded by gguf's Q8_0 reference (layout, names, norms equal)."""
     import numpy as np
     from gguf import GGMLQuantizationType
@@ -120,7 +121,7 @@ def test_q8_0_differs_from_f32_only_by_q8_0_rounding(made):
     d = made["dir"]
     for quant in ("f32", "q8_0"):
         if not (d / f"model-{quant}.gguf").exists():
-            run("export", "--adapter", d / "ef", "--format", "gguf", "--quant", quant, "--out", d / f"model-{quant}.gguf")
+            cli("export", "--adapter", d / "ef", "--format", "gguf", "--quant", quant, "--out", d / f"model-{quant}.gguf")
     rounded = AutoModelForCausalLM.from_pretrained(str(d), gguf_file="model-f32.gguf")
     q8 = GGMLQuantizationType.Q8_0
     with torch.no_grad():
@@ -131,12 +132,12 @@ def test_q8_0_differs_from_f32_only_by_q8_0_rounding(made):
     assert (logits(back, made["tok"]) - logits(rounded, made["tok"])).abs().max() <= 1e-5
 
 
-def test_gguf_tokenizer_metadata_reads_back_as_the_same_tokenizer(made):
+def test_gguf_tokenizer_metadata_reads_back_as_the_same_tokenizer(made, cli):
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
     tok, path = made["tok"], made["dir"] / "tok.gguf"
-    r = run("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--quant", "f32", "--out", path)
+    r = cli("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--quant", "f32", "--out", path)
     assert r.returncode == 0, r.stderr
     fields = GGUFReader(path).fields
     value = lambda key: fields[key].contents()  # noqa: E731
@@ -153,12 +154,12 @@ def test_gguf_tokenizer_metadata_reads_back_as_the_same_tokenizer(made):
     assert back.decode(tok(text).input_ids) == text
 
 
-def test_tokenizer_metadata_is_copied_from_the_gguf_a_model_came_from(made, tmp_path):
+def test_tokenizer_metadata_is_copied_from_the_gguf_a_model_came_from(made, tmp_path, cli):
     from gguf import GGUFReader
 
     source = made["dir"] / "tok.gguf"
     if not source.exists():
-        run("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--quant", "f32", "--out", source)
+        cli("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--quant", "f32", "--out", source)
     model, _ = tiny_model()
     write_gguf(model, tiny_tokenizer(), tmp_path / "copy.gguf", "f32", source_gguf=source)
     want, got = GGUFReader(source).fields, GGUFReader(tmp_path / "copy.gguf").fields
@@ -238,10 +239,10 @@ def others(tmp_path_factory):
      "llama models with attention or MLP biases"),
     (["--adapter", "{o}/mistral-adapter", "--model", "{o}/mistral", "--format", "gguf"], "no sliding window"),
 ])
-def test_bad_input_is_one_clear_line_and_no_output(made, others, tmp_path, args, msg):
+def test_bad_input_is_one_clear_line_and_no_output(made, others, tmp_path, args, msg, cli):
     for out in (tmp_path / "x", tmp_path / "x.gguf"):
         argv = ["export", "--adapter", made["dir"] / "ef", *[a.format(o=others) for a in args], "--out", out]
-        r = run(*argv)
+        r = cli(*argv)
         assert r.returncode != 0
         assert msg in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -263,21 +264,21 @@ def test_a_failure_while_writing_leaves_the_previous_output_untouched(made, tmp_
     assert out.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
 
 
-def test_an_existing_output_needs_force_and_a_gguf_is_a_file(made, tmp_path):
+def test_an_existing_output_needs_force_and_a_gguf_is_a_file(made, tmp_path, cli):
     out = tmp_path / "hf"
     out.mkdir()
-    r = run("export", "--adapter", made["dir"] / "ef", "--out", out)
+    r = cli("export", "--adapter", made["dir"] / "ef", "--out", out)
     assert r.returncode != 0 and "already exists (pass --force to overwrite)" in r.stderr
-    r = run("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--out", out, "--force")
+    r = cli("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--out", out, "--force")
     assert r.returncode != 0 and "--out of a GGUF export is a file" in r.stderr
     assert list(out.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
-def test_q8_0_is_refused_clearly_where_gguf_cannot_quantize(made, tmp_path, monkeypatch):
+def test_q8_0_is_refused_clearly_where_gguf_cannot_quantize(made, tmp_path, monkeypatch, cli):
     import edgefuse.export as ex
 
     monkeypatch.setattr(ex, "_q8_0_available", lambda: False)
-    r = run("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--quant", "q8_0", "--out", tmp_path / "m")
+    r = cli("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--quant", "q8_0", "--out", tmp_path / "m")
     assert r.returncode != 0 and "--quant q8_0 needs gguf's Q8_0 quantizer" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
@@ -295,7 +296,7 @@ def test_a_tokenizer_gguf_cannot_describe_is_refused_before_any_output(tmp_path)
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_export_round_trip(tmp_path):
+def test_smollm2_gguf_export_round_trip(tmp_path, cli):
     """The embedded SmolLM2 with a small adapter: f32 GGUF equals PEFT's forward, its tokenizer is the embedded one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -306,7 +307,7 @@ def test_smollm2_gguf_export_round_trip(tmp_path):
     pm = peft_adapter(model, tmp_path / "peft", targets=["q_proj", "k_proj"])
     ref = logits(pm, tok)
     save_adapter(load_adapter(tmp_path / "peft"), tmp_path / "ef", {"base_fingerprint": fp}, base_model="smollm2-135m")
-    r = run("export", "--adapter", tmp_path / "ef", "--format", "gguf", "--quant", "f32", "--out", tmp_path / "s.gguf")
+    r = cli("export", "--adapter", tmp_path / "ef", "--format", "gguf", "--quant", "f32", "--out", tmp_path / "s.gguf")
     assert r.returncode == 0, r.stderr
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="s.gguf")
     # relative to the logits' size: SmolLM2's reach ~23, and 30 layers of float32 sums taken in another order

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.study import scores
 
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
@@ -27,6 +28,8 @@ pytest.importorskip("ray")
 from edgefuse.adapters import load_adapter
 from edgefuse.config import load_config
 from edgefuse.errors import EdgefuseError
+
+pytestmark = pytest.mark.federated
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "federated-tiny.yaml"
@@ -42,12 +45,6 @@ def results(run_dir: Path) -> dict:
 def fused_deltas(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {f["name"]: {n: m.delta() for n, m in load_adapter(f["adapter"]).modules.items()}
             for f in results(run_dir)["seeds"][0]["fused"]}
-
-
-def scores(run_dir: Path) -> dict:
-    doc = results(run_dir)
-    rows = {"base": doc["base"]} | {f["name"]: f["eval"] for f in doc["seeds"][0]["fused"]}
-    return {k: (v["mmlu"]["correct"], v["mmlu_cd_k2"]["strict_outcomes"]) for k, v in rows.items()}
 
 
 def assert_same_fused(a: Path, b: Path) -> None:

@@ -4,9 +4,8 @@ nothing written), PEFT loading of the fused adapter and merged full weights."""
 import json
 
 import pytest
-from cli_helpers import run_cli as run
 import torch
-from test_fusion_helpers import one_thread, rel
+from helpers.fusion import rel
 
 from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter, save_adapter, verify_hashes
 from edgefuse.fusion import fuse_adapters
@@ -14,10 +13,7 @@ from edgefuse.io import sha256_file
 from edgefuse.models import fingerprint, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_thread")]
 
 
 SHAPES = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64)}
@@ -51,33 +47,11 @@ def dirs(tmp_path, tiny):
     return out
 
 
-def test_fuse_writes_peft_adapter_manifest_and_merged_weights(tmp_path, dirs, monkeypatch, capsys):
+def test_fuse_writes_peft_adapter_manifest_and_merged_weights(tmp_path, dirs, cli):
     out, merged = tmp_path / "fused", tmp_path / "merged"
-    code, so, se = run(
-        monkeypatch,
-        capsys,
-        "fuse",
-        "--method",
-        "ties",
-        "--cr",
-        "element",
-        "--weights",
-        "1,1,1",
-        "--rank",
-        4,
-        "--density",
-        0.5,
-        "--seed",
-        3,
-        "--adapters",
-        *dirs,
-        "--out",
-        out,
-        "--merged-out",
-        merged,
-        "--model",
-        "tiny-llama",
-    )
+    code, so, se = cli("fuse", "--method", "ties", "--cr", "element", "--weights", "1,1,1", "--rank", 4,
+                       "--density", 0.5, "--seed", 3, "--adapters", *dirs, "--out", out, "--merged-out", merged,
+                       "--model", "tiny-llama")
     assert code == 0, se
     assert "fused 3 adapters with ties + LoRA-CR[element]" in so
     verify_hashes(out)
@@ -106,12 +80,10 @@ def test_fuse_writes_peft_adapter_manifest_and_merged_weights(tmp_path, dirs, mo
     assert rel(W.detach(), fused.modules[name].delta()) <= 1e-5
 
 
-def test_conflicts_table_and_heatmap(tmp_path, dirs, monkeypatch, capsys):
+def test_conflicts_table_and_heatmap(tmp_path, dirs, monkeypatch, cli):
     png = tmp_path / "c.png"
     monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal
-    code, so, se = run(
-        monkeypatch, capsys, "conflicts", "--adapters", *dirs, "--plot", png, "--json", tmp_path / "c.json"
-    )
+    code, so, se = cli("conflicts", "--adapters", *dirs, "--plot", png, "--json", tmp_path / "c.json")
     assert code == 0, se
     assert "q_proj" in so and "6 modules" in so
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -123,13 +95,13 @@ def test_conflicts_table_and_heatmap(tmp_path, dirs, monkeypatch, capsys):
         assert f"{m['score']:.3f}/{m['sign_conflict']:.2f}" in so
 
 
-def test_list(monkeypatch, capsys):
-    code, so, _ = run(monkeypatch, capsys, "fuse", "--list")
+def test_list(cli):
+    code, so, _ = cli("fuse", "--list")
     assert code == 0 and "core_space" in so and "direction" in so
 
 
-def _bad(monkeypatch, capsys, out, *args):
-    code, so, se = run(monkeypatch, capsys, "fuse", *args, "--out", out)
+def _bad(cli, out, *args):
+    code, so, se = cli("fuse", *args, "--out", out)
     assert code != 0
     lines = [x for x in se.strip().splitlines() if x]
     assert len(lines) == 1 and lines[0].startswith("error: ")
@@ -137,33 +109,15 @@ def _bad(monkeypatch, capsys, out, *args):
     return lines[0]
 
 
-def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, monkeypatch, capsys, tiny):
+def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, tiny, cli):
     out = tmp_path / "never"
-    assert "valid: linear, cat, task_arithmetic" in _bad(
-        monkeypatch, capsys, out, "--method", "nope", "--adapters", *dirs
-    )
+    assert "valid: linear, cat, task_arithmetic" in _bad(cli, out, "--method", "nope", "--adapters", *dirs)
     for d in ("0", "1.5", "-0.1"):
-        assert "density must be in (0, 1]" in _bad(
-            monkeypatch, capsys, out, "--method", "ties", "--density", d, "--adapters", *dirs
-        )
+        assert "density must be in (0, 1]" in _bad(cli, out, "--method", "ties", "--density", d, "--adapters", *dirs)
     other = tmp_path / "other"
     save_adapter(_adapter(9), other, {"base_fingerprint": "f" * 32})
-    assert "different base models" in _bad(
-        monkeypatch, capsys, out, "--method", "linear", "--adapters", dirs[0], other
-    )
-    code, _, se = run(
-        monkeypatch,
-        capsys,
-        "fuse",
-        "--method",
-        "linear",
-        "--force",
-        "--adapters",
-        dirs[0],
-        other,
-        "--out",
-        out,
-    )
+    assert "different base models" in _bad(cli, out, "--method", "linear", "--adapters", dirs[0], other)
+    code, _, se = cli("fuse", "--method", "linear", "--force", "--adapters", dirs[0], other, "--out", out)
     assert code == 0 and out.exists()
     out2 = tmp_path / "never2"
     shapes = tmp_path / "shapes"
@@ -172,38 +126,31 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, monkeypatch, capsys
         shapes,
         {"base_fingerprint": tiny},
     )
-    assert "different shapes" in _bad(
-        monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], shapes
-    )
+    assert "different shapes" in _bad(cli, out2, "--method", "svd", "--adapters", dirs[0], shapes)
     nan = tmp_path / "nan"
     a = _adapter(4)
     a.modules["model.layers.0.self_attn.q_proj"].B[0, 0] = float("inf")
     save_adapter(a, nan, {"base_fingerprint": tiny})
-    assert "NaN or Inf" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], nan)
+    assert "NaN or Inf" in _bad(cli, out2, "--method", "svd", "--adapters", dirs[0], nan)
     ia3 = tmp_path / "ia3"
     save_adapter(_adapter(5), ia3, {"base_fingerprint": tiny})
     cfg = json.loads((ia3 / "adapter_config.json").read_text())
     cfg["peft_type"] = "IA3"
     (ia3 / "adapter_config.json").write_text(json.dumps(cfg))
     # an edited file of an edgefuse adapter breaks its manifest's hash; re-hashed, the config itself is refused
-    assert "sha256 does not match" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], ia3)
+    assert "sha256 does not match" in _bad(cli, out2, "--method", "svd", "--adapters", dirs[0], ia3)
     man = json.loads((ia3 / "edgefuse.json").read_text())
     man["files"]["adapter_config.json"] = sha256_file(ia3 / "adapter_config.json")
     (ia3 / "edgefuse.json").write_text(json.dumps(man))
-    assert "only LORA" in _bad(monkeypatch, capsys, out2, "--method", "svd", "--adapters", dirs[0], ia3)
-    assert "2 weights given for 3 adapters" in _bad(
-        monkeypatch, capsys, out2, "--method", "linear", "--weights", "1,2", "--adapters", *dirs
-    )
-    assert (
-        "already exists"
-        in run(monkeypatch, capsys, "fuse", "--method", "linear", "--adapters", *dirs, "--out", out)[2]
-    )
+    assert "only LORA" in _bad(cli, out2, "--method", "svd", "--adapters", dirs[0], ia3)
+    assert "2 weights given for 3 adapters" in _bad(cli, out2, "--method", "linear", "--weights", "1,2", "--adapters", *dirs)
+    assert "already exists" in cli("fuse", "--method", "linear", "--adapters", *dirs, "--out", out)[2]
 
 
-def test_cr_share_edits_the_most_conflicting_modules(tmp_path, dirs, monkeypatch, capsys):
+def test_cr_share_edits_the_most_conflicting_modules(tmp_path, dirs, cli):
     """--cr-share q: the manifest records q, and the edited modules are the ⌈q·M⌉ highest-scored ones."""
     out = tmp_path / "fused"
-    code, so, se = run(monkeypatch, capsys, "fuse", "--method", "linear", "--cr", "element", "--cr-share", 0.5,
+    code, so, se = cli("fuse", "--method", "linear", "--cr", "element", "--cr-share", 0.5,
                        "--adapters", *dirs, "--out", out)
     assert code == 0, se
     man = json.loads((out / "edgefuse.json").read_text())
@@ -211,7 +158,7 @@ def test_cr_share_edits_the_most_conflicting_modules(tmp_path, dirs, monkeypatch
     scores = man["conflicts"]["module_scores"]
     top = sorted((n for n in scores if scores[n] > 0), key=lambda n: (-scores[n], n))[: -(-len(scores) // 2)]
     assert sorted(man["cr_stats"]["flagged_modules"]) == sorted(top) and top
-    code, _, se = run(monkeypatch, capsys, "fuse", "--method", "linear", "--cr", "element", "--cr-share", 1.5,
+    code, _, se = cli("fuse", "--method", "linear", "--cr", "element", "--cr-share", 1.5,
                       "--adapters", *dirs, "--out", tmp_path / "bad")
     assert code != 0 and "cr_share must be in (0, 1]" in se and len(se.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()

@@ -3,7 +3,6 @@ never more than one module's dense ΔW per adapter, i.e. below K dense units for
 
 import pytest
 import torch
-from test_fusion_helpers import one_thread
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.fusion import fuse_adapters
@@ -14,10 +13,7 @@ SHAPE = (1536, 576)  # SmolLM2-135M's largest module
 UNIT = SHAPE[0] * SHAPE[1] * 4  # one dense float32 ΔW of it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
 def allocation_peak(fn):

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 import torch
-from test_fusion_helpers import NAMES, deltas, make_adapters, one_thread, ref_elementwise, rel, truncated
+from helpers.fusion import NAMES, deltas, make_adapters, ref_elementwise, rel, truncated
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.errors import EdgefuseError
@@ -13,10 +13,7 @@ from edgefuse.fusion import fuse_adapters, lowrank, pipeline
 W = [0.5, 1.5, -0.7]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("single_thread")]
 
 
 @pytest.fixture(scope="module")

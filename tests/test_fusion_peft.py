@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_fusion_helpers import one_thread, rel
+from helpers.fusion import rel
 
 from edgefuse.adapters import load_adapter
 from edgefuse.fusion import fuse_adapters
@@ -15,10 +15,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402 - after importorskip
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_thread")]
 
 
 def _build(tmp_path, configs, seed=0, disjoint_slots=False):

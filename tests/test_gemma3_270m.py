@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NAME = "gemma3-270m"
 
@@ -34,10 +34,8 @@ def test_is_a_gemma3_text_model_with_a_stable_fingerprint(gemma):
     assert fingerprint(again) == fingerprint(model)
 
 
-def test_tokenizer_segments_mmlu_prompts_as_llama_cpp(gemma, mmlu):
+def test_tokenizer_segments_mmlu_prompts_as_llama_cpp(gemma, mmlu, llama_cpp_segment):
     """The cached tokenizer gives llama.cpp's segmentation of real prompts under the real 262k vocabulary."""
-    from test_gguf_tokenizer import llama_cpp_segment
-
     from edgefuse.assets import embedded_gguf
     from edgefuse.data.prompts import mc_prompt
     from edgefuse.gguf_tokenizer import gguf_spm_pieces

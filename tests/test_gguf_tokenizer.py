@@ -13,6 +13,8 @@ import pytest
 
 from edgefuse.gguf_tokenizer import gguf_spm_pieces, spm_as_bpe
 
+pytestmark = pytest.mark.unit
+
 TRAIN = """Photosynthesis converts light energy into chemical energy stored in glucose. The mitochondria release that
 energy during cellular respiration. A contract requires an offer, an acceptance and consideration. The court held
 that the defendant breached the contract. Inflation reduces the purchasing power of money over time, and central
@@ -24,27 +26,6 @@ HELD_OUT = [
     "An integral of zero energy is a constant: über-naïve 42",
     "  two leading spaces and\ttabs\nnewlines",
 ]
-
-
-def llama_cpp_segment(text: str, vocab: dict[str, int], scores: list[float]) -> list[int]:
-    """llama.cpp's SentencePiece rule, written plainly: spaces become "▁", then repeatedly merge the adjacent
-    pair whose concatenation is a piece with the highest score (leftmost on ties); unknown symbols fall back
-    to their UTF-8 bytes."""
-    syms = list(text.replace(" ", "▁"))
-    while True:
-        best = None
-        for i in range(len(syms) - 1):
-            j = vocab.get(syms[i] + syms[i + 1])
-            if j is not None and (best is None or scores[j] > best[0]):
-                best = (scores[j], i)
-        if best is None:
-            break
-        i = best[1]
-        syms[i:i + 2] = [syms[i] + syms[i + 1]]
-    ids = []
-    for s in syms:
-        ids += [vocab[s]] if s in vocab else [vocab[f"<0x{b:02X}>"] for b in s.encode("utf-8")]
-    return ids
 
 
 def _write_gguf(path, kind: str, tokens: list[str], scores: list[float], types: list[int]):
@@ -91,7 +72,7 @@ def _transformers_tokenizer(gguf_path, out):
     return out / "tokenizer.json"
 
 
-def test_rewritten_tokenizer_segments_as_llama_cpp(spm_gguf, tmp_path):
+def test_rewritten_tokenizer_segments_as_llama_cpp(spm_gguf, tmp_path, llama_cpp_segment):
     from transformers import AutoTokenizer
 
     path, vocab, scores = spm_gguf

@@ -18,6 +18,8 @@ from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.scoring import continuation_token_ids, lm_parts, make_batch
 from edgefuse.models import tiny_model
 
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("nevergrad")
 
 TARGETS = ("q_proj", "v_proj")
@@ -151,14 +153,12 @@ def adapter_dirs(tmp_path, base, adapters):
     return dirs
 
 
-def test_cli_writes_a_peft_adapter_with_weights_and_trace(tmp_path, adapter_dirs, monkeypatch, capsys):
+def test_cli_writes_a_peft_adapter_with_weights_and_trace(tmp_path, adapter_dirs, cli):
     import json
 
-    from cli_helpers import run_cli
-
     out = tmp_path / "hub"
-    code, so, se = run_cli(monkeypatch, capsys, "compose", "lorahub", "--domains", "stem", "--examples", 4,
-                           "--budget", 3, "--out", out, "--device", "cpu", "--adapters", *adapter_dirs)
+    code, so, se = cli("compose", "lorahub", "--domains", "stem", "--examples", 4,
+                       "--budget", 3, "--out", out, "--device", "cpu", "--adapters", *adapter_dirs)
     assert code == 0, se
     assert "in 4 evaluations" in so
     man = json.loads((out / "edgefuse.json").read_text())
@@ -169,13 +169,11 @@ def test_cli_writes_a_peft_adapter_with_weights_and_trace(tmp_path, adapter_dirs
     load_adapter(out, tiny_model()[0])
 
 
-def test_cli_bad_input_one_line_nothing_written(tmp_path, adapter_dirs, monkeypatch, capsys):
-    from cli_helpers import run_cli
-
+def test_cli_bad_input_one_line_nothing_written(tmp_path, adapter_dirs, cli):
     out = tmp_path / "never"
 
     def bad(*args) -> str:
-        code, _, se = run_cli(monkeypatch, capsys, "compose", "lorahub", "--out", out, *args)
+        code, _, se = cli("compose", "lorahub", "--out", out, *args)
         assert code != 0 and not out.exists()
         lines = [ln for ln in se.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), se
@@ -189,6 +187,6 @@ def test_cli_bad_input_one_line_nothing_written(tmp_path, adapter_dirs, monkeypa
     assert "unknown fusion method 'nope'" in bad("--domains", "stem", "--method", "nope", "--adapters", *adapter_dirs)
     assert "--start" in bad("--domains", "stem", "--start", "random", "--adapters", *adapter_dirs)
     out.mkdir()
-    code, _, se = run_cli(monkeypatch, capsys, "compose", "lorahub", "--out", out, "--domains", "stem",
-                          "--adapters", *adapter_dirs)
+    code, _, se = cli("compose", "lorahub", "--out", out, "--domains", "stem",
+                      "--adapters", *adapter_dirs)
     assert code != 0 and "already exists" in se and not any(out.iterdir())

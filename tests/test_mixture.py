@@ -21,6 +21,8 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402 - after importorskip
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 TOL = 1e-5
 CONFIGS = [  # ranks 2, 4, 8 and a per-module rank (3, o_proj 5); rsLoRA; different targets
     dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),

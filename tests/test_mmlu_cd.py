@@ -26,6 +26,8 @@ from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate import mmlu_cd as cd
 from edgefuse.evaluate.scoring import continuation_token_ids
 
+pytestmark = pytest.mark.unit
+
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "edgefuse.cli", *args], capture_output=True, text=True, check=False)
@@ -177,6 +179,7 @@ def test_items_alone_reuse_earlier_records(tiny, short, monkeypatch):
 # ---------------------------------------------------------------- builder
 
 
+@pytest.mark.e2e  # fresh processes: this layer overrides the module's
 def test_build_is_deterministic_in_fresh_processes(tmp_path, mmlu):
     paths, hashes = [], []
     for i, hashseed in enumerate(["1", "12345"]):

@@ -12,6 +12,8 @@ from edgefuse.data.mmlu import SplitSpec, load_csv_dir, load_jsonl, make_splits,
 from edgefuse.data.taxonomy import CATEGORIES, SUBCATEGORIES, SUBJECTS, domain_subjects
 from edgefuse.errors import EdgefuseError
 
+pytestmark = pytest.mark.unit
+
 
 def test_embedded_file_counts_and_skipped_header_rows(mmlu):
     assert len(mmlu.items) == 14042
@@ -85,6 +87,7 @@ _SPLIT_SNIPPET = (
 )
 
 
+@pytest.mark.e2e  # fresh processes: this layer overrides the module's
 def test_split_determinism_across_processes(mmlu):
     import hashlib
 

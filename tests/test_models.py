@@ -9,6 +9,8 @@ from edgefuse.errors import EdgefuseError
 from edgefuse.edge.schema import MODEL_META
 from edgefuse.models import fingerprint, lm_parts, load_model, make_batch, save_model_dir, tiny_model, unwrap
 
+pytestmark = pytest.mark.unit
+
 
 def test_tiny_model_is_deterministic_and_fingerprint_tracks_weights():
     a, _ = tiny_model(seed=0)

@@ -13,19 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.study import TINY_STUDY, fused_tensors, scores
 
 from edgefuse.adapters import load_adapter
 
-TINY_STUDY = {
-    "name": "tiny",
-    "model": "tiny-llama",
-    "seeds": [0],
-    "edges": {"science": ["stem"], "law": {"domains": ["law"], "pruning": {"ratio": 0.25, "method": "random"}}},
-    "pruning": {"method": "magnitude", "structure": "width", "ratio": 0.5, "calib": 4},
-    "training": {"steps": 6, "rank": 4, "alpha": 8, "lr": 0.005, "batch": 4, "seq": 256, "checkpoint_every": 2},
-    "fusion": {"methods": ["task_arithmetic", "ties"], "cr": ["off", "element"], "density": 0.5},
-    "benchmarks": {"batch_size": 8, "mmlu": {"limit": 24}, "mmlu_cd": {"ks": [2], "n": 8}},
-}
+pytestmark = pytest.mark.e2e
 
 
 def cli(*args, **kw):
@@ -36,21 +28,6 @@ def cli(*args, **kw):
 def stage_log(run_dir: Path) -> list[dict]:
     """Complete lines of the stage log (the last one may still be being written)."""
     return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().split("\n")[:-1]]
-
-
-def fused_tensors(run_dir: Path) -> dict:
-    doc = json.loads((run_dir / "results.json").read_text())
-    out = {}
-    for f in doc["seeds"][0]["fused"]:
-        ad = load_adapter(f["adapter"])
-        out[f["name"]] = {n: m.delta() for n, m in ad.modules.items()}
-    return out
-
-
-def scores(run_dir: Path) -> dict:
-    doc = json.loads((run_dir / "results.json").read_text())
-    rows = {"base": doc["base"]} | {f["name"]: f["eval"] for f in doc["seeds"][0]["fused"]}
-    return {k: (v["mmlu"]["correct"], v["mmlu_cd_k2"]["strict_outcomes"]) for k, v in rows.items()}
 
 
 def assert_same_results(ref_dir: Path, run_dir: Path) -> None:

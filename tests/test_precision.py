@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_edge_cli import run
 
 from edgefuse import precision
+
+pytestmark = pytest.mark.integration
 
 # Largest |bf16 − fp32| of a score, measured on this chain (24 items; the two chains' pruning plans differ, as
 # near-tied Taylor scores may): letter log-probabilities 0.0065, cloze summed log-likelihoods 0.052. Bounds: 3×.
@@ -27,7 +28,7 @@ IMPORTANCE_TOL = 0.03
 EVAL_ITEMS = 24
 
 
-def chain(root: Path, dtype: str) -> Path:
+def chain(cli, root: Path, dtype: str) -> Path:
     """The CLI chain in one dtype; returns its directory (eval results in letters.json / cloze.json)."""
     d = root / dtype
     steps = [
@@ -39,15 +40,15 @@ def chain(root: Path, dtype: str) -> Path:
            "--out", d / f"{fmt}.json"] for fmt in ("letters", "cloze")],
     ]
     for args in steps:
-        r = run(*args, *(["--device", "cpu", "--dtype", dtype] if args[0] != "recover" else []))
+        r = cli(*args, *(["--device", "cpu", "--dtype", dtype] if args[0] != "recover" else []))
         assert r.returncode == 0, r.stderr
     return d
 
 
 @pytest.fixture(scope="module")
-def chains(tmp_path_factory):
+def chains(tmp_path_factory, cli):
     root = tmp_path_factory.mktemp("precision")
-    return {dt: chain(root, dt) for dt in ("float32", "bfloat16")}
+    return {dt: chain(cli, root, dt) for dt in ("float32", "bfloat16")}
 
 
 def results(chains, dtype: str, fmt: str) -> dict:
@@ -110,13 +111,13 @@ def test_bf16_package_records_its_dtype_and_its_adapter_is_float32(chains):
     assert {t.dtype for t in load_file(chains["bfloat16"] / "rec" / "adapter_model.safetensors").values()} == {torch.float32}
 
 
-def test_an_adapter_trained_in_bf16_applies_to_the_float32_model(chains):
+def test_an_adapter_trained_in_bf16_applies_to_the_float32_model(chains, cli):
     """One fingerprint whatever the dtype: the bf16 chain's adapter is accepted by the float32 base, and the
     bf16 pruned model (saved in bf16) reloads in float32 with its recorded fingerprint."""
     from edgefuse.edge.plan import load_pruned
     from edgefuse.models import fingerprint, load_model
 
-    r = run("eval", "mmlu", "--model", "tiny-llama", "--adapter", chains["bfloat16"] / "rec", "--limit", 4)
+    r = cli("eval", "mmlu", "--model", "tiny-llama", "--adapter", chains["bfloat16"] / "rec", "--limit", 4)
     assert r.returncode == 0, r.stderr
     assert fingerprint(load_model("tiny-llama", dtype="bfloat16")[0]) == fingerprint(load_model("tiny-llama")[0])
     model, _, _ = load_pruned(chains["bfloat16"] / "p")  # checks the recorded pruned fingerprint
@@ -210,7 +211,8 @@ def stage_runs(run_dir: Path) -> dict[str, str]:
     return out
 
 
-def test_study_keeps_its_cache_with_explicit_defaults_and_reruns_model_stages_in_bf16(tmp_path):
+@pytest.mark.e2e  # a study, run twice: the layer overrides the module's
+def test_study_keeps_its_cache_with_explicit_defaults_and_reruns_model_stages_in_bf16(tmp_path, cli):
     """A default study's stage keys do not change when the defaults are written out (config keys); bf16 (the
     command-line override) redoes every stage that runs the model (prune, train and what follows, eval) and
     reuses the data stages."""
@@ -221,7 +223,7 @@ def test_study_keeps_its_cache_with_explicit_defaults_and_reruns_model_stages_in
         cfg = tmp_path / f"{name}.yaml"
         cfg.write_text(yaml.safe_dump({**TINY_STUDY, **extra}))
         (run_dir / "stages.jsonl").unlink(missing_ok=True)
-        r = run("run", cfg, "--run-dir", run_dir, "--no-progress", *options)
+        r = cli("run", cfg, "--run-dir", run_dir, "--no-progress", *options)
         assert r.returncode == 0, r.stderr
         status = stage_runs(run_dir)
         if name == "explicit":
@@ -256,10 +258,10 @@ def adapter(chains):
 
 
 @pytest.fixture(scope="module")
-def inputs(chains, tmp_path_factory):
+def inputs(chains, tmp_path_factory, cli):
     """What the commands below read: the float32 chain's pruned model and adapter, an MMLU-CD file, a config."""
     d = tmp_path_factory.mktemp("inputs")
-    r = run("mmlu-cd", "build", "--n", "2", "--out", d / "cd.jsonl")
+    r = cli("mmlu-cd", "build", "--n", "2", "--out", d / "cd.jsonl")
     assert r.returncode == 0, r.stderr
     (d / "study.yaml").write_text(yaml.safe_dump(TINY_STUDY))
     return {"pruned": chains["float32"] / "p", "adapter": chains["float32"] / "rec", "bench": d / "cd.jsonl",
@@ -290,10 +292,10 @@ BAD = [
 
 @pytest.mark.parametrize("options, msg", BAD, ids=["unknown-dtype", "unknown-device", "no-gpu", "float16-on-cpu"])
 @pytest.mark.parametrize("command", ["prune", "train", "eval mmlu", "eval mmlu-cd", "export", "fuse --merged-out", "run"])
-def test_bad_precision_is_one_line_before_any_work(tmp_path, inputs, cannot_run_float16, command, options, msg):
+def test_bad_precision_is_one_line_before_any_work(tmp_path, inputs, cannot_run_float16, command, options, msg, cli):
     if options == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = run(*commands(tmp_path / "x", inputs)[command], *options)
+    r = cli(*commands(tmp_path / "x", inputs)[command], *options)
     assert r.returncode != 0
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -304,35 +306,35 @@ def test_bad_precision_is_one_line_before_any_work(tmp_path, inputs, cannot_run_
     ("dtype", "half", "dtype: unknown dtype 'half'; valid: float32, bfloat16, float16"),
     ("device", "gpu0", "device: unknown device 'gpu0'"),
 ])
-def test_bad_precision_in_the_study_config_names_the_key(tmp_path, key, value, msg):
+def test_bad_precision_in_the_study_config_names_the_key(tmp_path, key, value, msg, cli):
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({**TINY_STUDY, key: value}))
-    r = run("run", config, "--run-dir", tmp_path / "x")
+    r = cli("run", config, "--run-dir", tmp_path / "x")
     assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_a_dtype_the_device_cannot_run_in_the_study_config_fails_before_anything_is_written(tmp_path,
-                                                                                             cannot_run_float16):
+                                                                                             cannot_run_float16, cli):
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({**TINY_STUDY, "device": "cpu", "dtype": "float16"}))
-    r = run("run", config, "--run-dir", tmp_path / "x")
+    r = cli("run", config, "--run-dir", tmp_path / "x")
     assert r.returncode != 0 and "dtype float16 cannot run on cpu" in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
 
 
-def test_gguf_export_refuses_a_dtype(tmp_path, adapter):
-    r = run("export", "--adapter", adapter, "--format", "gguf", "--dtype", "bfloat16", "--out", tmp_path / "m.gguf")
+def test_gguf_export_refuses_a_dtype(tmp_path, adapter, cli):
+    r = cli("export", "--adapter", adapter, "--format", "gguf", "--dtype", "bfloat16", "--out", tmp_path / "m.gguf")
     assert r.returncode != 0 and "--dtype bfloat16 applies to --format hf" in r.stderr, r.stderr
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_hf_export_writes_the_merged_weights_in_the_chosen_dtype(tmp_path, adapter):
+def test_hf_export_writes_the_merged_weights_in_the_chosen_dtype(tmp_path, adapter, cli):
     """The merge runs in float32 and is rounded once: the bf16 export equals the float32 export cast to bf16."""
     from safetensors.torch import load_file
 
     for dt in ("float32", "bfloat16"):
-        r = run("export", "--adapter", adapter, "--dtype", dt, "--out", tmp_path / dt)
+        r = cli("export", "--adapter", adapter, "--dtype", dt, "--out", tmp_path / dt)
         assert r.returncode == 0, r.stderr
     ref, low = (load_file(tmp_path / dt / "model.safetensors") for dt in ("float32", "bfloat16"))
     assert {t.dtype for t in low.values()} == {torch.bfloat16}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny_study_head"
 REPORT_PKG = Path(__file__).resolve().parents[1] / "src" / "edgefuse" / "report"
 

@@ -32,6 +32,8 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 CONFIGS = [
     dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
     dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"]),
@@ -289,13 +291,13 @@ def _copy_pool(adapter_dirs, tmp_path):
 def test_cli_embed_then_eval_with_a_pool(adapter_dirs, tmp_path, monkeypatch, capsys):
     """compose embed writes a vector the manifest's hashes still accept; eval mmlu / mmlu-cd --pool run, and
     k = 1 on MMLU equals evaluating the selected adapter alone with PEFT on each question."""
-    from cli_helpers import run_cli
+    from helpers.cli import run_cli
 
     from edgefuse.adapters import verify_hashes
 
     dirs = _copy_pool(adapter_dirs, tmp_path)
     for d in dirs:
-        code, out, err = run_cli(monkeypatch, capsys, "compose", "embed", "--adapter", d, "--examples", 8)
+        code, out, err = run_cli("compose", "embed", "--adapter", d, "--examples", 8)
         assert code == 0, err
         verify_hashes(d)
         man = json.loads((d / "edgefuse.json").read_text())
@@ -303,7 +305,7 @@ def test_cli_embed_then_eval_with_a_pool(adapter_dirs, tmp_path, monkeypatch, ca
         assert rec["n_examples"] == 8 and rec["dim"] == 384 and len(rec["vector"]) == 384
         assert man["domain"] in rec["source"]
     res_path = tmp_path / "mmlu.json"
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "mmlu", "--model", "tiny-llama", "--limit", 6, "--device",
+    code, out, err = run_cli("eval", "mmlu", "--model", "tiny-llama", "--limit", 6, "--device",
                              "cpu", "--top-k", 1, "--out", res_path, "--pool", *dirs)
     assert code == 0, err
     assert "retrieval accuracy" in out
@@ -318,10 +320,10 @@ def test_cli_embed_then_eval_with_a_pool(adapter_dirs, tmp_path, monkeypatch, ca
         alone = evaluate_mmlu(_peft(chosen), tiny_model()[1], [by_id[rec["id"]]])["items"][0]
         assert w == 1.0 and max(abs(a - b) for a, b in zip(alone["scores"], rec["scores"])) <= 1e-4
     bench = tmp_path / "cd.jsonl"
-    assert run_cli(monkeypatch, capsys, "mmlu-cd", "build", "--out", bench, "--n", 3,
+    assert run_cli("mmlu-cd", "build", "--out", bench, "--n", 3,
                    "--domains", "stem,humanities")[0] == 0
     cd_out = tmp_path / "cd.json"
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "mmlu-cd", "--bench", bench, "--model", "tiny-llama",
+    code, out, err = run_cli("eval", "mmlu-cd", "--bench", bench, "--model", "tiny-llama",
                              "--device", "cpu", "--routing", "segment", "--weighting", "softmax", "--out", cd_out,
                              "--pool", *dirs)
     assert code == 0, err
@@ -331,13 +333,13 @@ def test_cli_embed_then_eval_with_a_pool(adapter_dirs, tmp_path, monkeypatch, ca
 
 
 def test_cli_bad_input_one_line_nothing_written(adapter_dirs, tmp_path, monkeypatch, capsys):
-    from cli_helpers import run_cli
+    from helpers.cli import run_cli
 
     dirs = _copy_pool(adapter_dirs, tmp_path)  # no embeddings yet
     out = tmp_path / "res.json"
 
     def bad(*args):
-        code, so, se = run_cli(monkeypatch, capsys, "eval", "mmlu", "--model", "tiny-llama", "--limit", 2, "--out",
+        code, so, se = run_cli("eval", "mmlu", "--model", "tiny-llama", "--limit", 2, "--out",
                                out, *args)
         assert code != 0 and not out.exists()
         lines = [ln for ln in se.strip().splitlines() if ln.strip()]
@@ -354,9 +356,9 @@ def test_cli_bad_input_one_line_nothing_written(adapter_dirs, tmp_path, monkeypa
         _fake_minilm(tmp_path / "corrupt", m, corrupt=True)
         assert "model.safetensors is corrupt" in bad("--pool", *dirs)
         before = (dirs[0] / "edgefuse.json").read_text()
-        code, _, se = run_cli(monkeypatch, capsys, "compose", "embed", "--adapter", dirs[0])
+        code, _, se = run_cli("compose", "embed", "--adapter", dirs[0])
         assert code != 0 and "corrupt" in se and (dirs[0] / "edgefuse.json").read_text() == before
-    code, _, se = run_cli(monkeypatch, capsys, "compose", "embed", "--adapter", tmp_path)
+    code, _, se = run_cli("compose", "embed", "--adapter", tmp_path)
     assert code != 0 and "not an adapter directory" in se
 
 

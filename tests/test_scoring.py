@@ -10,6 +10,8 @@ import torch
 from edgefuse.data.prompts import mc_prompt
 from edgefuse.evaluate.scoring import LetterScorer, continuation_token_ids
 
+pytestmark = pytest.mark.unit
+
 
 def reference_scores(model, tok, prompts, specials=False):
     """One unbatched forward per prompt, full logits, log-softmax at the last position; ``specials``:

@@ -9,7 +9,7 @@ from edgefuse.data.mmlu import select
 from edgefuse.data.prompts import mc_prompt
 from edgefuse.evaluate.scoring import LetterScorer, continuation_token_ids
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
 
 def test_forty_questions_match_plain_reference(mmlu):

@@ -17,6 +17,8 @@ from edgefuse.evaluate.cloze import ClozeScorer, encode_choices, encode_pair
 from edgefuse.evaluate.scoring import LetterScorer
 from edgefuse.tokens import bos_prefix, encode_bare, encode_prompt, encode_prompts, keep_end
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def bos_tok(tiny):

@@ -16,6 +16,8 @@ from edgefuse.edge.train import TrainConfig, answer_mask, cloze_loss, train_edge
 from edgefuse.evaluate.scoring import lm_parts, make_batch
 from edgefuse.models import tiny_model
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def items(mmlu):

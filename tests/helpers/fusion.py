@@ -1,4 +1,6 @@
-"""Shared synthetic adapters and dense references (from the papers' definitions) for the fusion tests (no tests here)."""
+"""Synthetic adapters and dense references (from the papers' definitions) shared by the fusion tests.
+
+Plain functions and constants; the `make_adapters` fixture in conftest.py hands out the factory."""
 
 from __future__ import annotations
 
@@ -84,9 +86,3 @@ def ref_elementwise(
     agree = torch.sign(T) == sign
     return (T * agree).sum(0) / agree.sum(0).clamp(min=1)
 
-
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread wake-up costs on a loaded 2-core machine."""
-    from edgefuse.fusion.context import single_threaded_ops
-
-    return single_threaded_ops()
