@@ -21,7 +21,7 @@ GOOD = {"model": "tiny-llama", "edges": {"a": ["stem"], "b": ["law"]},
 
 def write(tmp_path: Path, cfg: dict) -> Path:
     p = tmp_path / "cfg.yaml"
-    p.write_text(yaml.safe_dump(cfg))
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))  # keep the edges in their written order
     return p
 
 
