@@ -70,7 +70,8 @@ def list_lines() -> list[str]:
         out.append("  parameters: " + (", ".join(_param_line(p) for p in s.params) or "none"))
         out.append(f"  rank: {RANK_POLICIES[s.rank]}")
         out.append(f"  paper: {s.paper}  {s.url}")
-    out += ["", "families:", *(f"  {n}: {d}" for n, d in FAMILIES.items())]
+        out.append("")
+    out += ["families:", *(f"  {n}: {d}" for n, d in FAMILIES.items())]
     out += ["", "parameters every method takes: " + ", ".join(_param_line(p) for p in COMMON_PARAMS)]
     out += ["", f"LoRA-CR strategies (--cr NAME; --cr-threshold {_param_line(CR_THRESHOLD)}, or --cr-share)", ""]
     for c in CR_STRATEGIES.values():
