@@ -250,7 +250,7 @@ def main() -> None:
         )
         + ".",
         "- PEFT `linear`/`dare_ties` operate on the A and B factors (not ΔW), which is why they are fast and why "
-        "they are not the same definitions (see `edgefuse.fusion.methods`).",
+        "they are not the same definitions (see `edgefuse.fusion.registry`).",
         "- element-wise methods re-factorise with the default exact solver (`svd_solver=gram`); "
         "`svd_solver=randomized` remains available as an explicit, approximate option.",
         "",

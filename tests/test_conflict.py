@@ -7,7 +7,7 @@ import torch
 from helpers.fusion import NAMES, deltas, make_adapters, rel, truncated
 
 from edgefuse.adapters import LoraAdapter, LoraModule
-from edgefuse.fusion import analyze_conflicts, fuse_adapters, pipeline, resolve_conflicts
+from edgefuse.fusion import analyze_conflicts, elementwise, fuse_adapters, resolve_conflicts
 
 N = "model.layers.0.self_attn.q_proj"
 
@@ -125,7 +125,7 @@ def test_constructed_opposing_adapters_detected_and_resolved():
 def test_element_strategy_equals_dense_reference(block, monkeypatch):
     """Element-level LoRA-CR runs over row blocks; it must equal the dense definition (any block size)."""
     if block:
-        monkeypatch.setattr(pipeline, "BLOCK", block)
+        monkeypatch.setattr(elementwise, "BLOCK", block)
     x, y, z = make_adapters(K=3, ranks=(4, 3, 5), seed=4)
     name = N
     opp = LoraModule(x.modules[name].A, -0.7 * x.modules[name].B, x.modules[name].scale)

@@ -8,7 +8,7 @@ from helpers.fusion import NAMES, deltas, make_adapters, ref_elementwise, rel, t
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.errors import EdgefuseError
-from edgefuse.fusion import fuse_adapters, lowrank, pipeline
+from edgefuse.fusion import elementwise, fuse_adapters, lowrank
 
 W = [0.5, 1.5, -0.7]
 
@@ -26,7 +26,7 @@ def blocks(request, monkeypatch):
     """Element-wise merges run row block by row block; at test sizes a module is one block unless the block
     is made tiny (1–2 rows), which exercises the multi-block paths (thresholds, random streams, consensus)."""
     if request.param == "tiny blocks":
-        monkeypatch.setattr(pipeline, "BLOCK", 40)
+        monkeypatch.setattr(elementwise, "BLOCK", 40)
     return request.param
 
 

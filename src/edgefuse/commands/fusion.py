@@ -14,6 +14,7 @@ import typer
 
 from edgefuse.commands.options import device_option, dtype_option
 from edgefuse.errors import EdgefuseError
+from edgefuse.fusion.registry import CR_THRESHOLD
 from edgefuse.report.figures import conflict_grid, plot_heatmap
 
 _ADAPTERS_HELP = "the adapter directories follow: --adapters DIR DIR ..."
@@ -41,24 +42,46 @@ def _params(values: Optional[list[str]]) -> dict:
     return out
 
 
+def _value(v) -> str:
+    """A parameter value as ``--param KEY=VALUE`` takes it (JSON, strings bare)."""
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _param_line(p) -> str:
+    return f"{p.name}={_value(p.default)} ({p.allowed()})"
+
+
+def list_lines() -> list[str]:
+    """``fuse --list``: every method with its family, parameters and defaults, rank policy and paper, then the
+    parameters all methods take and the LoRA-CR strategies — all read from `edgefuse.fusion.registry`. Plain
+    lines, so a narrow terminal or a pipe never cuts them."""
+    from edgefuse.fusion.registry import (
+        COMMON_PARAMS,
+        CR_STRATEGIES,
+        CR_THRESHOLD,
+        FAMILIES,
+        METHODS,
+        RANK_POLICIES,
+    )
+
+    out = ["fusion methods (--method NAME; parameters as --density X or --param KEY=VALUE)", ""]
+    for s in METHODS.values():
+        out.append(f"{s.name}  [{s.family}]  {s.summary}")
+        out.append("  parameters: " + (", ".join(_param_line(p) for p in s.params) or "none"))
+        out.append(f"  rank: {RANK_POLICIES[s.rank]}")
+        out.append(f"  paper: {s.paper}  {s.url}")
+        out.append("")
+    out += ["families:", *(f"  {n}: {d}" for n, d in FAMILIES.items())]
+    out += ["", "parameters every method takes: " + ", ".join(_param_line(p) for p in COMMON_PARAMS)]
+    out += ["", f"LoRA-CR strategies (--cr NAME; --cr-threshold {_param_line(CR_THRESHOLD)}, or --cr-share)", ""]
+    for c in CR_STRATEGIES.values():
+        out.append(f"{c.name}  [steps: {' → '.join(c.steps)}]  {c.summary}")
+    return out
+
+
 def _print_list() -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from edgefuse.fusion import list_cr_strategies, list_methods
-
-    t = Table(title="fusion methods (--method)")
-    t.add_column("method")
-    t.add_column("description")
-    for n, d in list_methods().items():
-        t.add_row(n, d)
-    c = Table(title="LoRA-CR strategies (--cr)")
-    c.add_column("strategy")
-    c.add_column("description")
-    for n, d in list_cr_strategies().items():
-        c.add_row(n, d)
-    Console().print(t, c)
-
+    for line in list_lines():
+        typer.echo(line)
 
 
 def register(app: typer.Typer) -> None:
@@ -73,7 +96,7 @@ def register(app: typer.Typer) -> None:
         method: Optional[str] = typer.Option(None, "--method", "-m", help="fusion method (see --list)"),
         cr: Optional[str] = typer.Option(None, "--cr", help="LoRA-CR strategy (see --list)"),
         cr_threshold: float = typer.Option(
-            0.1, "--cr-threshold", help="module conflict score above which LoRA-CR acts"
+            CR_THRESHOLD.default, "--cr-threshold", help=CR_THRESHOLD.help
         ),
         cr_share: Optional[float] = typer.Option(
             None, "--cr-share", help="instead of --cr-threshold: edit this share (0, 1] of the modules, most "

@@ -25,15 +25,12 @@ from edgefuse.adapters import (
     save_adapter,
 )
 from edgefuse.errors import EdgefuseError
-from edgefuse.fusion.conflict import STRATEGIES, analyze_conflicts, resolve_conflicts
+from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
-from edgefuse.fusion.lowrank import SOLVERS
-from edgefuse.fusion.registry import get_method
+from edgefuse.fusion.registry import CR_THRESHOLD, get_cr_strategy, get_method, recipe_for, resolve_params
 from edgefuse.io import sha256_file
 
 FORMAT = "edgefuse-fused-adapter"
-_COMMON = {"svd_solver": "gram", "cr_element_threshold": 0.1, "cr_direction_threshold": 0.05, "cr_share": None,
-           "workers": 1}
 
 
 def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
@@ -58,34 +55,6 @@ def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
                 )
 
 
-def _resolve_params(spec, density, params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    allowed = {**spec.params, **_COMMON}
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise EdgefuseError(
-            f"method {spec.name} has no parameter(s) {', '.join(unknown)}; "
-            f"valid: {', '.join(sorted(allowed))}"
-        )
-    if density is not None:
-        if spec.density is None:
-            raise EdgefuseError(f"method {spec.name} takes no density")
-        if not (isinstance(density, (int, float)) and 0 < density <= 1):
-            raise EdgefuseError(f"density must be in (0, 1], got {density}")
-    gamma = params.get("gamma", allowed.get("gamma", 0.0))
-    if not 0 <= gamma < 1:
-        raise EdgefuseError(f"gamma must be in [0, 1), got {gamma}")
-    resolved = {**allowed, **params}
-    for key, valid in (
-        ("svd_solver", SOLVERS),
-        ("majority", ("total", "frequency")),
-        ("rng", ("module", "sequential")),
-        ("reweight", ("dual", "none")),
-    ):
-        if key in resolved and resolved[key] not in valid:
-            raise EdgefuseError(f"{key} must be one of {', '.join(valid)}, got {resolved[key]!r}")
-    return (spec.density if density is None else float(density)) or 1.0, resolved
-
-
 def fuse_adapters(
     adapters: list[LoraAdapter],
     method: str,
@@ -94,7 +63,7 @@ def fuse_adapters(
     density: float | None = None,
     seed: int = 0,
     cr: str | None = None,
-    cr_threshold: float = 0.1,
+    cr_threshold: float = CR_THRESHOLD.default,
     progress: Callable[..., None] | None = None,
     **params,
 ) -> tuple[LoraAdapter, dict]:
@@ -106,15 +75,16 @@ def fuse_adapters(
     spec = get_method(method)
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     _check_inputs(adapters, weights)
-    density, resolved = _resolve_params(spec, density, params)
+    density, resolved = resolve_params(spec, density, params)
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise EdgefuseError(f"rank must be a positive integer, got {rank}")
     if rank is not None and spec.exact_rank:
         raise EdgefuseError(
             f"{method} keeps the exact concatenated rank; use svd or task_arithmetic to choose a rank"
         )
-    if cr is not None and cr not in STRATEGIES:
-        raise EdgefuseError(f"unknown LoRA-CR strategy {cr!r}; valid: {', '.join(STRATEGIES)}")
+    if cr is not None:
+        get_cr_strategy(cr)
+        CR_THRESHOLD.check(cr_threshold)
     t0 = time.perf_counter()
     stats: dict[str, Any] = {
         "method": method,
@@ -123,11 +93,6 @@ def fuse_adapters(
         "seed": seed,
         "params": resolved,
     }
-    share = resolved["cr_share"]
-    if share is not None and not (isinstance(share, (int, float)) and 0 < share <= 1):
-        raise EdgefuseError(f"cr_share must be in (0, 1], got {share!r}")
-    if not isinstance(resolved["workers"], int) or resolved["workers"] < 1:
-        raise EdgefuseError(f"workers must be a positive integer, got {resolved['workers']!r}")
     if cr is not None:
         with single_threaded_ops():
             adapters, stats["cr"] = resolve_conflicts(
@@ -139,9 +104,10 @@ def fuse_adapters(
                 resolved["cr_direction_threshold"],
                 resolved["cr_share"],
             )
-    if rank is None and spec.default_rank == "max":
+    if rank is None and spec.rank == "max":
         rank = max(m.rank for a in adapters for m in a.modules.values())
     shared = torch.Generator().manual_seed(seed)
+    recipe = recipe_for(spec, resolved)
     names = module_names(adapters)
 
     def one(name: str) -> LoraModule:
@@ -156,9 +122,10 @@ def fuse_adapters(
             rng=resolved.get("rng", "module"),
             shared_generator=shared,
             params=resolved,
+            recipe=recipe,
         )
         try:
-            fused = spec.fn([a.modules.get(name) for a in adapters], weights, ctx)
+            fused = spec.kernel([a.modules.get(name) for a in adapters], weights, ctx)
         except ValueError as e:
             raise EdgefuseError(str(e)) from None
         if not all_finite(fused.A, fused.B):
@@ -233,7 +200,7 @@ def fuse_dirs(
     density: float | None = None,
     seed: int = 0,
     cr: str | None = None,
-    cr_threshold: float = 0.1,
+    cr_threshold: float = CR_THRESHOLD.default,
     force: bool = False,
     merged_out: str | Path | None = None,
     model: str | None = None,

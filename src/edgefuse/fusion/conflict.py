@@ -12,7 +12,7 @@ fusion with LoRA-CR on conflict-free adapters is bit-identical to one without. W
 selection is instead the ⌈q·M⌉ most conflicting of the M modules (score > 0, ties broken by name): a knob
 that does not depend on the scale of the scores, so a sweep over q traces how much editing buys.
 
-Resolution (``strategy``):
+Resolution (``strategy``, a `registry.CRStrategy`: the steps below it runs, in order):
 - ``element``: per element with P, N the positive and negative mass, the element conflicts when
   min(P, N) ≥ ``element_threshold``·max(P, N); there the entries opposing the dominant sign are dropped.
   The edited ΔW_k is re-factorised at the adapter's own rank (exact truncated SVD; the loss is reported).
@@ -21,6 +21,7 @@ Resolution (``strategy``):
   coordinate of j is c_l = u_lᵀ T_j v_l; where c_l < 0, |c_l| ≥ ``direction_threshold``·σ_l and i dominates
   (σ_l > |c_l|), j loses c_l u_l v_lᵀ. Exact in factored form (j's rank grows by the removed directions).
 - ``hybrid``: direction, then element.
+The strategies and the defaults of their thresholds are declared once, in `fusion.registry`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ import torch
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.fusion import lowrank
 from edgefuse.fusion.context import module_names, single_threaded_ops
-from edgefuse.fusion.pipeline import FactorRows, row_blocks
-
-STRATEGIES = ("element", "direction", "hybrid")
+from edgefuse.fusion.elementwise import FactorRows, row_blocks
+from edgefuse.fusion.registry import CR_STRATEGIES, CR_THRESHOLD, common_default
 
 
 def _weighted(mods, weights) -> list[LoraModule | None]:
@@ -169,17 +169,18 @@ def resolve_conflicts(
     adapters: list[LoraAdapter],
     weights: list[float] | None = None,
     strategy: str = "element",
-    threshold: float = 0.1,
-    element_threshold: float = 0.1,
-    direction_threshold: float = 0.05,
+    threshold: float = CR_THRESHOLD.default,
+    element_threshold: float = common_default("cr_element_threshold"),
+    direction_threshold: float = common_default("cr_direction_threshold"),
     share: float | None = None,
 ) -> tuple[list[LoraAdapter], dict]:
     """Return adapters with conflicting updates resolved (untouched modules are the same objects) and stats.
 
     ``share`` (0 < q ≤ 1) replaces ``threshold``: the ⌈q·M⌉ modules with the highest positive scores are edited.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown LoRA-CR strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if strategy not in CR_STRATEGIES:
+        raise ValueError(f"unknown LoRA-CR strategy {strategy!r}; valid: {', '.join(CR_STRATEGIES)}")
+    steps = CR_STRATEGIES[strategy].steps
     if share is not None and not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")
     K = len(adapters)
@@ -203,18 +204,21 @@ def resolve_conflicts(
         if entry["flagged"]:
             flagged += 1
             entry["sign_conflict"] = sign_conflict(mods, weights)
-            counts: dict[int, int] = {}
-            if strategy in ("direction", "hybrid"):
-                mods, st = _direction(mods, weights, metrics, svds, threshold, direction_threshold)
-                entry["removed_directions"] = st["removed_directions"]
-                counts.update({k: size[0] * size[1] for k in st["edited_adapters"]})
-            if strategy in ("element", "hybrid"):
-                ranks = [a.modules[name].rank if name in a.modules else 0 for a in adapters]
-                mods, st = _element(mods, weights, element_threshold, lambda k, m: ranks[k])
-                entry["conflict_elements"] = st["conflict_elements"]
-                entry["refactor_error"] = st["refactor_error"]
-                for k, nk in st["per_adapter"].items():
-                    counts.setdefault(k, nk)
+            counts: dict[int, int] = {}  # edited adapter → changed parameters (a direction edit: all of them)
+            for step in steps:
+                if step == "direction":
+                    mods, st = _direction(mods, weights, metrics, svds, threshold, direction_threshold)
+                    entry["removed_directions"] = st["removed_directions"]
+                    counts.update({k: size[0] * size[1] for k in st["edited_adapters"]})
+                elif step == "element":
+                    ranks = [a.modules[name].rank if name in a.modules else 0 for a in adapters]
+                    mods, st = _element(mods, weights, element_threshold, lambda k, m: ranks[k])
+                    entry["conflict_elements"] = st["conflict_elements"]
+                    entry["refactor_error"] = st["refactor_error"]
+                    for k, nk in st["per_adapter"].items():
+                        counts.setdefault(k, nk)
+                else:
+                    raise ValueError(f"LoRA-CR strategy {strategy!r} names an unknown step {step!r}")
             entry["edited_adapters"] = sorted(counts)
             entry["changed_params"] = sum(counts.values())
             for k in counts:

@@ -26,6 +26,7 @@ class Ctx:
     rng: str = "module"  # module: a stream per (seed, module, adapter) | sequential: one shared stream (PEFT order)
     shared_generator: torch.Generator | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    recipe: Any = None  # the `elementwise.Recipe` the method (or an aligned method's ``inner``) runs, if any
 
     def generator(self, adapter: int) -> torch.Generator:
         """Adapter ``adapter``'s random stream for this module: a function of (seed, module name, adapter index)
@@ -41,6 +42,7 @@ class Ctx:
 
 
 def present(mods: list[LoraModule | None]) -> list[tuple[int, LoraModule]]:
+    """(index, module) of the adapters that have this module."""
     return [(k, m) for k, m in enumerate(mods) if m is not None]
 
 

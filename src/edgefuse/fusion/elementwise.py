@@ -1,9 +1,10 @@
 """The shared element-wise merge mechanism: sparsify → weight → sign consensus → combine, in row blocks.
 
 Why: TIES, DARE (linear and TIES), magnitude pruning, Model Breadcrumbs and task arithmetic differ only in
-which step they switch on (as mergekit frames them). One `Recipe` names the configuration and one function,
-`merge_rows`, runs it on K task tensors — the dense ΔW of one module (from its LoRA factors), KnOTS' aligned
-V blocks, or Core Space's core matrices.
+which step they switch on (as mergekit frames them). One `Recipe` names the configuration (each method's
+recipe is part of its spec in `fusion.registry`) and one function, `merge_rows`, runs it on K task tensors —
+the dense ΔW of one module (`merge_module`, the kernel of the element-wise family), or the aligned task
+tensors of KnOTS and Core Space (`merge_stack`, called by `fusion.aligned`).
 
 Memory: the K task tensors are never held at once. Each is a *row source* that produces any block of its
 rows on demand (rows of scale·B·A from the factors, or rows of an existing small tensor). Two passes:
@@ -34,6 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from edgefuse.adapters import LoraModule
+from edgefuse.fusion import lowrank
+from edgefuse.fusion.context import Ctx, present
 
 BLOCK = 1 << 16  # elements per adapter and row block: K blocks and their temporaries stay small (and in cache)
 
@@ -80,7 +85,15 @@ class TensorRows:
 
 
 def row_blocks(shape: tuple[int, int], target: int | None = None) -> list[slice]:
-    """Row ranges of about ``target`` elements (default `BLOCK`)."""
+    """Split the rows of a matrix into consecutive ranges of about ``target`` elements each.
+
+    Args:
+        shape: (rows, cols) of the matrix.
+        target: elements per range (default `BLOCK`); a range holds at least one row.
+
+    Returns:
+        Slices covering ``range(rows)`` in order.
+    """
     rows, cols = shape
     step = max(1, (target or BLOCK) // max(1, cols))
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
@@ -233,11 +246,24 @@ def merge_rows(
     majority: str = "total",
     generators: list[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
-    """Run ``recipe`` on the row sources (one per adapter that has this module; a missing adapter is a zero
-    update and contributes nothing to any recipe) and return the merged (rows × cols) tensor.
+    """Merge K task tensors with ``recipe``, one row block at a time.
 
     Every block operation writes into buffers allocated once per call (K + 4 blocks), so the allocator is
-    not involved per block."""
+    not involved per block.
+
+    Args:
+        sources: one row source (`FactorRows`, `TensorRows`) per adapter that has this module; an adapter
+            without it is a zero update and contributes nothing to any recipe, so it is simply left out.
+        weights: one weight per source, applied after sparsification.
+        recipe: which shared steps run.
+        density: fraction of entries kept by the sparsifier.
+        gamma: breadcrumbs only, the fraction of largest-magnitude outliers dropped.
+        majority: TIES sign election by ``'total'`` mass or by ``'frequency'``.
+        generators: one random stream per source for random drops (None: the default generator).
+
+    Returns:
+        The merged (rows × cols) tensor in the sources' dtype.
+    """
     if majority not in ("total", "frequency"):
         raise ValueError(f"majority must be 'total' or 'frequency', not {majority!r}")
     if recipe.sparsify not in ("none", "magnitude", "random", "breadcrumbs"):
@@ -281,10 +307,17 @@ def merge_stack(
     generators: list[torch.Generator | None] | None = None,
     present: list[bool] | None = None,
 ) -> torch.Tensor:
-    """`merge_rows` on a stack of K task tensors (a K×… tensor or a list); returns the merge in their shape.
+    """`merge_rows` on a stack of K task tensors of one shape.
 
-    ``present[k]`` False marks an adapter that lacks this module (a zero slot): it is neither sparsified
-    nor drawn for, so random streams match a merge of only the present adapters.
+    Args:
+        T: a K×… tensor or a list of K tensors.
+        weights, recipe, density, gamma, majority: as in `merge_rows`.
+        generators: one random stream per slot k (None: the default generator).
+        present: ``present[k]`` False marks an adapter that lacks this module (a zero slot): it is neither
+            sparsified nor drawn for, so random streams match a merge of only the present adapters.
+
+    Returns:
+        The merged tensor, in the shape of one task tensor.
     """
     K = len(T)
     present = present or [True] * K
@@ -302,36 +335,29 @@ def merge_stack(
     return out.view(T[keep[0]].shape)
 
 
-# Named configurations of the shared steps (also the inner merges of KnOTS and Core Space).
-RECIPES: dict[str, Recipe] = {
-    "task_arithmetic": Recipe(),
-    "ties": Recipe(sparsify="magnitude", consensus=True, combine="disjoint_mean"),
-    "dare_linear": Recipe(sparsify="random", rescale=True),
-    "dare_ties": Recipe(sparsify="random", rescale=True, consensus=True, combine="disjoint_mean"),
-    "magnitude_prune": Recipe(sparsify="magnitude"),
-    "breadcrumbs": Recipe(sparsify="breadcrumbs"),
-    "breadcrumbs_ties": Recipe(sparsify="breadcrumbs", consensus=True, combine="disjoint_mean"),
-}
+def merge_module(mods: list[LoraModule | None], weights: list[float], ctx: Ctx) -> LoraModule:
+    """The element-wise family's kernel: merge ONE module's dense updates with ``ctx.recipe``, row block by row
+    block (never the K dense ΔW at once), then re-factorise the merged ΔW exactly to ``ctx.rank``.
 
+    Args:
+        mods: the module of each of the K adapters (None where an adapter lacks it).
+        weights: one weight per adapter.
+        ctx: the method's recipe, density, gamma, majority, solver and random streams for this module.
 
-def inner_recipe(ctx, method: str) -> str:
-    """The element-wise recipe KnOTS / Core Space apply after alignment (``inner`` parameter, TIES by default)."""
-    inner = ctx.params.get("inner", "ties")
-    if inner not in RECIPES:
-        raise ValueError(f"{method}: inner must be one of {', '.join(RECIPES)}, not {inner!r}")
-    return inner
-
-
-def merge_inner(stack: torch.Tensor, weights, inner: str, ctx, mods) -> torch.Tensor:
-    """Run the named element-wise recipe (``inner``) on a stack of aligned updates with the fusion context's
-    density/gamma/majority and random streams: the shared last step of KnOTS and Core Space."""
-    return merge_stack(
-        stack,
-        list(weights),
-        RECIPES[inner],
+    Returns:
+        The merged module at rank ``ctx.rank`` (default: the largest input rank), scale 1.
+    """
+    items = present(mods)
+    merged = merge_rows(
+        [FactorRows(m) for _, m in items],
+        [weights[k] for k, _ in items],
+        ctx.recipe,
         density=ctx.density,
         gamma=ctx.gamma,
         majority=ctx.majority,
-        generators=ctx.generators(len(mods)),
-        present=[x is not None for x in mods],
+        generators=[ctx.generator(k) for k, _ in items] if ctx.recipe.sparsify == "random" else None,
+    )
+    rank = ctx.rank or max(x.rank for _, x in items)
+    return lowrank.dense_truncated_svd(
+        merged, rank, ctx.svd_solver, generator=torch.Generator().manual_seed(ctx.seed)
     )
