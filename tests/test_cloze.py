@@ -258,7 +258,7 @@ def test_evaluate_mmlu_cd_cloze_document_and_reuse(tiny, short):
 def test_packed_and_chained_cloze_equal_their_references_with_a_bos_tokenizer(tiny, cloze_inputs, short):
     """With a tokenizer that adds its BOS by default, each context starts with it once (the reference
     encodes as the tokenizer does by default) and the continuations carry none, packed or chained."""
-    from bos_tokenizer import with_default_bos
+    from helpers.bos_tokenizer import with_default_bos
 
     model, tok = tiny
     btok = with_default_bos(tok)

@@ -316,3 +316,24 @@ def test_smollm2_gguf_export_round_trip(tmp_path, cli):
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     back_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="s.gguf")
     assert back_tok(PROMPTS[0]).input_ids == tok(PROMPTS[0]).input_ids
+
+
+def test_gguf_add_bos_token_is_what_edgefuse_scores_and_trains_with():
+    """An exported GGUF says add_bos_token exactly when edgefuse puts a BOS first (`edgefuse.tokens`): a
+    tokenizer that prepends its BOS gets it, one that adds nothing does not, and a BOS that is also the EOS
+    (transformers' GGUF conversion of SmolLM2) does not count."""
+    import copy
+
+    from helpers.bos_tokenizer import with_default_bos
+
+    from edgefuse.export import _adds_special
+    from edgefuse.models import load_model
+
+    _, tok = load_model("tiny-llama")
+    assert _adds_special(tok)["bos"] is False
+    bos_first = with_default_bos(tok)
+    assert _adds_special(bos_first)["bos"] is True
+    bos_is_eos = copy.deepcopy(bos_first)
+    bos_is_eos.eos_token = bos_is_eos.bos_token
+    assert bos_is_eos("a").input_ids[:1] == [bos_is_eos.bos_token_id]  # it still prepends the token
+    assert _adds_special(bos_is_eos)["bos"] is False

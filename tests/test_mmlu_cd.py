@@ -75,7 +75,7 @@ def test_chained_kv_scoring_equals_full_reruns(tiny, short, k, batch_size):
 def test_chained_scoring_with_a_bos_tokenizer_equals_full_reruns(tiny, short):
     """A tokenizer that adds its BOS by default: the prefix starts with it once, the cached answer steps
     add none, and the chain equals re-running each whole prompt as the tokenizer encodes it by default."""
-    from bos_tokenizer import with_default_bos
+    from helpers.bos_tokenizer import with_default_bos
 
     model, tok = tiny
     btok = with_default_bos(tok)

@@ -42,7 +42,7 @@ def test_batched_equals_unbatched_reference(tiny, prompts, side, batch_size):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_a_bos_tokenizer_scores_prompts_as_it_encodes_them_by_default(tiny, prompts, side):
-    from bos_tokenizer import with_default_bos
+    from helpers.bos_tokenizer import with_default_bos
 
     model, tok = tiny
     btok = with_default_bos(tok)

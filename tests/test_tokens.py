@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bos_tokenizer import with_default_bos
+from helpers.bos_tokenizer import with_default_bos
 
 from edgefuse.data.mmlu import MMLUDataset
 from edgefuse.data.mmlu_cd import build_instances

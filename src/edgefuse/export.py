@@ -30,6 +30,7 @@ from edgefuse.fusion.api import merge_into_model
 from edgefuse.io import sha256_file
 from edgefuse.models import cast, load_model, save_model_dir
 from edgefuse.precision import resolve
+from edgefuse.tokens import bos_prefix
 
 FORMATS = ("hf", "gguf")
 QUANTS = ("f32", "f16", "q8_0")
@@ -390,9 +391,11 @@ def bpe_tokens(tok, vocab_size: int) -> tuple[list[str], list]:
 
 
 def _adds_special(tok) -> dict[str, bool]:
-    """Whether encoding text adds BOS / EOS (llama.cpp's ``add_bos_token`` / ``add_eos_token``)."""
+    """Whether encoding text adds BOS / EOS (llama.cpp's ``add_bos_token`` / ``add_eos_token``). BOS is what
+    edgefuse itself scores and trains with (`edgefuse.tokens.bos_prefix`), so the exported model starts its
+    sequences the way the adapter was trained."""
     ids = tok("a").input_ids
-    return {"bos": tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id],
+    return {"bos": bool(bos_prefix(tok)),
             "eos": tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]}
 
 
