@@ -166,6 +166,20 @@ def test_segment_labels_follow_the_question_blocks(tiny, instances):
         assert runs == [HEADER, 0, 1, 0, 1]  # header, question 1, question 2, answer 1, answer 2
 
 
+def test_a_bos_the_tokenizer_puts_first_starts_the_header_segment(tiny, instances):
+    """With a BOS-adding tokenizer the routed text starts with exactly one BOS, labelled as the header, and the
+    rest is the bare text's ids and labels unchanged (the cached chains score the same sequence)."""
+    from helpers.bos_tokenizer import with_default_bos
+
+    _, tok = tiny
+    btok = with_default_bos(tok)
+    items = instances[0]
+    text = cloze_cd_text(items, [1])
+    ids, labels = token_labels(tok, text, cd_segment_spans(text, items))
+    bids, blabels = token_labels(btok, text, cd_segment_spans(text, items))
+    assert bids == [btok.bos_token_id] + ids and blabels == [HEADER] + labels
+
+
 def _peft(adapter_dir):
     return PeftModel.from_pretrained(tiny_model()[0], str(adapter_dir))
 

@@ -44,6 +44,7 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
     from edgefuse.evaluate.cloze import check_format, choose, encode_choices
     from edgefuse.evaluate.mmlu import _document, build_prompts
     from edgefuse.evaluate.scoring import continuation_token_ids
+    from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
 
     check_format(fmt)
     settings.check(len(pool))
@@ -57,8 +58,9 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
     with LoraMixture(model, pool.adapters) as mix:
         scorer = MixtureScorer(model, tokenizer, mix, batch_size)
         if fmt == "letters":
-            enc = tokenizer(build_prompts(items, shots, public), add_special_tokens=False).input_ids
-            seqs = [e[-scorer.max_length:] for e in enc]  # keep the end, as LetterScorer does
+            head = bos_prefix(tokenizer)  # the tokenizer's default BOS first, as LetterScorer does
+            seqs = [keep_end(e, scorer.max_length, head)
+                    for e in encode_prompts(tokenizer, build_prompts(items, shots, public))]
             scores = torch.empty((len(items), 4))
             ids = continuation_token_ids(tokenizer, [" A", " B", " C", " D"])
             for s in range(0, len(items), batch_size):

@@ -25,6 +25,7 @@ from edgefuse.compose.mixture import LoraMixture
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.cloze import gather_logliks
 from edgefuse.evaluate.scoring import head_logprobs, lm_parts, make_batch, unwrap
+from edgefuse.tokens import bos_prefix
 
 HEADER = -1
 
@@ -63,7 +64,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def token_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """(token ids of ``text``, segment label of each token). A boundary's token index is how many
-    tokens of the whole text the text before the boundary shares, so any tokenizer works."""
+    tokens of the whole text the text before the boundary shares, so any tokenizer works; a BOS the
+    tokenizer puts first (`edgefuse.tokens.bos_prefix`) belongs to the first segment."""
     def enc(t: str) -> list[int]:
         return tokenizer(t, add_special_tokens=False).input_ids
 
@@ -75,7 +77,8 @@ def token_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tupl
     labels: list[int] = []
     for (_, label), a, b in zip(spans, edges[:-1], edges[1:]):
         labels += [label] * max(0, b - a)
-    return ids, labels
+    head = bos_prefix(tokenizer)  # the tokenizer's default BOS starts the text, as in the cached chains
+    return head + ids, [spans[0][1]] * len(head) + labels
 
 
 def label_weights(labels: Sequence[int], segments: torch.Tensor, header: torch.Tensor) -> torch.Tensor:
