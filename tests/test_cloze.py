@@ -222,8 +222,8 @@ def test_chain_stays_exact_when_cached_tokens_must_be_replaced(tiny, short, monk
     differ, so they are masked out of the cache and fed again at the same positions."""
     model, tok = tiny
     instances = cd.resolve(build_instances(short, k=3, n=3, seed=1), short)
-    real = cd._common_prefix
-    monkeypatch.setattr(cd, "_common_prefix", lambda a, b: max(0, real(a, b) - 2))
+    real = cd.common_prefix
+    monkeypatch.setattr(cd, "common_prefix", lambda a, b: max(0, real(a, b) - 2))
     got = cd.ChainedClozeScorer(model, tok, batch_size=3).score(instances)
     for r, items in enumerate(instances):
         assert torch.allclose(got[r], reference_cloze_chain(model, tok, items, "acc"), atol=1e-4)

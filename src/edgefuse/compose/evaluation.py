@@ -129,10 +129,9 @@ def evaluate_mmlu_cd_retrieval(model, tokenizer, doc: dict, dataset, pool: Adapt
                                progress: Callable[[int], None] | None = None, meta: dict | None = None) -> dict:
     """MMLU-CD results document of the retrieval mixture, routed per instance or per question segment
     (``settings.routing``); the same items asked alone are routed per item (`evaluate_mmlu_retrieval`)."""
-    from edgefuse.data.mmlu import LETTERS
     from edgefuse.data.mmlu_cd import content_hash
     from edgefuse.evaluate.cloze import check_format, choose
-    from edgefuse.evaluate.mmlu_cd import RESULTS_VERSION, cd_metrics, resolve
+    from edgefuse.evaluate.mmlu_cd import RESULTS_VERSION, cd_metrics, instance_record, resolve
 
     check_format(fmt, metric)
     settings.check(len(pool))
@@ -165,15 +164,8 @@ def evaluate_mmlu_cd_retrieval(model, tokenizer, doc: dict, dataset, pool: Adapt
     k = len(instances[0])
     records = []
     for r, (inst, items, row, sc) in enumerate(zip(doc["instances"], instances, preds, scores.tolist())):
-        records.append({
-            "id": inst["id"], "items": [it.id for it in items], "domains": inst["domains"],
-            "answers": [LETTERS[it.answer] for it in items], "preds": [LETTERS[p] for p in row],
-            "correct": [p == it.answer for p, it in zip(row, items)],
-            "strict": all(p == it.answer for p, it in zip(row, items)),
-            "scores": [[round(float(x), 6) for x in pos] for pos in sc],
-            "mixtures": [_mixture_record(segments[r, j], pool) for j in range(k)],
-            **({"single_preds": [alone[it.id][pred_key] for it in items]} if single else {}),
-        })
+        rec = instance_record(inst, items, row, sc, [alone[it.id][pred_key] for it in items] if single else None)
+        records.append({**rec, "mixtures": [_mixture_record(segments[r, j], pool) for j in range(k)]})
     return {
         "version": RESULTS_VERSION, "benchmark": "mmlu-cd", **(meta or {}),
         "benchmark_sha256": content_hash(doc), "benchmark_header": doc["header"], "format": fmt, "metric": metric,

@@ -24,6 +24,7 @@ import torch
 from edgefuse.compose.mixture import LoraMixture
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.cloze import gather_logliks
+from edgefuse.evaluate.mmlu_cd import common_prefix
 from edgefuse.evaluate.scoring import head_logprobs, lm_parts, make_batch, unwrap
 from edgefuse.tokens import bos_prefix
 
@@ -53,15 +54,6 @@ def cd_segment_spans(text: str, items: Sequence) -> list[tuple[int, int]]:
     return spans
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def token_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """(token ids of ``text``, segment label of each token). A boundary's token index is how many
     tokens of the whole text the text before the boundary shares, so any tokenizer works; a BOS the
@@ -72,7 +64,7 @@ def token_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tupl
     ids = enc(text)
     edges = [0]
     for start, _ in spans[1:]:
-        edges.append(max(edges[-1], _common_prefix(enc(text[:start]), ids)))
+        edges.append(max(edges[-1], common_prefix(enc(text[:start]), ids)))
     edges.append(len(ids))
     labels: list[int] = []
     for (_, label), a, b in zip(spans, edges[:-1], edges[1:]):

@@ -107,7 +107,21 @@ def cloze_cd_text(items: Sequence[MMLUItem], chosen: Sequence[int]) -> str:
     return text
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def instance_record(inst: dict, items: Sequence[MMLUItem], preds: Sequence[int], scores: Sequence[Sequence[float]],
+                    single_preds: list | None = None) -> dict:
+    """One instance's entry in an MMLU-CD results document (also written by the retrieval mixture's scorer)."""
+    return {
+        "id": inst["id"], "items": [it.id for it in items], "domains": inst["domains"],
+        "answers": [LETTERS[it.answer] for it in items], "preds": [LETTERS[p] for p in preds],
+        "correct": [p == it.answer for p, it in zip(preds, items)],
+        "strict": all(p == it.answer for p, it in zip(preds, items)),
+        "scores": [[round(float(x), 6) for x in pos] for pos in scores],
+        **({"single_preds": single_preds} if single_preds is not None else {}),
+    }
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids two token sequences share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -191,7 +205,7 @@ class ChainedClozeScorer:
                 targets = self._enc(texts)
                 starts, blocks = [], []
                 for r, target in enumerate(targets):
-                    p = min(_common_prefix(live[r], target), len(target) - 1)
+                    p = min(common_prefix(live[r], target), len(target) - 1)
                     if p < len(live[r]):  # the tokenizer merged across the boundary: drop the stale tail
                         mask[r, cols[r][p:]] = 0
                         cols[r] = cols[r][:p]
@@ -395,16 +409,8 @@ def evaluate_mmlu_cd(model, tokenizer, doc: dict, dataset: MMLUDataset, *, batch
     metrics = cd_metrics([inst["domains"] for inst in doc["instances"]], correct, single_correct,
                          header.get("domains"))
     wall = time.perf_counter() - t0
-    records = []
-    for inst, items, row, sc in zip(doc["instances"], instances, preds, scores.tolist()):
-        records.append({
-            "id": inst["id"], "items": [it.id for it in items], "domains": inst["domains"],
-            "answers": [LETTERS[it.answer] for it in items], "preds": [LETTERS[p] for p in row],
-            "correct": [p == it.answer for p, it in zip(row, items)],
-            "strict": all(p == it.answer for p, it in zip(row, items)),
-            "scores": [[round(float(x), 6) for x in pos] for pos in sc],
-            **({"single_preds": [alone[it.id][pred_key] for it in items]} if single else {}),
-        })
+    records = [instance_record(inst, items, row, sc, [alone[it.id][pred_key] for it in items] if single else None)
+               for inst, items, row, sc in zip(doc["instances"], instances, preds, scores.tolist())]
     return {
         "version": RESULTS_VERSION,
         "benchmark": "mmlu-cd",
