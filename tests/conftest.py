@@ -14,11 +14,14 @@ tests/helpers; test modules never import from one another.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# `make test` runs one pytest worker per core (pytest-xdist); each then takes its share of the cores
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // WORKERS))
 
 LAYERS = ("unit", "integration", "e2e", "federated")
 
@@ -29,6 +32,9 @@ def pytest_collection_modifyitems(config, items):
     if missing:
         raise pytest.UsageError(f"tests without a layer marker ({', '.join(LAYERS)}): " + ", ".join(missing[:5])
                                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    for item in items:  # Flower's SuperLinks and simulation engine: one at a time, on one worker
+        if item.get_closest_marker("federated"):
+            item.add_marker(pytest.mark.xdist_group("flower"))
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,14 @@ dequantizes). Bad input goes through the real CLI: one line, non-zero exit, no o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from helpers.families import make_config
 
+from edgefuse.artifacts import ExternalAdapterManifest
 from edgefuse.adapters import load_adapter, save_adapter
 from edgefuse.errors import EdgefuseError
 from edgefuse.export import rotate_pairs, write_gguf
@@ -58,7 +60,7 @@ def made(tmp_path_factory):
     fp = fingerprint(model)
     pm = peft_adapter(model, d / "peft")
     ref = logits(pm, tok)
-    save_adapter(load_adapter(d / "peft"), d / "ef", {"base_fingerprint": fp}, base_model="tiny-llama")
+    save_adapter(load_adapter(d / "peft"), d / "ef", ExternalAdapterManifest(base_fingerprint=fp), base_model="tiny-llama")
     return {"dir": d, "tok": tok, "ref": ref, "base": base_logits}
 
 
@@ -109,6 +111,31 @@ def test_gguf_export_reads_back_with_transformers_within_the_stated_bound(made, 
         assert getattr(model.config, key) == pytest.approx(getattr(base.config, key)), key
     types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
     assert types["blk.0.attn_q.weight"] == quant.upper() and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_loading_a_gguf_parses_the_file_once(made, cli, monkeypatch, tmp_path):
+    """transformers parses a GGUF once per conversion step; edgefuse's load shares one reader (models.py), which
+    saves a minute on Gemma 3's first load. Counted on the real loader, and the model still equals the export."""
+    import gguf
+
+    from edgefuse.models import load_model
+
+    out = made["dir"] / "model-f32.gguf"
+    if not out.exists():
+        cli("export", "--adapter", made["dir"] / "ef", "--format", "gguf", "--quant", "f32", "--out", out)
+    parsed = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(Path(path).name)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    monkeypatch.setenv("EDGEFUSE_CACHE", str(tmp_path / "cache"))
+    model, tok = load_model(str(out))
+    assert parsed == [out.name]
+    assert gguf.GGUFReader is CountingReader  # restored after the load
+    assert (logits(model, made["tok"]) - made["ref"]).abs().max() <= BOUNDS["f32"]
 
 
 def test_q8_0_differs_from_f32_only_by_q8_0_rounding(made, cli):
@@ -306,7 +333,7 @@ def test_smollm2_gguf_export_round_trip(tmp_path, cli):
     fp = fingerprint(model)
     pm = peft_adapter(model, tmp_path / "peft", targets=["q_proj", "k_proj"])
     ref = logits(pm, tok)
-    save_adapter(load_adapter(tmp_path / "peft"), tmp_path / "ef", {"base_fingerprint": fp}, base_model="smollm2-135m")
+    save_adapter(load_adapter(tmp_path / "peft"), tmp_path / "ef", ExternalAdapterManifest(base_fingerprint=fp), base_model="smollm2-135m")
     r = cli("export", "--adapter", tmp_path / "ef", "--format", "gguf", "--quant", "f32", "--out", tmp_path / "s.gguf")
     assert r.returncode == 0, r.stderr
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="s.gguf")

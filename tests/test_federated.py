@@ -467,7 +467,7 @@ def _resave(pkg: Path, dst: Path, edit) -> Path:
 
     ad = load_adapter(pkg)
     edit(ad)
-    man = {k: v for k, v in ad.manifest.items() if k != "files"}
+    man = ad.manifest
     return save_adapter(ad, dst, manifest=man, base_model=ad.config.get("base_model_name_or_path"))
 
 
@@ -479,7 +479,7 @@ def test_records_round_trip_reproduces_the_package_bytes(package, tmp_path):
     content_to_files(package_to_content(pkg), tmp_path / "got")
     for f in ("adapter_model.safetensors", "adapter_config.json", "edgefuse.json"):
         assert sha256_file(tmp_path / "got" / f) == sha256_file(pkg / f), f
-    assert _verify(tmp_path / "got", pruned)["domain"] == "science"
+    assert _verify(tmp_path / "got", pruned).domain == "science"
 
 
 def test_verify_rejects_nan_wrong_shapes_and_wrong_identity(package, tmp_path):

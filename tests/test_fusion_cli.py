@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers.fusion import rel
 
+from edgefuse.artifacts import ExternalAdapterManifest
 from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter, save_adapter, verify_hashes
 from edgefuse.fusion import fuse_adapters
 from edgefuse.io import sha256_file
@@ -42,7 +43,7 @@ def dirs(tmp_path, tiny):
     out = []
     for k, (seed, rank) in enumerate([(1, 4), (2, 2), (3, 6)]):
         d = tmp_path / f"edge{k}"
-        save_adapter(_adapter(seed, rank), d, {"base_fingerprint": tiny, "domain": f"d{k}"})
+        save_adapter(_adapter(seed, rank), d, ExternalAdapterManifest(base_fingerprint=tiny, domain=f"d{k}"))
         out.append(d)
     return out
 
@@ -115,7 +116,7 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, tiny, cli):
     for d in ("0", "1.5", "-0.1"):
         assert "density must be in (0, 1]" in _bad(cli, out, "--method", "ties", "--density", d, "--adapters", *dirs)
     other = tmp_path / "other"
-    save_adapter(_adapter(9), other, {"base_fingerprint": "f" * 32})
+    save_adapter(_adapter(9), other, ExternalAdapterManifest(base_fingerprint="f" * 32))
     assert "different base models" in _bad(cli, out, "--method", "linear", "--adapters", dirs[0], other)
     code, _, se = cli("fuse", "--method", "linear", "--force", "--adapters", dirs[0], other, "--out", out)
     assert code == 0 and out.exists()
@@ -124,16 +125,16 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, dirs, tiny, cli):
     save_adapter(
         LoraAdapter({"model.layers.0.self_attn.q_proj": LoraModule(torch.randn(2, 48), torch.randn(64, 2))}),
         shapes,
-        {"base_fingerprint": tiny},
+        ExternalAdapterManifest(base_fingerprint=tiny),
     )
     assert "different shapes" in _bad(cli, out2, "--method", "svd", "--adapters", dirs[0], shapes)
     nan = tmp_path / "nan"
     a = _adapter(4)
     a.modules["model.layers.0.self_attn.q_proj"].B[0, 0] = float("inf")
-    save_adapter(a, nan, {"base_fingerprint": tiny})
+    save_adapter(a, nan, ExternalAdapterManifest(base_fingerprint=tiny))
     assert "NaN or Inf" in _bad(cli, out2, "--method", "svd", "--adapters", dirs[0], nan)
     ia3 = tmp_path / "ia3"
-    save_adapter(_adapter(5), ia3, {"base_fingerprint": tiny})
+    save_adapter(_adapter(5), ia3, ExternalAdapterManifest(base_fingerprint=tiny))
     cfg = json.loads((ia3 / "adapter_config.json").read_text())
     cfg["peft_type"] = "IA3"
     (ia3 / "adapter_config.json").write_text(json.dumps(cfg))

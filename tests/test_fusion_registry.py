@@ -8,6 +8,7 @@ import pytest
 from helpers.cli import run_cli as run
 from helpers.fusion import NAMES, deltas, make_adapters, rel
 
+from edgefuse.artifacts import ExternalAdapterManifest
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion import factored, fuse_adapters, registry
 from edgefuse.fusion.registry import CR_STRATEGIES, METHODS, MethodSpec, Param
@@ -120,7 +121,7 @@ def test_cli_refuses_out_of_bounds_param_with_one_line(tmp_path, monkeypatch, ca
 
     dirs = []
     for k, a in enumerate(make_adapters()):
-        save_adapter(a, tmp_path / f"a{k}", {})
+        save_adapter(a, tmp_path / f"a{k}", ExternalAdapterManifest())
         dirs.append(tmp_path / f"a{k}")
     out = tmp_path / "never"
     code, _, se = run("fuse", "--method", "breadcrumbs", "--param", "gamma=1.5",

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from edgefuse.artifacts import ExternalAdapterManifest
 from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter
 from edgefuse.compose.lorahub import ExampleLoss, lorahub, lorahub_objective, save_lorahub
 from edgefuse.data.mmlu import select
@@ -86,7 +87,7 @@ def test_search_never_ends_above_the_start_and_records_its_trace(base, adapters,
     assert again.weights == res.weights and [t["objective"] for t in again.trace] == [t["objective"] for t in res.trace]
     out = save_lorahub(res, tmp_path / "hub", inputs=[{"path": f"a{i}"} for i in range(3)])
     loaded = load_adapter(out, model)
-    man = loaded.manifest["lorahub"]
+    man = loaded.manifest.lorahub
     assert man["weights"] == res.weights and len(man["trace"]) == 9 and man["settings"]["budget"] == 8
     for name, m in res.adapter.modules.items():
         assert torch.allclose(loaded.modules[name].delta(), m.delta(), atol=1e-6)
@@ -148,7 +149,8 @@ def adapter_dirs(tmp_path, base, adapters):
     dirs = []
     for k, a in enumerate(adapters):
         d = tmp_path / f"a{k}"
-        save_adapter(LoraAdapter(a.modules, base_model="tiny-llama"), d, {"base_fingerprint": fp, "domain": f"d{k}"})
+        save_adapter(LoraAdapter(a.modules, base_model="tiny-llama"), d,
+                     ExternalAdapterManifest(base_fingerprint=fp, domain=f"d{k}"))
         dirs.append(d)
     return dirs
 

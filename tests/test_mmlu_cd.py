@@ -29,10 +29,6 @@ from edgefuse.evaluate.scoring import continuation_token_ids
 pytestmark = pytest.mark.unit
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "edgefuse.cli", *args], capture_output=True, text=True, check=False)
-
-
 @pytest.fixture(scope="module")
 def short(mmlu):
     """Short MMLU items only, so k=3 prompts fit the tiny model's 2048 positions."""
@@ -302,16 +298,16 @@ def _write_short_jsonl(path: Path, ds: MMLUDataset, n_per_subject: int = 30) -> 
                                     "correct_answer": "ABCD"[it.answer], "topic": it.subject}) + "\n")
 
 
-def test_cli_build_and_eval_on_tiny_model(tmp_path, short):
+def test_cli_build_and_eval_on_tiny_model(tmp_path, short, cli):
     data = tmp_path / "short.jsonl"
     _write_short_jsonl(data, short)
     bench, out = tmp_path / "cd.jsonl", tmp_path / "res.json"
-    r = run_cli("mmlu-cd", "build", "--data", str(data), "--k", "2", "--n", "6", "--domains", "stem,humanities",
-                "--domains", "other", "--out", str(bench))
+    r = cli("mmlu-cd", "build", "--data", str(data), "--k", "2", "--n", "6", "--domains", "stem,humanities",
+            "--domains", "other", "--out", str(bench))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("sha256 " + hashlib.sha256(bench.read_bytes()).hexdigest())
-    r = run_cli("eval", "mmlu-cd", "--bench", str(bench), "--data", str(data), "--model", "tiny-llama",
-                "--batch-size", "4", "--out", str(out))
+    r = cli("eval", "mmlu-cd", "--bench", str(bench), "--data", str(data), "--model", "tiny-llama",
+            "--batch-size", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "strict (all answers right)" in r.stdout and "chance (0.25^k)" in r.stdout
     res = json.loads(out.read_text())
@@ -332,15 +328,15 @@ def test_cli_build_and_eval_on_tiny_model(tmp_path, short):
     (["mmlu-cd", "build", "--domains", "stem,astrology", "--n", "10"], "unknown domain 'astrology'"),
     (["mmlu-cd", "build", "--k", "2", "--n", "100000", "--no-reuse"], "the maximum without reuse"),
 ])
-def test_cli_build_bad_input(tmp_path, args, msg):
+def test_cli_build_bad_input(tmp_path, args, msg, cli):
     out = tmp_path / "cd.jsonl"
-    r = run_cli(*args, "--out", str(out))
+    r = cli(*args, "--out", str(out))
     assert r.returncode != 0 and msg in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_cli_eval_bad_file_names_the_line(tmp_path, mmlu):
+def test_cli_eval_bad_file_names_the_line(tmp_path, mmlu, cli):
     p = tmp_path / "cd.jsonl"
     doc = build_instances(mmlu, k=2, n=3, seed=0)
     write_benchmark(doc, p)
@@ -355,7 +351,7 @@ def test_cli_eval_bad_file_names_the_line(tmp_path, mmlu):
     for name, (content, msg) in cases.items():
         f = tmp_path / f"{name}.jsonl"
         f.write_text("\n".join(content) + "\n")
-        r = run_cli("eval", "mmlu-cd", "--bench", str(f), "--model", "tiny-llama")
+        r = cli("eval", "mmlu-cd", "--bench", str(f), "--model", "tiny-llama")
         assert r.returncode != 0 and msg in r.stderr, (name, r.stderr)
         assert "Traceback" not in r.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgefuse.artifacts import PrunedModelMeta
 from edgefuse.errors import EdgefuseError
 from edgefuse.edge.schema import MODEL_META
 from edgefuse.models import fingerprint, lm_parts, load_model, make_batch, save_model_dir, tiny_model, unwrap
@@ -65,7 +66,9 @@ def test_missing_embedded_package_says_make_setup(monkeypatch):
 def test_a_directory_named_in_its_edgefuse_meta_file_loads_under_that_name(tmp_path, tiny):
     """The loader reads the meta file pruning writes (`edgefuse.edge.schema.MODEL_META`), by the same name."""
     model, tok = tiny
-    save_model_dir(model, tok, tmp_path / "m", extra_json={MODEL_META: {"name": "tiny-llama-width-0.5"}})
+    meta = PrunedModelMeta(name="tiny-llama-width-0.5", plan_hash="0" * 64, base_fingerprint="1" * 32,
+                           pruned_fingerprint="2" * 32)
+    save_model_dir(model, tok, tmp_path / "m", extra_json={MODEL_META: meta.dump()})
     loaded, _ = load_model(str(tmp_path / "m"), device="cpu")
     assert loaded.config.name_or_path == "tiny-llama-width-0.5"
 

@@ -66,7 +66,7 @@ def test_results_without_conflict_scores_skip_the_heatmap_with_one_note(tmp_path
 
 
 @pytest.mark.parametrize("content, problem", [(None, "no results.json here"),
-                                              ("{\"name\": \"x\"}", "not a study's results: missing model"),
+                                              ("{\"name\": \"x\"}", "results document lacks the field model"),
                                               ("{", "malformed JSON")])
 def test_bad_run_directory_is_one_line(tmp_path, monkeypatch, capsys, content, problem):
     if content is not None:

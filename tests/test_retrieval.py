@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from edgefuse.adapters import LoraAdapter, load_adapter
+from edgefuse.artifacts import ExternalAdapterManifest
 from edgefuse.compose.embedding import attach_embedding, example_text, read_embedding
 from edgefuse.compose.mixture import LoraMixture
 from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings, retrieval_accuracy, retrieve, similarities
@@ -58,7 +59,7 @@ def adapter_dirs(tmp_path_factory):
             torch.manual_seed(200 + k)
             pm = get_peft_model(tiny_model()[0], LoraConfig(init_lora_weights=False, lora_dropout=0.0, **cfg))
         pm.save_pretrained(str(root / f"a{k}"))
-        (root / f"a{k}" / "edgefuse.json").write_text(json.dumps({"domain": DOMAINS[k]}))
+        ExternalAdapterManifest(domain=DOMAINS[k]).write(root / f"a{k}" / "edgefuse.json")
         dirs.append(root / f"a{k}")
     return dirs
 
@@ -141,12 +142,12 @@ def test_retrieval_accuracy_by_hand():
 
 def test_embedding_field_errors_name_the_adapter(tmp_path):
     where = tmp_path / "edge-a"
-    assert "edge-a: adapter has no retrieval embedding" in one_line_error(lambda: read_embedding({"domain": "x"}, where))
-    assert "malformed" in one_line_error(lambda: read_embedding({"embedding": {"vector": [1.0, float("nan")]}}, where))
-    assert "malformed" in one_line_error(lambda: read_embedding({"embedding": {"vector": "abc"}}, where))
-    assert "all zeros" in one_line_error(lambda: read_embedding({"embedding": {"vector": [0.0, 0.0]}}, where))
-    a = LoraAdapter({}, manifest={"embedding": {"vector": [1.0, 0.0]}}, path=tmp_path / "a")
-    b = LoraAdapter({}, manifest={"embedding": {"vector": [1.0, 0.0, 0.0]}}, path=tmp_path / "b")
+    assert "edge-a: adapter has no retrieval embedding" in one_line_error(lambda: read_embedding(ExternalAdapterManifest(domain="x"), where))
+    assert "malformed" in one_line_error(lambda: read_embedding(ExternalAdapterManifest(embedding={"vector": [1.0, float("nan")]}), where))
+    assert "malformed" in one_line_error(lambda: read_embedding(ExternalAdapterManifest(embedding={"vector": "abc"}), where))
+    assert "all zeros" in one_line_error(lambda: read_embedding(ExternalAdapterManifest(embedding={"vector": [0.0, 0.0]}), where))
+    a = LoraAdapter({}, manifest=ExternalAdapterManifest(embedding={"vector": [1.0, 0.0]}), path=tmp_path / "a")
+    b = LoraAdapter({}, manifest=ExternalAdapterManifest(embedding={"vector": [1.0, 0.0, 0.0]}), path=tmp_path / "b")
     assert "3 dimensions" in one_line_error(lambda: AdapterPool.of([a, b]))
     assert "no retrieval embedding" in one_line_error(lambda: AdapterPool.of([a, LoraAdapter({}, path=tmp_path / "c")]))
 

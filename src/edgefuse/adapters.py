@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from edgefuse.artifacts import ExternalAdapterManifest, Manifest, parse_manifest
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import (
     atomic_dir,
@@ -80,8 +81,18 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     base_model: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
     path: Path | None = None
+
+    @property
+    def domain(self) -> str | None:
+        """The MMLU domain its edge trained on, when its manifest says (edge packages, recovered adapters)."""
+        return getattr(self.manifest, "domain", None)
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """The fingerprint of the base model it was made for, when its manifest records one."""
+        return getattr(self.manifest, "base_fingerprint", None)
 
     @property
     def target_modules(self) -> list[str]:
@@ -188,16 +199,16 @@ def _read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _read_manifest(directory: Path) -> dict[str, Any] | None:
+def _read_manifest(directory: Path) -> Manifest | None:
     """``edgefuse.json`` when present, its listed files' names and hashes verified first (tampering wins)."""
     path = directory / MANIFEST_FILE
     if not path.is_file():
         return None
-    manifest = read_json(path)
-    if not isinstance(manifest, dict):
+    raw = read_json(path)
+    if not isinstance(raw, dict):
         raise EdgefuseError("manifest is not a JSON object", path=path)
-    verify_hashes(directory)
-    return manifest
+    _verify_files(directory, raw.get("files"))
+    return parse_manifest(raw, path)
 
 
 def _lora_keys(header: dict[str, dict[str, Any]], path: Path) -> dict[str, dict[str, str]]:
@@ -232,10 +243,10 @@ def _check_ranks(cfg: dict[str, Any], header: dict, keys: dict[str, dict[str, st
                                 "would be wrong)", path=path)
 
 
-def _check_model(manifest: dict | None, header: dict, keys: dict[str, dict[str, str]], model: ModelShapes,
+def _check_model(manifest: Manifest | None, header: dict, keys: dict[str, dict[str, str]], model: ModelShapes,
                  directory: Path, force: bool) -> None:
     """The adapter fits ``model``: same recorded base fingerprint (unless forced), existing targets, equal shapes."""
-    want = (manifest or {}).get("base_fingerprint")
+    want = getattr(manifest, "base_fingerprint", None)
     if want and model.fingerprint and want != model.fingerprint and not force:
         raise EdgefuseError(f"adapter was made for base model {want}, not {model.fingerprint}",
                             path=directory / MANIFEST_FILE)
@@ -323,11 +334,13 @@ def peft_config_for(adapter: LoraAdapter, base_model: str | None = None) -> dict
 def save_adapter(
     adapter: LoraAdapter,
     directory: str | Path,
-    manifest: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
     base_model: str | None = None,
     extra_files: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a PEFT-loadable adapter (+ ``edgefuse.json`` with file hashes) atomically."""
+    """Write a PEFT-loadable adapter (+ ``edgefuse.json`` with file hashes) atomically.
+
+    ``manifest`` (default: the adapter's own, or an external-adapter note) gets the files' hashes."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -341,9 +354,9 @@ def save_adapter(
         atomic_write_json(tmp / CONFIG_FILE, peft_config_for(adapter, base_model))
         for fname, obj in (extra_files or {}).items():
             atomic_write_json(tmp / fname, obj)
-        man = dict(manifest or adapter.manifest or {})
-        man["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST_FILE}
-        atomic_write_json(tmp / MANIFEST_FILE, man)
+        man = manifest or adapter.manifest or ExternalAdapterManifest()
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST_FILE}
+        man.model_copy(update={"files": files}).write(tmp / MANIFEST_FILE)
     return directory
 
 
@@ -362,9 +375,13 @@ def _listed_file(directory: Path, name: Any, manifest_path: Path) -> Path:
 def verify_hashes(directory: str | Path) -> None:
     """Check every file recorded in ``edgefuse.json``: its name stays inside the directory and its sha256 matches."""
     directory = Path(directory)
+    man = read_json(directory / MANIFEST_FILE)
+    _verify_files(directory, man.get("files") if isinstance(man, dict) else None)
+
+
+def _verify_files(directory: Path, files: Any) -> None:
+    """Before the manifest's own fields are believed: the files it lists are inside ``directory`` and intact."""
     man_path = directory / MANIFEST_FILE
-    man = read_json(man_path)
-    files = man.get("files") if isinstance(man, dict) else None
     if files is not None and not isinstance(files, dict):
         raise EdgefuseError("manifest 'files' must map file names to sha256 digests", path=man_path)
     for fname, digest in (files or {}).items():

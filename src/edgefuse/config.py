@@ -176,6 +176,11 @@ class OutputConfig(_Strict):
 
 
 class StudyConfig(_Strict):
+    """A study, as written in its YAML and as snapshotted into the run directory's ``config.json`` (the
+    snapshot is this model's dump, so it loads back to the same study; see docs/artifacts.md)."""
+
+    format_version: Literal[1] = Field(1, description="layout of this config; a run directory's config.json "
+                                                      "records it")
     name: str = "study"
     model: str = "smollm2-135m"
     seeds: list[int] = [0]

@@ -97,8 +97,7 @@ def _q8_0_available() -> bool:
 # ---------------------------------------------------------------- the merged model (one mechanism for every output)
 
 def _adapter_fingerprints(adapter: LoraAdapter) -> set[str]:
-    fp = (adapter.manifest or {}).get("base_fingerprint")
-    return {str(fp)} if fp else set()
+    return {adapter.base_fingerprint} if adapter.base_fingerprint else set()
 
 
 def export(adapter_dir: str | Path, out: str | Path, model: str | None = None, fmt: str = "hf",

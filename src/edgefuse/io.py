@@ -159,6 +159,27 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def exclusive(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the block: two processes filling
+    the same cache entry (two test workers, two studies) then build it once instead of racing to replace it.
+    POSIX ``flock``; elsewhere the block runs unlocked and the atomic rename still keeps the entry whole."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = Path(path)
+    with writing(path, always=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():

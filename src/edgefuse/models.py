@@ -15,19 +15,21 @@ edge layer must not depend on evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from edgefuse.artifacts import PrunedModelMeta
 from edgefuse.assets import EMBEDDED_MODELS, cache_dir, embedded_gguf, mmlu_jsonl
 from edgefuse.errors import EdgefuseError
 from edgefuse.gguf_tokenizer import spm_as_bpe
-from edgefuse.io import atomic_dir, refuse_pickles
+from edgefuse.io import atomic_dir, exclusive, refuse_pickles
 from edgefuse.precision import default_device as _default_device
 from edgefuse.precision import resolve
 from edgefuse.tokens import encode_bare
@@ -130,20 +132,58 @@ def _load_dir(path: Path, dtype: torch.dtype):
     return model, tok
 
 
+@contextlib.contextmanager
+def shared_gguf_reader() -> Iterator[None]:
+    """Within the block, every ``gguf.GGUFReader(path)`` of the same file is one reader, parsed once.
+
+    Why: converting a GGUF, transformers 4.57 parses the file's metadata once per step (config, tokenizer
+    twice, weights) and `spm_as_bpe` once more; for Gemma 3's 262k-piece vocabulary each parse takes ~16 s of
+    the first load's ~80 s (BENCHMARKS.md). transformers imports the reader class inside its loader, so the
+    package attribute is swapped for the block and restored after it. The reader is read-only (memory-mapped).
+    """
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _load_gguf(gguf: Path, dtype: torch.dtype, name: str):
     """Dequantize a GGUF once, cache it as a safetensors HF directory, load from the cache.
 
-    The cached tokenizer is the one transformers reads from the GGUF, except that a SentencePiece vocabulary is
-    segmented as llama.cpp segments it (`spm_as_bpe`)."""
+    The conversion holds a lock beside the cache entry, so processes loading the same GGUF at once convert it
+    once. The cached tokenizer is the one transformers reads from the GGUF, except that a SentencePiece
+    vocabulary is segmented as llama.cpp segments it (`spm_as_bpe`)."""
+    cached = gguf_cache_dir(gguf)
+    with exclusive(cached.with_name(cached.name + ".lock")):
+        if not (cached / "config.json").is_file():
+            _convert_gguf(gguf, cached, name)
+    model, tok = _load_dir(cached, dtype)
+    model.config.name_or_path = name
+    return model, tok
+
+
+def _convert_gguf(gguf: Path, cached: Path, name: str) -> None:
+    """Dequantize ``gguf`` with transformers (float32), parsing it once, and write it as an HF directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = gguf_cache_dir(gguf)
-    if not (cached / "config.json").is_file():
+    with shared_gguf_reader():
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         except Exception as e:  # transformers raises many types for bad GGUF files
-            raise EdgefuseError(f"cannot load GGUF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", path=gguf) from None
+            raise EdgefuseError(f"cannot load GGUF ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})", path=gguf) from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model.config.name_or_path = name
@@ -152,9 +192,6 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, name: str):
             tok.save_pretrained(str(tmp))
             spm_as_bpe(tmp / "tokenizer.json", gguf)  # Gemma: segment as llama.cpp does (edgefuse.gguf_tokenizer)
             (tmp / "edgefuse_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
-    model, tok = _load_dir(cached, dtype)
-    model.config.name_or_path = name
-    return model, tok
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None):
@@ -184,7 +221,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         model, tok = _load_dir(p, dtype)
         edgefuse_meta = p / "edgefuse_model.json"  # edgefuse.edge.schema.MODEL_META (models sits below edge)
         if edgefuse_meta.is_file():
-            model.config.name_or_path = json.loads(edgefuse_meta.read_text()).get("name", str(p))
+            model.config.name_or_path = PrunedModelMeta.read(edgefuse_meta).name
     elif "/" in spec and not Path(spec).exists() and not spec.startswith((".", "/")):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -86,26 +86,25 @@ def attach_embedding(adapter_dir: str | Path, texts: Sequence[str], *, source: s
     valid. Every check (an adapter directory, a readable manifest, at least one text, the encoder) runs
     before anything is written."""
     from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE
-    from edgefuse.io import atomic_write_json, read_json
+    from edgefuse.artifacts import ExternalAdapterManifest, read_manifest
 
     d = Path(adapter_dir)
     if not (d / CONFIG_FILE).is_file():
         raise EdgefuseError(f"not an adapter directory (no {CONFIG_FILE})", path=d)
     man_path = d / MANIFEST_FILE
-    manifest = read_json(man_path) if man_path.is_file() else {}
-    if not isinstance(manifest, dict):
-        raise EdgefuseError("manifest is not a JSON object", path=man_path)
+    manifest = read_manifest(man_path) if man_path.is_file() else ExternalAdapterManifest()
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise EdgefuseError("no examples to embed for this adapter", path=d)
     record = embedding_record(mean_embedding(texts, encoder), len(texts), source)
-    atomic_write_json(man_path, {**manifest, EMBEDDING_KEY: record})
+    manifest.model_copy(update={EMBEDDING_KEY: record}).write(man_path)
     return record
 
 
-def read_embedding(manifest: dict | None, where: object) -> torch.Tensor:
-    """An adapter's retrieval vector from its manifest; one clear line when it has none or a bad one."""
-    rec = (manifest or {}).get(EMBEDDING_KEY)
+def read_embedding(manifest, where: object) -> torch.Tensor:
+    """An adapter's retrieval vector from its manifest (`edgefuse.artifacts.Manifest` or None); one clear line
+    when it has none or a bad one."""
+    rec = getattr(manifest, EMBEDDING_KEY, None)
     if rec is None:
         raise EdgefuseError("adapter has no retrieval embedding in its edgefuse.json; attach one on its edge with "
                             "`edgefuse compose embed --adapter DIR`", path=where)

@@ -34,7 +34,9 @@ from typing import Any
 import torch
 
 from edgefuse.adapters import LoraAdapter, save_adapter
+from edgefuse.artifacts import FusedAdapterManifest
 from edgefuse.errors import EdgefuseError
+from edgefuse.io import jsonable
 
 OBJECTIVES = ("letters", "cloze")
 DEFAULT_BUDGET = 40
@@ -231,14 +233,12 @@ def lorahub(model, tokenizer, adapters: Sequence[LoraAdapter], items: Sequence, 
 def save_lorahub(result: LoraHubResult, out: str | Path, *, base_model: str | None = None,
                  inputs: Sequence[dict] | None = None, base_fingerprint: str | None = None) -> Path:
     """Write the fused adapter as a normal PEFT adapter; ``edgefuse.json`` holds the weights and the trace."""
-    manifest = {
-        "format": "edgefuse-fused-adapter",
-        "version": 1,
-        "base_fingerprint": base_fingerprint,
-        "base_model": base_model,
-        "method": result.settings.get("method"),
-        "composition": "lorahub",
-        "lorahub": {
+    manifest = FusedAdapterManifest(
+        base_fingerprint=base_fingerprint,
+        base_model=base_model,
+        method=result.settings.get("method"),
+        composition="lorahub",
+        lorahub=jsonable({
             "reference": "Huang et al., LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA "
                          "Composition, 2023",
             "weights": result.weights,
@@ -249,10 +249,10 @@ def save_lorahub(result: LoraHubResult, out: str | Path, *, base_model: str | No
             "start_loss": result.start_loss,
             "settings": result.settings,
             "trace": result.trace,
-        },
-        "inputs": list(inputs or []),
-        "output_rank": max((m.rank for m in result.adapter.modules.values()), default=0),
-    }
+        }),
+        inputs=jsonable(list(inputs or [])),
+        output_rank=max((m.rank for m in result.adapter.modules.values()), default=0),
+    )
     return save_adapter(result.adapter, out, manifest, base_model=base_model)
 
 
@@ -301,11 +301,11 @@ def lorahub_dirs(adapter_dirs: Sequence[str | Path], out: str | Path, domains: S
     adapters = [load_adapter(d, shapes, force=force) for d in adapter_dirs]
     res = lorahub(base, tok, adapters, items, objective=objective, budget=budget, method=method, start=start,
                   seed=seed, device=next(base.parameters()).device)
-    inputs = [{"path": str(Path(d)), "domain": (a.manifest or {}).get("domain"),
+    inputs = [{"path": str(Path(d)), "domain": a.domain,
                "sha256": {f: sha256_file(Path(d) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)}}
               for d, a in zip(adapter_dirs, adapters)]
     res.settings.update({"domains": list(domains), "model": model})
-    fps = {str((a.manifest or {}).get("base_fingerprint")) for a in adapters if (a.manifest or {}).get("base_fingerprint")}
+    fps = {a.base_fingerprint for a in adapters if a.base_fingerprint}
     save_lorahub(res, out, base_model=next(iter(names)) if len(names) == 1 else None, inputs=inputs,
                  base_fingerprint=next(iter(fps)) if len(fps) == 1 else None)
     return {"weights": res.weights, "loss": res.loss, "objective": res.objective, "start_loss": res.start_loss,

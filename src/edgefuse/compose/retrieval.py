@@ -87,23 +87,21 @@ class AdapterPool:
             raise EdgefuseError(f"retrieval embedding has {vecs[j].shape[0]} dimensions, {names[0]}'s has "
                                 f"{vecs[0].shape[0]}", path=names[j])
         stacked = torch.stack(vecs)
-        return cls(adapters, names, [(a.manifest or {}).get("domain") for a in adapters],
+        return cls(adapters, names, [a.domain for a in adapters],
                    stacked / stacked.norm(dim=1, keepdim=True))
 
 
-def pool_manifests(dirs: Sequence[str | Path]) -> list[dict]:
+def pool_manifests(dirs: Sequence[str | Path]) -> list:
     """The manifests of a pool's directories, each checked for an embedding, before any model loads."""
     from edgefuse.adapters import MANIFEST_FILE
-    from edgefuse.io import read_json
+    from edgefuse.artifacts import read_manifest
 
     if not dirs:
         raise EdgefuseError("retrieval needs a pool of at least one adapter (--pool DIR DIR ...)")
     out = []
     for d in dirs:
         path = Path(d) / MANIFEST_FILE
-        man = read_json(path) if path.is_file() else None
-        if man is not None and not isinstance(man, dict):
-            raise EdgefuseError("manifest is not a JSON object", path=path)
+        man = read_manifest(path) if path.is_file() else None
         read_embedding(man, Path(d))
         out.append(man)
     return out

@@ -42,7 +42,8 @@ from edgefuse.edge.families import (
     supported,
 )
 from edgefuse.edge.importance import decoder_layers, projection, projection_names
-from edgefuse.edge.schema import MODEL_META, PLAN_FILE, PLAN_KIND, PLAN_VERSION
+from edgefuse.artifacts import PrunedModelMeta, PrunePlan
+from edgefuse.edge.schema import MODEL_META, PLAN_FILE
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import atomic_dir, atomic_write_json, hash_obj, read_json
 from edgefuse.models import fingerprint, load_model, unwrap
@@ -141,21 +142,10 @@ def kept_shape(base: dict[str, Any], entry: dict, proj: str) -> tuple[int, int]:
     return len(from_runs(entry["rows"], o)), len(from_runs(entry["cols"], i))
 
 
-_REQUIRED = ("format_version", "base_fingerprint", "method", "structure", "ratio", "base_config", "kept_layers",
-             "layers", "modules")
-
-
 def validate_plan(plan: Any, path: str | Path | None = None) -> dict[str, Any]:
     """Check a plan's structure and internal consistency; return it or raise one clear error."""
     where = path or PLAN_FILE
-    if not isinstance(plan, dict) or plan.get("kind", PLAN_KIND) != PLAN_KIND:
-        raise EdgefuseError("not an edgefuse pruning plan", path=where)
-    missing = [k for k in _REQUIRED if k not in plan]
-    if missing:
-        raise EdgefuseError(f"plan lacks {', '.join(missing)}", path=where)
-    if plan["format_version"] != PLAN_VERSION:
-        raise EdgefuseError(f"plan format_version {plan['format_version']} is not supported (expects {PLAN_VERSION})",
-                            path=where)
+    PrunePlan.parse(plan, where)  # fields, types, kind and version; the checks between fields follow
     base = plan["base_config"]
     try:
         nl, nq, nkv = base["num_hidden_layers"], base["num_attention_heads"], base["num_key_value_heads"]
@@ -303,14 +293,20 @@ def save_pruned(result: PruneResult, tokenizer, out_dir: str | Path, force: bool
     h = plan_hash(result.plan)
     name = f"{result.plan.get('base_model') or 'model'}-{result.plan['structure']}-{result.plan['method']}-" \
            f"{result.plan['ratio']:g}-{h[:8]}"
+    validate_plan(result.plan, out_dir / PLAN_FILE)
     with atomic_dir(out_dir, overwrite=force) as tmp:
         result.model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / PLAN_FILE, result.plan)
-        atomic_write_json(tmp / MODEL_META, {"name": name, "plan_hash": h,
-                                             "base_fingerprint": result.plan["base_fingerprint"],
-                                             "pruned_fingerprint": fingerprint(result.model)})
+        PrunedModelMeta(name=name, plan_hash=h, base_fingerprint=result.plan["base_fingerprint"],
+                        pruned_fingerprint=fingerprint(result.model)).write(tmp / MODEL_META)
     return out_dir
+
+
+def read_model_meta(directory: str | Path) -> PrunedModelMeta | None:
+    """The note beside a pruned model (None for a pruned directory written without one)."""
+    path = Path(directory) / MODEL_META
+    return PrunedModelMeta.read(path) if path.is_file() else None
 
 
 def read_plan(path: str | Path) -> dict[str, Any]:
@@ -328,8 +324,8 @@ def load_pruned(directory: str | Path, device: str | None = None, dtype: str | N
     if not directory.is_dir():
         raise EdgefuseError("pruned model directory not found", path=directory)
     plan = read_plan(directory)
-    meta = read_json(directory / MODEL_META) if (directory / MODEL_META).is_file() else {}
-    if meta.get("plan_hash") and meta["plan_hash"] != plan_hash(plan):
+    meta = read_model_meta(directory)
+    if meta is not None and meta.plan_hash != plan_hash(plan):
         raise EdgefuseError("plan.json was changed after the model was pruned (plan hash differs)", path=directory)
     try:
         model, tok = load_model(str(directory), device=device, dtype=dtype)
@@ -345,7 +341,7 @@ def load_pruned(directory: str | Path, device: str | None = None, dtype: str | N
     if want != got:
         raise EdgefuseError(f"model shapes {got} contradict plan.json {want} (layers, heads, kv heads, channels)",
                             path=directory)
-    if meta.get("pruned_fingerprint") and meta["pruned_fingerprint"] != fingerprint(model):
+    if meta is not None and meta.pruned_fingerprint != fingerprint(model):
         raise EdgefuseError("model weights differ from those written at pruning time (fingerprint)", path=directory)
     return model, tok, plan
 

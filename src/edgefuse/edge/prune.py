@@ -29,7 +29,8 @@ from edgefuse.edge import importance as imp
 from edgefuse.edge.families import base_dims
 from edgefuse.edge.memory import GIB, estimate_training_bytes
 from edgefuse.edge.plan import PruneResult, apply_plan, derive_modules, keep_count, module_name, width_counts
-from edgefuse.edge.schema import METHODS, PLAN_KIND, PLAN_VERSION, STRUCTURES, TrainConfig
+from edgefuse.artifacts import FORMAT_VERSION, PLAN_KIND
+from edgefuse.edge.schema import METHODS, STRUCTURES, TrainConfig
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import hash_obj
 from edgefuse.models import fingerprint, unwrap
@@ -137,7 +138,7 @@ def prune_model(model, tokenizer, *, method: str = "magnitude", structure: str =
     elif ratio > 0:
         pruned, sparsity = _masked_copy(model, imp.element_scores(model, method, stats, seed), structure, ratio)
     plan = {
-        "kind": PLAN_KIND, "format_version": PLAN_VERSION,
+        "kind": PLAN_KIND, "format_version": FORMAT_VERSION,
         "base_model": getattr(unwrap(model).config, "name_or_path", None), "base_fingerprint": fp,
         "base_config": base, "method": method, "structure": structure, "ratio": ratio, "seed": seed,
         "rounding": ("kept = max(1, floor((1 - ratio) * n + 0.5)) per layer for KV groups and layers; MLP channels "

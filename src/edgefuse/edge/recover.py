@@ -24,7 +24,7 @@ from edgefuse.adapters import (
     save_adapter,
 )
 from edgefuse.edge.plan import from_runs, full_shape, plan_hash, read_plan
-from edgefuse.edge.schema import PACKAGE_KIND, RECOVERED_KIND
+from edgefuse.artifacts import PACKAGE_KIND, EdgePackageManifest, RecoveredAdapterManifest
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import sha256_file
 
@@ -87,25 +87,23 @@ def recover(package_dir: Path, plan_path: Path, out_dir: Path, force: bool = Tru
     if not (package_dir / MANIFEST_FILE).is_file():
         raise EdgefuseError(f"not an edge package (no {MANIFEST_FILE})", path=package_dir)
     adapter = load_adapter(package_dir)  # verifies the manifest's hashes first
-    man = adapter.manifest or {}
-    if man.get("kind") != PACKAGE_KIND:
-        raise EdgefuseError(f"not an edge package ({MANIFEST_FILE} kind is {man.get('kind')!r})", path=package_dir)
+    man = adapter.manifest
+    if type(man) is not EdgePackageManifest:
+        raise EdgefuseError(f"not an edge package ({MANIFEST_FILE} kind is {man.kind!r})", path=package_dir)
     plan = read_plan(plan_path)
-    if man.get("base_fingerprint") != plan["base_fingerprint"]:
-        raise EdgefuseError(f"package was trained for base model {man.get('base_fingerprint')}, the plan is for "
+    if man.base_fingerprint != plan["base_fingerprint"]:
+        raise EdgefuseError(f"package was trained for base model {man.base_fingerprint}, the plan is for "
                             f"{plan['base_fingerprint']}", path=plan_path)
-    if man.get("plan_hash") != plan_hash(plan):
+    if man.plan_hash != plan_hash(plan):
         raise EdgefuseError("package was trained on another pruning plan (plan hash differs)", path=plan_path)
     full = recover_adapter(adapter, plan, package_dir)
     dropped = sorted(set(range(plan["base_config"]["num_hidden_layers"])) - set(plan["kept_layers"]))
-    manifest = {k: v for k, v in man.items() if k != "files"}
-    manifest["kind"] = RECOVERED_KIND
-    manifest["recovery"] = {
+    manifest = RecoveredAdapterManifest(**man.model_dump(exclude={"kind", "files"}), recovery={
         "from_kind": PACKAGE_KIND, "plan_hash": plan_hash(plan),
         "package_adapter_sha256": sha256_file(package_dir / WEIGHTS_FILE),
         "dropped_layers": dropped, "modules": len(full.modules),
         "note": "pruned rows/columns are zero; dropped layers carry no LoRA",
-    }
+    })
     # dropped layers carry no LoRA: say so in the PEFT config too, so PEFT does not inject empty ones there
     config = peft_config_for(full, plan.get("base_model"))
     if dropped:

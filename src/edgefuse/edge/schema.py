@@ -14,13 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgefuse.edge.families import ALL_PROJECTIONS, ROLES
 
-PLAN_FILE = "plan.json"
-PLAN_VERSION = 1
-PLAN_KIND = "edgefuse-prune-plan"
-MODEL_META = "edgefuse_model.json"  # beside a pruned model: its name, plan hash and fingerprints
-PACKAGE_VERSION = 1
-PACKAGE_KIND = "edgefuse-edge-package"
-RECOVERED_KIND = "edgefuse-recovered-adapter"
+PLAN_FILE = "plan.json"  # edgefuse.artifacts.PrunePlan
+MODEL_META = "edgefuse_model.json"  # beside a pruned model: edgefuse.artifacts.PrunedModelMeta
 CHECKPOINT_STATE = "state.json"  # in a training checkpoint directory, beside the LoRA and optimizer tensors
 
 PruneMethod = Literal["magnitude", "wanda", "taylor", "random"]

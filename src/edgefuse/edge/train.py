@@ -32,13 +32,14 @@ from typing import Any
 import torch
 
 from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter, save_adapter
+from edgefuse.artifacts import EdgePackageManifest
 from edgefuse.data.mmlu import MMLUItem
 from edgefuse.data.prompts import answer_text
 from edgefuse.edge.batching import Schedule, encode_cloze_items, encode_items
 from edgefuse.edge.families import family_for, resolve_targets
 from edgefuse.edge.memory import PeakMemory
-from edgefuse.edge.plan import load_pruned, plan_hash
-from edgefuse.edge.schema import CHECKPOINT_STATE, MODEL_META, PACKAGE_KIND, PACKAGE_VERSION, TrainConfig
+from edgefuse.edge.plan import load_pruned, plan_hash, read_model_meta
+from edgefuse.edge.schema import CHECKPOINT_STATE, TrainConfig
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import atomic_dir, atomic_write_json, hash_obj, load_safetensors, read_json, sha256_file
 from edgefuse.models import continuation_token_ids, fingerprint, lm_parts, make_batch
@@ -328,15 +329,12 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         "last_session_wall_s": round(run_wall, 3), "resumed": bool(resume),
         "device": str(dev), "dtype": precision.dtype, "torch_threads": torch.get_num_threads(),
     }
-    model_meta = read_json(pruned_dir / MODEL_META) if (pruned_dir / MODEL_META).is_file() else {}
-    manifest = {
-        "kind": PACKAGE_KIND, "format_version": PACKAGE_VERSION,
-        "base_model": plan.get("base_model"), "base_fingerprint": plan["base_fingerprint"],
-        "pruned_model": model_meta.get("name"), "pruned_fingerprint": pruned_fp,
-        "domain": domain, "n_items": len(items), "plan_hash": plan_hash(plan),
-        "plan": {k: plan[k] for k in ("method", "structure", "ratio")},
-        "train": config.model_dump(), "loss": OBJECTIVE_TEXT[config.objective],
-        "init": init_info,
-        "stats": stats,
-    }
-    return save_adapter(adapter, out_dir, manifest=manifest, base_model=model_meta.get("name") or str(pruned_dir))
+    pruned_name = getattr(read_model_meta(pruned_dir), "name", None)
+    manifest = EdgePackageManifest(
+        base_model=plan.get("base_model"), base_fingerprint=plan["base_fingerprint"],
+        pruned_model=pruned_name, pruned_fingerprint=pruned_fp,
+        domain=domain, n_items=len(items), plan_hash=plan_hash(plan),
+        plan={k: plan[k] for k in ("method", "structure", "ratio")},
+        train=config.model_dump(), loss=OBJECTIVE_TEXT[config.objective], init=init_info, stats=stats,
+    )
+    return save_adapter(adapter, out_dir, manifest=manifest, base_model=pruned_name or str(pruned_dir))

@@ -33,7 +33,8 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = N_BOOT,
 
 
 def fmt_ci(r: dict, pct: bool = True) -> str:
-    """'34.5 [28.0, 41.0]' style text for tables."""
+    """'34.5 [28.0, 41.0]' style text for tables, of a `bootstrap_ci` interval (its value is "acc") or a
+    `paired_ci` one (its value is "diff")."""
     k = 100.0 if pct else 1.0
-    v = r.get("acc", r.get("diff"))
+    v = r["diff"] if "diff" in r else r["acc"]
     return f"{v * k:.1f} [{r['lo'] * k:.1f}, {r['hi'] * k:.1f}]"

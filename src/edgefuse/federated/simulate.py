@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import read_json
 
 
 def backend_config(n_edges: int, cpus_per_edge: int = 1) -> dict[str, Any]:
@@ -53,4 +52,6 @@ def simulate(config: str | Path, run_dir: str | Path, *, min_edges: int = 0, tim
                        backend_config=backend_config(len(cfg.edges), cpus_per_edge))
     if not (run_dir / "results.json").is_file():
         raise EdgefuseError("the simulated study ended without results (see run.log)", path=run_dir)
-    return read_json(run_dir / "results.json")
+    from edgefuse.report import read_results
+
+    return read_results(run_dir)

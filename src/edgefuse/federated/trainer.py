@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import read_json, sha256_file
+from edgefuse.edge.plan import read_model_meta, read_plan
+from edgefuse.io import sha256_file
 
 log = logging.getLogger("edgefuse.run")
 
@@ -97,13 +98,12 @@ class FlowerTrainer:
     # ------------------------------------------------------------------ round
     def job_message(self, st, job) -> dict[str, Any]:
         """Everything the edge needs and nothing of the data: plan, model reference, settings."""
-        meta_path = job.pruned_dir / "edgefuse_model.json"
-        meta = read_json(meta_path) if meta_path.is_file() else {}
+        meta = read_model_meta(job.pruned_dir)
         d = st.cfg.data
         return {"edge": job.edge, "seed": job.seed, "round": job.round_no, "domains": list(job.domains),
                 "model": st.cfg.model,
-                "base_fingerprint": st.base_fingerprint, "plan": read_json(job.pruned_dir / "plan.json"),
-                "pruned_fingerprint": meta.get("pruned_fingerprint", ""), "train": job.config.model_dump(),
+                "base_fingerprint": st.base_fingerprint, "plan": read_plan(job.pruned_dir),
+                "pruned_fingerprint": meta.pruned_fingerprint if meta else "", "train": job.config.model_dump(),
                 "split": {"seed": d.split_seed, "public_per_subject": d.public_per_subject,
                           "edge_fraction": d.edge_fraction},
                 # the edge rebuilds the pruned model in the study's dtype (its fingerprint is that model's)
@@ -114,7 +114,7 @@ class FlowerTrainer:
         """Weight masks of an unstructured / 2:4 pruned model (its plan cannot list them); None otherwise."""
         from edgefuse.edge.plan import is_masked, load_pruned, weight_masks
 
-        plan = read_json(job.pruned_dir / "plan.json")
+        plan = read_plan(job.pruned_dir)
         if not is_masked(plan):
             return None
         model, _, _ = load_pruned(job.pruned_dir)
@@ -188,11 +188,10 @@ class FlowerTrainer:
     def accept(self, st, job, upload) -> None:
         from edgefuse.federated.verify import verify_package
 
-        meta_path = job.pruned_dir / "edgefuse_model.json"
-        meta = read_json(meta_path) if meta_path.is_file() else {}
+        meta = read_model_meta(job.pruned_dir)
         start = sha256_file(job.init_dir / "adapter_model.safetensors") if job.init_dir else None
-        verify_package(upload, edge=job.edge, plan=read_json(job.pruned_dir / "plan.json"),
-                       base_fingerprint=st.base_fingerprint, pruned_fingerprint=meta.get("pruned_fingerprint"),
+        verify_package(upload, edge=job.edge, plan=read_plan(job.pruned_dir),
+                       base_fingerprint=st.base_fingerprint, pruned_fingerprint=meta.pruned_fingerprint if meta else None,
                        rank=job.config.rank, targets=list(job.config.targets), start_sha256=start)
         if job.package_dir.exists():
             shutil.rmtree(job.package_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, load_adapter, verify_hashes
+from edgefuse.artifacts import PACKAGE_KIND, EdgePackageManifest, parse_manifest
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import read_json
 
@@ -40,14 +41,13 @@ def expected_shapes(plan: dict[str, Any], targets: list[str]) -> dict[str, tuple
 
 def verify_package(package_dir: Path, *, edge: str, plan: dict[str, Any], base_fingerprint: str,
                    pruned_fingerprint: str | None, rank: int, targets: list[str],
-                   start_sha256: str | None = None) -> dict[str, Any]:
+                   start_sha256: str | None = None) -> EdgePackageManifest:
     """Return the manifest of a package that passes every check; raise `PackageRejected` otherwise.
 
     ``start_sha256``: the start adapter the cloud sent for this round (None in the first round); the
     package must say it started from exactly that one.
     """
     from edgefuse.edge.plan import plan_hash
-    from edgefuse.edge.train import PACKAGE_KIND, PACKAGE_VERSION
 
     package_dir = Path(package_dir)
     try:
@@ -65,13 +65,18 @@ def verify_package(package_dir: Path, *, edge: str, plan: dict[str, Any], base_f
         except EdgefuseError as e:
             raise PackageRejected(f"hash check failed: {Path(str(e).split(':', 1)[0]).name} "
                                   f"{str(e).split(': ', 1)[-1]}") from None
-        checks = [("kind", man.get("kind"), PACKAGE_KIND), ("format_version", man.get("format_version"), PACKAGE_VERSION),
-                  ("base fingerprint", man.get("base_fingerprint"), base_fingerprint),
-                  ("plan hash", man.get("plan_hash"), plan_hash(plan)), ("edge", man.get("domain"), edge),
-                  ("rank", (man.get("train") or {}).get("rank"), rank),
-                  ("start adapter", (man.get("init") or {}).get("sha256"), start_sha256)]
+        try:
+            man = parse_manifest(man, package_dir / MANIFEST_FILE)
+        except EdgefuseError as e:
+            raise PackageRejected(str(e).split(": ", 1)[-1]) from None
+        if type(man) is not EdgePackageManifest:
+            raise PackageRejected(f"kind is {man.kind!r}, expected {PACKAGE_KIND!r}")
+        checks = [("base fingerprint", man.base_fingerprint, base_fingerprint),
+                  ("plan hash", man.plan_hash, plan_hash(plan)), ("edge", man.domain, edge),
+                  ("rank", man.train.get("rank"), rank),
+                  ("start adapter", (man.init or {}).get("sha256"), start_sha256)]
         if pruned_fingerprint:
-            checks.append(("pruned-model fingerprint", man.get("pruned_fingerprint"), pruned_fingerprint))
+            checks.append(("pruned-model fingerprint", man.pruned_fingerprint, pruned_fingerprint))
         for what, got, want in checks:
             if got != want:
                 raise PackageRejected(f"{what} is {got!r}, expected {want!r}")

@@ -24,13 +24,13 @@ from edgefuse.adapters import (
     load_adapter,
     save_adapter,
 )
+from edgefuse.artifacts import FusedAdapterManifest
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
 from edgefuse.fusion.registry import CR_THRESHOLD, get_cr_strategy, get_method, recipe_for, resolve_params
-from edgefuse.io import sha256_file
+from edgefuse.io import jsonable, sha256_file
 
-FORMAT = "edgefuse-fused-adapter"
 
 
 def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
@@ -174,11 +174,7 @@ def merge_into_model(model, adapter: LoraAdapter):
 
 
 def _fingerprints(adapters: list[LoraAdapter]) -> set[str]:
-    return {
-        str(a.manifest["base_fingerprint"])
-        for a in adapters
-        if a.manifest and a.manifest.get("base_fingerprint")
-    }
+    return {a.base_fingerprint for a in adapters if a.base_fingerprint}
 
 
 def _load_base(model: str | None, device: str | None = None):
@@ -246,31 +242,29 @@ def fuse_dirs(
     merged = None
     if merged_out is not None:  # the reader already checked every adapter against this model
         merged = merge_into_model(base, fused)
-    manifest = {
-        "format": FORMAT,
-        "version": 1,
-        "base_fingerprint": next(iter(fps)) if len(fps) == 1 else None,
-        "base_model": next(iter(names)) if len(names) == 1 else None,
-        "method": method,
-        "parameters": {k: stats[k] for k in ("weights", "density", "seed", "params", "rank")},
-        "cr": {"strategy": cr, "threshold": cr_threshold, "share": stats["params"]["cr_share"]} if cr else None,
-        "inputs": [
+    manifest = FusedAdapterManifest(
+        base_fingerprint=next(iter(fps)) if len(fps) == 1 else None,
+        base_model=next(iter(names)) if len(names) == 1 else None,
+        method=method,
+        parameters=jsonable({k: stats[k] for k in ("weights", "density", "seed", "params", "rank")}),
+        cr={"strategy": cr, "threshold": cr_threshold, "share": stats["params"]["cr_share"]} if cr else None,
+        inputs=[
             {
                 "path": str(Path(d)),
-                "domain": (a.manifest or {}).get("domain"),
+                "domain": a.domain,
                 "sha256": {f: sha256_file(Path(d) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
             }
             for d, a in zip(adapter_dirs, adapters)
         ],
-        "conflicts": {
+        conflicts=jsonable({
             "summary": conflicts["summary"],
             "module_scores": {n: e["score"] for n, e in conflicts["modules"].items()},
-        },
-        "cr_stats": _compact_cr(stats.get("cr")),
-        "output_rank": stats["output_rank"],
-        "wall_s": stats["wall_s"],
-    }
-    save_adapter(fused, out, manifest, base_model=manifest["base_model"])
+        }),
+        cr_stats=jsonable(_compact_cr(stats.get("cr"))),
+        output_rank=stats["output_rank"],
+        wall_s=stats["wall_s"],
+    )
+    save_adapter(fused, out, manifest, base_model=manifest.base_model)
     if merged is not None:
         from edgefuse.models import cast, save_model_dir
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.stats import fmt_ci
-from edgefuse.io import atomic_write_json, atomic_write_text, read_json
+from edgefuse.artifacts import StudyResults
+from edgefuse.io import atomic_write_text, jsonable
 from edgefuse.report.figures import draw_figures
 from edgefuse.report.tables import (cd_answer_table, cd_ks, conflict_table, cr_sweep_table, edges_table,
                                     headline_table, results_csv, rounds_table, scoring_line, seeds_table,
@@ -18,23 +19,23 @@ from edgefuse.report.tables import (cd_answer_table, cd_ks, conflict_table, cr_s
 
 
 def read_results(run_dir: Path) -> dict:
-    """A run directory's ``results.json`` (one clear line when it is missing or not a study's results)."""
+    """A run directory's ``results.json``, checked by its model (`edgefuse.artifacts.StudyResults`), as JSON."""
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise EdgefuseError("no results.json here (the study has not finished, or this is not a run directory)",
                             path=path)
-    doc = read_json(path)
-    missing = [k for k in ("name", "model", "config", "base", "seeds", "stages") if k not in doc] \
-        if isinstance(doc, dict) else ["a JSON object"]
-    if missing:
-        raise EdgefuseError(f"not a study's results: missing {', '.join(missing)}", path=path)
-    return doc
+    return StudyResults.read(path).dump()
 
 
 def write_report(doc: dict, run_dir: Path, results: bool = True) -> list[str]:
     """Write ``report.md``, ``results.csv`` and the figures into ``run_dir``, and (``results``) ``results.json``
-    last, so that a results.json means the whole report was written. Returns one note per figure left out."""
+    last, so that a results.json means the whole report was written. Returns one note per figure left out.
+
+    ``doc`` is checked by the results model first and rendered in its JSON form, the form `read_results`
+    gives back, so a fresh report and a re-rendered one are made from identical input."""
     run_dir = Path(run_dir)
+    checked = StudyResults.parse(jsonable(doc), run_dir / "results.json")
+    doc = checked.dump()
     figures, notes = draw_figures(doc, run_dir) if doc["config"]["output"]["figures"] else ({}, [])
     ks = cd_ks(doc)
     md = [f"# edgefuse study: {doc['name']}", "",
@@ -88,5 +89,5 @@ def write_report(doc: dict, run_dir: Path, results: bool = True) -> list[str]:
     atomic_write_text(run_dir / "results.csv", results_csv(doc))
     atomic_write_text(run_dir / "report.md", "\n".join(md))
     if results:
-        atomic_write_json(run_dir / "results.json", doc)  # last: a results.json means the whole report was written
+        checked.write(run_dir / "results.json")  # last: a results.json means the whole report was written
     return notes

@@ -134,17 +134,16 @@ def edges_table(doc: dict) -> str:
             subjects = {x for d in e["domains"] for x in domain_subjects(d)}
             ev = e.get("eval") or {}
             own, own_base = domain_acc(ev, subjects, subj), domain_acc(doc["base"], subjects, subj)
-            peak = tr.get("peak_memory_mib") or tr.get("peak_mem_mib") or tr.get("peak_memory_bytes")
-            if isinstance(peak, (int, float)) and peak > 1e6:
-                peak = peak / 2**20
-            loss = tr.get("loss_curve") or tr.get("losses") or []
+            peak_bytes = tr.get("peak_memory_bytes")  # None where no meter could measure it
+            peak = peak_bytes / 2**20 if isinstance(peak_bytes, (int, float)) else None
+            loss = tr.get("loss_curve", [])
             lines.append("| " + " | ".join([
                 e["edge"], ", ".join(e["domains"]), str(e["seed"]), _pruning_cell(pr),
                 f"{pr.get('params', 0) / 1e6:.1f}M / {pr.get('base_params', 0) / 1e6:.1f}M",
                 (f"{peak:.0f}" if isinstance(peak, (int, float)) else "–")
                 + (f" (est. {tr['memory_estimate_bytes'] / 2**20:.0f})" if tr.get("memory_estimate_bytes") else ""),
                 f"{tr.get('tokens_per_s', 0):.0f}" if tr.get("tokens_per_s") else "–",
-                f"{tr.get('wall_s', tr.get('wall_time_s', 0)):.0f}",
+                f"{tr.get('wall_s', 0):.0f}",
                 f"{_last_loss(loss):.3f}" if loss else "–",
                 (fmt_ci(own) + f" n={own['n']} (base {_pct(own_base['acc'])})") if own and own_base else "–",
                 fmt_ci(ev["mmlu"]["accuracy"]["overall"]) if "mmlu" in ev else "–",

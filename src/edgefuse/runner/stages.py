@@ -13,11 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from edgefuse.artifacts import EdgePackageManifest, RoundStartManifest
 from edgefuse.config import StudyConfig
 from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
 from edgefuse.runner.estimate import round_tag
-from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
+from edgefuse.io import atomic_write_json, jsonable, sha256_file
 from edgefuse.runner.study import Pending, Study
 from edgefuse.runner.trainers import Trainer, TrainJob
 
@@ -220,17 +221,16 @@ def write_start(fused_dir: Path, plan_path: Path, out_dir: Path) -> Path:
         return out_dir
     plan = read_plan(plan_path)
     start = project_adapter(load_adapter(fused_dir), plan, fused_dir)
-    return save_adapter(start, out_dir, manifest={"kind": "edgefuse-round-start", "from": str(fused_dir.name),
-                                                  "fused_sha256": sha256_file(fused_dir / "adapter_model.safetensors"),
-                                                  "plan_hash": plan_hash(plan)})
+    manifest = RoundStartManifest(source=fused_dir.name, plan_hash=plan_hash(plan),
+                                  fused_sha256=sha256_file(fused_dir / "adapter_model.safetensors"))
+    return save_adapter(start, out_dir, manifest=manifest)
 
 
 def _package_result(st: Study, job: TrainJob) -> dict | None:
     """The train stage's result if the trainer wrote this job's package; else None, the edge left out and
     recorded with the reason."""
     if job.failure is None and (job.package_dir / "edgefuse.json").is_file():
-        man = read_json(job.package_dir / "edgefuse.json")
-        return {"dir": "package", "stats": man.get("training", man.get("stats", {}))}
+        return {"dir": "package", "stats": EdgePackageManifest.read(job.package_dir / "edgefuse.json").stats}
     reason = job.failure or "the trainer wrote no package"
     st.missing_edges.append({"edge": job.edge, "seed": job.seed, "round": job.round_no, "reason": reason})
     log.warning("edge %s (seed %d) left out: %s", job.edge, job.seed, reason)
