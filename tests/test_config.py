@@ -162,3 +162,50 @@ def test_headline_metric_follows_the_format_and_named_cr_settings_round_trip(tmp
     saved = tmp_path / "config.json"
     saved.write_text(json.dumps(cfg.model_dump()))
     assert load_config(saved) == cfg
+
+
+def test_compose_section_defaults_come_from_one_place_and_round_trip(tmp_path):
+    """``compose:`` is off unless named; ``lorahub: {}`` and a bare mixture take the library's own defaults (those
+    `edgefuse.compose` uses when called directly), a mixture gets a name from its settings, and the saved form
+    loads back to the same study."""
+    import inspect
+
+    from edgefuse.compose.lorahub import lorahub, lorahub_dirs
+    from edgefuse.compose.retrieval import RetrievalSettings
+
+    off = load_config(write(tmp_path, GOOD))
+    assert not off.compose.enabled and off.compose.lorahub is None and off.compose.retrieval_mixture == []
+    cfg = load_config(write(tmp_path, {**GOOD, "compose": {"lorahub": {}, "retrieval_mixture": [
+        {}, {"k": 1, "weighting": "softmax", "temperature": 0.5, "routing": "segment"}, {"name": "mine", "k": 2}]}}))
+    assert cfg.compose.enabled
+    lh, direct = cfg.compose.lorahub, inspect.signature(lorahub).parameters
+    assert (lh.budget, lh.method) == (direct["budget"].default, direct["method"].default)
+    assert lh.examples == inspect.signature(lorahub_dirs).parameters["examples"].default
+    a, b, c = cfg.compose.retrieval_mixture
+    ref = RetrievalSettings()
+    assert (a.k, a.weighting, a.temperature, a.routing) == (ref.top_k, ref.weighting, ref.temperature, ref.routing)
+    assert a.name == "retrieval-k2-uniform-instance" and b.name == "retrieval-k1-softmax-t0.5-segment"
+    assert a.retrieval_tag == c.retrieval_tag == "retrieval-k2-uniform" and c.name == "mine"
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(cfg.model_dump()))
+    assert load_config(saved) == cfg
+
+
+@pytest.mark.parametrize("patch, msg", [
+    ({"lorahub": {"budget": -1}}, "compose.lorahub.budget: Input should be greater than or equal to 0"),
+    ({"lorahub": {"method": "magic"}}, "compose.lorahub.method: unknown fusion method 'magic'"),
+    ({"lorahub": {"budgett": 3}}, "compose.lorahub.budgett: unknown key"),
+    ({"retrieval_mixture": [{"k": 3}]}, "k = 3 is larger than the 2 edges"),
+    ({"retrieval_mixture": [{"k": 0}]}, "compose.retrieval_mixture.0.k: Input should be greater than or equal to 1"),
+    ({"retrieval_mixture": [{"weighting": "max"}]}, "compose.retrieval_mixture.0.weighting: Input should be"),
+    ({"retrieval_mixture": [{"routing": "token"}]}, "compose.retrieval_mixture.0.routing: Input should be"),
+    ({"retrieval_mixture": [{"temperature": 0}]}, "compose.retrieval_mixture.0.temperature: Input should be greater"),
+    ({"retrieval_mixture": [{}, {}]}, "retrieval mixture names must be distinct"),
+    ({"retrieval_mixture": [{"name": "task_arithmetic"}]}, "the name 'task_arithmetic' is taken"),
+    ({"retrieval_mixture": [{"name": "lorahub"}]}, "the name 'lorahub' is taken"),
+    ({"mixture": []}, "compose.mixture: unknown key"),
+])
+def test_bad_compose_settings_name_the_key(tmp_path, patch, msg):
+    with pytest.raises(EdgefuseError) as e:
+        load_config(write(tmp_path, {**GOOD, "compose": patch}))
+    assert msg in str(e.value), str(e.value)

@@ -49,3 +49,22 @@ def test_pyproject_flower_run_config_equals_the_serverapp_defaults():
 
     run_config = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
     assert run_config == DEFAULTS
+
+
+def test_compose_cli_and_the_study_share_the_composition_defaults():
+    """``edgefuse compose lorahub`` / ``compose embed`` and a study's ``compose:`` section take their defaults from
+    `edgefuse.compose.schema`."""
+    import typer
+
+    from edgefuse.commands import compose as compose_cmds
+    from edgefuse.compose.schema import EmbeddingSettings, LoraHubSettings
+
+    app = typer.Typer()
+    compose_cmds.register(app)
+    [group] = app.registered_groups
+    cmds = {c.callback.__name__: inspect.signature(c.callback).parameters for c in group.typer_instance.registered_commands}
+    lorahub = LoraHubSettings.model_fields
+    for option in ("examples", "budget", "method"):
+        assert cmds["lorahub"][option].default.default == lorahub[option].default, option
+    assert cmds["embed"]["examples"].default.default == EmbeddingSettings.model_fields["examples"].default
+    assert StudyConfig.model_fields["compose"].get_default().lorahub is None  # off unless the study names it

@@ -664,3 +664,71 @@ def test_unstructured_study_on_flower_equals_single_process_run(tmp_path):
     assert_same_fused(tmp_path / "local", tmp_path / "sim")
     assert scores(tmp_path / "local") == scores(tmp_path / "sim")
     assert results(tmp_path / "sim")["seeds"][0]["edges"][0]["prune"]["ratio"] == 0.5
+
+
+# ----------------------------------------------------------------------------------------------- retrieval vector
+def test_edge_sends_its_retrieval_vector_in_the_manifest_and_the_cloud_pools_it(tmp_path):
+    """With retrieval mixtures in the study, the job asks the edge for its adapter's vector: the edge embeds its
+    own training examples, the one mean vector travels in the package manifest (no example text), the cloud
+    accepts the package, recovery keeps the vector, and the study's pool uses it. Without mixtures, no vector."""
+    from types import SimpleNamespace
+
+    import yaml
+    from sentence_transformers import SentenceTransformer
+
+    from edgefuse.assets import minilm_dir
+    from edgefuse.compose.retrieval import AdapterPool
+    from edgefuse.config import StudyConfig
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
+    from edgefuse.edge.plan import save_pruned
+    from edgefuse.edge.prune import prune_model
+    from edgefuse.edge.recover import recover
+    from edgefuse.federated.edge import run_job
+    from edgefuse.federated.records import content_to_files, content_to_job, job_to_content, package_to_content
+    from edgefuse.federated.trainer import FlowerTrainer
+    from edgefuse.federated.verify import PackageRejected
+    from edgefuse.io import read_json
+    from edgefuse.models import fingerprint, load_model
+    from edgefuse.runner.composition import edge_vector
+    from edgefuse.runner.trainers import TrainJob
+
+    raw = yaml.safe_load(CONFIG.read_text())
+    cfg = StudyConfig.model_validate({**raw, "compose": {"embedding": {"examples": 6},
+                                                         "retrieval_mixture": [{"k": 1}]}})
+    base, tok = load_model("tiny-llama")
+    cloud = save_pruned(prune_model(base, tok, method="magnitude", structure="width", ratio=0.5), tok, tmp_path / "cloud")
+    st = SimpleNamespace(cfg=cfg, base_fingerprint=fingerprint(base), precision=cfg.precision(), embeddings={})
+    tjob = TrainJob("science", 0, ["stem"], cloud, cfg.training.model_copy(update={"seed": 0}), tmp_path / "w")
+    trainer = object.__new__(FlowerTrainer)  # no grid needed to write a job
+    plain = SimpleNamespace(**{**vars(st), "cfg": StudyConfig.model_validate(raw)})
+    assert "embedding" not in trainer.job_message(plain, tjob)  # no mixture, nothing asked of the edge
+    job = content_to_job(job_to_content(trainer.job_message(st, tjob)))
+    assert job["embedding"] == {"examples": 6, "seed": 0}
+    package, tmp = run_job(job, {"edge": "science"}, tmp_path / "edge")
+    got = tmp_path / "got"
+    content_to_files(package_to_content(package), got)  # what the cloud receives
+    meta = read_json(cloud / "edgefuse_model.json")
+    man = _verify(got, cloud, pruned_fingerprint=meta["pruned_fingerprint"], rank=cfg.training.rank,
+                  targets=list(cfg.training.targets))
+    rec = man.embedding
+    items = select(load_mmlu(), "edge", ["stem"], None, 6, 0, SplitSpec(seed=0))
+    texts = ["\n".join([it.question.strip(), *map(str, it.choices)]) for it in items]
+    ref = SentenceTransformer(str(minilm_dir()), device="cpu").encode(texts, normalize_embeddings=True).mean(0)
+    assert rec["n_examples"] == 6 and len(rec["vector"]) == 384
+    assert max(abs(a - float(b)) for a, b in zip(rec["vector"], ref)) <= 1e-5
+    sent = (got / "edgefuse.json").read_text()
+    assert not any(it.question.strip()[:40] in sent for it in items)  # the vector, not the examples
+    recovered = recover(got, cloud / "plan.json", tmp_path / "recovered")
+    assert read_json(recovered / "edgefuse.json")["embedding"] == rec
+    edge = {"edge": "science", "adapter": str(recovered), "domains": ["stem"]}
+    st.embeddings["science"] = {"vector": [1.0] * 384}  # a study's own embed stage would be overruled
+    assert edge_vector(st, edge) == rec
+    assert AdapterPool.of([load_adapter(recovered)]).vectors.shape == (1, 384)
+    bad = json.loads(sent)
+    bad["embedding"]["vector"] = "not numbers"
+    (got / "edgefuse.json").write_text(json.dumps(bad))
+    with pytest.raises(PackageRejected, match="retrieval embedding is malformed"):
+        _verify(got, cloud, pruned_fingerprint=meta["pruned_fingerprint"], rank=cfg.training.rank,
+                targets=list(cfg.training.targets))
+    if tmp is not None:
+        tmp.cleanup()

@@ -204,6 +204,67 @@ def test_instance_k1_equals_library_chain_on_peft(tiny, adapters, adapter_dirs, 
     assert err <= 1e-4
 
 
+@pytest.fixture(scope="module")
+def cloze_tokens(tiny, mmlu):
+    """Encoded cloze contexts and choices of seven short MMLU items, one context cut to a few tokens."""
+    import random
+
+    from edgefuse.data.prompts import cloze_continuation, cloze_prompt
+    from edgefuse.evaluate.cloze import ClozeScorer
+
+    _, tok = tiny
+    short = [it for it in mmlu.items if len(it.question) < 160 and max(map(len, it.choices)) < 60]
+    items = random.Random(4).sample(short, 7)
+    contexts = [cloze_prompt(it) for it in items]
+    contexts[2] = contexts[2][-30:]
+    return ClozeScorer(tiny[0], tok).encode(contexts, [[cloze_continuation(it, c) for c in range(4)] for it in items])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_packed_mixture_cloze_equals_the_naive_per_choice_scorer(tiny, adapters, cloze_tokens, batch_size):
+    """The packed mixture scorer (context once, choices packed after it) equals repeating the context per
+    choice, with per-token context mixtures, a different choice mixture per row, ranks 2, 4 and 8."""
+    from helpers.mixture import naive_mixture_continuations
+
+    model, tok = tiny
+    ctxs, conts = cloze_tokens
+    g = torch.Generator().manual_seed(7)
+    ctx_w = [torch.rand(len(c), len(adapters), generator=g) * (torch.rand(len(c), len(adapters), generator=g) > 0.3)
+             for c in ctxs]
+    ctx_w[1] = torch.tensor([0.2, 0.0, 0.8])  # one mixture for a whole context
+    cont_w = [torch.softmax(torch.randn(len(adapters), generator=g), 0) for _ in ctxs]
+    with LoraMixture(model, adapters) as mix:
+        scorer = MixtureScorer(model, tok, mix, batch_size=batch_size)
+        got = scorer.continuations(ctxs, conts, ctx_w, cont_w)
+        ref = naive_mixture_continuations(model, mix, ctxs, conts, ctx_w, cont_w, tok.pad_token_id, batch_size=5)
+    err = float((got - ref).abs().max())
+    print(f"\npacked vs naive mixture cloze, batch {batch_size}: max |d| = {err:.2e}")
+    assert err <= 1e-5
+    assert scorer.tokens == sum(len(c) + sum(max(0, len(x) - 1) for x in cs) for c, cs in zip(ctxs, conts))
+    with LoraMixture(model, adapters) as mix:  # the mixture matters: equal weights give other scores
+        flat = MixtureScorer(model, tok, mix).continuations(ctxs, conts, [torch.full((3,), 1 / 3)] * len(ctxs),
+                                                             [torch.full((3,), 1 / 3)] * len(ctxs))
+    assert float((flat - got).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("j", range(len(CONFIGS)))
+def test_packed_mixture_cloze_k1_equals_the_packed_scorer_on_peft(tiny, adapters, adapter_dirs, cloze_tokens, j):
+    from edgefuse.evaluate.cloze import ClozeScorer
+
+    model, tok = tiny
+    ctxs, conts = cloze_tokens
+    one_hot = torch.zeros(len(adapters))
+    one_hot[j] = 1.0
+    with LoraMixture(model, adapters) as mix:
+        got = MixtureScorer(model, tok, mix, batch_size=3).continuations(ctxs, conts, [one_hot] * len(ctxs),
+                                                                         [one_hot] * len(ctxs))
+    ref = ClozeScorer(_peft(adapter_dirs[j]), tok, batch_size=3).score_tokens(ctxs, conts)
+    err = float((got - ref).abs().max())
+    print(f"\nk=1 adapter {j} packed mixture vs packed scorer on PEFT: max |d| = {err:.2e}")
+    assert err <= 1e-5
+    assert float((got - ClozeScorer(model, tok).score_tokens(ctxs, conts)).abs().max()) > 1e-3  # the adapter acts
+
+
 @pytest.mark.parametrize("fmt", ["letters", "cloze"])
 def test_segment_routing_equals_dense_per_token_reference(tiny, adapters, adapter_dirs, instances, fmt):
     model, tok = tiny

@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
+from edgefuse.compose.schema import LORAHUB_NAME, ComposeConfig
 from edgefuse.edge.schema import PruningConfig, TrainConfig
 from edgefuse.errors import EdgefuseError
 
@@ -194,6 +195,8 @@ class StudyConfig(_Strict):
     fusion: FusionConfig = FusionConfig()
     rounds: RoundsConfig = RoundsConfig()
     benchmarks: BenchmarksConfig = BenchmarksConfig()
+    compose: ComposeConfig = Field(ComposeConfig(), description="LoraHub and retrieval mixtures of the edge adapters, "
+                                                                "evaluated next to the static fusions")
     output: OutputConfig = OutputConfig()
     max_minutes: Optional[float] = Field(None, gt=0, description="refuse to start when the estimated duration "
                                                                  "of the stages still to run is longer")
@@ -280,6 +283,13 @@ class StudyConfig(_Strict):
         cr_names = [c.name for c in self.fusion.cr]
         if r.cr is not None and r.cr not in cr_names:
             raise ValueError(f"rounds.cr {r.cr!r} is not among fusion.cr {cr_names}")
+        taken = {"base", LORAHUB_NAME, *(m if c == "off" else f"{m}+{c}" for m in self.fusion.methods for c in cr_names)}
+        for mix in self.compose.retrieval_mixture:
+            if mix.name in taken:
+                raise ValueError(f"compose.retrieval_mixture: the name {mix.name!r} is taken by another model of the study")
+            if mix.k > len(self.edges):
+                raise ValueError(f"compose.retrieval_mixture {mix.name!r}: k = {mix.k} is larger than the "
+                                 f"{len(self.edges)} edges")
         return self
 
     @field_serializer("edge_pruning")

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from edgefuse.commands.options import device_option
-from edgefuse.compose.embedding import DEFAULT_EXAMPLES
+from edgefuse.compose.schema import DEFAULT_EMBEDDING_EXAMPLES, LORAHUB_BUDGET, LORAHUB_EXAMPLES, LORAHUB_METHOD
 from edgefuse.errors import EdgefuseError
 
 
@@ -32,9 +32,9 @@ def register(app: typer.Typer) -> None:
         adapters_flag: bool = typer.Option(False, "--adapters", help="the adapter directories follow"),
         domains: Optional[list[str]] = typer.Option(None, "--domains",
                                                     help="MMLU domains of the examples: stem,humanities or repeat"),
-        examples: int = typer.Option(20, "--examples", help="public-split examples the weights are learned on"),
-        budget: int = typer.Option(40, "--budget", help="optimiser evaluations after the start's (>= 0)"),
-        method: str = typer.Option("task_arithmetic", "--method", "-m", help="fusion method the weights feed"),
+        examples: int = typer.Option(LORAHUB_EXAMPLES, "--examples", help="public-split examples the weights are learned on"),
+        budget: int = typer.Option(LORAHUB_BUDGET, "--budget", help="optimiser evaluations after the start's (>= 0)"),
+        method: str = typer.Option(LORAHUB_METHOD, "--method", "-m", help="fusion method the weights feed"),
         objective: str = typer.Option("letters", "--objective", help="letters | cloze"),
         start: str = typer.Option("uniform", "--start", help="uniform (1/K each) | zeros (the paper's)"),
         model: Optional[str] = typer.Option(None, "--model", help="base model (default: the adapters' own)"),
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
     @compose.command("embed")
     def embed(
         adapter: Path = typer.Option(..., "--adapter", help="adapter directory (edge package or recovered adapter)"),
-        examples: int = typer.Option(DEFAULT_EXAMPLES, "--examples", help="examples averaged"),
+        examples: int = typer.Option(DEFAULT_EMBEDDING_EXAMPLES, "--examples", help="examples averaged"),
         texts: Optional[Path] = typer.Option(None, "--texts", help="examples file: .jsonl (question+choices or text) "
                                                                    "or one per line; default: the MMLU edge split"),
         domain: Optional[str] = typer.Option(None, "--domain", help="MMLU domain of the examples (default: the manifest's)"),

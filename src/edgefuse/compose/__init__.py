@@ -1,24 +1,24 @@
 """Dynamic composition of edge adapters: LoraHub-learned fusion weights, and per-input output mixtures served
-as mixed-adapter batches."""
+as mixed-adapter batches.
 
-from edgefuse.compose.lorahub import LoraHubResult, lorahub, save_lorahub
-from edgefuse.compose.mixture import (
-    WEIGHTINGS,
-    LoraMixture,
-    softmax_weights,
-    top_k_weights,
-    uniform_weights,
-    weight_matrix,
-)
+The names below are imported on first use, so that `edgefuse.compose.schema` (the settings, no torch) can be
+read by the study config without loading torch."""
 
-__all__ = [
-    "WEIGHTINGS",
-    "LoraHubResult",
-    "LoraMixture",
-    "lorahub",
-    "save_lorahub",
-    "softmax_weights",
-    "top_k_weights",
-    "uniform_weights",
-    "weight_matrix",
-]
+from __future__ import annotations
+
+from importlib import import_module
+
+_WHERE = {
+    "LoraHubResult": "lorahub", "lorahub": "lorahub", "save_lorahub": "lorahub",
+    "WEIGHTINGS": "schema",
+    "LoraMixture": "mixture", "softmax_weights": "mixture", "top_k_weights": "mixture",
+    "uniform_weights": "mixture", "weight_matrix": "mixture",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'edgefuse.compose' has no attribute {name!r}")
+    return getattr(import_module(f"edgefuse.compose.{_WHERE[name]}"), name)

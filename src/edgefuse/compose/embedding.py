@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
+from edgefuse.compose.schema import DEFAULT_EMBEDDING_EXAMPLES as DEFAULT_EXAMPLES
 from edgefuse.errors import EdgefuseError
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_KEY = "embedding"  # the manifest field
 TEXT_FORM = "question and answer choices, one per line"
-DEFAULT_EXAMPLES = 32  # examples averaged per adapter
 
 
 def example_text(item) -> str:
@@ -96,7 +96,18 @@ def attach_embedding(adapter_dir: str | Path, texts: Sequence[str], *, source: s
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise EdgefuseError("no examples to embed for this adapter", path=d)
-    record = embedding_record(mean_embedding(texts, encoder), len(texts), source)
+    return write_embedding(d, embedding_record(mean_embedding(texts, encoder), len(texts), source), manifest)
+
+
+def write_embedding(adapter_dir: str | Path, record: dict[str, Any], manifest=None) -> dict[str, Any]:
+    """Store an embedding record in the adapter's ``edgefuse.json`` (rewritten atomically; ``manifest``: the
+    `edgefuse.artifacts` model already read, else it is read here)."""
+    from edgefuse.adapters import MANIFEST_FILE
+    from edgefuse.artifacts import ExternalAdapterManifest, read_manifest
+
+    man_path = Path(adapter_dir) / MANIFEST_FILE
+    if manifest is None:
+        manifest = read_manifest(man_path) if man_path.is_file() else ExternalAdapterManifest()
     manifest.model_copy(update={EMBEDDING_KEY: record}).write(man_path)
     return record
 
@@ -130,6 +141,16 @@ def edge_example_texts(items: Sequence, n: int = DEFAULT_EXAMPLES, seed: int = 0
     if n < len(items):
         items = stratified_sample(items, n, seed)
     return [example_text(it) for it in items]
+
+
+def edge_embedding(items: Sequence, examples: int = DEFAULT_EXAMPLES, seed: int = 0, *, source: str = "edge examples",
+                   encoder=None) -> dict[str, Any]:
+    """The manifest record of an edge's adapter vector, from the edge's own training items: what the study's
+    ``embed`` stages and a Flower edge (`edgefuse.federated.edge.run_job`) compute, the same way."""
+    texts = edge_example_texts(items, examples, seed)
+    if not texts:
+        raise EdgefuseError("no examples to embed for this edge")
+    return embedding_record(mean_embedding(texts, encoder), len(texts), source)
 
 
 def read_texts(path: str | Path) -> list[str]:

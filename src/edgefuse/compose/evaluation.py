@@ -41,7 +41,7 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
     (the question and its choices are the query; few-shot examples are not)."""
     from edgefuse.data.mmlu import LETTERS
     from edgefuse.data.prompts import cloze_continuation, cloze_prompt
-    from edgefuse.evaluate.cloze import check_format, choose, encode_choices
+    from edgefuse.evaluate.cloze import check_format, choose
     from edgefuse.evaluate.mmlu import _document, build_prompts
     from edgefuse.evaluate.scoring import continuation_token_ids
     from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
@@ -70,20 +70,10 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
                 if progress is not None:
                     progress(len(part))
         else:
-            ctxs, conts = [], []
-            for it in items:
-                ctx, cs = encode_choices(tokenizer, cloze_prompt(it), [cloze_continuation(it, c)
-                                                                       for c in range(len(it.choices))])
-                keep = max(1, scorer.max_length + 1 - max(len(c) for c in cs))  # as ClozeScorer truncates
-                ctxs.append(ctx[-keep:])
-                conts.append(cs)
-            scores = torch.empty((len(items), len(items[0].choices)))
-            for s in range(0, len(items), batch_size):
-                part = list(range(s, min(len(items), s + batch_size)))
-                scores[part] = scorer.continuations([ctxs[i] for i in part], [conts[i] for i in part],
-                                                    [W[i].expand(len(ctxs[i]), -1) for i in part], [W[i] for i in part])
-                if progress is not None:
-                    progress(len(part))
+            ctxs, conts = scorer.encode_cloze([cloze_prompt(it) for it in items],
+                                              [[cloze_continuation(it, c) for c in range(len(it.choices))]
+                                               for it in items])
+            scores = scorer.continuations(ctxs, conts, W, W, progress)
     wall = time.perf_counter() - t0
     subjects = [it.subject for it in items]
     mixes = [_mixture_record(W[i], pool) for i in range(len(items))]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,13 @@ import torch
 
 from edgefuse.adapters import LoraAdapter, save_adapter
 from edgefuse.artifacts import FusedAdapterManifest
+from edgefuse.compose.schema import LORAHUB_BOUND as DEFAULT_BOUND
+from edgefuse.compose.schema import LORAHUB_BUDGET as DEFAULT_BUDGET
+from edgefuse.compose.schema import LORAHUB_EXAMPLES, LORAHUB_METHOD
+from edgefuse.compose.schema import LORAHUB_L1 as DEFAULT_L1
+from edgefuse.compose.schema import LORAHUB_OBJECTIVES as OBJECTIVES
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import jsonable
-
-OBJECTIVES = ("letters", "cloze")
-DEFAULT_BUDGET = 40
-DEFAULT_BOUND = 1.5
-DEFAULT_L1 = 0.05
 
 
 @dataclass
@@ -157,7 +157,7 @@ class MergedModel:
 
 
 def lorahub_objective(model, adapters: Sequence[LoraAdapter], weights: Sequence[float], loss_fn, *,
-                      method: str = "task_arithmetic", l1: float = DEFAULT_L1, seed: int = 0,
+                      method: str = LORAHUB_METHOD, l1: float = DEFAULT_L1, seed: int = 0,
                       fusion_params: dict | None = None) -> tuple[float, float, LoraAdapter]:
     """(objective, example loss, fused adapter) at ``weights``: fuse, merge into ``model``, score, restore."""
     from edgefuse.fusion.api import fuse_adapters
@@ -171,13 +171,15 @@ def lorahub_objective(model, adapters: Sequence[LoraAdapter], weights: Sequence[
 
 
 def lorahub(model, tokenizer, adapters: Sequence[LoraAdapter], items: Sequence, *, objective: str = "letters",
-            budget: int = DEFAULT_BUDGET, method: str = "task_arithmetic", start=None,
+            budget: int = DEFAULT_BUDGET, method: str = LORAHUB_METHOD, start=None,
             bound: float = DEFAULT_BOUND, l1: float = DEFAULT_L1, seed: int = 0, seq: int = 512,
-            batch_size: int = 8, fusion_params: dict | None = None, device="cpu") -> LoraHubResult:
+            batch_size: int = 8, fusion_params: dict | None = None, device="cpu",
+            progress: Callable[[int], None] | None = None) -> LoraHubResult:
     """Learn one weight per adapter on ``items`` (MMLU items) with nevergrad's NGOpt; see the module doc.
 
     ``start``: None / ``"uniform"`` (1/K each, the default), ``"zeros"`` (the paper's) or K numbers.
-    ``budget``: optimiser evaluations after the start's (0 returns the start and its loss)."""
+    ``budget``: optimiser evaluations after the start's (0 returns the start and its loss).
+    ``progress(1)`` after each evaluation (budget + 1 in all)."""
     adapters = list(adapters)
     if not adapters:
         raise EdgefuseError("LoraHub needs at least one adapter")
@@ -201,6 +203,8 @@ def lorahub(model, tokenizer, adapters: Sequence[LoraAdapter], items: Sequence, 
                                              fusion_params=fusion_params)
         trace.append({"step": len(trace), "weights": list(w), "loss": loss, "objective": obj,
                       "wall_s": round(time.perf_counter() - t0, 4)})
+        if progress is not None:
+            progress(1)
         return obj, loss, fused
 
     start_obj, start_loss, fused0 = evaluate(w0)
@@ -257,7 +261,7 @@ def save_lorahub(result: LoraHubResult, out: str | Path, *, base_model: str | No
 
 
 def lorahub_dirs(adapter_dirs: Sequence[str | Path], out: str | Path, domains: Sequence[str], *,
-                 examples: int = 20, budget: int = DEFAULT_BUDGET, method: str = "task_arithmetic",
+                 examples: int = LORAHUB_EXAMPLES, budget: int = DEFAULT_BUDGET, method: str = LORAHUB_METHOD,
                  objective: str = "letters", model: str | None = None, mmlu: str | None = None,
                  start=None, seed: int = 0, force: bool = False, device: str | None = None) -> dict:
     """Load the adapters and the base model, learn LoraHub weights on ``examples`` items of the MMLU

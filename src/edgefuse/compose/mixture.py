@@ -22,9 +22,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgefuse.adapters import LoraAdapter
+from edgefuse.compose.schema import WEIGHTINGS
 from edgefuse.errors import EdgefuseError
 
-WEIGHTINGS = ("uniform", "softmax")
 _STACK_CACHE = 4  # stacked factor sets kept (one per distinct union of adapters in a batch)
 
 

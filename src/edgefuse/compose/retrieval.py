@@ -18,23 +18,23 @@ import torch
 
 from edgefuse.adapters import LoraAdapter
 from edgefuse.compose.embedding import read_embedding
-from edgefuse.compose.mixture import WEIGHTINGS, top_k_weights
+from edgefuse.compose.mixture import top_k_weights
+from edgefuse.compose.schema import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, ROUTINGS, WEIGHTINGS
 from edgefuse.errors import EdgefuseError
-
-ROUTINGS = ("instance", "segment")
 
 
 @dataclass(frozen=True)
 class RetrievalSettings:
-    """How a retrieval mixture is formed; the defaults here are the only ones (the CLI passes what it is given).
+    """How a retrieval mixture is formed; the defaults come from `edgefuse.compose.schema` (the CLI passes what it is
+    given, the study config's `MixtureSettings` has the same ones).
 
     ``routing`` matters on MMLU-CD only: ``instance`` retrieves one mixture from the whole prompt,
     ``segment`` one per ``Question j`` block, used by that block and its answer positions."""
 
-    top_k: int = 2
-    weighting: str = "uniform"
-    temperature: float = 0.1  # cosine similarities span little; 0.1 makes softmax prefer the closest clearly
-    routing: str = "instance"
+    top_k: int = DEFAULT_TOP_K
+    weighting: str = WEIGHTINGS[0]
+    temperature: float = DEFAULT_TEMPERATURE
+    routing: str = ROUTINGS[0]
 
     def check(self, pool_size: int | None = None) -> "RetrievalSettings":
         """One clear line for an impossible setting; with ``pool_size``, k must fit the pool."""
@@ -62,11 +62,12 @@ class RetrievalSettings:
 
 @dataclass
 class AdapterPool:
-    """The adapters retrieval chooses from, with their names, domains and L2-normalised vectors (n, d)."""
+    """The adapters retrieval chooses from, with their names, domains (a domain, the list of an edge's domains, or
+    None) and L2-normalised vectors (n, d)."""
 
     adapters: list[LoraAdapter]
     names: list[str]
-    domains: list[str | None]
+    domains: list[str | list[str] | None]
     vectors: torch.Tensor
 
     def __len__(self) -> int:
@@ -134,14 +135,13 @@ def own_adapters(subject: str, pool: AdapterPool) -> list[int]:
     """Indices of the pool's adapters whose domain covers an MMLU subject."""
     from edgefuse.data.taxonomy import domain_subjects
 
-    out = []
-    for j, d in enumerate(pool.domains):
+    def covers(domain) -> bool:
         try:
-            if d and subject in domain_subjects(d):
-                out.append(j)
+            return bool(domain) and subject in domain_subjects(domain)
         except EdgefuseError:
-            continue  # a domain name that is not an MMLU domain covers no subject
-    return out
+            return False  # a domain name that is not an MMLU domain covers no subject
+
+    return [j for j, d in enumerate(pool.domains) if any(covers(x) for x in (d if isinstance(d, list) else [d]))]
 
 
 def retrieval_accuracy(queries: torch.Tensor, subjects: Sequence[str], pool: AdapterPool) -> dict:

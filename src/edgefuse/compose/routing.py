@@ -3,11 +3,13 @@
 Why a scorer of its own: the library's scorers sort and batch prompts internally and reuse a KV cache
 across the answers of an MMLU-CD instance, so no outside code can tell which row or which cached step a
 forward pass holds. Here every forward pass is one padded batch of whole texts, and each token carries
-the mixture of the segment it belongs to (`LoraMixture` with per-token weights). An MMLU-CD answer j is
-scored on the full growing text (the prefix and the model's own earlier answers, tokenized whole, which
-is what the cached chain equals by construction), so an instance costs k passes instead of one prefix
-pass and k-1 short steps: per-segment routing changes the keys and values of every later position,
-which a shared cache cannot express.
+the mixture of the segment it belongs to (`LoraMixture` with per-token weights). Cloze answers are
+scored with the library's packed algorithm (`edgefuse.evaluate.cloze.ClozeScorer`: the context once,
+its four choices packed after it), which calls back here to set each position's mixture. An MMLU-CD
+answer j is scored on the full growing text (the prefix and the model's own earlier answers, tokenized
+whole, which is what the cached chain equals by construction), so an instance costs k passes instead
+of one prefix pass and k-1 short steps: per-segment routing changes the keys and values of every later
+position, which a shared cache across steps cannot express.
 
 Segments of an MMLU-CD prompt: the header (label -1, it names every question's subject, and uses the
 mean of the instance's segment mixtures), ``Question j`` with its choices and the blank line after it
@@ -23,7 +25,7 @@ import torch
 
 from edgefuse.compose.mixture import LoraMixture
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.cloze import gather_logliks
+from edgefuse.evaluate.cloze import ClozeScorer, PackedRows
 from edgefuse.evaluate.mmlu_cd import common_prefix
 from edgefuse.evaluate.scoring import head_logprobs, lm_parts, make_batch, unwrap
 from edgefuse.tokens import bos_prefix
@@ -121,37 +123,38 @@ class MixtureScorer:
             out[torch.tensor(idx)] = head_logprobs(head, softcap, h)[:, list(token_ids)].float().cpu()
         return out
 
-    @torch.inference_mode()
+    def encode_cloze(self, contexts: Sequence[str], continuations: Sequence[Sequence[str]]
+                     ) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """Context and choice ids exactly as `edgefuse.evaluate.cloze.ClozeScorer` encodes and truncates them."""
+        return ClozeScorer(self.model, self.tokenizer, max_length=self.max_length).encode(contexts, continuations)
+
     def continuations(self, ctxs: Sequence[Sequence[int]], conts: Sequence[Sequence[Sequence[int]]],
-                      ctx_weights: Sequence[torch.Tensor], cont_weights: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(n, choices) summed log-likelihood of each continuation after its context; the context's
-        tokens use ``ctx_weights[i]`` (tokens, pool), the continuation's ``cont_weights[i]`` (pool,)."""
-        _, head, softcap = lm_parts(self.model)
-        n_choices = len(conts[0])
-        rows = [(i, c) for i in range(len(ctxs)) for c in range(n_choices)]
-        seqs = [list(ctxs[i]) + list(conts[i][c][:-1]) for i, c in rows]
-        out = torch.zeros(len(rows), dtype=torch.float32)
-        for idx in self._order([len(s) for s in seqs], self.batch_size * n_choices):
-            ws = []
-            for r in idx:
-                i, c = rows[r]
-                extra = max(0, len(conts[i][c]) - 1)
-                ws.append(torch.cat([ctx_weights[i], cont_weights[i].expand(extra, -1)]))
-            hidden, _ = self._hidden([seqs[r] for r in idx], ws)
-            picks, targets, owners = [], [], []
-            for row, r in enumerate(idx):
-                i, c = rows[r]
-                n = len(ctxs[i])
-                for t, tok in enumerate(conts[i][c]):
-                    picks.append((row, n - 1 + t))
-                    targets.append(tok)
-                    owners.append(row)
-            if not picks:
-                continue
-            at = torch.tensor(picks, device=hidden.device)
-            ll = gather_logliks(head, softcap, hidden[at[:, 0], at[:, 1]], targets, owners, len(idx))
-            out[torch.tensor(idx)] = ll.cpu()
-        return out.view(len(ctxs), n_choices)
+                      ctx_weights: Sequence[torch.Tensor], cont_weights: Sequence[torch.Tensor],
+                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """(n, choices) summed log-likelihood of each continuation after its context.
+
+        The packing is `edgefuse.evaluate.cloze.ClozeScorer`'s (the context once, its keys and values
+        serve every choice, the LM head only where a continuation token is predicted); this scorer only
+        sets, before each of its decoder calls, the mixture of every packed position: a context token
+        uses ``ctx_weights[i]`` (one row per context token, (tokens, pool), or one (pool,) for all), a
+        choice token ``cont_weights[i]`` (pool,), padding zeros."""
+        for ctx, w in zip(ctxs, ctx_weights):
+            if w.ndim == 2 and w.shape[0] != len(ctx):
+                raise EdgefuseError(f"internal error: {w.shape[0]} mixture rows for a context of {len(ctx)} tokens")
+
+        def prepare(rows: PackedRows) -> None:
+            w = torch.zeros((*rows.part.shape, self.mixture.n_adapters))
+            for r, i in enumerate(rows.items):
+                ctx, choice = rows.part[r] == 0, rows.part[r] > 0
+                cw = torch.as_tensor(ctx_weights[i], dtype=torch.float32)
+                w[r, ctx] = cw[rows.index[r, ctx]] if cw.ndim == 2 else cw
+                w[r, choice] = torch.as_tensor(cont_weights[i], dtype=torch.float32)
+            self.mixture.set_weights(w)
+
+        scorer = ClozeScorer(self.model, self.tokenizer, self.batch_size, self.max_length, prepare=prepare)
+        out = scorer.score_tokens(ctxs, conts, progress)
+        self.tokens += scorer.tokens_scored
+        return out
 
 
 def score_cd(scorer: MixtureScorer, instances: Sequence[Sequence], segments: torch.Tensor, header: torch.Tensor,

@@ -28,6 +28,7 @@ start with the tokenizer's default BOS, if it adds one (`edgefuse.tokens`), so c
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -169,6 +170,19 @@ def continuation_logliks(body, head, softcap, cache, mask: torch.Tensor, last_hi
     return sums.view(rows, n_choices), tokens
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """What each position of one packed batch holds, for a caller that runs the batch its own way.
+
+    ``items``: the input index each row holds; ``part`` (rows, width): 0 for a context token, c + 1
+    for a token of choice c, -1 for padding; ``index`` (rows, width): a context token's index in its
+    (encoded, possibly truncated) context, a choice token's offset inside its choice. CPU tensors."""
+
+    items: list[int]
+    part: torch.Tensor
+    index: torch.Tensor
+
+
 class ClozeScorer:
     """Summed log-likelihood of each continuation given its context, in one forward pass per batch.
 
@@ -178,10 +192,15 @@ class ClozeScorer:
     context's keys and values are computed once and serve all choices, with no cache copies and
     one decoder call per batch, as in letter scoring. Rows are sorted by total length and left
     padded. Equal to scoring each context + continuation alone (tests).
+
+    ``prepare``, if given, is called with each batch's `PackedRows` right before its decoder call: a
+    model whose forward depends on the row or the token (a per-row adapter mixture,
+    `edgefuse.compose.routing`) sets itself up there, and the packing stays this one algorithm.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
+                 prepare: Callable[[PackedRows], None] | None = None):
+        self.model, self.tokenizer, self.batch_size, self.prepare = model, tokenizer, batch_size, prepare
         self.max_length = max_length or getattr(unwrap(model).config, "max_position_embeddings", 4096)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.tokens_scored = 0  # tokens run through the decoder (contexts + continuations, no padding)
@@ -241,6 +260,9 @@ class ClozeScorer:
                         targets.append(cont[0])
                 later_owners += [r * n_choices + c for c in sg]
                 later_targets += [t for cont in conts[i] for t in cont[1:]]
+            if self.prepare is not None:
+                n_ctx = torch.tensor([len(ctxs[i]) for i in idx])[:, None]
+                self.prepare(PackedRows(list(idx), seg.clone(), torch.where(seg > 0, pos - n_ctx, pos)))
             ids, seg, pos = ids.to(device), seg.to(device), pos.to(device)
             causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
             qi, kj = seg[:, :, None], seg[:, None, :]

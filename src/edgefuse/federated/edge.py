@@ -5,7 +5,10 @@ directly and reused by any transport. The edge receives only the plan and a base
 it loads the base model itself, rebuilds the pruned model with `edgefuse.edge.plan.apply_plan`
 and checks its fingerprint against the one the cloud pruned, so both sides train the very same
 weights. Its training items come from its own copy of the data (``node_config["data"]``, default the
-embedded MMLU) and the split settings in the job; they never leave the node.
+embedded MMLU) and the split settings in the job; they never leave the node. When the job asks for it
+(``"embedding"``: the study has retrieval mixtures), the edge also computes its adapter's retrieval vector
+from those items (`edgefuse.compose.embedding.edge_embedding`) and puts it in the package's manifest: one
+averaged vector per adapter is all that leaves the node of its data.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from edgefuse.errors import EdgefuseError
-
 
 
 def parse_domains(value: Any) -> list[str] | None:
@@ -62,6 +64,18 @@ def local_items(job: dict[str, Any], domains: list[str], node_config: dict[str, 
     return select(ds, "edge", domains, None, None, spec.seed, spec)
 
 
+def embed_package(package: Path, items, settings: dict[str, Any], domains: list[str]) -> dict[str, Any]:
+    """This edge's retrieval vector, from its own training items, written into its package's manifest (which
+    the upload carries whole; the file hashes do not cover the manifest, so the package stays valid)."""
+    from edgefuse.compose.embedding import edge_embedding, write_embedding
+    from edgefuse.compose.schema import EmbeddingSettings
+
+    s = EmbeddingSettings.model_validate(settings)  # the study's settings; anything left out takes the defaults
+    record = edge_embedding(items, s.examples, s.seed, source=f"the edge's own training examples ({', '.join(domains)})")
+    write_embedding(package, record)
+    return record
+
+
 def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | None = None,
             progress: Callable[..., None] | None = None, start_dir: Path | None = None, masks: dict | None = None,
             ) -> tuple[Path, tempfile.TemporaryDirectory | None]:
@@ -82,6 +96,8 @@ def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | N
         cfg = TrainConfig(**job["train"])
         package = train_edge(pruned, job["edge"], items, cfg, Path(work_dir) / "package",
                              progress=progress or (lambda *a, **k: None), init_dir=start_dir, dtype=job.get("dtype"))
+        if job.get("embedding") is not None:
+            embed_package(package, items, job["embedding"], domains)
         return package, tmp
     except BaseException:
         if tmp is not None:

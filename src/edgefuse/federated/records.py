@@ -6,14 +6,16 @@ and tested in one place.
 
 - Job (cloud → edge), one ``ConfigRecord`` ``"job"``: edge name, domains, seed, round, base-model spec
   and fingerprint, the pruning plan (JSON; it holds kept indices, no data), the pruned model's
-  fingerprint, training hyper-parameters and the split settings. Never any data item. In rounds after
+  fingerprint, training hyper-parameters and the split settings (and, when the study mixes adapters by
+  retrieval, the settings of the vector the edge computes from its own examples). Never any data item. In rounds after
   the first also the start adapter (the fused adapter in this edge's pruned shapes), laid out like a
   package under ``"start"`` / ``"start-files"``. For unstructured / 2:4 plans, which cannot list what
   they zero, the weight masks as packed bits (``"masks"``: one uint8 array per projection; weights
   and data never travel, and 1 bit per weight is 1/32 of the float32 model).
 - Package (edge → cloud): ``ArrayRecord`` ``"adapter"`` with the PEFT LoRA tensors of the edge
   package, and ``ConfigRecord`` ``"package"`` with the text of ``adapter_config.json`` and of the
-  ``edgefuse.json`` manifest (file hashes, fingerprints, plan hash, training statistics).
+  ``edgefuse.json`` manifest (file hashes, fingerprints, plan hash, training statistics; when the job
+  asked for it, the adapter's retrieval vector: one mean embedding of the edge's examples).
 The cloud rebuilds the package directory from these and checks it (`edgefuse.federated.verify`)
 before anything else reads it.
 """
@@ -89,7 +91,7 @@ def content_to_start(content, directory: Path) -> Path | None:
     return Path(directory)
 
 
-JSON_FIELDS = ("domains", "plan", "train", "split")
+JSON_FIELDS = ("domains", "plan", "train", "split", "embedding")
 
 
 def content_to_job(content) -> dict[str, Any]:

@@ -107,7 +107,9 @@ class FlowerTrainer:
                 "split": {"seed": d.split_seed, "public_per_subject": d.public_per_subject,
                           "edge_fraction": d.edge_fraction},
                 # the edge rebuilds the pruned model in the study's dtype (its fingerprint is that model's)
-                **({"dtype": st.precision.dtype} if st.precision.reduced else {})}
+                **({"dtype": st.precision.dtype} if st.precision.reduced else {}),
+                # retrieval mixtures: the edge embeds its own examples and sends the vector in its manifest
+                **({"embedding": st.cfg.compose.embedding.model_dump()} if st.cfg.compose.retrieval_mixture else {})}
 
     @staticmethod
     def masks(job) -> dict | None:

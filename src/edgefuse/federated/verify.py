@@ -5,7 +5,7 @@ Why: in a federation the cloud cannot trust what arrives. A package is fused onl
 - it was trained for this base model (fingerprint), on this edge's pruning plan (plan hash), on the
   pruned model the cloud built from that plan (pruned fingerprint), for this edge and with this rank,
 - every LoRA tensor is finite and has the shape the plan gives its module, and every module the
-  training targets is present.
+  training targets is present; a retrieval vector, if the manifest carries one, is well-formed.
 Any failure raises `PackageRejected` with the reason; the package is then left out and reported.
 """
 
@@ -80,6 +80,10 @@ def verify_package(package_dir: Path, *, edge: str, plan: dict[str, Any], base_f
         for what, got, want in checks:
             if got != want:
                 raise PackageRejected(f"{what} is {got!r}, expected {want!r}")
+        if man.embedding is not None:  # the edge's retrieval vector (retrieval mixtures): well-formed or rejected
+            from edgefuse.compose.embedding import read_embedding
+
+            read_embedding(man, package_dir)
         adapter = load_adapter(package_dir)  # the one reader: header, ranks, NaN/Inf; the plan is checked below
         want_shapes = expected_shapes(plan, targets)
         got_names, want_names = set(adapter.modules), set(want_shapes)

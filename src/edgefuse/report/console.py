@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from edgefuse.report.tables import headline_table
+from edgefuse.report.tables import headline_table, retrieval_line
 from edgefuse.ui import console
 
 
@@ -16,6 +16,8 @@ def print_summary(doc: dict, run_dir: Path, how: str = "") -> None:
     wall = f"{doc['wall_s']:.0f} s"
     console.print(f"\n[bold]Headline ({doc['name']}, {how + ', ' if how else ''}{wall})[/bold]")
     typer.echo(headline_table(doc))
+    if retrieval_line(doc):
+        typer.echo(retrieval_line(doc))
     for m in doc.get("missing_edges") or []:
         console.print(f"[yellow]left out: edge {m['edge']} (seed {m['seed']}): {m['reason']}[/yellow]")
     console.print(f"\nreport: {Path(run_dir) / 'report.md'}")

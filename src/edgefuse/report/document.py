@@ -13,9 +13,9 @@ from edgefuse.evaluate.stats import fmt_ci
 from edgefuse.artifacts import StudyResults
 from edgefuse.io import atomic_write_text, jsonable
 from edgefuse.report.figures import draw_figures
-from edgefuse.report.tables import (cd_answer_table, cd_ks, conflict_table, cr_sweep_table, edges_table,
-                                    headline_table, results_csv, rounds_table, scoring_line, seeds_table,
-                                    stages_table, transfer_table)
+from edgefuse.report.tables import (cd_answer_table, cd_ks, composed_line, conflict_table, cr_sweep_table, edges_table,
+                                    headline_table, results_csv, retrieval_line, rounds_table, scoring_line,
+                                    seeds_table, stages_table, transfer_table)
 
 
 def read_results(run_dir: Path) -> dict:
@@ -44,8 +44,10 @@ def write_report(doc: dict, run_dir: Path, results: bool = True) -> list[str]:
           + ", ".join(f"k={k}: {n}" for k, n in doc["cd_n"].items()) + f"; total wall time {doc['wall_s']:.0f} s.", "",
           "Accuracies in %, with 95% bootstrap intervals. Δ columns are paired bootstrap intervals over the same "
           "items; `*` marks a difference whose interval excludes 0.", "",
-          "## Headline: base model vs fused edge adapters (± LoRA-CR)", "", scoring_line(doc), "",
-          headline_table(doc), ""]
+          "## Headline: base model vs fused edge adapters (± LoRA-CR)"
+          + (" and their dynamic compositions" if any(s.get("composed") for s in doc["seeds"]) else ""),
+          "", scoring_line(doc), "", headline_table(doc), ""]
+    md += [line + "\n" for line in (composed_line(doc), retrieval_line(doc)) if line]
     answers = cd_answer_table(doc)
     if answers:
         md += [answers, ""]

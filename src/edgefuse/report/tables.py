@@ -52,12 +52,45 @@ def cd_ks(doc: dict) -> list[int]:
 
 
 def headline_rows(doc: dict) -> list[dict]:
-    """One row per model: base, then each fused method ± LoRA-CR (first seed; mean±std in its own table)."""
+    """One row per model: base, each fused method ± LoRA-CR, then each composition (LoraHub, retrieval mixtures)
+    of the study's ``compose`` section (first seed; mean±std in its own table)."""
     base = doc["base"]
     rows = [{"model": "base", "ev": base}]
     if doc["seeds"]:
         rows += [{"model": f["name"], "ev": f["eval"], "fusion": f.get("fusion")} for f in doc["seeds"][0]["fused"]]
+        rows += [{"model": c["name"], "ev": c["eval"]} for c in doc["seeds"][0].get("composed") or []]
     return rows
+
+
+def composed_line(doc: dict) -> str:
+    """What the composition rows of the headline are (empty when the study has none)."""
+    composed = doc["seeds"][0].get("composed") if doc["seeds"] else None
+    if not composed:
+        return ""
+    parts = []
+    for c in composed:
+        s = c["settings"]
+        if c["kind"] == "lorahub":
+            w = ", ".join(f"{e} {x:+.2f}" for e, x in zip(c["lorahub"]["edges"], c["lorahub"]["weights"]))
+            parts.append(f"`{c['name']}`: LoraHub weights ({w}) learned on {c['lorahub']['examples']} public examples "
+                         f"in {c['lorahub']['evaluations']} evaluations, fused by {s['method']}")
+        else:
+            how = "1/k" if s["weighting"] == "uniform" else f"softmax over similarity / {s['temperature']:g}"
+            parts.append(f"`{c['name']}`: each request mixes its top-{s['k']} edge adapters' outputs ({how}); "
+                         f"MMLU-CD routed per {s['routing']}")
+    return "Compositions: " + "; ".join(parts) + "."
+
+
+def retrieval_line(doc: dict) -> str:
+    """The retrieval mixtures' router on its own: the share of MMLU test questions whose own-domain edge adapter
+    ranks first (first seed), with its 95% bootstrap interval; empty without a retrieval mixture on MMLU."""
+    acc = doc["seeds"][0].get("retrieval") if doc["seeds"] else None
+    if not acc:
+        return ""
+    chance = len(doc["config"]["edges"])
+    skipped = f"; {acc['skipped']} questions of domains no edge covers left out" if acc.get("skipped") else ""
+    return (f"Retrieval accuracy (the question's own-domain edge adapter ranked first by MiniLM similarity): "
+            f"{fmt_ci(acc)} % of {acc['n']} MMLU test questions (chance {100 / chance:.0f}%){skipped}.")
 
 
 def headline_table(doc: dict) -> str:
@@ -305,7 +338,8 @@ def results_csv(doc: dict) -> str:
                + [f"cd_k{k}_{x}" for k in ks for x in ("strict", "lo", "hi", "diff_vs_base", "diff_lo", "diff_hi")])
     entries = [("base", "", doc["base"])] + [(e["edge"], s["seed"], e["eval"]) for s in doc["seeds"]
                                              for e in s["edges"] if e.get("eval")] \
-        + [(f["name"], s["seed"], f["eval"]) for s in doc["seeds"] for f in s["fused"]]
+        + [(f["name"], s["seed"], f["eval"]) for s in doc["seeds"] for f in s["fused"]] \
+        + [(c["name"], s["seed"], c["eval"]) for s in doc["seeds"] for c in s.get("composed") or []]
     for name, seed, ev in entries:
         row: list[Any] = [name, seed]
         m = ev.get("mmlu", {}).get("accuracy", {}).get("overall")

@@ -32,6 +32,13 @@ RATES = {
     "fuse": {"plain": 1.0, "elementwise": 7.0, "cr": 1.0},   # per fused model; cr is added to the method
     "mmlu_item": {"letters": 0.19, "cloze": 0.165},           # per item, batch 8, adapter applied (250 s / 1,500)
     "cd_answer": {"letters": 0.12, "cloze": 0.30},            # per answer of an MMLU-CD instance (241 s / 800)
+    # composition (issue 13): not yet measured in a study; derived from the rates above, and corrected, like every
+    # kind, by a run directory's own finished stages
+    "embed": 8.0,                  # per edge: load the embedded MiniLM, embed its examples
+    "lorahub_eval": 1.5,           # per LoraHub evaluation: fuse with the candidate weights, merge, restore
+    "lorahub_example": {"letters": 0.11, "cloze": 0.05},    # per example and evaluation: a forward (train_prompt / 3)
+    "mixture": 1.3,                # a retrieval mixture's scoring ÷ a merged adapter's (k adapters' hooks per layer)
+    "query": 0.005,                # per request: its MiniLM embedding
 }
 
 
@@ -71,6 +78,8 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
     out = [PlannedStage("data", "data", RATES["setup"])]
     out += [PlannedStage("data", f"mmlu-cd-k{k}", 1.0) for k in cd_s]
     out.append(PlannedStage("eval", "eval-base", s * (eval_s + sum(cd_s.values()))))
+    if cfg.compose.retrieval_mixture:
+        out += [PlannedStage("embed", f"embed-{e}", RATES["embed"]) for e in cfg.edges]
     t = cfg.training
     train_s = s * t.steps * t.batch * t.grad_accum * RATES["train_prompt"][t.objective]
     for seed in cfg.seeds:
@@ -93,6 +102,37 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
                     fuse += RATES["fuse"]["cr"] if c.strategy != "off" else 0.0
                     out.append(PlannedStage("fuse", f"fuse-{name}-{tag}", s * fuse))
                     out.append(PlannedStage("eval", f"eval-{name}-{tag}", s * (eval_s + sum(cd_s.values()))))
+        out += composition_plan(cfg, round_tag(seed, cfg.rounds.count), s, n_mmlu)
+    return out
+
+
+def composition_plan(cfg: StudyConfig, tag: str, s: float, n_mmlu: int) -> list[PlannedStage]:
+    """The composition stages after the last round (`edgefuse.runner.composition`), in the order they run."""
+    from edgefuse.compose.schema import LORAHUB_NAME
+
+    b, c = cfg.benchmarks, cfg.compose
+    fmt, out = b.format, []
+    eval_s = n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0
+    cd_ks = b.mmlu_cd.ks if b.mmlu_cd.enabled else []
+    if c.lorahub is not None:
+        objective = c.lorahub.objective or fmt
+        per_eval = RATES["lorahub_eval"] + c.lorahub.examples * RATES["lorahub_example"][objective]
+        out.append(PlannedStage("fuse", f"{LORAHUB_NAME}-{tag}", s * (c.lorahub.budget + 1) * per_eval))
+        alone = RATES["mmlu_item"][fmt] if b.mmlu_cd.single else 0.0
+        cd = sum(b.mmlu_cd.n * k * (RATES["cd_answer"][fmt] + alone) for k in cd_ks)
+        out.append(PlannedStage("eval", f"eval-{LORAHUB_NAME}-{tag}", s * (eval_s + cd)))
+    seen = set()
+    for mix in c.retrieval_mixture:
+        if b.mmlu.enabled and mix.retrieval_tag not in seen:
+            seen.add(mix.retrieval_tag)
+            out.append(PlannedStage("eval", f"eval-{mix.retrieval_tag}-mmlu-{tag}",
+                                    s * eval_s * RATES["mixture"] + n_mmlu * RATES["query"]))
+        if cd_ks:
+            # each answer is scored on the whole growing text (no cache across answers): about k items' worth
+            per_answer = {k: RATES["mmlu_item"][fmt] * k * RATES["mixture"] for k in cd_ks}
+            alone = RATES["mmlu_item"][fmt] * RATES["mixture"] if b.mmlu_cd.single else 0.0
+            cd = sum(b.mmlu_cd.n * k * (per_answer[k] + alone + 2 * RATES["query"]) for k in cd_ks)
+            out.append(PlannedStage("eval", f"eval-{mix.name}-cd-{tag}", s * cd))
     return out
 
 

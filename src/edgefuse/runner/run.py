@@ -18,6 +18,7 @@ from edgefuse.config import StudyConfig
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import atomic_write_json, writing
 from edgefuse.runner.cache import StageCache
+from edgefuse.runner.composition import stage_compose, stage_embeddings
 from edgefuse.runner.estimate import estimate_study, remaining_seconds
 from edgefuse.runner.stages import run_seed, stage_base_eval, stage_cd_build, stage_data
 from edgefuse.runner.study import Study
@@ -132,7 +133,12 @@ def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progres
             stage_data(st)
             stage_cd_build(st)
             base = stage_base_eval(st)
-            seeds = [run_seed(st, seed, trainer) for seed in cfg.seeds]
+            stage_embeddings(st)
+            seeds = []
+            for seed in cfg.seeds:
+                seeds.append(run_seed(st, seed, trainer))
+                if cfg.compose.enabled:  # LoraHub and retrieval mixtures of the last round's edge adapters
+                    seeds[-1] |= stage_compose(st, seeds[-1]["edges"], seed, cfg.rounds.count)
         doc = {"name": cfg.name, "model": cfg.model, "base_fingerprint": st.base_fingerprint,
                "config": cfg.model_dump(), "precision": precision.as_dict(), "base": base, "seeds": seeds, "missing_edges": st.missing_edges,
                "stages": st.cache.records, "wall_s": round(time.perf_counter() - t0, 1),

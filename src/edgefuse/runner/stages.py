@@ -1,7 +1,8 @@
 """The study's stages, each a pure function over files cached by `StageCache` (through `Study.stage`).
 
-  data → mmlu-cd build (per k) → base eval → per seed: per edge prune; then per round: per edge
-  train → recover → eval alone; per fusion method × LoRA-CR strategy: fuse → eval.
+  data → mmlu-cd build (per k) → base eval → (retrieval mixtures) per edge embed → per seed: per edge prune;
+  then per round: per edge train → recover → eval alone; per fusion method × LoRA-CR strategy: fuse → eval;
+  after the last round (`edgefuse.runner.composition`): lorahub → eval, retrieval mixtures' evals.
 Every stage's ``inputs`` dict is its cache key: changing one (a key, a value's form) makes every existing run
 directory redo that stage and all after it, so they stay exactly as they are (tests/test_pipeline_e2e.py,
 ``test_stage_keys_are_those_the_code_before_the_runner_package_wrote``).
@@ -77,7 +78,6 @@ def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool =
 
     b = st.cfg.benchmarks
     metric = b.headline_metric
-    norm = "_norm" if metric == "acc_norm" else ""
     summary: dict[str, Any] = {"label": label, "format": b.format, "metric": metric}
     alone: list[dict] = []  # zero-shot per-item records of this model, reused by MMLU-CD's "items alone"
     if b.mmlu.enabled:
@@ -85,10 +85,7 @@ def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool =
                             public=st.items_of("public") if b.mmlu.shots else (), batch_size=b.batch_size,
                             progress=advance, meta={"label": label}, fmt=b.format)
         atomic_write_json(work / "mmlu.json", res)
-        summary["mmlu"] = {"accuracy": res["accuracy" + norm], "file": "mmlu.json",
-                           "correct": {i["id"]: int(i["correct" + norm]) for i in res["items"]}}
-        if b.format == "cloze":
-            summary["mmlu"]["metrics"] = {"acc": res["accuracy"]["overall"], "acc_norm": res["accuracy_norm"]["overall"]}
+        summary["mmlu"] = mmlu_summary(st, res)
         if not b.mmlu.shots:
             alone = list(res["items"])
     for k, doc in (st.cd_docs if cd else {}).items():
@@ -97,12 +94,29 @@ def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool =
                                metric=metric, single=b.mmlu_cd.single)
         alone += res["single_items"] or []
         atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
-        summary[f"mmlu_cd_k{k}"] = {key: res[key] for key in ("strict", "per_position", "answer", "single", "penalty", "chance")
-                                    if key in res}
-        summary[f"mmlu_cd_k{k}"]["file"] = f"mmlu_cd_k{k}.json"
-        summary[f"mmlu_cd_k{k}"]["strict_outcomes"] = [int(inst["strict"]) for inst in res["instances"]]
-        summary[f"mmlu_cd_k{k}"]["answer_outcomes"] = [[int(c) for c in inst["correct"]] for inst in res["instances"]]
+        summary[f"mmlu_cd_k{k}"] = cd_summary(res, k)
     return summary
+
+
+def mmlu_summary(st: Study, res: dict, file: str = "mmlu.json") -> dict:
+    """An MMLU results document summed up for results.json: the headline metric's accuracy and per-item outcomes
+    (both metrics' accuracy too, in cloze form)."""
+    b = st.cfg.benchmarks
+    norm = "_norm" if b.headline_metric == "acc_norm" else ""
+    out = {"accuracy": res["accuracy" + norm], "file": file,
+           "correct": {i["id"]: int(i["correct" + norm]) for i in res["items"]}}
+    if b.format == "cloze":
+        out["metrics"] = {"acc": res["accuracy"]["overall"], "acc_norm": res["accuracy_norm"]["overall"]}
+    return out
+
+
+def cd_summary(res: dict, k: int) -> dict:
+    """An MMLU-CD results document summed up for results.json: its scores and per-instance, per-answer outcomes."""
+    out = {key: res[key] for key in ("strict", "per_position", "answer", "single", "penalty", "chance") if key in res}
+    out["file"] = f"mmlu_cd_k{k}.json"
+    out["strict_outcomes"] = [int(inst["strict"]) for inst in res["instances"]]
+    out["answer_outcomes"] = [[int(c) for c in inst["correct"]] for inst in res["instances"]]
+    return out
 
 
 def _eval_total(st: Study, cd: bool = True) -> int:

@@ -50,6 +50,7 @@ class Study:
     mmlu_items: list = field(default_factory=list)
     cd_docs: dict[int, dict] = field(default_factory=dict)
     cd_hashes: dict[int, str] = field(default_factory=dict)
+    embeddings: dict[str, dict] = field(default_factory=dict)  # edge → its adapter's retrieval embedding record
     missing_edges: list[dict] = field(default_factory=list)  # edges a (federated) trainer could not deliver
     precision: Any = None  # edgefuse.precision.Precision: device and dtype of the base model, pruning and training
 

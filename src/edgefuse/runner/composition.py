@@ -1,0 +1,232 @@
+"""The study's dynamic-composition stages (issue 13), next to the static fusions and evaluated the same way.
+
+  per edge ``embed``: the adapter's retrieval vector, the mean MiniLM embedding of the edge's own training examples
+  (what a real edge computes and sends, `edgefuse.compose.embedding.edge_embedding`); kept in its own stage, so the
+  train stage and its cache key stay as they were;
+  ``lorahub-<tag>`` (kind fuse): LoraHub weights (Huang et al. 2023) learned on a few public-split examples, written
+  as a fused adapter, then ``eval-lorahub-<tag>`` as any fused model;
+  retrieval mixtures (LoraRetriever / RAMoLE, Zhao et al. 2024): ``eval-<retrieval>-mmlu-<tag>`` once per way of
+  forming a request's mixture (k, weighting, temperature: routing does not matter for single questions), and
+  ``eval-<name>-cd-<tag>`` per configured mixture for MMLU-CD, routed per instance or per question segment.
+
+They run on the last round's recovered edge adapters. Every stage's ``inputs`` is its cache key, as everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from edgefuse.compose.schema import LORAHUB_NAME, MixtureSettings
+from edgefuse.io import atomic_write_json, hash_obj, read_json, sha256_file
+from edgefuse.runner.estimate import round_tag
+from edgefuse.runner.stages import (_eval_total, _with_adapter, cd_summary, eval_inputs, evaluate_model, mmlu_summary,
+                                    precision_inputs)
+from edgefuse.runner.study import Study
+
+log = logging.getLogger("edgefuse.run")
+
+EMBED_FILE = "embedding.json"
+
+
+def embedding_inputs(st: Study, edge: str) -> dict:
+    from edgefuse.assets import MINILM_DIST, MINILM_VERSION
+    from edgefuse.compose.embedding import ENCODER_NAME
+
+    return {"data": st.cfg.data.model_dump(), "edge": edge, "domains": st.cfg.edges[edge],
+            "embedding": st.cfg.compose.embedding.model_dump(), "encoder": f"{ENCODER_NAME} {MINILM_DIST}=={MINILM_VERSION}"}
+
+
+def stage_embeddings(st: Study) -> None:
+    """One ``embed`` stage per edge when the study has retrieval mixtures; the records go to ``st.embeddings``."""
+    from edgefuse.compose.embedding import edge_embedding
+
+    e = st.cfg.compose.embedding
+    if not st.cfg.compose.retrieval_mixture:
+        return
+    for edge, domains in st.cfg.edges.items():
+        def run(work: Path, advance, domains=domains) -> dict:
+            record = edge_embedding(st.items_of("edge", domains), e.examples, e.seed,
+                                    source=f"MMLU edge split of {', '.join(domains)}")
+            atomic_write_json(work / EMBED_FILE, record)
+            return {"file": EMBED_FILE, "n_examples": record["n_examples"]}
+
+        out, res = st.stage("embed", f"embed-{edge}", embedding_inputs(st, edge), run)
+        st.embeddings[edge] = read_json(out / res["file"])
+
+
+def _adapter_keys(edges: list[dict]) -> list[str]:
+    """The edge adapters as fuse stages name them in their inputs (stage directory and file, content-addressed)."""
+    return [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges]
+
+
+def lorahub_settings(st: Study, seed: int) -> dict:
+    """The study's LoraHub settings with the defaults that follow the study filled in (objective, seed)."""
+    lh = st.cfg.compose.lorahub
+    return lh.model_dump() | {"objective": lh.objective or st.cfg.benchmarks.format,
+                              "seed": seed if lh.seed is None else lh.seed}
+
+
+def lorahub_items(st: Study, domains: list[str], settings: dict) -> list:
+    """The public-split examples LoraHub learns on: a seeded stratified sample of the edges' domains."""
+    from edgefuse.data.mmlu import select
+
+    return select(st.dataset, "public", domains, None, settings["examples"], settings["seed"], st.split_spec)
+
+
+def _domains(edges: list[dict]) -> list[str]:
+    return list(dict.fromkeys(d for e in edges for d in e["domains"]))
+
+
+def stage_lorahub(st: Study, edges: list[dict], seed: int, round_no: int) -> dict:
+    """LoraHub weights over the edge adapters → a fused adapter (kind fuse) → its evaluation (kind eval)."""
+    from edgefuse.adapters import load_adapter
+    from edgefuse.compose.lorahub import lorahub, save_lorahub
+
+    settings = lorahub_settings(st, seed)
+    domains = _domains(edges)
+    b = st.cfg.benchmarks
+    inputs = {"adapters": _adapter_keys(edges), "lorahub": settings, "data": st.cfg.data.model_dump(),
+              "domains": domains, "seq": st.cfg.training.seq, "batch_size": b.batch_size, **precision_inputs(st)}
+
+    def run(work: Path, advance) -> dict:
+        items = lorahub_items(st, domains, settings)
+        adapters = [load_adapter(e["adapter"], st.model) for e in edges]
+        res = lorahub(st.model, st.tokenizer, adapters, items, objective=settings["objective"],
+                      budget=settings["budget"], method=settings["method"], start=settings["start"],
+                      seed=settings["seed"], seq=st.cfg.training.seq, batch_size=b.batch_size,
+                      device=next(st.model.parameters()).device, progress=advance)
+        res.settings.update({"domains": domains, "model": st.cfg.model})
+        names = {a.base_model for a in adapters if a.base_model}
+        save_lorahub(res, work / "fused", base_model=next(iter(names)) if len(names) == 1 else None,
+                     inputs=[{"edge": e["edge"], "domains": e["domains"], "adapter": key}
+                             for e, key in zip(edges, _adapter_keys(edges))], base_fingerprint=st.base_fingerprint)
+        return {"dir": "fused", "lorahub": {"weights": res.weights, "edges": [e["edge"] for e in edges],
+                                            "loss": res.loss, "objective": res.objective, "start_loss": res.start_loss,
+                                            "start_objective": res.start_objective, "evaluations": len(res.trace),
+                                            "examples": len(items)}}
+
+    tag = round_tag(seed, round_no)
+    fdir, fres = st.stage("fuse", f"{LORAHUB_NAME}-{tag}", inputs, run, total=settings["budget"] + 1)
+    adapter = fdir / fres["dir"]
+    _, ev = st.stage("eval", f"eval-{LORAHUB_NAME}-{tag}",
+                     {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
+                     lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(st, m, work, adv, LORAHUB_NAME)),
+                     total=_eval_total(st))
+    return {"name": LORAHUB_NAME, "kind": "lorahub", "seed": seed, "round": round_no, "adapter": str(adapter),
+            "settings": settings, "lorahub": fres["lorahub"], "eval": ev}
+
+
+def edge_vector(st: Study, edge: dict) -> dict:
+    """An edge adapter's retrieval embedding record: the one its edge sent in the manifest (a Flower edge does,
+    `edgefuse.federated.edge.embed_package`; recovery keeps it), else its ``embed`` stage's."""
+    from edgefuse.artifacts import read_manifest
+
+    return read_manifest(Path(edge["adapter"]) / "edgefuse.json").embedding or st.embeddings[edge["edge"]]
+
+
+def mixture_pool(st: Study, edges: list[dict]):
+    """The retrieval pool: each edge's recovered adapter with its retrieval vector (`edge_vector`), named by edge."""
+    from edgefuse.adapters import load_adapter
+    from edgefuse.artifacts import ExternalAdapterManifest
+    from edgefuse.compose.embedding import EMBEDDING_KEY
+    from edgefuse.compose.retrieval import AdapterPool
+
+    adapters = []
+    for e in edges:
+        a = load_adapter(e["adapter"], st.model)
+        a.manifest = (a.manifest or ExternalAdapterManifest()).model_copy(update={EMBEDDING_KEY: edge_vector(st, e)})
+        adapters.append(a)
+    pool = AdapterPool.of(adapters, [e["edge"] for e in edges])
+    pool.domains = [list(e["domains"]) for e in edges]
+    return pool
+
+
+def _retrieval(mix: MixtureSettings, routing: str | None = None):
+    from edgefuse.compose.retrieval import RetrievalSettings
+
+    return RetrievalSettings(top_k=mix.k, weighting=mix.weighting, temperature=mix.temperature,
+                             routing=routing or mix.routing)
+
+
+def retrieval_key(mix: MixtureSettings) -> dict:
+    """How a request's mixture is formed, and nothing else (no routing; no temperature for uniform weights)."""
+    return {"top_k": mix.k, "weighting": mix.weighting} | (
+        {"temperature": mix.temperature} if mix.weighting == "softmax" else {})
+
+
+def mixture_inputs(st: Study, edges: list[dict]) -> dict:
+    """What every mixture evaluation depends on besides its settings: the benchmarks, the adapters and vectors."""
+    return {"eval": eval_inputs(st), "adapters": [sha256_file(Path(e["adapter"]) / "adapter_model.safetensors")
+                                                  for e in edges],
+            "edges": [e["edge"] for e in edges], "embeddings": [hash_obj(edge_vector(st, e)) for e in edges]}
+
+
+def stage_mixtures(st: Study, edges: list[dict], seed: int, round_no: int) -> tuple[list[dict], dict | None]:
+    """Each configured retrieval mixture on MMLU (shared by the mixtures that form requests' mixtures alike) and on
+    MMLU-CD; returns the mixtures' records and the retrieval accuracy on the MMLU test questions."""
+    from edgefuse.compose.evaluation import evaluate_mmlu_cd_retrieval, evaluate_mmlu_retrieval
+
+    b = st.cfg.benchmarks
+    tag = round_tag(seed, round_no)
+    common = mixture_inputs(st, edges)
+    pool = None
+
+    def get_pool():
+        nonlocal pool
+        pool = pool or mixture_pool(st, edges)
+        return pool
+
+    mmlu_done: dict[str, dict] = {}
+    records, accuracy = [], None
+    for mix in st.cfg.compose.retrieval_mixture:
+        if mix.k > len(edges):
+            log.warning("retrieval mixture %s left out: k = %d, but only %d edge adapters delivered",
+                        mix.name, mix.k, len(edges))
+            continue
+        ev: dict[str, Any] = {"label": mix.name, "format": b.format, "metric": b.headline_metric}
+        if b.mmlu.enabled:
+            rtag = mix.retrieval_tag
+            if rtag not in mmlu_done:
+                def run_mmlu(work: Path, advance, mix=mix) -> dict:
+                    res = evaluate_mmlu_retrieval(
+                        st.model, st.tokenizer, st.mmlu_items, get_pool(), _retrieval(mix, "instance"),
+                        shots=b.mmlu.shots, public=st.items_of("public") if b.mmlu.shots else (), fmt=b.format,
+                        batch_size=b.batch_size, progress=advance, meta={"label": rtag})
+                    atomic_write_json(work / "mmlu.json", res)
+                    return {"mmlu": mmlu_summary(st, res), "retrieval": res["retrieval"]}
+
+                inputs = common | {"retrieval": retrieval_key(mix)}
+                _, mmlu_done[rtag] = st.stage("eval", f"eval-{rtag}-mmlu-{tag}", inputs, run_mmlu,
+                                              total=len(st.mmlu_items))
+            ev["mmlu"] = mmlu_done[rtag]["mmlu"]
+            accuracy = accuracy or mmlu_done[rtag]["retrieval"]["accuracy"]
+        if st.cd_docs:
+            def run_cd(work: Path, advance, mix=mix) -> dict:
+                out = {}
+                for k, doc in st.cd_docs.items():
+                    res = evaluate_mmlu_cd_retrieval(
+                        st.model, st.tokenizer, doc, st.dataset, get_pool(), _retrieval(mix), fmt=b.format,
+                        metric=b.headline_metric, batch_size=b.batch_size, single=b.mmlu_cd.single, progress=advance,
+                        meta={"label": mix.name})
+                    atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
+                    out[f"mmlu_cd_k{k}"] = cd_summary(res, k)
+                return out
+
+            _, cd = st.stage("eval", f"eval-{mix.name}-cd-{tag}", common | {"retrieval": _retrieval(mix).as_dict()},
+                             run_cd, total=sum(len(d["instances"]) for d in st.cd_docs.values()))
+            ev |= cd
+        records.append({"name": mix.name, "kind": "retrieval-mixture", "seed": seed, "round": round_no,
+                         "settings": mix.model_dump(), "eval": ev})
+    return records, accuracy
+
+
+def stage_compose(st: Study, edges: list[dict], seed: int, round_no: int) -> dict:
+    """LoraHub and the retrieval mixtures over the given (last round's) edges: ``composed`` rows for the report and
+    the ``retrieval`` accuracy (None without a mixture on MMLU)."""
+    composed = []
+    if st.cfg.compose.lorahub is not None:
+        composed.append(stage_lorahub(st, edges, seed, round_no))
+    mixtures, accuracy = stage_mixtures(st, edges, seed, round_no) if st.cfg.compose.retrieval_mixture else ([], None)
+    return {"composed": composed + mixtures, "retrieval": accuracy}
