@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
     if missing:
         raise pytest.UsageError(f"tests without a layer marker ({', '.join(LAYERS)}): " + ", ".join(missing[:5])
                                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    for item in items:  # Flower's SuperLinks and simulation engine: one at a time, on one worker
+    for item in items:  # Flower's SuperLinks and simulation engine on one worker also under --dist loadgroup
         if item.get_closest_marker("federated"):
             item.add_marker(pytest.mark.xdist_group("flower"))
 
