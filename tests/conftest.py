@@ -32,9 +32,6 @@ def pytest_collection_modifyitems(config, items):
     if missing:
         raise pytest.UsageError(f"tests without a layer marker ({', '.join(LAYERS)}): " + ", ".join(missing[:5])
                                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    for item in items:  # Flower's SuperLinks and simulation engine on one worker also under --dist loadgroup
-        if item.get_closest_marker("federated"):
-            item.add_marker(pytest.mark.xdist_group("flower"))
 
 
 @pytest.fixture(scope="session")

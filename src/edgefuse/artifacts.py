@@ -17,7 +17,7 @@ Light on purpose (pydantic only): the command line, the federated verifier and t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -65,12 +65,7 @@ class Artifact(BaseModel):
     @classmethod
     def parse(cls, raw: Any, path: object) -> "Artifact":
         """``raw`` (parsed JSON) as this artifact, or one `EdgefuseError` naming ``path`` and the first problem."""
-        if not isinstance(raw, dict):
-            raise EdgefuseError(f"{cls.WHAT} is not a JSON object", path=path)
-        try:
-            return cls.model_validate(upgrade_legacy(raw))
-        except ValidationError as e:
-            raise EdgefuseError(f"{cls.WHAT} {problem(e)}", path=path) from None
+        return _validated(cls.WHAT, raw, path, cls.model_validate)
 
     @classmethod
     def read(cls, path: str | Path) -> "Artifact":
@@ -86,6 +81,20 @@ class Artifact(BaseModel):
         from edgefuse.io import atomic_write_json
 
         atomic_write_json(path, self.dump(), indent=indent)
+
+
+def _validated(what: str, raw: Any, path: object, validate: Callable[[dict], Any], by_kind: bool = False) -> Any:
+    """``validate(raw)`` after `upgrade_legacy`, every failure one line naming ``path``. ``by_kind``: a union that
+    picks its model by ``kind`` (which must then be present, and is left out of the failing field's path)."""
+    if not isinstance(raw, dict):
+        raise EdgefuseError(f"{what} is not a JSON object", path=path)
+    raw = upgrade_legacy(raw)
+    if by_kind and "kind" not in raw:
+        raise EdgefuseError(f"{what} lacks the field kind", path=path)
+    try:
+        return validate(raw)
+    except ValidationError as e:
+        raise EdgefuseError(f"{what} {problem(e, raw['kind'] if by_kind else None)}", path=path) from None
 
 
 def upgrade_legacy(raw: dict[str, Any]) -> dict[str, Any]:
@@ -239,15 +248,7 @@ _MANIFEST = TypeAdapter(AdapterManifest)
 
 def parse_manifest(raw: Any, path: object) -> Manifest:
     """An ``edgefuse.json`` of any kind, checked against that kind's model."""
-    if not isinstance(raw, dict):
-        raise EdgefuseError("manifest is not a JSON object", path=path)
-    raw = upgrade_legacy(raw)
-    if "kind" not in raw:
-        raise EdgefuseError("manifest lacks the field kind", path=path)
-    try:
-        return _MANIFEST.validate_python(raw)
-    except ValidationError as e:
-        raise EdgefuseError(f"manifest {problem(e, raw['kind'])}", path=path) from None
+    return _validated("manifest", raw, path, _MANIFEST.validate_python, by_kind=True)
 
 
 def read_manifest(path: str | Path) -> Manifest:
