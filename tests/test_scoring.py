@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from helpers.choices import assert_same_choices
 
 from edgefuse.data.prompts import mc_prompt
 from edgefuse.evaluate.scoring import LetterScorer, continuation_token_ids
@@ -58,8 +59,8 @@ def test_order_and_padding_do_not_change_predictions(tiny, prompts):
     perm = list(range(len(prompts)))
     random.Random(1).shuffle(perm)
     shuffled = LetterScorer(model, tok, batch_size=4, padding_side="left").score([prompts[i] for i in perm])
-    assert torch.equal(base[perm].argmax(1), shuffled.argmax(1))
     assert torch.allclose(base[perm], shuffled, atol=1e-4)
+    assert_same_choices(shuffled, base[perm], atol=1e-4)  # the same answer wherever it is not a near tie
 
 
 def test_scores_are_log_probabilities_of_the_letters(tiny, prompts):
