@@ -83,6 +83,27 @@ def test_atomic_dir_and_everything_in_it_get_the_umask_modes(umask, tmp_path, ex
     assert sorted(p.name for p in out.rglob("*")) == ["nested.json", "plain.txt", "sub"]
 
 
+def test_atomic_dir_widens_what_writers_made_private(umask, tmp_path):
+    """safetensors >= 0.8 renames its own 0600 temporary file into place (safetensors issue 782)."""
+    import torch
+    from safetensors.torch import save_file
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours")
+    os.chmod(outside, 0o600)
+    with atomic_dir(tmp_path / "model") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        os.close(os.open(tmp / "private.bin", os.O_CREAT | os.O_WRONLY, 0o600))
+        os.mkdir(tmp / "hidden", 0o700)
+        (tmp / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(tmp / "run.sh", 0o700)
+        (tmp / "link").symlink_to(outside)
+    out = tmp_path / "model"
+    assert {p: mode(out / p) for p in ("model.safetensors", "private.bin", "hidden", "run.sh")} == {
+        "model.safetensors": umask.file, "private.bin": umask.file, "hidden": umask.dir, "run.sh": umask.dir}
+    assert mode(outside) == 0o600  # the symlink was not followed
+
+
 def test_a_failed_atomic_file_leaves_nothing(umask, tmp_path):
     with pytest.raises(RuntimeError), atomic_file(tmp_path / "x") as tmp:
         tmp.write_text("half")

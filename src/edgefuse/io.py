@@ -16,6 +16,7 @@ import numbers
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -118,14 +119,30 @@ def current_umask() -> int:
     return old
 
 
-def publish(path: str | Path) -> None:
+def publish(path: str | Path, umask: int | None = None) -> None:
     """Give a finished temporary file or directory the mode a plain open()/mkdir() would have given it.
 
     Why: mkstemp/mkdtemp create 0600/0700, so renamed artifacts would stay private to this user even under
-    umask 0022 (a GGUF for Ollama, a run directory for teammates); contents made with open() already follow it.
+    umask 0022 (a GGUF for Ollama, a run directory for teammates). A file with an execute bit keeps it.
     """
-    base = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, base & ~current_umask())
+    now = os.stat(path).st_mode
+    base = 0o777 if stat.S_ISDIR(now) or now & 0o111 else 0o666
+    os.chmod(path, base & ~(current_umask() if umask is None else umask))
+
+
+def publish_tree(root: str | Path) -> None:
+    """`publish` ``root`` and everything under it (symlinks left alone: chmod would follow them out).
+
+    Why the whole tree: not every writer follows the umask; safetensors >= 0.8 writes through its own 0600
+    temporary file (safetensors issue 782), also inside transformers' save_pretrained.
+    """
+    umask = current_umask()
+    publish(root, umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                publish(p, umask)
 
 
 @contextlib.contextmanager
@@ -175,7 +192,7 @@ def append_line(path: str | Path, line: str) -> None:
 def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block finishes without error.
 
-    Only the top directory needs `publish`: what writers create inside it with open()/mkdir() follows the umask."""
+    Everything in it gets the umask's modes when it is finished (`publish_tree`), whatever wrote it."""
     path = Path(path)
     with writing(path, always=True):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +200,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         with writing(path):
             yield tmp
-            publish(tmp)
+            publish_tree(tmp)
         if path.exists():
             if not overwrite:
                 raise EdgefuseError("already exists (pass --force to overwrite)", path=path)
