@@ -7,8 +7,8 @@ out. `make test-fast` runs unit + integration only.
 
 Fixtures: the seeded tiny Llama (``tiny``), the embedded MMLU (``mmlu``), an isolated cache, the in-process CLI
 (``cli``), one intra-op thread (``single_thread``), synthetic LoRA adapters (``make_adapters``), the tiny study
-config (``tiny_study``) and llama.cpp's reference segmenter (``llama_cpp_segment``). Shared code lives in
-tests/helpers; test modules never import from one another.
+config (``tiny_study``), llama.cpp's reference segmenter (``llama_cpp_segment``) and the process umask
+(``umask``, 022 then 077). Shared code lives in tests/helpers; test modules never import from one another.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+from helpers.modes import UMASKS
 
 # `make test` runs one pytest worker per core (pytest-xdist); each then takes its share of the cores
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -97,6 +98,17 @@ def tiny_study():
     from helpers.study import TINY_STUDY
 
     return copy.deepcopy(TINY_STUDY)
+
+
+@pytest.fixture(params=UMASKS, ids=lambda u: f"umask{u.mask:03o}")
+def umask(request):
+    """Run the test under umask 022 and again under 077; yields `helpers.modes.Umask` (the mask and the file and
+    directory modes it gives). The old umask comes back afterwards (os.umask returns it)."""
+    old = os.umask(request.param.mask)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
 
 
 @pytest.fixture(scope="session")

@@ -79,6 +79,13 @@ def test_table_resolves_both_embedded_models(fake_site, isolated_cache):
     assert gguf.name == "gemma-3-270m-q4_k_m.gguf" and _cache_files(isolated_cache) == [gguf]
 
 
+def test_assembled_gguf_gets_the_umask_mode(fake_site, umask):
+    """Not mkstemp's 0600: the cached model is read by whoever may read the cache (Ollama, teammates)."""
+    from helpers.modes import mode
+
+    assert mode(assets.embedded_gguf("gemma3-270m")) == umask.file
+
+
 def test_assembled_once(fake_site, monkeypatch):
     first = assets.embedded_gguf("gemma3-270m")
 

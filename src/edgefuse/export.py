@@ -27,7 +27,7 @@ import torch
 from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, ModelShapes, load_adapter
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.api import merge_into_model
-from edgefuse.io import sha256_file
+from edgefuse.io import publish, sha256_file
 from edgefuse.models import cast, load_model, save_model_dir
 from edgefuse.precision import resolve
 from edgefuse.tokens import bos_prefix
@@ -295,6 +295,7 @@ def write_gguf(model, tok, out: str | Path, quant: str = DEFAULT_QUANT, name: st
         for (_, t), qtype in zip(tensors, types):  # one tensor encoded at a time: memory stays at the model's
             writer.write_tensor_data(_encode(t, qtype))
         writer.close()
+        publish(tmp)  # mkstemp made it 0600; a GGUF handed to Ollama (its own user) must be readable
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

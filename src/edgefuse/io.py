@@ -16,7 +16,9 @@ import numbers
 import os
 import re
 import shutil
+import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -94,9 +96,60 @@ def writing(path: str | Path, always: bool = False) -> Iterator[None]:
         raise WriteError(why, path=path) from None
 
 
+_UMASK_LOCK = threading.Lock()
+_STATUS = "/proc/self/status"  # Linux: holds "Umask:\t0022"
+
+
+def current_umask() -> int:
+    """The process's umask, read afresh (a user or a test may change it between writes).
+
+    Why not only ``os.umask(x); os.umask(old)``: the umask is process-wide, so for that instant every other
+    thread would create files under ``x``. Linux (4.7+) reports it in /proc/self/status, which changes nothing;
+    elsewhere the swap sets the most private 077 (a file made meanwhile is private, never world-writable) under
+    a lock, so two edgefuse writers never read each other's stand-in.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        with open(_STATUS, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
+
+def publish(path: str | Path, umask: int | None = None) -> None:
+    """Give a finished temporary file or directory the mode a plain open()/mkdir() would have given it.
+
+    Why: mkstemp/mkdtemp create 0600/0700, so renamed artifacts would stay private to this user even under
+    umask 0022 (a GGUF for Ollama, a run directory for teammates). A file with an execute bit keeps it.
+    """
+    now = os.stat(path).st_mode
+    base = 0o777 if stat.S_ISDIR(now) or now & 0o111 else 0o666
+    os.chmod(path, base & ~(current_umask() if umask is None else umask))
+
+
+def publish_tree(root: str | Path) -> None:
+    """`publish` ``root`` and everything under it (symlinks left alone: chmod would follow them out).
+
+    Why the whole tree: not every writer follows the umask; safetensors >= 0.8 writes through its own 0600
+    temporary file (safetensors issue 782), also inside transformers' save_pretrained.
+    """
+    umask = current_umask()
+    publish(root, umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                publish(p, umask)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only if the block finishes."""
+    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only if the block finishes.
+
+    The temporary file stays private (0600) while written; the finished one gets the umask's mode (`publish`)."""
     path = Path(path)
     with writing(path, always=True):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +159,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     try:
         with writing(path, always=True):
             yield tmp
+            publish(tmp)
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -136,7 +190,9 @@ def append_line(path: str | Path, line: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `path` only if the block finishes without error."""
+    """Yield a temporary directory that replaces `path` only if the block finishes without error.
+
+    Everything in it gets the umask's modes when it is finished (`publish_tree`), whatever wrote it."""
     path = Path(path)
     with writing(path, always=True):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +200,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         with writing(path):
             yield tmp
+            publish_tree(tmp)
         if path.exists():
             if not overwrite:
                 raise EdgefuseError("already exists (pass --force to overwrite)", path=path)

@@ -28,7 +28,7 @@ from typing import Any
 
 from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import writing
+from edgefuse.io import publish, writing
 
 JOB_RECORD = "job"
 ADAPTER_RECORD = "adapter"
@@ -165,6 +165,7 @@ def _write_dir(arrays, cfg, directory: Path) -> None:
     with writing(directory, always=True):
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        publish(directory / WEIGHTS_FILE)  # safetensors >= 0.8 leaves it 0600 (its own temporary file)
         (directory / CONFIG_FILE).write_text(cfg["adapter_config"], encoding="utf-8")
         (directory / MANIFEST_FILE).write_text(cfg["manifest"], encoding="utf-8")
 
