@@ -9,7 +9,8 @@ from helpers.fusion import rel
 
 from edgefuse.artifacts import ExternalAdapterManifest
 from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter, save_adapter, verify_hashes
-from edgefuse.fusion import fuse_adapters
+from edgefuse.errors import EdgefuseError
+from edgefuse.fusion import fuse_adapters, fuse_dirs
 from edgefuse.io import sha256_file
 from edgefuse.models import fingerprint, tiny_model
 
@@ -163,3 +164,42 @@ def test_cr_share_edits_the_most_conflicting_modules(tmp_path, dirs, cli):
                       "--adapters", *dirs, "--out", tmp_path / "bad")
     assert code != 0 and "cr_share must be in (0, 1]" in se and len(se.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_fuse_without_model_checks_targets_against_the_recorded_base(tmp_path, dirs, tiny, cli):
+    """No --model: each adapter's modules are checked against the architecture of the base model it records (from
+    that model's config, no weights). A module the model lacks, or of another shape, is one line naming the
+    adapter, the module and the model, and nothing is written; good adapters still fuse."""
+    out = tmp_path / "never"
+    bogus = "model.layers.0.self_attn.bogus_proj"
+    bad = tmp_path / "bad"
+    a = _adapter(7)
+    a.modules[bogus] = LoraModule(0.1 * torch.randn(4, 64), 0.1 * torch.randn(64, 4), 1.0)
+    save_adapter(a, bad, ExternalAdapterManifest(base_fingerprint=tiny))
+    line = _bad(cli, out, "--method", "ties", "--adapters", dirs[0], bad)
+    assert str(bad) in line and bogus in line and "tiny-llama" in line
+    with pytest.raises(EdgefuseError, match="bogus_proj is not a linear layer of tiny-llama"):
+        fuse_dirs([dirs[0], bad], out, "linear")
+    assert not out.exists()
+    wide = tmp_path / "wide"  # a real module name, the wrong shape for the recorded base
+    w = _adapter(8)
+    w.modules["model.layers.1.self_attn.k_proj"] = LoraModule(torch.randn(4, 48), torch.randn(32, 4), 1.0)
+    save_adapter(w, wide, ExternalAdapterManifest(base_fingerprint=tiny))
+    assert "k_proj is 32×48, tiny-llama has 32×64" in _bad(cli, out, "--method", "linear", "--adapters", wide)
+    code, _, se = cli("fuse", "--method", "ties", "--adapters", *dirs, "--out", out)
+    assert code == 0 and "not checked" not in se and out.exists()
+
+
+def test_fuse_without_model_warns_when_the_recorded_base_is_not_available(tmp_path, tiny, caplog):
+    """An adapter from elsewhere whose base model is not at hand offline: fused unchecked, with one warning."""
+    elsewhere = tmp_path / "elsewhere"
+    a = _adapter(9)
+    a.modules["model.layers.0.self_attn.bogus_proj"] = LoraModule(torch.randn(4, 64), torch.randn(64, 4), 1.0)
+    save_adapter(LoraAdapter(a.modules), elsewhere, ExternalAdapterManifest(base_fingerprint=tiny),
+                 base_model="nobody/not-in-the-local-hub-cache")
+    with caplog.at_level("WARNING", logger="edgefuse.fusion"):
+        fuse_dirs([elsewhere], tmp_path / "fused", "linear")
+    assert (tmp_path / "fused").exists()
+    (rec,) = [r for r in caplog.records if r.name == "edgefuse.fusion"]
+    assert "not checked" in rec.getMessage() and str(elsewhere) in rec.getMessage()
+    assert "no config for model 'nobody/not-in-the-local-hub-cache' offline" in rec.getMessage()

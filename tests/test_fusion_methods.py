@@ -1,10 +1,12 @@
 """Each method against a dense computation written here from the papers' definitions."""
 
 import hashlib
+import math
+from fractions import Fraction
 
 import pytest
 import torch
-from helpers.fusion import NAMES, deltas, make_adapters, ref_elementwise, rel, truncated
+from helpers.fusion import NAMES, deltas, kept_mask, make_adapters, ref_elementwise, rel, truncated
 
 from edgefuse.adapters import LoraAdapter, LoraModule
 from edgefuse.errors import EdgefuseError
@@ -153,6 +155,119 @@ def test_elementwise_large_module_against_reference():
     masks = [torch.bernoulli(torch.full((400, 300), 0.35), generator=_module_stream(2, name, k)) for k in range(3)]
     ref = ref_elementwise(ds, W, trim="random", density=0.35, masks=masks, rescale=True, elect=True)
     assert rel(out.modules[name].delta(), truncated(ref, 8)) <= 1e-5
+
+
+def _one_product_modules(K, m, n, r, seed, integers=False):
+    """K LoRA modules whose rank-one parts touch disjoint columns (A has one non-zero per column) and whose scale
+    is a power of two, so every ΔW entry is ONE product: float32 rounds it once, however it is blocked, and the
+    float64 product rounded to float32 is the same number. ``integers``: small integers, many tied magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    for _ in range(K):
+        owner = torch.randint(r, (n,), generator=g)
+        if integers:
+            a, B = torch.randint(1, 4, (n,), generator=g).float(), torch.randint(-3, 4, (m, r), generator=g).float()
+            a = a * (torch.randint(2, (n,), generator=g) * 2 - 1)
+        else:
+            a, B = torch.randn(n, generator=g), torch.randn(m, r, generator=g)
+        A = torch.zeros(r, n)
+        A[owner, torch.arange(n)] = a
+        mods.append(LoraModule(A, B, 0.5))
+    return mods
+
+
+def _float32_deltas(mods):
+    """Each ΔW as the float32 numbers the adapters define (exact: one product per entry), held in float64."""
+    return [(m.scale * m.B.double() @ m.A.double()).float().double() for m in mods]
+
+
+def _dense_ties(ds, weights, density):
+    """TIES written out (Yadav et al. 2023, §3): trim each ΔW_k to its exact top-⌈density·n⌉ |entries| (ties to
+    the earlier row-major position), elect the sign of Σ_k w_k·trimmed_k, average the agreeing non-zero entries."""
+    n = ds[0].numel()
+    keep = math.ceil(Fraction(repr(density)) * n)
+    T = []
+    for d, w in zip(ds, weights):
+        order = torch.argsort(d.abs().flatten(), descending=True, stable=True)
+        mask = torch.zeros(n, dtype=torch.float64)
+        mask[order[:keep]] = 1
+        T.append(w * d * mask.view_as(d))
+    T = torch.stack(T)
+    sign = torch.where(T.sum(0) >= 0, 1.0, -1.0).double()
+    agree = (torch.sign(T) == sign).double()
+    return (T * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+_TIES = elementwise.Recipe(sparsify="magnitude", consensus=True, combine="disjoint_mean")
+_TRIM = elementwise.Recipe(sparsify="magnitude")
+
+
+@pytest.mark.parametrize("shape", [(192, 576), (24, 40)])  # SmolLM2's k_proj (sampled k-th selection), a small one
+@pytest.mark.parametrize("density", [0.5, 0.37])  # 0.37·n is not an integer: ⌈·⌉ and int() differ by one entry
+def test_ties_trim_is_the_exact_top_k_of_dense_ties(shape, density, blocks):
+    """The merged ΔW of TIES equals an independent dense TIES at 1e-6, and each adapter keeps exactly
+    ⌈density·n⌉ entries — the very entries of a dense top-k — when no magnitudes tie at the cut."""
+    mods = _one_product_modules(2, *shape, r=8, seed=3)
+    ds = _float32_deltas(mods)
+    keep = math.ceil(Fraction(repr(density)) * ds[0].numel())
+    merged = elementwise.merge_rows([elementwise.FactorRows(m) for m in mods], [1.0, 1.0], _TIES, density=density)
+    assert rel(merged, _dense_ties(ds, [1.0, 1.0], density)) <= 1e-6
+    for m, d in zip(mods, ds):
+        mags = d.abs().flatten().sort(descending=True).values
+        assert mags[keep - 1] != mags[keep] and mags[keep] > 0  # no tie at the cut, nothing zero kept
+        kept = elementwise.merge_rows([elementwise.FactorRows(m)], [1.0], _TRIM, density=density) != 0
+        assert int(kept.sum()) == keep
+        assert torch.equal(kept, kept_mask(d, density))
+    W3 = [0.5, 1.5, -0.7]  # weighted, three adapters: the same reference with weights before the election
+    mods3 = _one_product_modules(3, *shape, r=8, seed=4)
+    merged = elementwise.merge_rows([elementwise.FactorRows(m) for m in mods3], W3, _TIES, density=density)
+    assert rel(merged, _dense_ties(_float32_deltas(mods3), W3, density)) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", [(192, 576), (24, 40)])
+def test_tie_rule_keeps_exactly_k_ties_by_row_major_position(shape, blocks):
+    """Integer factors: magnitudes tie by the thousand. The trim still keeps exactly ⌈density·n⌉ entries, the tied
+    ones at the cut in row-major order (breadcrumbs likewise at both cuts), and TIES equals the dense reference."""
+    mods = _one_product_modules(2, *shape, r=3, seed=5, integers=True)
+    ds = _float32_deltas(mods)
+    density, gamma = 0.37, 0.05
+    keep = math.ceil(Fraction(repr(density)) * ds[0].numel())
+    for m, d in zip(mods, ds):
+        mags = d.abs().flatten().sort(descending=True).values
+        assert mags[keep - 1] == mags[keep] > 0  # the cut runs through a group of ties
+        kept = elementwise.merge_rows([elementwise.FactorRows(m)], [1.0], _TRIM, density=density) != 0
+        assert int(kept.sum()) == keep and torch.equal(kept, kept_mask(d, density))
+        crumbs = elementwise.Recipe(sparsify="breadcrumbs")
+        kept = elementwise.merge_rows([elementwise.FactorRows(m)], [1.0], crumbs, density=density, gamma=gamma) != 0
+        assert torch.equal(kept, kept_mask(d, density, gamma))
+    merged = elementwise.merge_rows([elementwise.FactorRows(m) for m in mods], [1.0, 1.0], _TIES, density=density)
+    assert rel(merged, _dense_ties(ds, [1.0, 1.0], density)) <= 1e-6
+
+
+def test_tie_rule_when_every_magnitude_ties(blocks):
+    """All |x| equal: magnitude pruning keeps the first ⌈density·n⌉ entries in row-major order, breadcrumbs the
+    next ⌈density·n⌉ after the first ⌊gamma·n⌋ (both cuts inside one group of ties)."""
+    m, n = 30, 20
+    signs = torch.where(torch.rand(1, n, generator=torch.Generator().manual_seed(0)) < 0.5, -1.0, 1.0)
+    mod = LoraModule(signs, torch.ones(m, 1), 1.0)
+    src = [elementwise.FactorRows(mod)]
+    kept = (elementwise.merge_rows(src, [1.0], _TRIM, density=0.37) != 0).flatten()
+    assert torch.equal(kept.nonzero().flatten(), torch.arange(222))  # ⌈0.37·600⌉ = 222
+    crumbs = elementwise.Recipe(sparsify="breadcrumbs")
+    kept = (elementwise.merge_rows(src, [1.0], crumbs, density=0.37, gamma=0.05) != 0).flatten()
+    assert torch.equal(kept.nonzero().flatten(), torch.arange(30, 252))  # ⌊0.05·600⌋ = 30 dropped first
+
+
+def test_keep_count_rounds_the_decimal_not_the_binary_float():
+    assert elementwise.keep_count(0.1, 10, up=True) == 1  # 0.1·10 = 1.0000000000000000555 in binary
+    assert elementwise.keep_count(0.29, 100, up=False) == 29  # 28.999999999999996
+    assert elementwise.keep_count(0.37, 600, up=True) == 222 and elementwise.keep_count(0.37, 601, up=True) == 223
+    assert elementwise.keep_count(0.05, 599, up=False) == 29
+    assert elementwise.keep_count(1e-6, 16, up=True) == 1  # any density > 0 keeps an entry
+    (a,) = make_adapters(K=1, ranks=(2,), names={"model.layers.0.self_attn.q_proj": (4, 4)})
+    out, _ = fuse_adapters([a], "magnitude_prune", rank=4, density=0.01)
+    d = a.modules["model.layers.0.self_attn.q_proj"].delta()
+    assert rel(out.modules["model.layers.0.self_attn.q_proj"].delta(), d * kept_mask(d, 0.01)) <= 1e-6
 
 
 def _spectrum_matrix(m, n, s, seed=0):

@@ -99,12 +99,14 @@ def test_ties_svd_and_dare_ties_svd_match_peft(tmp_path, monkeypatch):
         0.8,
         0.8,
     ]  # PEFT elects the sign on unweighted tensors: equal weights make the definitions coincide
-    pm.add_weighted_adapter(names, w, "ties", combination_type="ties_svd", svd_rank=4, density=0.3)
+    # PEFT keeps int(density·n) entries, edgefuse ⌈density·n⌉ (elementwise.keep_count): the same count when
+    # density·n is an integer, as 0.25·(64·64) is
+    pm.add_weighted_adapter(names, w, "ties", combination_type="ties_svd", svd_rank=4, density=0.25)
     # default re-factorisation (exact, from the float64-refined Gram eigendecomposition) and LAPACK's SVD
-    _compare(pm, fuse_adapters(ads, "ties", w, rank=4, density=0.3)[0], "ties", 1e-4)
-    _compare(pm, fuse_adapters(ads, "ties", w, rank=4, density=0.3, svd_solver="exact")[0], "ties", 1e-4)
-    pm.add_weighted_adapter(names, w, "mag", combination_type="magnitude_prune_svd", svd_rank=4, density=0.3)
-    _compare(pm, fuse_adapters(ads, "magnitude_prune", w, rank=4, density=0.3)[0], "mag", 1e-4)
+    _compare(pm, fuse_adapters(ads, "ties", w, rank=4, density=0.25)[0], "ties", 1e-4)
+    _compare(pm, fuse_adapters(ads, "ties", w, rank=4, density=0.25, svd_solver="exact")[0], "ties", 1e-4)
+    pm.add_weighted_adapter(names, w, "mag", combination_type="magnitude_prune_svd", svd_rank=4, density=0.25)
+    _compare(pm, fuse_adapters(ads, "magnitude_prune", w, rank=4, density=0.25)[0], "mag", 1e-4)
     # DARE: PEFT draws Bernoulli masks from the global RNG, module by module in model order, adapter by adapter.
     _seed_after_injection(monkeypatch, 11)
     pm.add_weighted_adapter(names, w, "dare", combination_type="dare_ties_svd", svd_rank=4, density=0.5)

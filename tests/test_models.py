@@ -97,3 +97,54 @@ def test_lm_parts_recompose_the_models_logits_through_a_peft_wrapper():
     with torch.no_grad():
         assert torch.allclose(head(body(input_ids=x).last_hidden_state), model(x).logits, atol=1e-6)
     assert softcap is None
+
+
+def _no_weights(monkeypatch):
+    """Any weight load fails: the architecture must come from configs alone."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr("edgefuse.models.load_model", refuse)
+
+
+def test_architecture_shapes_from_config_alone(tiny, tmp_path, monkeypatch):
+    """The tiny model and a directory holding only a config.json give the loaded model's linear layers; a spec
+    with no config at hand offline is one line."""
+    from edgefuse.models import architecture_shapes, linear_shapes
+
+    model, _ = tiny
+    _no_weights(monkeypatch)
+    assert architecture_shapes("tiny-llama") == linear_shapes(model)
+    model.config.save_pretrained(tmp_path / "cfg-only")
+    assert architecture_shapes(str(tmp_path / "cfg-only")) == linear_shapes(model)
+    for spec in ("nope", "nobody/not-in-the-local-hub-cache", str(tmp_path)):
+        with pytest.raises(EdgefuseError):
+            architecture_shapes(spec)
+
+
+def test_architecture_of_an_embedded_model_prefers_its_cached_conversion(isolated_cache, tiny, monkeypatch):
+    """An embedded GGUF's architecture comes from the config.json of its cached conversion when there is one
+    (here a stand-in config, to show that is what was read), never from its weights."""
+    from edgefuse.assets import gguf_location
+    from edgefuse.models import architecture_shapes, gguf_cache_dir, linear_shapes
+
+    model, _ = tiny
+    _no_weights(monkeypatch)
+    model.config.save_pretrained(gguf_cache_dir(gguf_location("smollm2-135m")))
+    assert architecture_shapes("smollm2-135m") == linear_shapes(model)
+
+
+@pytest.mark.slow
+def test_architecture_of_an_embedded_model_from_gguf_metadata(isolated_cache, monkeypatch):
+    """No cached conversion: SmolLM2-135M's layers from the GGUF's metadata (30 layers, hidden 576, 3 KV heads of
+    64, MLP 1536), no weights dequantized."""
+    from edgefuse.models import architecture_shapes
+
+    _no_weights(monkeypatch)
+    shapes = architecture_shapes("smollm2-135m")
+    assert shapes["model.layers.0.self_attn.k_proj"] == (192, 576)
+    assert shapes["model.layers.29.mlp.down_proj"] == (576, 1536)
+    assert not any(n.startswith("model.layers.30.") for n in shapes)

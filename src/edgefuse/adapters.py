@@ -125,15 +125,18 @@ class ModelShapes:
     @classmethod
     def of(cls, model) -> "ModelShapes":
         """From a loaded transformers model (nn.Linear, or GPT-2's Conv1D whose weight is stored (in, out))."""
-        from edgefuse.models import fingerprint
+        from edgefuse.models import fingerprint, linear_shapes
 
-        shapes = {}
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                shapes[name] = (mod.out_features, mod.in_features)
-            elif type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None:
-                shapes[name] = (mod.weight.shape[1], mod.weight.shape[0])
-        return cls(str(getattr(model.config, "name_or_path", "") or "the model"), shapes, fingerprint(model))
+        name = str(getattr(model.config, "name_or_path", "") or "the model")
+        return cls(name, linear_shapes(model), fingerprint(model))
+
+    @classmethod
+    def of_spec(cls, spec: str) -> "ModelShapes":
+        """From a model spec's config alone (no weights, so no fingerprint); `EdgefuseError` when its config is not
+        at hand offline (`edgefuse.models.architecture_shapes`)."""
+        from edgefuse.models import architecture_shapes
+
+        return cls(spec, architecture_shapes(spec))
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -251,13 +254,24 @@ def _check_model(manifest: Manifest | None, header: dict, keys: dict[str, dict[s
         raise EdgefuseError(f"adapter was made for base model {want}, not {model.fingerprint}",
                             path=directory / MANIFEST_FILE)
     for name, ab in keys.items():
-        have = model.shapes.get(name)
-        if have is None:
-            raise EdgefuseError(f"module {name} is not a linear layer of {model.name}", path=directory / WEIGHTS_FILE)
-        out_f, in_f = header[ab["B"]]["shape"][0], header[ab["A"]]["shape"][1]
-        if (out_f, in_f) != tuple(have):
-            raise EdgefuseError(f"module {name} is {out_f}×{in_f}, {model.name} has {have[0]}×{have[1]}",
-                                path=directory / WEIGHTS_FILE)
+        _check_target(name, (header[ab["B"]]["shape"][0], header[ab["A"]]["shape"][1]), model, directory / WEIGHTS_FILE)
+
+
+def _check_target(name: str, shape: tuple[int, int], model: ModelShapes, path: Path | str) -> None:
+    """Module ``name`` of shape (out, in) is a linear layer of ``model`` with that shape."""
+    have = model.shapes.get(name)
+    if have is None:
+        raise EdgefuseError(f"module {name} is not a linear layer of {model.name}", path=path)
+    if tuple(shape) != tuple(have):
+        raise EdgefuseError(f"module {name} is {shape[0]}×{shape[1]}, {model.name} has {have[0]}×{have[1]}", path=path)
+
+
+def check_targets(adapter: "LoraAdapter", model: ModelShapes) -> None:
+    """Every module of an adapter already read is a linear layer of ``model`` with its shape: the reader's target
+    check (`load_adapter` with a model), for callers that learn the model only from the adapter itself."""
+    path = adapter.path / WEIGHTS_FILE if adapter.path is not None else "adapter in memory"
+    for name, mod in adapter.modules.items():
+        _check_target(name, mod.shape, model, path)
 
 
 def _factors(tensors: dict[str, torch.Tensor], keys: dict[str, dict[str, str]], cfg: dict[str, Any],

@@ -16,6 +16,7 @@ edge layer must not depend on evaluation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from edgefuse.artifacts import PrunedModelMeta
-from edgefuse.assets import EMBEDDED_MODELS, cache_dir, embedded_gguf, mmlu_jsonl
+from edgefuse.assets import EMBEDDED_MODELS, cache_dir, embedded_gguf, gguf_location, mmlu_jsonl
 from edgefuse.errors import EdgefuseError
 from edgefuse.gguf_tokenizer import spm_as_bpe
 from edgefuse.io import atomic_dir, exclusive, refuse_pickles
@@ -80,18 +81,25 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-               intermediate: int = 96):
-    """A randomly initialised tiny Llama (GQA) and its tokenizer, identical for the same seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(tok, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 96):
+    """The tiny Llama's (GQA) config for the tokenizer ``tok``."""
+    from transformers import LlamaConfig
 
-    tok = tiny_tokenizer()
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False, rope_theta=10000.0,
     )
+
+
+def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 96):
+    """A randomly initialised tiny Llama (GQA) and its tokenizer, identical for the same seed."""
+    from transformers import LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config(tok, layers, hidden, heads, kv_heads, intermediate)
     g = torch.random.fork_rng(devices=[])
     with g:
         torch.manual_seed(seed)
@@ -242,6 +250,86 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     cast(model, precision.device, precision.torch_dtype)
     model.eval()
     return model, tok
+
+
+def model_config(spec: str):
+    """The transformers config of a model spec, read without its weights; `EdgefuseError` (one line) when it is
+    not at hand offline.
+
+    Why: a check that needs only the architecture (which layers exist, `fuse` without ``--model``) should not
+    load, dequantize or download weights. Sources, as `load_model` resolves specs: the tiny model's config; an
+    embedded or ``.gguf`` model's cached conversion (its config.json), else the GGUF's metadata; a local HF
+    directory's config.json; a hub id from the local hub cache only (no network).
+    """
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    try:
+        if spec == TINY_MODEL:
+            return tiny_config(tiny_tokenizer())
+        path = _config_file(spec)
+        if path is not None:
+            if not path.is_file():
+                raise EdgefuseError(f"{path} does not exist")
+            if path.name == "config.json":
+                return AutoConfig.from_pretrained(str(path.parent))
+            with shared_gguf_reader():  # metadata only: no tensor is dequantized
+                return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        if "/" in spec and not spec.startswith((".", "/")):
+            return AutoConfig.from_pretrained(spec, local_files_only=True)
+    except EdgefuseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for missing or unreadable configs
+        raise EdgefuseError(f"no config for model {spec!r} offline ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    raise EdgefuseError(f"model {spec!r} is none of {', '.join(EMBEDDED_MODELS)}, {TINY_MODEL}, a local directory, "
+                        "a .gguf file or a hub id")
+
+
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear layer by name: nn.Linear, or GPT-2's Conv1D whose weight is stored (in, out)."""
+    shapes = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            shapes[name] = (mod.out_features, mod.in_features)
+        elif type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None:
+            shapes[name] = (mod.weight.shape[1], mod.weight.shape[0])
+    return shapes
+
+
+def _config_file(spec: str) -> Path | None:
+    """The local file a spec's config is read from: an embedded or ``.gguf`` model's cached conversion's config.json,
+    else the GGUF itself (its metadata); a directory's config.json; None for the tiny model and hub ids. A cached
+    architecture is keyed by it and its modification time, so a new conversion or ``EDGEFUSE_CACHE`` is read afresh."""
+    if spec in EMBEDDED_MODELS or spec.endswith(".gguf"):
+        gguf = gguf_location(spec) if spec in EMBEDDED_MODELS else Path(spec)
+        converted = gguf_cache_dir(gguf) / "config.json" if gguf.is_file() else None
+        return converted if converted is not None and converted.is_file() else gguf
+    return Path(spec) / "config.json" if Path(spec).is_dir() else None
+
+
+def _stamp(spec: str) -> tuple[str, int] | None:
+    p = _config_file(spec)
+    return (str(p.resolve()), p.stat().st_mtime_ns) if p is not None and p.is_file() else None
+
+
+@functools.lru_cache(maxsize=16)
+def _architecture(spec: str, stamp: tuple[str, int] | None) -> tuple[tuple[str, tuple[int, int]], ...]:
+    from transformers import AutoModelForCausalLM
+
+    cfg = model_config(spec)
+    try:
+        with torch.device("meta"):  # shapes without storage: no weights read or allocated
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - an architecture this transformers does not know
+        raise EdgefuseError(f"cannot build model {spec!r} from its config ({type(e).__name__})") from None
+    return tuple(linear_shapes(model).items())
+
+
+def architecture_shapes(spec: str) -> dict[str, tuple[int, int]]:
+    """The linear layers of a model spec, (out, in) by name, from its config alone (`model_config`), built on the
+    meta device and cached per spec; `EdgefuseError` when its config is not at hand offline."""
+    return dict(_architecture(spec, _stamp(spec)))
 
 
 def cast(model, device, dtype: torch.dtype):

@@ -4,6 +4,9 @@ Plain functions and constants; the `make_adapters` fixture in conftest.py hands 
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 
 from edgefuse.adapters import LoraAdapter, LoraModule
@@ -42,10 +45,16 @@ def truncated(M, r):
     return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
 
 
-def topk_mask(t, density):
-    k = int(density * t.numel())
-    mask = torch.zeros(t.numel(), dtype=torch.bool)
-    mask[torch.topk(t.abs().flatten(), k).indices] = True
+def kept_mask(t, density, gamma=0.0):
+    """The entries TIES' trim keeps, from its definition: the ⌈density·n⌉ largest |x| (breadcrumbs: after the
+    ⌊gamma·n⌋ largest), magnitudes ranked by a stable sort so that ties go to the earlier row-major position.
+    Counts from the decimal the float was written as (Fraction of its repr), not from float products."""
+    n = t.numel()
+    top = math.floor(Fraction(repr(gamma)) * n)
+    keep = min(math.ceil(Fraction(repr(density)) * n), n - top)
+    order = torch.argsort(t.abs().flatten(), descending=True, stable=True)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[top : top + keep]] = True
     return mask.view_as(t)
 
 
@@ -65,14 +74,9 @@ def ref_elementwise(
     ts = []
     for k, d in enumerate(ds):
         if trim == "magnitude":
-            d = d * topk_mask(d, density)
+            d = d * kept_mask(d, density)
         elif trim == "breadcrumbs":
-            n = d.numel()
-            order = torch.argsort(d.abs().flatten(), descending=True)
-            keep = torch.zeros(n, dtype=torch.bool)
-            top = int(gamma * n)
-            keep[order[top : top + int(density * n)]] = True
-            d = d * keep.view_as(d)
+            d = d * kept_mask(d, density, gamma)
         elif trim == "random":
             d = d * masks[k]
             if rescale:

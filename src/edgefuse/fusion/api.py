@@ -6,6 +6,7 @@ one module's worth whatever the model size, and a missing module in one adapter 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from edgefuse.adapters import (
     LoraModule,
     ModelShapes,
     all_finite,
+    check_targets,
     load_adapter,
     save_adapter,
 )
@@ -31,6 +33,7 @@ from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
 from edgefuse.fusion.registry import CR_THRESHOLD, get_cr_strategy, get_method, recipe_for, resolve_params
 from edgefuse.io import jsonable, sha256_file
 
+log = logging.getLogger("edgefuse.fusion")
 
 
 def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
@@ -187,6 +190,27 @@ def _load_base(model: str | None, device: str | None = None):
     return load_model(model, device=device)
 
 
+def _check_recorded_bases(adapters: list[LoraAdapter]) -> None:
+    """Without ``--model``: each adapter's modules against the architecture of the base model its config records
+    (``base_model_name_or_path``), built from that model's config alone (`ModelShapes.of_spec`: no weights), so a
+    module the model lacks is refused as one line naming the adapter, the module and the model before anything
+    is fused or written. Graceful where the check cannot run: an adapter recording no base is not checked, and a
+    base whose config is not at hand offline (an adapter from elsewhere) gets one warning line and no check."""
+    by_base: dict[str, list[LoraAdapter]] = {}
+    for a in adapters:
+        if a.base_model:
+            by_base.setdefault(a.base_model, []).append(a)
+    for spec, group in by_base.items():
+        try:
+            shapes = ModelShapes.of_spec(spec)
+        except EdgefuseError as e:
+            where = ", ".join(str(a.path) for a in group)
+            log.warning("module names of %s not checked: %s", where, e)
+            continue
+        for a in group:
+            check_targets(a, shapes)
+
+
 def fuse_dirs(
     adapter_dirs: list[str | Path],
     out: str | Path,
@@ -208,7 +232,9 @@ def fuse_dirs(
     """Load, check, fuse and save (PEFT adapter + ``edgefuse.json``); optionally merged full weights.
 
     With ``model`` every adapter is also checked against that base model (fingerprint, targets, shapes);
-    without it, adapters recording different base fingerprints are refused. ``model`` is loaded on
+    without it, each adapter's targets and shapes are checked against the architecture of the base model it
+    records, read from that model's config without weights (skipped with a warning line when that config is not
+    available offline: `_check_recorded_bases`), and adapters recording different base fingerprints are refused. ``model`` is loaded on
     ``device`` and merged in float32; ``dtype`` is that of the ``merged_out`` weights. Nothing is written
     unless every check and the whole fusion succeed.
     """
@@ -234,6 +260,8 @@ def fuse_dirs(
         raise EdgefuseError(
             f"adapters were made for different base models ({what}); pass --force to fuse anyway"
         )
+    if target is None:
+        _check_recorded_bases(adapters)
     fused, stats = fuse_adapters(
         adapters, method, weights, rank, density, seed, cr, cr_threshold, progress=progress, **params
     )

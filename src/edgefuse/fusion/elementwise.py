@@ -10,7 +10,7 @@ Memory: the K task tensors are never held at once. Each is a *row source* that p
 rows on demand (rows of scale·B·A from the factors, or rows of an existing small tensor). Two passes:
 1. magnitude bounds (trim, breadcrumbs): for one adapter at a time, |ΔW_k| is assembled from the same row
    blocks as pass 2 (in the output's buffer, overwritten later) and its k-th largest magnitude(s) selected
-   exactly;
+   exactly, with the positions of any ties the cut runs through (the tie rule below);
 2. the output is built one row block at a time: each adapter's block is recomputed (bitwise the values of
    pass 1: same product of the same operands), masked, weighted, and the K blocks combined into that block.
 The peak is one dense tensor (the output) plus K + 4 row-block buffers: a further adapter costs a block, not
@@ -20,7 +20,12 @@ Random drops need no pass 1: each adapter draws from its own stream block after 
 the draws of one full-tensor draw from that stream.
 
 Conventions (each explicit, and documented where PEFT differs):
-- counts use ``int(density · numel)`` like PEFT/mergekit; entries tied with the threshold are kept;
+- the magnitude trim is an exact top-k (TIES, Yadav et al., NeurIPS 2023, arXiv 2306.01708): an adapter keeps
+  ⌈density·n⌉ of its n entries (`keep_count`; at least one for any density > 0) and breadcrumbs first drops the
+  ⌊gamma·n⌋ largest. Tie rule: entries are ranked by |x| descending, then by position (row-major, earlier
+  first), so an adapter keeps exactly that many entries even when magnitudes tie at the cut; entries of
+  magnitude 0 are kept or dropped to no effect. PEFT/mergekit keep ``int(density · n)`` by ``torch.topk``
+  (ties in no stated order): the same entries whenever density·n is an integer and no tie straddles the cut;
 - sparsification acts on unweighted tensors (rankings are scale-invariant), then weights multiply;
 - a random drop keeps an entry when u < density for u ~ U[0, 1) drawn in row-major order, which is what
   ``torch.bernoulli(torch.full_like(x, density))`` draws from the same generator (PEFT's DARE; the tests check
@@ -32,6 +37,7 @@ Conventions (each explicit, and documented where PEFT differs):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,13 +105,42 @@ def row_blocks(shape: tuple[int, int], target: int | None = None) -> list[slice]
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def _kth_largest(a: torch.Tensor, k: int, buf: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact k-th largest entry (1 ≤ k ≤ numel) of the non-negative tensor ``a``, faster than ``kthvalue``.
+def keep_count(fraction: float, n: int, *, up: bool) -> int:
+    """⌈fraction·n⌉ (``up``) or ⌊fraction·n⌋, where a product within float rounding of an integer is that integer.
+
+    Why: densities are written as decimals, and the binary float of 0.1 times 10 is 1.0000000000000000555, whose
+    ceiling would keep 2 entries, not 1 (and ⌊0.29·100⌋ would be 28).
+    """
+    x = fraction * n
+    if abs(x - round(x)) <= 1e-9 * max(1.0, abs(x)):
+        return int(round(x))
+    return math.ceil(x) if up else math.floor(x)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The k-th largest magnitude ``t`` of one adapter, with how many entries lie above it (``gt``) and at it
+    (``eq``): the top k are the ``gt`` entries above t and the first ``k − gt`` of the ``eq`` tied ones."""
+
+    t: torch.Tensor
+    gt: int
+    eq: int
+    k: int
+
+    @property
+    def partial(self) -> bool:
+        """The cut runs through a group of ties of non-zero magnitude (a threshold alone would keep them all)."""
+        return self.k - self.gt < self.eq and float(self.t) > 0
+
+
+def _kth_largest(a: torch.Tensor, k: int, buf: torch.Tensor | None = None) -> Cut:
+    """Exact k-th largest entry (1 ≤ k ≤ numel) of the non-negative tensor ``a``, faster than ``kthvalue``, with
+    the numbers of entries above it and equal to it.
 
     A random sample brackets the answer in [lo, hi]; with c entries above hi, the answer is the (k−c)-th
-    largest of the few entries inside the bracket. Counting runs over chunks into reused buffers (c > hi
-    counted as Σ sign(relu(c − hi)), exact for floats), so the workspace is a chunk. If the bracket misses,
-    fall back to a full selection.
+    largest of the few entries inside the bracket, which also holds every entry equal to it and every entry
+    between it and hi. Counting runs over chunks into reused buffers (c > hi counted as Σ sign(relu(c − hi)),
+    exact for floats), so the workspace is a chunk. If the bracket misses, fall back to a full selection.
     """
     flat = a.reshape(-1)
     n = flat.numel()
@@ -132,8 +167,10 @@ def _kth_largest(a: torch.Tensor, k: int, buf: torch.Tensor | None = None) -> to
                 parts.append(c[m.logical_and_(torch.le(c, hi, out=m2))])
             band = torch.cat(parts)
             if band.numel() >= need:
-                return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(flat, n - k + 1).values
+                t = torch.kthvalue(band, band.numel() - need + 1).values
+                return Cut(t, above + int((band > t).sum()), int((band == t).sum()), k)
+    t = torch.kthvalue(flat, n - k + 1).values
+    return Cut(t, int((flat > t).sum()), int((flat == t).sum()), k)
 
 
 def _below(t: torch.Tensor) -> float:
@@ -141,36 +178,86 @@ def _below(t: torch.Tensor) -> float:
     return float(torch.nextafter(t, torch.zeros_like(t)))
 
 
-def _bounds(src, recipe: Recipe, density: float, gamma: float, blocks: list[slice], buf, a: torch.Tensor):
-    """Magnitude bounds of the entries one adapter keeps, lo ≤ |x| < hi, as ``hardshrink`` thresholds
-    (None: that side unbounded); None when it keeps nothing. Magnitude pruning is breadcrumbs without the
-    top-``gamma`` outliers. |ΔW_k| is assembled in ``a`` with the same products (into the same block buffer)
-    as pass 2."""
+@dataclass(frozen=True)
+class Trim:
+    """The entries one adapter keeps: ``lo ≤ |x| < hi`` as ``hardshrink`` thresholds (None: that side unbounded),
+    except the tied entries at ``ties`` (ascending flat row-major indices), kept where ``keep`` is 1."""
+
+    lo: float | None
+    hi: float | None
+    ties: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+    def fixes(self, s: slice, cols: int):
+        """(indices within the row block ``s``, keep flags) of the tied entries there, or None."""
+        if self.ties is None:
+            return None
+        i0, i1 = (int(torch.searchsorted(self.ties, x)) for x in (s.start * cols, s.stop * cols))
+        return (self.ties[i0:i1] - s.start * cols, self.keep[i0:i1]) if i1 > i0 else None
+
+
+def _tie_fixes(a: torch.Tensor, lo: Cut | None, hi: Cut | None, dtype):
+    """Where a cut runs through tied magnitudes: every entry of that group, and whether it is kept, by the tie
+    rule (earlier row-major position ranks higher). Rare with float data, so built only when needed."""
+    values = {float(c.t) for c in (lo, hi) if c is not None and c.partial}
+    if not values:
+        return None, None
+    flat = a.reshape(-1)
+    idx, keep = [], []
+    for v in sorted(values):
+        at = (flat == v).nonzero().flatten()  # ascending: rank in the group = row-major order
+        rank = torch.arange(at.numel(), device=at.device)
+        whole = lo is None or float(lo.t) != v  # v = hi.t > lo.t: the whole group ranks within top + keep
+        kept = torch.ones_like(rank, dtype=torch.bool) if whole else rank < lo.k - lo.gt
+        if hi is not None and float(hi.t) == v:  # its first hi.k − hi.gt are among the dropped outliers
+            kept &= rank >= hi.k - hi.gt
+        idx.append(at)
+        keep.append(kept.to(dtype))
+    idx, keep = torch.cat(idx), torch.cat(keep)
+    order = torch.argsort(idx)
+    return idx[order], keep[order]
+
+
+def _trim(src, recipe: Recipe, density: float, gamma: float, blocks: list[slice], buf, a: torch.Tensor):
+    """The `Trim` of one adapter (None: it keeps nothing): the entries ranked top+1 … top+keep by magnitude,
+    where keep = ⌈density·n⌉ and top = ⌊gamma·n⌋ for breadcrumbs, else 0 (magnitude pruning is breadcrumbs
+    without the outliers). |ΔW_k| is assembled in ``a`` with the same products (into the same block buffer) as
+    pass 2, so both passes see the same values."""
     rows, cols = src.shape
     n = rows * cols
-    top = int(gamma * n) if recipe.sparsify == "breadcrumbs" else 0
-    keep = min(int(density * n), n - top)
+    top = keep_count(gamma, n, up=False) if recipe.sparsify == "breadcrumbs" else 0
+    keep = min(keep_count(density, n, up=True), n - top)
     if keep <= 0:
         return None
     if top == 0 and keep >= n:
-        return (None, None)
+        return Trim(None, None)
     for s in blocks:
         torch.abs(src.rows(s, out=buf[: s.stop - s.start]), out=a[s])
-    lo = _below(_kth_largest(a, top + keep, buf)) if top + keep < n else None
-    hi = _below(_kth_largest(a, top, buf)) if top > 0 else None
-    return lo, hi
+    lo = _kth_largest(a, top + keep, buf) if top + keep < n else None
+    hi = _kth_largest(a, top, buf) if top > 0 else None
+    ties, flags = _tie_fixes(a, lo, hi, a.dtype)
+    return Trim(None if lo is None else _below(lo.t), None if hi is None else _below(hi.t), ties, flags)
 
 
-def _mask_(t: torch.Tensor, bounds, tmp: torch.Tensor) -> None:
+def _mask_(t: torch.Tensor, lo: float | None, hi: float | None, tmp: torch.Tensor) -> None:
     """Keep the entries with lo ≤ |x| < hi: hardshrink(x, lo⁻) − hardshrink(x, hi⁻), exact and all-float."""
-    if bounds is None:
-        t.zero_()
-        return
-    lo, hi = bounds
     if hi is not None:
         t.sub_(torch.hardshrink(t, hi, out=tmp))
     if lo is not None:
         torch.hardshrink(t, lo, out=t)
+
+
+def _trim_(t: torch.Tensor, trim: Trim | None, s: slice, tmp: torch.Tensor) -> None:
+    """Apply one adapter's `Trim` to its row block ``s`` (in place): thresholds, then the tie rule."""
+    if trim is None:
+        t.zero_()
+        return
+    fix = trim.fixes(s, t.shape[1])
+    if fix is not None:
+        vals = t.view(-1)[fix[0]]
+    _mask_(t, trim.lo, trim.hi, tmp)
+    if fix is not None:
+        t.view(-1)[fix[0]] = vals * fix[1]
 
 
 def _streams(generators, sources) -> list[torch.Generator]:
@@ -275,9 +362,9 @@ def merge_rows(
     parts = [new() for _ in sources]
     w = {"tmp": new(), "el": new(), "count": new(), "ones": new().fill_(1.0)}
     out = torch.empty(shape, dtype=dtype, device=device)  # also pass 1's |ΔW_k| buffer: one dense tensor
-    bounds = streams = None
+    trims = streams = None
     if recipe.sparsify in ("magnitude", "breadcrumbs"):
-        bounds = [_bounds(src, recipe, density, gamma, blocks, parts[k], out) for k, src in enumerate(sources)]
+        trims = [_trim(src, recipe, density, gamma, blocks, parts[k], out) for k, src in enumerate(sources)]
     elif recipe.sparsify == "random" and density < 1:
         streams = _streams(generators or [None] * len(sources), sources)
     for s in blocks:
@@ -285,8 +372,8 @@ def merge_rows(
         views = []
         for k, src in enumerate(sources):
             t = src.rows(s, out=parts[k][:n])
-            if bounds is not None:
-                _mask_(t, bounds[k], w["tmp"][:n])
+            if trims is not None:
+                _trim_(t, trims[k], s, w["tmp"][:n])
             elif streams is not None:
                 _drop_(t, density, streams[k], recipe.rescale, w["tmp"][:n])
             if weights[k] != 1:
@@ -338,6 +425,10 @@ def merge_stack(
 def merge_module(mods: list[LoraModule | None], weights: list[float], ctx: Ctx) -> LoraModule:
     """The element-wise family's kernel: merge ONE module's dense updates with ``ctx.recipe``, row block by row
     block (never the K dense ΔW at once), then re-factorise the merged ΔW exactly to ``ctx.rank``.
+
+    TIES (Yadav et al., NeurIPS 2023): each adapter keeps exactly its top ⌈density·n⌉ |entries| of the module,
+    ties at the cut going to the earlier row-major position; the sign is elected on the weighted sum, and the
+    agreeing entries are averaged (module docstring: every convention).
 
     Args:
         mods: the module of each of the K adapters (None where an adapter lacks it).

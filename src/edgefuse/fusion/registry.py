@@ -202,8 +202,10 @@ _FACTORED_AND_ELEMENTWISE: list[MethodSpec] = [
         _TIES, _TIES_URL,
         recipe=Recipe(sparsify="magnitude", consensus=True, combine="disjoint_mean"),
         params=(_density(0.2), _MAJORITY),
-        notes="= PEFT's `ties_svd` for equal positive weights (PEFT elects on unweighted tensors); PEFT's plain "
-              "`ties` trims the A and B factors separately, which is not TIES on ΔW.",
+        notes="Trim: exactly ⌈density·n⌉ entries per adapter and module, magnitudes tied at the cut ranked by "
+              "row-major position (earlier first). = PEFT's `ties_svd` for equal positive weights when density·n "
+              "is an integer (PEFT keeps int(density·n) by torch.topk and elects on unweighted tensors); PEFT's "
+              "plain `ties` trims the A and B factors separately, which is not TIES on ΔW.",
     ),
     MethodSpec(
         "dare_linear", "element-wise", elementwise.merge_module,
@@ -228,7 +230,8 @@ _FACTORED_AND_ELEMENTWISE: list[MethodSpec] = [
         _TIES + " (the trim step, without election)", _TIES_URL,
         recipe=Recipe(sparsify="magnitude"),
         params=(_density(0.2),),
-        notes="= PEFT's `magnitude_prune_svd`.",
+        notes="TIES' trim (⌈density·n⌉ entries, ties by row-major position); = PEFT's `magnitude_prune_svd` when "
+              "density·n is an integer.",
     ),
     MethodSpec(
         "breadcrumbs", "element-wise", elementwise.merge_module,
@@ -236,8 +239,8 @@ _FACTORED_AND_ELEMENTWISE: list[MethodSpec] = [
         _BREADCRUMBS, _BREADCRUMBS_URL,
         recipe=Recipe(sparsify="breadcrumbs"),
         params=(_density(0.9), _GAMMA),
-        notes="mergekit's parametrisation of the paper's two thresholds (gamma outliers, then density kept). "
-              "Not in PEFT.",
+        notes="mergekit's parametrisation of the paper's two thresholds (the ⌊gamma·n⌋ largest dropped, then "
+              "⌈density·n⌉ kept; ties by row-major position). Not in PEFT.",
     ),
     MethodSpec(
         "breadcrumbs_ties", "element-wise", elementwise.merge_module,
