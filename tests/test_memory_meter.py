@@ -1,5 +1,5 @@
 """The per-edge memory meter (`TensorPeak`) against allocations of known byte sizes, alone and with another thread
-allocating at the same time."""
+allocating at the same time, and the report's smoothed loss against hand-computed means."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from edgefuse.edge.memory import TensorPeak, storage_bytes
 from edgefuse.edge.train import heaviest_step
+from edgefuse.report.tables import LOSS_TAIL_STEPS, edges_table, tail_loss
 
 pytestmark = pytest.mark.unit
 
@@ -82,3 +83,23 @@ def test_heaviest_step_is_the_most_padded_tokens():
     # two encodings (objective "both") pad separately and are held together: 2×(5+100) = 210 wins
     assert heaviest_step(sched, range(3), 1, [lengths, [100, 100, 1, 1, 1]]) == 0
     assert heaviest_step(sched, range(0), 1, [lengths]) is None
+
+
+def test_tail_loss_is_the_mean_of_the_last_n_steps():
+    curve = [7.0] * 5 + [float(i) for i in range(LOSS_TAIL_STEPS)]
+    assert LOSS_TAIL_STEPS == 20
+    assert tail_loss(curve) == pytest.approx(9.5)  # (0 + 1 + … + 19) / 20; the five 7.0 are left out
+    assert tail_loss([0.3, 7.0, 2.0]) == pytest.approx(3.1)  # fewer steps than N: all of them
+    assert tail_loss([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}], n=1) == 2.0
+    assert tail_loss([[1, 4.0], [2, 6.0]]) == 5.0
+
+
+def test_edges_table_reports_both_memory_figures_and_the_smoothed_loss():
+    train = {"loss_curve": [4.0] * 60 + [1.0, 3.0] * 10, "tensor_peak_bytes": 300 * 2**20,
+             "memory_estimate_bytes": 512 * 2**20, "peak_memory_bytes": 2 * 2**20, "tokens_per_s": 10, "wall_s": 5}
+    doc = {"base": {}, "seeds": [{"edges": [{"edge": "e", "domains": [], "seed": 0, "train": train}]}]}
+    header, _, row = edges_table(doc).splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert cells["edge tensor peak MiB (estimate)"] == "300 (est. 512)"
+    assert cells["process memory rise MiB"] == "2"
+    assert cells["loss, mean of last 20 steps"] == "2.000"  # the last step alone would read 3.000
