@@ -116,6 +116,7 @@ def test_tensor_peak_holds_weights_lora_gradients_and_adam_state(work):
     lora = sum(4 * (m.A.numel() + m.B.numel()) for m in load_adapter(w["pkg"]).modules.values())
     st = json.loads((w["pkg"] / "edgefuse.json").read_text())["stats"]
     assert st["tensor_peak_bytes"] > weights + 4 * lora  # strictly: the step's activations come on top
+    assert 1 <= st["tensor_peak_step"] <= st["steps"]
 
 
 def test_tensor_peak_is_the_edges_own_when_edges_train_side_by_side(tmp_path, work, items):
