@@ -3,11 +3,13 @@
 Each ratio trains in a fresh child process (so one ratio's allocations cannot hide another's peak)
 with the same items, batch, sequence length, steps and seed; the child loads the pruned model from
 its directory, as an edge would. Peak memory = sampled resident memory above the child's level
-before the model was loaded (CPU) or the CUDA allocator peak (GPU), median over repeats. Speed = real
-(unpadded) tokens per second over the steps after the first (the first carries one-off allocation
-costs), each step timed as its fastest over the repeats: every ratio trains the very same batches, so
-step i is the same work in every repeat, and best-of-N discards slow-downs from other processes. Also shows
-the `--memory-budget` estimate next to every measured peak, and which ratio a budget picks.
+before the model was loaded (CPU) or the CUDA allocator peak (GPU), median over repeats. Tensor peak =
+the edge's own `stats.tensor_peak_bytes` (edgefuse.edge.memory.TensorPeak), without allocator overhead.
+Speed = real (unpadded) tokens per second over the steps other than the first (it carries one-off
+allocation costs) and the one TensorPeak measured (its meter costs time), each step timed as its fastest
+over the repeats: every ratio trains the very same batches, so step i is the same work in every repeat,
+and best-of-N discards slow-downs from other processes. Also shows the `--memory-budget` estimate next to
+every measured peak, and which ratio a budget picks.
 
     .venv/bin/python bench/edge_memory.py [--steps 5 --batch 8 --seq 128 --repeats 1]
 """
@@ -35,9 +37,9 @@ def child(args) -> None:
     pkg = train_edge(Path(args.child) / "model", "stem", items, cfg, out, progress=lambda *a, **k: None)
     s = json.loads((pkg / "edgefuse.json").read_text())["stats"]
     tok, wall = sum(s["step_tokens"][1:]), sum(s["step_wall_s"][1:])
-    print("RESULT " + json.dumps({"peak": s["peak_memory_bytes"], "tok_s": tok / wall, "tokens": s["tokens"],
+    print("RESULT " + json.dumps({"peak": s["peak_memory_bytes"], "tensor_peak": s["tensor_peak_bytes"], "tok_s": tok / wall, "tokens": s["tokens"],
                                   "padded": s["padded_tokens"], "step_wall_s": s["step_wall_s"],
-                                  "step_tokens": s["step_tokens"]}))
+                                  "step_tokens": s["step_tokens"], "metered_step": s["tensor_peak_step"]}))
 
 
 def main() -> None:
@@ -86,20 +88,23 @@ def main() -> None:
           f"(peak: median; speed: fastest of the runs per step), r=8 on all 7 projections; load average at start "
           f"{load0:.2f}, at end {os.getloadavg()[0]:.2f}")
     def best_speed(rs: list[dict]) -> float:
-        walls = [min(x["step_wall_s"][i] for x in rs) for i in range(1, len(rs[0]["step_wall_s"]))]
-        return sum(rs[0]["step_tokens"][1:]) / sum(walls)
+        timed = [i for i in range(1, len(rs[0]["step_wall_s"])) if i + 1 != rs[0]["metered_step"]]
+        walls = [min(x["step_wall_s"][i] for x in rs) for i in timed]
+        return sum(rs[0]["step_tokens"][i] for i in timed) / sum(walls)
 
     r0 = args.ratios[0]
     if any(x["step_tokens"] != runs[r0][0]["step_tokens"] for r in args.ratios for x in runs[r]):
         sys.exit("the ratios did not train the same batches; speeds would not be comparable")
     peak0 = median(x["peak"] for x in runs[r0])
     speed0 = best_speed(runs[r0])
-    print("| ratio | params | est. peak GiB | measured peak GiB | peak vs ratio 0 | tokens/s | speed vs ratio 0 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ratio | params | est. peak GiB | measured peak GiB | tensor peak GiB | peak vs ratio 0 | tokens/s | "
+          "speed vs ratio 0 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in args.ratios:
         peak, speed = median(x["peak"] for x in runs[r]), best_speed(runs[r])
         print(f"| {r:g} | {info[r]['params'] / 1e6:.1f} M ({info[r]['params'] / n_base:.0%}) | "
-              f"{info[r]['estimate'] / 2**30:.3f} | {peak / 2**30:.3f} | {peak / peak0:.2f}× | {speed:.0f} | "
+              f"{info[r]['estimate'] / 2**30:.3f} | {peak / 2**30:.3f} | "
+              f"{median(x['tensor_peak'] for x in runs[r]) / 2**30:.3f} | {peak / peak0:.2f}× | {speed:.0f} | "
               f"{speed / speed0:.2f}× |")
     for budget in (2.0, 1.6, 1.4, 1.0):
         try:

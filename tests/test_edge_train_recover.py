@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import warnings
 
 import pytest
@@ -104,6 +105,39 @@ def test_package_manifest_hashes_and_peft_loading(work, base):
     dw = ad.delta("model.layers.0.self_attn.q_proj")
     assert torch.allclose(q(x), q.base_layer(x) + x @ dw.T, atol=1e-5)
     assert dw.abs().max() > 0
+
+
+def test_tensor_peak_holds_weights_lora_gradients_and_adam_state(work):
+    """A lower bound from sizes known without the meter: the pruned weights, and the LoRA weights, their
+    gradients and AdamW's two moments (all float32), alive together during the optimizer step."""
+    w = work["width"]
+    pruned, _, _ = load_pruned(w["pruned"])
+    weights = sum(t.numel() * t.element_size() for t in [*pruned.parameters(), *pruned.buffers()])
+    lora = sum(4 * (m.A.numel() + m.B.numel()) for m in load_adapter(w["pkg"]).modules.values())
+    st = json.loads((w["pkg"] / "edgefuse.json").read_text())["stats"]
+    assert st["tensor_peak_bytes"] > weights + 4 * lora  # strictly: the step's activations come on top
+    assert 1 <= st["tensor_peak_step"] <= st["steps"]
+
+
+def test_tensor_peak_is_the_edges_own_when_edges_train_side_by_side(tmp_path, work, items):
+    """Two edges training at once in one process each report what the same edge reports alone."""
+    d, cfg = work["width"]["pruned"], TrainConfig(steps=3, **CFG)
+
+    def peak(out):
+        return json.loads((out / "edgefuse.json").read_text())["stats"]["tensor_peak_bytes"]
+
+    alone = peak(train_edge(d, "stem", items, cfg, tmp_path / "alone", progress=lambda *a, **k: None))
+    got: dict[str, int] = {}
+
+    def edge(name):
+        got[name] = peak(train_edge(d, "stem", items, cfg, tmp_path / name, progress=lambda *a, **k: None))
+
+    threads = [threading.Thread(target=edge, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {"a": alone, "b": alone}
 
 
 def test_training_lowers_the_loss(work):

@@ -2,7 +2,7 @@
 
 The fixture (tests/fixtures/tiny_study_head) is the tiny e2e study's results.json, report.md and results.csv as
 written by the code before the runner/report redesign (commit 44f4484); the new code must re-render the same
-tables from that file alone.
+tables from that file alone, except the edges table, whose memory and loss columns changed since (``EDGES``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,30 @@ def head_results() -> dict:
     return json.loads(gzip.decompress((FIXTURE / "results.json.gz").read_bytes()))
 
 
+# The edges table as this code renders the fixture: both memory figures apart (the old file has no per-edge tensor
+# peak, so "–"; its RSS rise is 43954176 and 25829376 bytes = 42 and 25 MiB) and the loss as the mean of the last
+# 20 steps, here all 6: (1.341791 + 1.452301 + 1.413597 + 1.415391 + 1.257313 + 1.349707) / 6 = 1.3717 and
+# (1.401817 + 1.413077 + 1.375510 + 1.375739 + 1.376380 + 1.423586) / 6 = 1.3944 (the old "final loss": 1.350, 1.424).
+EDGES = """\
+| edge | domains | seed | pruning (ratio) | params (pruned / base) | edge tensor peak MiB (estimate) | \
+process memory rise MiB | tokens/s | train s | loss, mean of last 20 steps | own domain % [CI] n (base) | \
+all MMLU % [CI] | Δ all vs base |
+|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| science | stem | 0 | magnitude width 0.50 | 0.2M / 0.2M | – | 42 | 50234 | 0 | 1.372 | 0.0 [0.0, 0.0] n=4 \
+(base 0.0) | 37.5 [20.8, 58.3] | +0.0 [+0.0, +0.0] |
+| law | law | 0 | random width 0.25 | 0.2M / 0.2M | – | 25 | 51215 | 0 | 1.394 | 66.7 [0.0, 100.0] n=3 \
+(base 66.7) | 37.5 [20.8, 58.3] | +0.0 [-20.8, +20.8] |"""
+
+
+def old_report() -> str:
+    """The fixture's report.md with its edges section (table and note) as this code writes it; all else as it was."""
+    from edgefuse.report.tables import EDGES_NOTE
+
+    old = (FIXTURE / "report.md").read_text()
+    section = old.split("## Edges\n\n", 1)[1].split("\n\n## ", 1)[0]
+    return old.replace(section, EDGES + "\n\n" + EDGES_NOTE)
+
+
 def run_report(monkeypatch, capsys, run_dir: Path) -> tuple[int, str, str]:
     from edgefuse.cli import main
 
@@ -40,7 +64,7 @@ def test_old_results_rerender_to_the_old_report(tmp_path, monkeypatch, capsys):
     (tmp_path / "results.json").write_text(json.dumps(head_results()))
     code, out, err = run_report(monkeypatch, capsys, tmp_path)
     assert code in (0, None), err
-    assert (tmp_path / "report.md").read_text() == (FIXTURE / "report.md").read_text()
+    assert (tmp_path / "report.md").read_text() == old_report()
     assert (tmp_path / "results.csv").read_text() == (FIXTURE / "results.csv").read_text()
     for name in ("conflict_heatmap.png", "mmlu_cd_k2_methods.png", "per_domain.png", "loss_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -59,7 +83,7 @@ def test_results_without_conflict_scores_skip_the_heatmap_with_one_note(tmp_path
     assert code in (0, None)
     note = "Conflict heatmap left out: these results hold no per-module conflict scores."
     assert err.strip() == note and not (tmp_path / "conflict_heatmap.png").exists()
-    old, new = (FIXTURE / "report.md").read_text(), (tmp_path / "report.md").read_text()
+    old, new = old_report(), (tmp_path / "report.md").read_text()
     cap = old.split("](conflict_heatmap.png)", 1)[0].rsplit("![", 1)[1]
     figure = f"![{cap}](conflict_heatmap.png)\n\n*{cap}*\n"
     assert figure in old and new == old.replace(figure, f"*{note}*\n")  # the same tables; the note for the figure

@@ -103,6 +103,7 @@ def train_cmd(
     from edgefuse.edge.train import train_edge
     from edgefuse.io import read_json
     from edgefuse.precision import resolve
+    from edgefuse.report.tables import LOSS_TAIL_STEPS, tail_loss
     from edgefuse.ui import console
 
     precision = resolve(device, dtype)
@@ -116,9 +117,11 @@ def train_cmd(
     items = select(load_mmlu(), "edge", domains=[domain], limit=limit, seed=seed, split_spec=SplitSpec(seed=split_seed))
     pkg = train_edge(pruned, domain, items, cfg, out, resume=resume, **precision.as_dict())
     s = read_json(pkg / "edgefuse.json")["stats"]
-    console.print(f"{s['steps']} steps, {s['tokens']} tokens, loss {s['loss_curve'][0]:.3f} → {s['loss_curve'][-1]:.3f}, "
-                  f"{s['tokens_per_s']} tokens/s, peak memory {s['peak_memory_bytes'] / 2**30:.3f} GiB"
-                  + (f" (estimate {s['memory_estimate_bytes'] / 2**30:.3f} GiB)" if s.get("memory_estimate_bytes") else ""))
+    console.print(f"{s['steps']} steps, {s['tokens']} tokens, loss (mean of the first / last {LOSS_TAIL_STEPS} steps) "
+                  f"{tail_loss(s['loss_curve'][:LOSS_TAIL_STEPS]):.3f} → {tail_loss(s['loss_curve']):.3f}, "
+                  f"{s['tokens_per_s']} tokens/s, edge tensor peak {s['tensor_peak_bytes'] / 2**30:.3f} GiB"
+                  + (f" (estimate {s['memory_estimate_bytes'] / 2**30:.3f} GiB)" if s.get("memory_estimate_bytes") else "")
+                  + f", process memory rise {s['peak_memory_bytes'] / 2**30:.3f} GiB")
     console.print(f"edge package written to {pkg}")
 
 

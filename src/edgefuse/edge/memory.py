@@ -25,9 +25,12 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from edgefuse.edge.families import family_of, projection_shape, resolve_targets
 
@@ -73,7 +76,9 @@ def current_rss() -> int:
 
 
 class PeakMemory:
-    """Peak memory while a block runs: CUDA allocator peak on GPU, sampled RSS above the start on CPU."""
+    """The *process's* peak memory while a block runs: CUDA allocator peak on GPU, sampled RSS above the
+    start on CPU. True for the block only when nothing else runs in the process and the allocator held no
+    free memory at the start (a fresh process, as in bench/edge_memory.py); otherwise see `TensorPeak`."""
 
     def __init__(self, device: str | torch.device = "cpu", interval_s: float = 0.01):
         self.cuda = str(device).startswith("cuda")
@@ -108,6 +113,69 @@ class PeakMemory:
     def used_bytes(self) -> int:
         """Peak above the level at entry."""
         return max(0, self.peak - self.start)
+
+
+def _storage(t: torch.Tensor):
+    """The tensor's storage, or None for layouts without one (sparse, nested)."""
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a view or a tied weight is counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = _storage(t)
+        if st is not None:
+            seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of the tensors the ops of *this thread* create while the block runs (and keep alive).
+
+    Why: RSS and ``torch.cuda.max_memory_allocated`` are per process / per device, so they cannot say what
+    one edge used when anything else shares the process: edges training side by side in threads, or one
+    after another, where the allocator hands an edge memory an earlier edge freed and the RSS rise hides
+    it (the CPU study read 380 MiB for one of four edges of the same shape, ~2,300 MiB for the others). A
+    dispatch mode is thread-local (autograd's backward threads inherit it), so this figure is the block's
+    own on any device. Each new storage counts its size at creation until it is freed (views once); the
+    allocator's rounding, caches and fragmentation and memory outside torch are not in it. Cost: a
+    Python call per op, which is why training measures one step with it (edgefuse.edge.train)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+        self._lock = threading.Lock()  # a storage may be freed on another thread
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        with self._lock:
+            self.live -= nbytes
+            self._seen.discard(key)
+
+    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
+        st = _storage(t)
+        if st is None or st._cdata in self._seen or st._cdata in inputs:
+            return  # no storage, already counted, or an in-place result / view of an argument
+        key, nbytes = st._cdata, st.nbytes()
+        with self._lock:
+            self._seen.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._freed, key, nbytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {st._cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and (st := _storage(t)) is not None}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t, inputs)
+        return out
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ seeded everything. The package written at the end is the only thing an edge uplo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from edgefuse.data.mmlu import MMLUItem
 from edgefuse.data.prompts import answer_text
 from edgefuse.edge.batching import Schedule, encode_cloze_items, encode_items
 from edgefuse.edge.families import family_for, resolve_targets
-from edgefuse.edge.memory import PeakMemory
+from edgefuse.edge.memory import PeakMemory, TensorPeak, storage_bytes
 from edgefuse.edge.plan import load_pruned, plan_hash, read_model_meta
 from edgefuse.edge.schema import CHECKPOINT_STATE, TrainConfig
 from edgefuse.errors import EdgefuseError
@@ -149,6 +150,28 @@ def cloze_loss(body, head, softcap, batch, targets: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.cross_entropy(logits, batch.input_ids[:, 1:][sel])
 
 
+# Why one step: the meter costs a Python call per op (SmolLM2-135M: ~17,000 ops a step at ~17 µs, ~0.3 s on the
+# step it measures, which is in that step's wall time), and the step with the most padded tokens holds the most.
+TENSOR_PEAK_NOTE = ("this edge's own: bytes of its weights, buffers and optimizer state plus the peak of the tensors "
+                    "its heaviest step (tensor_peak_step, 1-based) created (TensorPeak, per thread; no allocator "
+                    "overhead); that step's wall time includes the meter's")
+
+
+def heaviest_step(sched: Schedule, steps: range, accum: int, lengths: list[list[int]]) -> int | None:
+    """The step (of ``steps``) whose largest micro-batch pads to the most tokens, summed over the objective's
+    batches (``lengths``: one list per encoding): where activations peak, so the one `TensorPeak` measures."""
+    def padded(idx: list[int]) -> int:
+        return len(idx) * sum(max(ls[i] for i in idx) for ls in lengths)
+
+    return max(steps, key=lambda s: max(padded(idx) for idx in sched.step(s, accum)), default=None)
+
+
+def held_tensors(model, opt) -> list[torch.Tensor]:
+    """What training holds between steps once gradients are cleared: weights, buffers, optimizer state."""
+    state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return [*model.parameters(), *model.buffers(), *state]
+
+
 OBJECTIVE_TEXT = {
     "letters": "4-way cross-entropy over the answer letters at the answer position",
     "cloze": "cross-entropy over the answer-text tokens after the cloze prompt",
@@ -255,6 +278,8 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
                 scaler.load_state_dict(state["grad_scaler"])
         start = state["step"]
         end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+        encodings = [enc for enc in (seqs, cloze[0] if cloze else None) if enc is not None]
+        probe = heaviest_step(sched, range(start, end), config.grad_accum, [[len(x) for x in e] for e in encodings])
         bar = None
         if progress is None:
             from edgefuse.ui import progress_bar
@@ -269,31 +294,36 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
                 for g in opt.param_groups:
                     g["lr"] = lr_at(config, step)
                 opt.zero_grad(set_to_none=True)
-                micro = sched.step(step, config.grad_accum)
-                n_step = sum(len(m) for m in micro)
-                loss_sum, tokens = 0.0, 0
-                for idx in micro:
-                    losses = []
-                    with precision.autocast():
-                        if seqs is not None:
-                            b = make_batch([seqs[i] for i in idx], pad, "right", dev)
-                            y = torch.tensor([answers[i] for i in idx], device=dev)
-                            losses.append(letter_loss(body, head, softcap, letter_ids, b, y))
-                            tokens += int(b.attention_mask.sum())
-                            state["padded_tokens"] += int(b.attention_mask.numel())
-                        if cloze is not None:
-                            b = make_batch([cloze[0][i] for i in idx], pad, "right", dev)
-                            losses.append(cloze_loss(body, head, softcap, b,
-                                                     answer_mask(b, [cloze[1][i] for i in idx])))
-                            tokens += int(b.attention_mask.sum())
-                            state["padded_tokens"] += int(b.attention_mask.numel())
-                    loss = sum(losses) / len(losses)
-                    scaler.scale(loss * (len(idx) / n_step)).backward()
-                    loss_sum += float(loss.detach()) * len(idx)
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
+                held = storage_bytes(held_tensors(peft_model, opt)) if step == probe else 0
+                with TensorPeak() if step == probe else contextlib.nullcontext() as meter_step:
+                    micro = sched.step(step, config.grad_accum)
+                    n_step = sum(len(m) for m in micro)
+                    loss_sum, tokens = 0.0, 0
+                    for idx in micro:
+                        losses = []
+                        with precision.autocast():
+                            if seqs is not None:
+                                b = make_batch([seqs[i] for i in idx], pad, "right", dev)
+                                y = torch.tensor([answers[i] for i in idx], device=dev)
+                                losses.append(letter_loss(body, head, softcap, letter_ids, b, y))
+                                tokens += int(b.attention_mask.sum())
+                                state["padded_tokens"] += int(b.attention_mask.numel())
+                            if cloze is not None:
+                                b = make_batch([cloze[0][i] for i in idx], pad, "right", dev)
+                                losses.append(cloze_loss(body, head, softcap, b,
+                                                         answer_mask(b, [cloze[1][i] for i in idx])))
+                                tokens += int(b.attention_mask.sum())
+                                state["padded_tokens"] += int(b.attention_mask.numel())
+                        loss = sum(losses) / len(losses)
+                        scaler.scale(loss * (len(idx) / n_step)).backward()
+                        loss_sum += float(loss.detach()) * len(idx)
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    scaler.step(opt)
+                    scaler.update()
+                if meter_step is not None:  # this edge's own peak, whatever else runs in the process
+                    if held + meter_step.peak >= (state.get("tensor_peak_bytes") or 0):
+                        state["tensor_peak_bytes"], state["tensor_peak_step"] = held + meter_step.peak, step + 1
                 dt = time.perf_counter() - t0
                 state["step"] = step + 1
                 state["loss_curve"].append(round(loss_sum / n_step, 6))
@@ -322,9 +352,12 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         "tokens": state["tokens"], "padded_tokens": state["padded_tokens"], "loss_curve": state["loss_curve"],
         "step_wall_s": state["step_wall_s"], "step_tokens": state["step_tokens"],
         "wall_s": round(state["wall_s"], 3), "tokens_per_s": round(state["tokens"] / max(state["wall_s"], 1e-9), 1),
+        "tensor_peak_bytes": state.get("tensor_peak_bytes"), "tensor_peak_step": state.get("tensor_peak_step"),
+        "tensor_peak_note": TENSOR_PEAK_NOTE,
         "peak_memory_bytes": meter.used_bytes,
-        "peak_memory_note": ("CUDA allocator peak" if meter.cuda else
-                             "peak resident memory above the process level before the pruned model was loaded"),
+        "peak_memory_note": ("the process's CUDA allocator peak above its level at the start" if meter.cuda else
+                             "the process's peak resident memory above its level before the pruned model was loaded")
+                            + "; everything in the process counts, so not this edge's own when other work shares it",
         "memory_estimate_bytes": (plan.get("estimate") or {}).get("total_bytes"),
         "last_session_wall_s": round(run_wall, 3), "resumed": bool(resume),
         "device": str(dev), "dtype": precision.dtype, "torch_threads": torch.get_num_threads(),

@@ -13,8 +13,8 @@ from edgefuse.evaluate.stats import fmt_ci
 from edgefuse.artifacts import StudyResults
 from edgefuse.io import atomic_write_text, jsonable
 from edgefuse.report.figures import draw_figures
-from edgefuse.report.tables import (cd_answer_table, cd_ks, composed_line, conflict_table, cr_sweep_table, edges_table,
-                                    headline_table, results_csv, retrieval_line, rounds_table, scoring_line,
+from edgefuse.report.tables import (EDGES_NOTE, cd_answer_table, cd_ks, composed_line, conflict_table, cr_sweep_table,
+                                    edges_table, headline_table, results_csv, retrieval_line, rounds_table, scoring_line,
                                     seeds_table, stages_table, transfer_table)
 
 
@@ -56,10 +56,7 @@ def write_report(doc: dict, run_dir: Path, results: bool = True) -> list[str]:
         if b:
             md.append(f"MMLU-CD k={k}: chance {100 * b.get('chance', 0.25 ** k):.2f}%; base single-item accuracy on the "
                       f"same items {fmt_ci(b['single']) if isinstance(b.get('single'), dict) else '–'}.")
-    md += ["", "## Edges", "", edges_table(doc), "",
-           "Measured peak: resident memory sampled during training above its level when training started. "
-           "Inside `edgefuse run` the edges train in the cloud's process, next to the loaded base model, so this "
-           "figure is only indicative; `bench/edge_memory.py` measures one process per pruning ratio.", ""]
+    md += ["", "## Edges", "", edges_table(doc), "", EDGES_NOTE, ""]
     if doc.get("missing_edges"):
         md += ["## Missing edges", "", "Left out of fusion and evaluation (federated run: the edge failed, timed out "
                "or its package was rejected).", "", "| edge | seed | round | reason |", "|---|---:|---:|---|"]

@@ -156,28 +156,63 @@ def _subject_index(doc: dict) -> dict[str, str]:
     return {i: i.split("/", 1)[0] for i in doc["base"].get("mmlu", {}).get("correct", {})}
 
 
+LOSS_TAIL_STEPS = 20  # the edges table's loss column: mean training loss of the last N steps
+
+
+EDGES_NOTE = (
+    "Edge tensor peak: the most tensor memory the edge's own training held: its weights, buffers and optimizer "
+    "state, plus what its heaviest step (the most padded tokens) allocated, counted by the thread that trains "
+    "the edge, so it is this edge's figure even when other edges or stages share the process; allocator "
+    "overhead and memory outside torch are not in it. The estimate is the plan's a-priori formula "
+    "(`--memory-budget`), fitted to whole-process peaks, so it sits above the tensor peak. Process memory "
+    "rise: the process's resident memory (CUDA: the allocator's peak) while the edge trained, above its level "
+    "when the edge started; everything in the process counts, and memory the allocator kept from earlier work "
+    "is reused without showing, so it is not the edge's own figure; `bench/edge_memory.py` measures one process "
+    "per pruning ratio. Loss: the mean training loss of the last "
+    f"{LOSS_TAIL_STEPS} steps (of all steps when fewer); one step's loss is one batch's and swings widely.")
+
+
+def tail_loss(curve: list, n: int = LOSS_TAIL_STEPS) -> float:
+    """Mean training loss of the curve's last ``n`` steps (all, when fewer). Why not the last step: each
+    step's loss is one batch's, and on the CPU study it swings between 0.3 and 7 from step to step."""
+    tail = curve[-n:]
+    return sum(_loss_value(p) for p in tail) / len(tail)
+
+
+def _loss_value(point) -> float:
+    """One curve point: a number, a ``{"step", "loss"}`` dict or a ``[step, ..., loss]`` list (older files)."""
+    return float(point["loss"] if isinstance(point, dict) else point[-1] if isinstance(point, (list, tuple)) else point)
+
+
+def _mib(x) -> str:
+    return f"{x / 2**20:.0f}" if isinstance(x, (int, float)) else "–"
+
+
 def edges_table(doc: dict) -> str:
+    """One row per edge. Memory: the edge's own tensor peak (``tensor_peak_bytes``; "–" in results older than
+    it) with the plan's estimate, and apart from it the process's rise (``peak_memory_bytes``), which counts
+    whatever shares the process and is therefore not the edge's figure (see the note under the table)."""
     subj = _subject_index(doc)
-    lines = ["| edge | domains | seed | pruning (ratio) | params (pruned / base) | peak train memory MiB, measured (estimate) | tokens/s | "
-             "train s | final loss | own domain % [CI] n (base) | all MMLU % [CI] | Δ all vs base |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| edge | domains | seed | pruning (ratio) | params (pruned / base) | edge tensor peak MiB (estimate) | "
+             f"process memory rise MiB | tokens/s | train s | loss, mean of last {LOSS_TAIL_STEPS} steps | "
+             "own domain % [CI] n (base) | all MMLU % [CI] | Δ all vs base |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in doc["seeds"]:
         for e in s["edges"]:
             tr, pr = e.get("train") or {}, e.get("prune") or {}
             subjects = {x for d in e["domains"] for x in domain_subjects(d)}
             ev = e.get("eval") or {}
             own, own_base = domain_acc(ev, subjects, subj), domain_acc(doc["base"], subjects, subj)
-            peak_bytes = tr.get("peak_memory_bytes")  # None where no meter could measure it
-            peak = peak_bytes / 2**20 if isinstance(peak_bytes, (int, float)) else None
             loss = tr.get("loss_curve", [])
             lines.append("| " + " | ".join([
                 e["edge"], ", ".join(e["domains"]), str(e["seed"]), _pruning_cell(pr),
                 f"{pr.get('params', 0) / 1e6:.1f}M / {pr.get('base_params', 0) / 1e6:.1f}M",
-                (f"{peak:.0f}" if isinstance(peak, (int, float)) else "–")
-                + (f" (est. {tr['memory_estimate_bytes'] / 2**20:.0f})" if tr.get("memory_estimate_bytes") else ""),
+                _mib(tr.get("tensor_peak_bytes"))
+                + (f" (est. {_mib(tr['memory_estimate_bytes'])})" if tr.get("memory_estimate_bytes") else ""),
+                _mib(tr.get("peak_memory_bytes")),  # None where no meter could measure it
                 f"{tr.get('tokens_per_s', 0):.0f}" if tr.get("tokens_per_s") else "–",
                 f"{tr.get('wall_s', 0):.0f}",
-                f"{_last_loss(loss):.3f}" if loss else "–",
+                f"{tail_loss(loss):.3f}" if loss else "–",
                 (fmt_ci(own) + f" n={own['n']} (base {_pct(own_base['acc'])})") if own and own_base else "–",
                 fmt_ci(ev["mmlu"]["accuracy"]["overall"]) if "mmlu" in ev else "–",
                 _diff(mmlu_diff(ev, doc["base"])) if ev else "–",
@@ -265,11 +300,6 @@ def _pruning_cell(pr: dict) -> str:
     what = " ".join(str(pr[k]) for k in ("method", "structure") if pr.get(k))
     cell = f"{what} {pr.get('ratio', 0) or 0:.2f}".strip()
     return cell + (f" (budget {pr['memory_budget_gib']:g} GiB)" if pr.get("memory_budget_gib") else "")
-
-
-def _last_loss(curve: list) -> float:
-    last = curve[-1]
-    return float(last["loss"] if isinstance(last, dict) else last[-1] if isinstance(last, (list, tuple)) else last)
 
 
 def seeds_table(doc: dict) -> str:
