@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,13 +203,25 @@ def _convert_gguf(gguf: Path, cached: Path, name: str) -> None:
             (tmp / "edgefuse_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
 
 
+_LOADING = threading.RLock()
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None):
     """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``device``, in ``dtype``
     (defaults and checks: `edgefuse.precision.resolve`).
 
     Weights are read in float32 and fingerprinted before the cast, so a model has one fingerprint whatever
     dtype it runs in, and adapters made in bfloat16 apply to the float32 model and back.
+
+    Loads take turns within a process: transformers' from_pretrained swaps process-wide state while it builds
+    a model (meta-device initialisation), so two loads on threads of one process broke each other ("Cannot copy
+    out of meta tensor", seen with two trainings on threads; building a LoRA beside a load is unsafe too).
     """
+    with _LOADING:
+        return _load_model(spec, device, dtype)
+
+
+def _load_model(spec: str, device: str | None, dtype: str | torch.dtype | None):
     precision = resolve(device, dtype)
     _quiet_transformers()
     spec = spec or DEFAULT_MODEL

@@ -137,7 +137,7 @@ class TensorPeak(TorchDispatchMode):
     """Peak bytes of the tensors the ops of *this thread* create while the block runs (and keep alive).
 
     Why: RSS and ``torch.cuda.max_memory_allocated`` are per process / per device, so they cannot say what
-    one edge used when anything else shares the process: edges training side by side in threads, or one
+    one edge used when anything else shares the process: work on other threads, or edges trained one
     after another, where the allocator hands an edge memory an earlier edge freed and the RSS rise hides
     it (the CPU study read 380 MiB for one of four edges of the same shape, ~2,300 MiB for the others). A
     dispatch mode is thread-local (autograd's backward threads inherit it), so this figure is the block's
