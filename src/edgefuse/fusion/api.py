@@ -28,6 +28,7 @@ from edgefuse.artifacts import FusedAdapterManifest
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
+from edgefuse.fusion.gram_inputs import check_coverage, module_grams
 from edgefuse.fusion.registry import CR_THRESHOLD, get_cr_strategy, get_method, recipe_for, resolve_params
 from edgefuse.io import jsonable, sha256_file
 
@@ -65,9 +66,13 @@ def fuse_adapters(
     cr: str | None = None,
     cr_threshold: float = CR_THRESHOLD.default,
     progress: Callable[..., None] | None = None,
+    grams: list | None = None,
     **params,
 ) -> tuple[LoraAdapter, dict]:
     """Fuse K adapters with ``method`` (optionally after LoRA-CR) into one adapter; returns (adapter, stats).
+
+    ``grams``: for a method that fuses with data (regmean), one mapping per adapter, module name → Gram matrix of
+    that module's inputs on the adapter's domain (`edgefuse.interference.grams.GramSet.for_adapters`).
 
     ``progress``: called as ``progress(0, total=modules)`` once, then ``progress(1)`` per fused module (the
     ``advance`` of `edgefuse.ui.progress_bar`), since a large model's element-wise merge takes minutes.
@@ -109,6 +114,7 @@ def fuse_adapters(
     shared = torch.Generator().manual_seed(seed)
     recipe = recipe_for(spec, resolved)
     names = module_names(adapters)
+    check_coverage(method, spec.needs_grams, grams, adapters, names)
 
     def one(name: str) -> LoraModule:
         ctx = Ctx(
@@ -124,6 +130,8 @@ def fuse_adapters(
             params=resolved,
             recipe=recipe,
         )
+        if grams is not None:
+            ctx.grams = module_grams(grams, name, next(a.modules[name].shape[1] for a in adapters if name in a.modules))
         try:
             fused = spec.kernel([a.modules.get(name) for a in adapters], weights, ctx)
         except ValueError as e:
