@@ -55,7 +55,7 @@ def regmean(mods: list[LoraModule | None], weights: list[float], ctx: Ctx) -> Lo
         raise ValueError("regmean: weights weigh each domain's regression term and must be ≥ 0")
     alpha, ridge = float(ctx.params["alpha"]), float(ctx.params["ridge"])
     S = None
-    Bs, AGs = [], []
+    updated, AGs = [], []
     for k, (m, G) in enumerate(zip(mods, ctx.grams)):
         if weights[k] == 0:
             continue
@@ -63,14 +63,18 @@ def regmean(mods: list[LoraModule | None], weights: list[float], ctx: Ctx) -> Lo
         Gt.mul_(weights[k])
         S = Gt if S is None else S.add_(Gt)
         if m is not None:
-            Bs.append(m.B.double() * m.scale)
+            updated.append(m)
             AGs.append(m.A.double() @ Gt)
         del Gt
-    if S is None or not Bs:
+    if S is None or not updated:
         raise ValueError(f"regmean: no adapter with a positive weight has module {ctx.name}")
     L = cholesky_with_ridge(S, ridge)
     A = torch.cholesky_solve(torch.cat(AGs, dim=0).T, L).T  # (Σr × d) = [A_iG̃_i] S⁻¹ (S symmetric)
-    B = torch.cat(Bs, dim=1)
+    B = torch.empty(updated[0].B.shape[0], A.shape[0])  # [s_1B_1 … s_KB_K] written in place: no m × r temporaries
+    col = 0
+    for m in updated:
+        B[:, col:col + m.rank].copy_(m.B).mul_(m.scale)
+        col += m.rank
     if ctx.rank is not None and ctx.rank < A.shape[0]:
-        return lowrank.truncate(B.float(), A.float(), ctx.rank)
-    return LoraModule(A=A.float().contiguous(), B=B.float().contiguous(), scale=1.0)
+        return lowrank.truncate(B, A.float(), ctx.rank)
+    return LoraModule(A=A.float().contiguous(), B=B, scale=1.0)
