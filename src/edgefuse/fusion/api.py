@@ -211,6 +211,7 @@ def fuse_dirs(
     progress: Callable[..., None] | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    activations: str | Path | None = None,
     **params,
 ) -> dict:
     """Load, check, fuse and save (PEFT adapter + ``edgefuse.json``); optionally merged full weights.
@@ -242,9 +243,12 @@ def fuse_dirs(
         raise EdgefuseError(
             f"adapters were made for different base models ({what}); pass --force to fuse anyway"
         )
+    grams = None if activations is None else _domain_grams(activations, adapters, fps, force)
     fused, stats = fuse_adapters(
-        adapters, method, weights, rank, density, seed, cr, cr_threshold, progress=progress, **params
+        adapters, method, weights, rank, density, seed, cr, cr_threshold, progress=progress, grams=grams, **params
     )
+    if activations is not None:
+        stats["activations"] = {"path": str(activations), "sha256": sha256_file(Path(activations) / "grams.json")}
     with single_threaded_ops():
         conflicts = analyze_conflicts(adapters, stats["weights"], element=False)
     merged = None
@@ -254,7 +258,8 @@ def fuse_dirs(
         base_fingerprint=next(iter(fps)) if len(fps) == 1 else None,
         base_model=next(iter(names)) if len(names) == 1 else None,
         method=method,
-        parameters=jsonable({k: stats[k] for k in ("weights", "density", "seed", "params", "rank")}),
+        parameters=jsonable({k: stats[k] for k in ("weights", "density", "seed", "params", "rank", "activations")
+                             if k in stats}),
         cr={"strategy": cr, "threshold": cr_threshold, "share": stats["params"]["cr_share"]} if cr else None,
         inputs=[
             {
@@ -283,6 +288,18 @@ def fuse_dirs(
         "merged_out": str(merged_out) if merged_out else None,
         "conflicts": conflicts,
     }
+
+
+def _domain_grams(activations: str | Path, adapters: list[LoraAdapter], fps: set[str], force: bool) -> list:
+    """Each adapter's domain's Gram matrices per token (RegMean then weighs domains alike whatever text each had),
+    refused when collected on another base model than the adapters record (unless ``force``)."""
+    from edgefuse.interference.grams import GramSet
+
+    gs = GramSet(activations)
+    if fps and fps != {gs.manifest.base_fingerprint} and not force:
+        raise EdgefuseError("Gram matrices were collected on another base model than the adapters' "
+                            f"({gs.manifest.base_model}); pass --force to fuse anyway", path=activations)
+    return [g.per_token() for g in gs.for_adapters(adapters)]
 
 
 def _compact_cr(cr: dict | None) -> dict | None:

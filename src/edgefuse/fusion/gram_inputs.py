@@ -32,6 +32,8 @@ def check_coverage(method: str, needs: bool, grams: list[Mapping] | None, adapte
             domain = getattr(g, "domain", None) or f"of adapter {k}"
             raise EdgefuseError(f"method {method}: no Gram matrix for module {missing[0]} (domain {domain}; "
                                 f"{len(missing)} of {len(names)} modules missing)", path=where)
+    for name in names:  # every matrix checked (shape, finite, symmetric PSD) before any module is fused
+        module_grams(grams, name, next(a.modules[name].shape[1] for a in adapters if name in a.modules))
 
 
 def module_grams(grams: list[Mapping], name: str, d_in: int) -> list[torch.Tensor]:

@@ -52,6 +52,7 @@ class DomainGrams(Mapping):
         self._modules = modules
         self._per_token = per_token
         self._cache: dict[str, torch.Tensor] = {}
+        self._checked: set[str] = set()
         self._header = safetensors_header(path)
         missing = sorted({k for k in modules.values()} - set(self._header))
         if missing:
@@ -64,17 +65,21 @@ class DomainGrams(Mapping):
         return self.get_checked(name, None)
 
     def get_checked(self, name: str, d_in: int | None) -> torch.Tensor:
-        """The module's Gram matrix, checked against the module's input width ``d_in`` when given."""
+        """The module's Gram matrix, checked against the module's input width ``d_in`` when given (the full check
+        runs once per stored matrix; later reads only re-check the shape)."""
         from safetensors import safe_open
 
         key = self._modules[name]
+        what = f"module {name}" if key == name else f"module {name} (stored as {key})"
         G = self._cache.get(key)
-        if G is None:  # q/k/v and gate/up share a key: read and check it once while they are fused
+        if G is None:  # q/k/v and gate/up share a key: read it once while they are fused
             with safe_open(str(self.path), framework="pt") as f:
-                G = check_gram(f.get_tensor(key), None, f"module {name}", self.path)
+                G = f.get_tensor(key)
+            G = G.double() if key in self._checked else check_gram(G, None, what, self.path)
+            self._checked.add(key)
             self._cache = {**dict(list(self._cache.items())[-3:]), key: G}
         if d_in is not None and G.shape[0] != d_in:
-            check_gram(G, d_in, f"module {name}", self.path)
+            check_gram(G, d_in, what, self.path)
         return G / self.tokens if self._per_token else G
 
     def __iter__(self) -> Iterator[str]:
