@@ -309,6 +309,7 @@ class GramsManifest(Artifact):
     base_fingerprint: str
     split: str
     split_seed: int
+    per_prompt: Optional[int] = Field(None, description="tokens of each prompt at most (None: whole prompts)")
     dtype: Literal["float32", "float64"]
     modules: dict[str, str] = Field(description="module name → its tensor's key in every domain's file")
     domains: dict[str, GramDomain]

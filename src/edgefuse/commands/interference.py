@@ -26,7 +26,7 @@ def _domains(values: list[str]) -> list[str]:
 
 def collect_to_dir(model_spec: str, domains: list[str], out: Path, tokens: int = _SPEC.tokens,
                    data: Optional[str] = None, split_seed: int = _SPEC.split_seed, force: bool = False,
-                   device: Optional[str] = None):
+                   device: Optional[str] = None, per_prompt: int = _SPEC.per_prompt):
     """Load the base model (float32), collect every domain's Gram matrices, write them (all or nothing)."""
     from edgefuse.data.mmlu import load_mmlu
     from edgefuse.data.taxonomy import domain_subjects
@@ -36,12 +36,12 @@ def collect_to_dir(model_spec: str, domains: list[str], out: Path, tokens: int =
 
     if out.exists() and not force:
         raise EdgefuseError("output already exists (pass --force to overwrite)", path=out)
-    if tokens < 1:
-        raise EdgefuseError(f"--tokens must be a positive integer, got {tokens}")
+    if tokens < 1 or per_prompt < 1:
+        raise EdgefuseError(f"--tokens and --per-prompt must be positive integers, got {tokens} and {per_prompt}")
     for d in domains:
         domain_subjects(d)
     dataset = load_mmlu(data)
-    spec = GramSpec(tokens=tokens, split_seed=split_seed)
+    spec = GramSpec(tokens=tokens, per_prompt=per_prompt, split_seed=split_seed)
     from edgefuse.interference.collect import public_prompts
 
     for d in domains:  # every domain's prompts before the model loads
@@ -49,7 +49,7 @@ def collect_to_dir(model_spec: str, domains: list[str], out: Path, tokens: int =
     model, tok = load_model(model_spec, device=device, dtype="float32")
     grams, aliases, counts, prompts = collect(model, tok, dataset, domains, spec)
     fields = {"base_model": model_spec, "base_fingerprint": fingerprint(model), "split": spec.split,
-              "split_seed": spec.split_seed}
+              "split_seed": spec.split_seed, "per_prompt": spec.per_prompt}
     return save_grams(out, fields, grams, counts, prompts, aliases, force=force)
 
 
@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="the base model the adapters were trained for"),
         domains: list[str] = typer.Option([], "--domains", help="domains to collect: stem,humanities (repeatable)"),
         tokens: int = typer.Option(_SPEC.tokens, "--tokens", help="tokens of public prompts per domain"),
+        per_prompt: int = typer.Option(_SPEC.per_prompt, "--per-prompt", help="tokens of each prompt at most"),
         out: Optional[Path] = typer.Option(None, "--out", help="output directory"),
         data: Optional[str] = typer.Option(None, "--data", help="MMLU source: .jsonl, CSV dir or hub id (default: embedded)."),
         split_seed: int = typer.Option(_SPEC.split_seed, "--split-seed", help="Seed of the per-subject split."),
@@ -71,7 +72,7 @@ def register(app: typer.Typer) -> None:
         --activations and fuse --method regmean)."""
         if out is None:
             raise EdgefuseError("--out is required")
-        man = collect_to_dir(model, _domains(domains), out, tokens, data, split_seed, force, device)
+        man = collect_to_dir(model, _domains(domains), out, tokens, data, split_seed, force, device, per_prompt)
         size = sum((out / d.file).stat().st_size for d in man.domains.values())
         typer.echo(f"Gram matrices of {len(man.modules)} modules ({len(set(man.modules.values()))} distinct inputs) "
                    f"for {', '.join(f'{k} ({d.tokens} tokens)' for k, d in man.domains.items())}, "

@@ -20,7 +20,8 @@ from edgefuse.errors import EdgefuseError
 class GramSpec:
     """How much public text a domain's matrices see: the one place the defaults live (CLI and library)."""
 
-    tokens: int = 256  # per domain; measured enough for stable ratios on SmolLM2 (docs/interference.md)
+    tokens: int = 1024  # per domain (docs/interference.md: how far 256/512 are from 1024 on SmolLM2)
+    per_prompt: int = 64  # tokens of each prompt at most: more prompts, so more subjects, within the budget
     split: str = "public"
     split_seed: int = 0
 
@@ -51,14 +52,14 @@ def public_prompts(dataset, domain: str, spec: GramSpec = GramSpec()) -> list[st
     return [mc_prompt(v[r]) for r in range(rounds) for _, v in sorted(by_subject.items()) if r < len(v)]
 
 
-def token_sequences(tokenizer, prompts: list[str], tokens: int) -> list[list[int]]:
-    """Whole prompts in order until ``tokens`` tokens, the last one cut to fit (a prefix is a valid causal
-    input)."""
+def token_sequences(tokenizer, prompts: list[str], tokens: int, per_prompt: int | None = None) -> list[list[int]]:
+    """The prompts' first ``per_prompt`` tokens (all when None), in order, until ``tokens`` tokens; the last one cut
+    to fit (a prefix is a valid causal input). Fewer tokens when the prompts run out (the count is recorded)."""
     out, left = [], tokens
     for p in prompts:
         if left <= 0:
             break
-        ids = tokenizer(p)["input_ids"][:left]
+        ids = tokenizer(p)["input_ids"][: min(left, per_prompt or left)]
         out.append(ids)
         left -= len(ids)
     return out
@@ -114,7 +115,7 @@ def collect(model, tokenizer, dataset, domains: list[str], spec: GramSpec = Gram
     prompts = {d: public_prompts(dataset, d, spec) for d in domains}
     grams, tokens, used, aliases = {}, {}, {}, {}
     for d in domains:
-        seqs = token_sequences(tokenizer, prompts[d], spec.tokens)
+        seqs = token_sequences(tokenizer, prompts[d], spec.tokens, spec.per_prompt)
         grams[d], aliases, tokens[d] = gram_matrices(model, seqs)
         used[d] = len(seqs)
     return grams, aliases, tokens, used
