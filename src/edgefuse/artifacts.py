@@ -33,6 +33,7 @@ FUSED_KIND = "edgefuse-fused-adapter"
 ROUND_START_KIND = "edgefuse-round-start"
 EXTERNAL_KIND = "edgefuse-external-adapter"
 RESULTS_KIND = "edgefuse-study-results"
+GRAMS_KIND = "edgefuse-activation-grams"
 
 
 def problem(e: ValidationError, tag: str | None = None) -> str:
@@ -282,3 +283,33 @@ class StudyResults(Artifact):
     mmlu_n: int
     cd_n: dict[str, int]
     estimate: Optional[dict[str, Any]] = None
+
+
+# --- activation Gram matrices (edgefuse grams) ---------------------------------------------------------------
+
+
+class GramDomain(BaseModel):
+    """One domain's Gram matrices: the safetensors file (one d_in × d_in tensor per distinct module input) and
+    how much public text went into it."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    sha256: str
+    tokens: int = Field(ge=1, description="tokens whose module inputs were summed into every Gram matrix")
+    prompts: int = Field(ge=1)
+
+
+class GramsManifest(Artifact):
+    """``grams.json``: Gram matrices G = HᵀH of every adapted module's inputs, per domain, from the base model on
+    public prompts (`edgefuse.interference`). Modules fed the same tensor (q/k/v, gate/up) share one entry."""
+
+    WHAT: ClassVar[str] = "Gram-matrix manifest"
+    kind: Literal["edgefuse-activation-grams"] = GRAMS_KIND
+    base_model: Optional[str]
+    base_fingerprint: str
+    split: str
+    split_seed: int
+    per_prompt: Optional[int] = Field(None, description="tokens of each prompt at most (None: whole prompts)")
+    dtype: Literal["float32", "float64"]
+    modules: dict[str, str] = Field(description="module name → its tensor's key in every domain's file")
+    domains: dict[str, GramDomain]

@@ -82,6 +82,12 @@ class FusionConfig(_Strict):
         bad = [m for m in v if m not in known]
         if bad:
             raise ValueError(f"unknown fusion method {bad[0]!r}; valid: {', '.join(known)}")
+        from edgefuse.fusion.registry import METHODS
+
+        data = [m for m in v if METHODS[m].needs_grams]
+        if data:
+            raise ValueError(f"{data[0]} fuses with Gram matrices, which a study does not collect yet "
+                             "(use edgefuse grams and edgefuse fuse --activations)")
         return v
 
     @field_validator("cr", mode="before")

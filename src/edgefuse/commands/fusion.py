@@ -122,6 +122,9 @@ def register(app: typer.Typer) -> None:
             None, "--model", help="base model: check the adapters' targets and shapes against it; needed for --merged-out"
         ),
         list_: bool = typer.Option(False, "--list", help="list methods and LoRA-CR strategies"),
+        activations: Optional[Path] = typer.Option(
+            None, "--activations", help="Gram matrices of each domain's module inputs (edgefuse grams), for regmean"
+        ),
         device: Optional[str] = device_option(),
         dtype: Optional[str] = dtype_option("Dtype of the --merged-out weights (the merge runs in float32)"),
     ) -> None:
@@ -156,6 +159,7 @@ def register(app: typer.Typer) -> None:
                 progress=advance,
                 device=device,
                 dtype=dtype,
+                **({} if activations is None else {"activations": activations}),
                 **_params(param),
                 **({} if cr_share is None else {"cr_share": cr_share}),
             )
@@ -183,6 +187,14 @@ def register(app: typer.Typer) -> None:
         ),
         plot: Optional[Path] = typer.Option(None, "--plot", help="write a layer × module-type heatmap (PNG)"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the full statistics as JSON"),
+        activations: Optional[Path] = typer.Option(
+            None, "--activations", help="Gram directory (edgefuse grams): also measure interference on each "
+            "domain's inputs; --plot then draws it"
+        ),
+        fused: Optional[Path] = typer.Option(
+            None, "--fused", help="with --activations: the fused adapter whose deviation is measured (default: the "
+            "weighted sum of the adapters)"
+        ),
     ) -> None:
         """Measure conflicts between adapters: per-layer table and optional heatmap."""
         from rich.console import Console
@@ -201,6 +213,12 @@ def register(app: typer.Typer) -> None:
         from edgefuse.fusion.api import _check_inputs
 
         _check_inputs(adapters, w or [1.0] * len(adapters))
+        if fused is not None and activations is None:
+            raise EdgefuseError("--fused needs --activations")
+        if activations is not None:
+            from edgefuse.commands.interference import interference_stats, print_interference
+
+            inter, domains = interference_stats(adapters, w, activations, fused)
         stats = analyze_conflicts(adapters, w)
         layers, types, cells = conflict_grid(stats)
         _, _, signs = conflict_grid(stats, "sign_conflict")
@@ -225,7 +243,10 @@ def register(app: typer.Typer) -> None:
             f"{s['modules']} modules: max score {s['max_score']:.3f}, mean {s['mean_score']:.3f}, "
             f"mean sign conflict {s.get('mean_sign_conflict', 0):.3f}"
         )
-        if plot:
+        if activations is not None:
+            print_interference(inter, domains, plot)
+            stats["interference"] = inter
+        elif plot:
             plot_heatmap(stats, plot)
             typer.echo(f"heatmap -> {plot}")
         if json_out:

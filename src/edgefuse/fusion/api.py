@@ -30,6 +30,7 @@ from edgefuse.artifacts import FusedAdapterManifest
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
+from edgefuse.fusion.gram_inputs import check_coverage, module_grams
 from edgefuse.fusion.registry import CR_THRESHOLD, get_cr_strategy, get_method, recipe_for, resolve_params
 from edgefuse.io import jsonable, sha256_file
 
@@ -68,9 +69,13 @@ def fuse_adapters(
     cr: str | None = None,
     cr_threshold: float = CR_THRESHOLD.default,
     progress: Callable[..., None] | None = None,
+    grams: list | None = None,
     **params,
 ) -> tuple[LoraAdapter, dict]:
     """Fuse K adapters with ``method`` (optionally after LoRA-CR) into one adapter; returns (adapter, stats).
+
+    ``grams``: for a method that fuses with data (regmean), one mapping per adapter, module name → Gram matrix of
+    that module's inputs on the adapter's domain (`edgefuse.interference.grams.GramSet.for_adapters`).
 
     ``progress``: called as ``progress(0, total=modules)`` once, then ``progress(1)`` per fused module (the
     ``advance`` of `edgefuse.ui.progress_bar`), since a large model's element-wise merge takes minutes.
@@ -112,6 +117,7 @@ def fuse_adapters(
     shared = torch.Generator().manual_seed(seed)
     recipe = recipe_for(spec, resolved)
     names = module_names(adapters)
+    check_coverage(method, spec.needs_grams, grams, adapters, names)
 
     def one(name: str) -> LoraModule:
         ctx = Ctx(
@@ -127,6 +133,8 @@ def fuse_adapters(
             params=resolved,
             recipe=recipe,
         )
+        if grams is not None:
+            ctx.grams = module_grams(grams, name, next(a.modules[name].shape[1] for a in adapters if name in a.modules))
         try:
             fused = spec.kernel([a.modules.get(name) for a in adapters], weights, ctx)
         except ValueError as e:
@@ -227,6 +235,7 @@ def fuse_dirs(
     progress: Callable[..., None] | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    activations: str | Path | None = None,
     **params,
 ) -> dict:
     """Load, check, fuse and save (PEFT adapter + ``edgefuse.json``); optionally merged full weights.
@@ -262,9 +271,12 @@ def fuse_dirs(
         )
     if target is None:
         _check_recorded_bases(adapters)
+    grams = None if activations is None else _domain_grams(activations, adapters, fps, force)
     fused, stats = fuse_adapters(
-        adapters, method, weights, rank, density, seed, cr, cr_threshold, progress=progress, **params
+        adapters, method, weights, rank, density, seed, cr, cr_threshold, progress=progress, grams=grams, **params
     )
+    if activations is not None:
+        stats["activations"] = {"path": str(activations), "sha256": sha256_file(Path(activations) / "grams.json")}
     with single_threaded_ops():
         conflicts = analyze_conflicts(adapters, stats["weights"], element=False)
     merged = None
@@ -274,7 +286,8 @@ def fuse_dirs(
         base_fingerprint=next(iter(fps)) if len(fps) == 1 else None,
         base_model=next(iter(names)) if len(names) == 1 else None,
         method=method,
-        parameters=jsonable({k: stats[k] for k in ("weights", "density", "seed", "params", "rank")}),
+        parameters=jsonable({k: stats[k] for k in ("weights", "density", "seed", "params", "rank", "activations")
+                             if k in stats}),
         cr={"strategy": cr, "threshold": cr_threshold, "share": stats["params"]["cr_share"]} if cr else None,
         inputs=[
             {
@@ -303,6 +316,18 @@ def fuse_dirs(
         "merged_out": str(merged_out) if merged_out else None,
         "conflicts": conflicts,
     }
+
+
+def _domain_grams(activations: str | Path, adapters: list[LoraAdapter], fps: set[str], force: bool) -> list:
+    """Each adapter's domain's Gram matrices per token (RegMean then weighs domains alike whatever text each had),
+    refused when collected on another base model than the adapters record (unless ``force``)."""
+    from edgefuse.interference.grams import GramSet
+
+    gs = GramSet(activations)
+    if fps and fps != {gs.manifest.base_fingerprint} and not force:
+        raise EdgefuseError("Gram matrices were collected on another base model than the adapters' "
+                            f"({gs.manifest.base_model}); pass --force to fuse anyway", path=activations)
+    return [g.per_token() for g in gs.for_adapters(adapters)]
 
 
 def _compact_cr(cr: dict | None) -> dict | None:

@@ -27,6 +27,7 @@ class Ctx:
     shared_generator: torch.Generator | None = None
     params: dict[str, Any] = field(default_factory=dict)
     recipe: Any = None  # the `elementwise.Recipe` the method (or an aligned method's ``inner``) runs, if any
+    grams: list[Any] | None = None  # each adapter's domain Gram matrix of this module's inputs (methods that need data)
 
     def generator(self, adapter: int) -> torch.Generator:
         """Adapter ``adapter``'s random stream for this module: a function of (seed, module name, adapter index)

@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any, Callable
 
 from edgefuse.errors import EdgefuseError
-from edgefuse.fusion import aligned, elementwise, factored, lego
+from edgefuse.fusion import aligned, elementwise, factored, lego, regmean
 from edgefuse.fusion.elementwise import Recipe
 from edgefuse.fusion.lowrank import SOLVERS
 
@@ -86,6 +86,7 @@ class MethodSpec:
     params: tuple[Param, ...] = ()  # hyper-parameters, ``density`` included when the method takes one
     rank: str = "max"  # a key of RANK_POLICIES
     notes: str = ""  # how the method relates to PEFT's / mergekit's of the same name
+    needs_grams: bool = False  # fuses with Gram matrices of each domain's module inputs (``grams=``)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -113,6 +114,8 @@ FAMILIES = {
                     "then re-factorise exactly",
     "clustering": "cluster the rank-one units of all adapters",
     "aligned": "express the adapters in one shared basis, merge the aligned parts with an element-wise recipe",
+    "data-aware": "least squares on the domains' module inputs (Gram matrices from public prompts), exact in "
+                  "factored form",
 }
 RANK_POLICIES = {
     "exact": "Σ r_k (exact) unless --rank",
@@ -293,6 +296,21 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2509.17786",
             params=_ALIGNED_PARAMS,
             notes="Not in PEFT.",
+        ),
+        MethodSpec(
+            "regmean", "data-aware", regmean.regmean,
+            "RegMean: (Σ ΔW_i G̃_i)(Σ G̃_i)⁻¹ on each domain's input Grams, exact on the factors",
+            "Jin, Ren, Preotiuc-Pietro, Cheng, \"Dataless Knowledge Fusion by Merging Weights of Language "
+            "Models\", ICLR 2023",
+            "https://arxiv.org/abs/2212.09849",
+            params=(
+                Param("alpha", 0.9, "share of the Gram matrices' off-diagonal kept (G̃ = αG + (1−α)diag G)",
+                      low=0, high=1),
+                Param("ridge", 1e-6, "added ×mean(diag) to Σ G̃ only when it is singular", low=0, low_open=True),
+            ),
+            rank="exact",
+            needs_grams=True,
+            notes="Not in PEFT or mergekit. Needs Gram matrices (edgefuse grams; fuse --activations).",
         ),
     ]
 }

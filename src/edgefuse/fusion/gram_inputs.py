@@ -1,0 +1,48 @@
+"""Gram matrices as an input of the fusion API, for the methods that fuse with data (``MethodSpec.needs_grams``).
+
+Why apart: the API stays one loop over modules; this module checks once, before anything is fused, that every
+domain has a matrix for every module it must weigh, and hands each kernel its module's K matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from edgefuse.errors import EdgefuseError
+
+
+def check_coverage(method: str, needs: bool, grams: list[Mapping] | None, adapters, names: list[str]) -> None:
+    """One `EdgefuseError` when a method that needs Gram matrices lacks them for some adapter or module (or one
+    that does not need them is given some)."""
+    if not needs:
+        if grams is not None:
+            raise EdgefuseError(f"method {method} takes no Gram matrices (only data-aware methods such as regmean)")
+        return
+    if grams is None:
+        raise EdgefuseError(f"method {method} needs Gram matrices of each domain's module inputs "
+                            "(make them with edgefuse grams; pass --activations GRAMS_DIR)")
+    if len(grams) != len(adapters):
+        raise EdgefuseError(f"method {method}: {len(grams)} domains of Gram matrices for {len(adapters)} adapters")
+    for k, g in enumerate(grams):
+        missing = [n for n in names if n not in g]
+        if missing:
+            where = getattr(g, "path", None)
+            domain = getattr(g, "domain", None) or f"of adapter {k}"
+            raise EdgefuseError(f"method {method}: no Gram matrix for module {missing[0]} (domain {domain}; "
+                                f"{len(missing)} of {len(names)} modules missing)", path=where)
+    for name in names:  # every matrix checked (shape, finite, symmetric PSD) before any module is fused
+        module_grams(grams, name, next(a.modules[name].shape[1] for a in adapters if name in a.modules))
+
+
+def module_grams(grams: list[Mapping], name: str, d_in: int) -> list[torch.Tensor]:
+    """Each domain's checked Gram matrix of module ``name`` (d_in × d_in, float64)."""
+    from edgefuse.interference.grams import check_gram
+
+    out = []
+    for k, g in enumerate(grams):
+        get = getattr(g, "get_checked", None)
+        out.append(get(name, d_in) if get is not None
+                   else check_gram(g[name], d_in, f"module {name}", f"Gram matrices of adapter {k}"))
+    return out

@@ -1,0 +1,121 @@
+"""Collect, in the cloud, the Gram matrix G = HᵀH of every adapted module's inputs on a domain's public prompts.
+
+Why: adapters that look orthogonal as weight updates still interfere through the inputs they act on — ΔW_j
+applied to domain i's activations is not zero (Zhang et al., "Unraveling LoRA Interference: Orthogonal
+Subspaces for Robust Model Merging" (OSRM), ACL 2025, arXiv 2505.22934) — and RegMean merges by least squares
+on those inputs (Jin et al., ICLR 2023, arXiv 2212.09849). Both need only G, d_in × d_in per module, never the
+activations. The cloud has only the base model and the public split, so G comes from there (never edge data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgefuse.errors import EdgefuseError
+
+
+@dataclass(frozen=True)
+class GramSpec:
+    """How much public text a domain's matrices see: the one place the defaults live (CLI and library)."""
+
+    tokens: int = 1024  # per domain (docs/interference.md: how far 256/512 are from 1024 on SmolLM2)
+    per_prompt: int = 64  # tokens of each prompt at most: more prompts, so more subjects, within the budget
+    split: str = "public"
+    split_seed: int = 0
+
+
+def adapted_linears(model) -> dict[str, torch.nn.Module]:
+    """Every linear projection a LoRA may adapt (any family's projection names), by module name."""
+    from edgefuse.edge.families import ALL_PROJECTIONS
+
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ALL_PROJECTIONS
+    }
+
+
+def public_prompts(dataset, domain: str, spec: GramSpec = GramSpec()) -> list[str]:
+    """The domain's public-split prompts, subjects interleaved (one of each in turn) so that a small token
+    budget still covers every subject."""
+    from edgefuse.data.mmlu import SplitSpec, select
+    from edgefuse.data.prompts import mc_prompt
+
+    items = select(dataset, spec.split, domains=[domain], split_spec=SplitSpec(seed=spec.split_seed))
+    if not items:
+        raise EdgefuseError(f"domain {domain!r} has no {spec.split}-split prompts in this MMLU source")
+    by_subject: dict[str, list] = {}
+    for it in sorted(items, key=lambda it: it.id):
+        by_subject.setdefault(it.subject, []).append(it)
+    rounds = max(len(v) for v in by_subject.values())
+    return [mc_prompt(v[r]) for r in range(rounds) for _, v in sorted(by_subject.items()) if r < len(v)]
+
+
+def token_sequences(tokenizer, prompts: list[str], tokens: int, per_prompt: int | None = None) -> list[list[int]]:
+    """The prompts' first ``per_prompt`` tokens (all when None), in order, until ``tokens`` tokens; the last one cut
+    to fit (a prefix is a valid causal input). Fewer tokens when the prompts run out (the count is recorded)."""
+    out, left = [], tokens
+    for p in prompts:
+        if left <= 0:
+            break
+        ids = tokenizer(p)["input_ids"][: min(left, per_prompt or left)]
+        out.append(ids)
+        left -= len(ids)
+    return out
+
+
+@torch.no_grad()
+def gram_matrices(model, sequences: list[list[int]], names: list[str] | None = None):
+    """Run ``model`` on each sequence alone (no padding) and sum HᵀH in float64 per module input.
+
+    Returns (grams: key → d_in × d_in, aliases: module name → key, tokens). Modules fed the same tensor (q, k, v
+    after one norm; gate and up) share one key: the first such module's name.
+    """
+    linears = adapted_linears(model)
+    if names is not None:
+        linears = {n: linears[n] for n in names}
+    aliases: dict[str, str] = {}
+    grams: dict[str, torch.Tensor] = {}
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this forward's input tensors (kept alive: ids stay unique)
+
+    def hook(name):
+        def fn(_module, inputs):
+            x = inputs[0]
+            if name not in aliases:
+                hit = seen.get(id(x))
+                aliases[name] = hit[1] if hit is not None and hit[0] is x else name
+            seen.setdefault(id(x), (x, name))
+            if aliases[name] != name:
+                return
+            H = x.reshape(-1, x.shape[-1]).double()
+            if name not in grams:
+                grams[name] = torch.zeros(H.shape[1], H.shape[1], dtype=torch.float64)
+            grams[name].addmm_(H.T, H)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    device = next(model.parameters()).device
+    total = 0
+    try:
+        for ids in sequences:
+            seen.clear()
+            model(input_ids=torch.tensor([ids], device=device))
+            total += len(ids)
+    finally:
+        seen.clear()
+        for h in handles:
+            h.remove()
+    return {k: G.cpu() for k, G in grams.items()}, aliases, total
+
+
+def collect(model, tokenizer, dataset, domains: list[str], spec: GramSpec = GramSpec()):
+    """Every domain's Gram matrices: (grams per domain, aliases, tokens per domain, prompts per domain).
+    All domains' prompts are checked before the model runs."""
+    prompts = {d: public_prompts(dataset, d, spec) for d in domains}
+    grams, tokens, used, aliases = {}, {}, {}, {}
+    for d in domains:
+        seqs = token_sequences(tokenizer, prompts[d], spec.tokens, spec.per_prompt)
+        grams[d], aliases, tokens[d] = gram_matrices(model, seqs)
+        used[d] = len(seqs)
+    return grams, aliases, tokens, used
