@@ -75,7 +75,8 @@ def list_lines() -> list[str]:
     out += ["", "parameters every method takes: " + ", ".join(_param_line(p) for p in COMMON_PARAMS)]
     out += ["", f"LoRA-CR strategies (--cr NAME; --cr-threshold {_param_line(CR_THRESHOLD)}, or --cr-share)", ""]
     for c in CR_STRATEGIES.values():
-        out.append(f"{c.name}  [steps: {' → '.join(c.steps)}]  {c.summary}")
+        needs = "; needs --activations" if c.needs_grams else ""
+        out.append(f"{c.name}  [steps: {' → '.join(c.steps)}{needs}]  {c.summary}")
     return out
 
 
@@ -123,7 +124,8 @@ def register(app: typer.Typer) -> None:
         ),
         list_: bool = typer.Option(False, "--list", help="list methods and LoRA-CR strategies"),
         activations: Optional[Path] = typer.Option(
-            None, "--activations", help="Gram matrices of each domain's module inputs (edgefuse grams), for regmean"
+            None, "--activations", help="Gram matrices of each domain's module inputs (edgefuse grams), for regmean "
+            "and --cr activation"
         ),
         device: Optional[str] = device_option(),
         dtype: Optional[str] = dtype_option("Dtype of the --merged-out weights (the merge runs in float32)"),

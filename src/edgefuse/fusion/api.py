@@ -29,9 +29,17 @@ from edgefuse.adapters import (
 from edgefuse.artifacts import FusedAdapterManifest
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
+from edgefuse.fusion.cr_activation import module_deviation, resolve_on_activations
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
 from edgefuse.fusion.gram_inputs import check_coverage, module_grams
-from edgefuse.fusion.registry import CR_THRESHOLD, get_cr_strategy, get_method, recipe_for, resolve_params
+from edgefuse.fusion.registry import (
+    CR_THRESHOLD,
+    METHODS,
+    get_cr_strategy,
+    get_method,
+    recipe_for,
+    resolve_params,
+)
 from edgefuse.io import jsonable, sha256_file
 
 log = logging.getLogger("edgefuse.fusion")
@@ -74,8 +82,13 @@ def fuse_adapters(
 ) -> tuple[LoraAdapter, dict]:
     """Fuse K adapters with ``method`` (optionally after LoRA-CR) into one adapter; returns (adapter, stats).
 
-    ``grams``: for a method that fuses with data (regmean), one mapping per adapter, module name → Gram matrix of
-    that module's inputs on the adapter's domain (`edgefuse.interference.grams.GramSet.for_adapters`).
+    ``grams``: for a method that fuses with data (regmean) or LoRA-CR ``activation``, one mapping per adapter,
+    module name → Gram matrix of that module's inputs on the adapter's domain
+    (`edgefuse.interference.grams.GramSet.for_adapters`).
+
+    LoRA-CR: ``element``/``direction``/``hybrid`` edit the adapters before fusion (`fusion.conflict`);
+    ``activation`` scores the fused result on each domain's inputs and re-solves the flagged modules with RegMean
+    (`fusion.cr_activation`).
 
     ``progress``: called as ``progress(0, total=modules)`` once, then ``progress(1)`` per fused module (the
     ``advance`` of `edgefuse.ui.progress_bar`), since a large model's element-wise merge takes minutes.
@@ -90,9 +103,16 @@ def fuse_adapters(
         raise EdgefuseError(
             f"{method} keeps the exact concatenated rank; use svd or task_arithmetic to choose a rank"
         )
+    strategy = None if cr is None else get_cr_strategy(cr)
+    cr_grams = strategy is not None and strategy.needs_grams
     if cr is not None:
-        get_cr_strategy(cr)
         CR_THRESHOLD.check(cr_threshold)
+    names = module_names(adapters)
+    check_coverage(method, spec.needs_grams or cr_grams, grams, adapters, names,
+                   what=f"LoRA-CR strategy {cr}" if cr_grams and not spec.needs_grams else None)
+    if cr_grams and any(w < 0 for w in weights):
+        raise EdgefuseError(f"LoRA-CR strategy {cr} weighs each domain's regression term (RegMean): weights must "
+                            "be ≥ 0")
     t0 = time.perf_counter()
     stats: dict[str, Any] = {
         "method": method,
@@ -101,7 +121,7 @@ def fuse_adapters(
         "seed": seed,
         "params": resolved,
     }
-    if cr is not None:
+    if cr is not None and not cr_grams:
         with single_threaded_ops():
             adapters, stats["cr"] = resolve_conflicts(
                 adapters,
@@ -112,12 +132,12 @@ def fuse_adapters(
                 resolved["cr_direction_threshold"],
                 resolved["cr_share"],
             )
+    asked_rank = rank  # LoRA-CR activation's RegMean step truncates only to a rank the caller asked for
     if rank is None and spec.rank == "max":
         rank = max(m.rank for a in adapters for m in a.modules.values())
     shared = torch.Generator().manual_seed(seed)
     recipe = recipe_for(spec, resolved)
-    names = module_names(adapters)
-    check_coverage(method, spec.needs_grams, grams, adapters, names)
+    scored: dict[str, tuple[float, list]] = {}  # LoRA-CR activation: each module's score on the domains' inputs
 
     def one(name: str) -> LoraModule:
         ctx = Ctx(
@@ -141,6 +161,8 @@ def fuse_adapters(
             raise EdgefuseError(str(e)) from None
         if not all_finite(fused.A, fused.B):
             raise EdgefuseError(f"fusion produced NaN/Inf in module {name}")
+        if cr_grams:
+            scored[name] = module_deviation([a.modules.get(name) for a in adapters], fused, ctx.grams, weights)
         if progress is not None:
             progress(1)
         return fused
@@ -156,11 +178,40 @@ def fuse_adapters(
                 out = dict(zip(names, pool.map(one, names)))
         else:
             out = {name: one(name) for name in names}
+        if cr_grams:
+            out, stats["cr"] = _activation_cr(adapters, out, scored, weights, grams, asked_rank, spec, resolved, cr,
+                                              cr_threshold)
     stats["rank"] = rank
     stats["output_rank"] = max((m.rank for m in out.values()), default=0)
     stats["modules"] = len(out)
     stats["wall_s"] = time.perf_counter() - t0
     return LoraAdapter(out, base_model=adapters[0].base_model), stats
+
+
+def _activation_cr(adapters, out, scored, weights, grams, rank, spec, resolved, cr, cr_threshold):
+    """LoRA-CR ``activation`` on the fused modules ``out``: RegMean (the regmean method's kernel and defaults, or
+    this call's alpha/ridge when the method is regmean) on the flagged modules: exact at rank Σ r_k like the regmean
+    method, or truncated exactly to ``rank`` when the caller asked for one (not to a method's default rank)."""
+    reg = METHODS["regmean"]
+    params = {**reg.defaults, **({k: resolved[k] for k in reg.defaults} if spec is reg else {})}
+
+    def d_in(name: str) -> int:
+        return next(a.modules[name].shape[1] for a in adapters if name in a.modules)
+
+    try:
+        return resolve_on_activations(
+            mods_of=lambda name: [a.modules.get(name) for a in adapters],
+            fused=out,
+            scored=scored,
+            weights=weights,
+            grams_of=lambda name: module_grams(grams, name, d_in(name)),
+            ctx_of=lambda name: Ctx(name=name, rank=rank, params=params),
+            strategy=cr,
+            threshold=cr_threshold,
+            share=resolved["cr_share"],
+        )
+    except ValueError as e:
+        raise EdgefuseError(str(e)) from None
 
 
 def merge_into_model(model, adapter: LoraAdapter):
@@ -341,6 +392,8 @@ def _compact_cr(cr: dict | None) -> dict | None:
         "removed_directions",
         "edited_adapters",
         "refactor_error",
+        "deviation",
+        "score_after",
     )
     flagged = {n: {k: e[k] for k in keep if k in e} for n, e in cr["modules"].items() if e["flagged"]}
     return {

@@ -21,6 +21,7 @@ Resolution (``strategy``, a `registry.CRStrategy`: the steps below it runs, in o
   coordinate of j is c_l = u_lᵀ T_j v_l; where c_l < 0, |c_l| ≥ ``direction_threshold``·σ_l and i dominates
   (σ_l > |c_l|), j loses c_l u_l v_lᵀ. Exact in factored form (j's rank grows by the removed directions).
 - ``hybrid``: direction, then element.
+(``activation`` scores and resolves on activations, after fusion: `fusion.cr_activation`.)
 The strategies and the defaults of their thresholds are declared once, in `fusion.registry`.
 """
 
@@ -180,6 +181,9 @@ def resolve_conflicts(
     """
     if strategy not in CR_STRATEGIES:
         raise ValueError(f"unknown LoRA-CR strategy {strategy!r}; valid: {', '.join(CR_STRATEGIES)}")
+    if CR_STRATEGIES[strategy].needs_grams:
+        raise ValueError(f"LoRA-CR strategy {strategy!r} acts on the fused result with Gram matrices: use "
+                         f"fuse_adapters(..., cr={strategy!r}, grams=...) (`fusion.cr_activation`)")
     steps = CR_STRATEGIES[strategy].steps
     if share is not None and not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")

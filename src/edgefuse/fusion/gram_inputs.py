@@ -13,24 +13,28 @@ import torch
 from edgefuse.errors import EdgefuseError
 
 
-def check_coverage(method: str, needs: bool, grams: list[Mapping] | None, adapters, names: list[str]) -> None:
+def check_coverage(method: str, needs: bool, grams: list[Mapping] | None, adapters, names: list[str],
+                   what: str | None = None) -> None:
     """One `EdgefuseError` when a method that needs Gram matrices lacks them for some adapter or module (or one
-    that does not need them is given some)."""
+    that does not need them is given some). ``what`` names who needs them in the message (default: the method;
+    a LoRA-CR strategy such as ``activation`` needs them too)."""
+    what = what or f"method {method}"
     if not needs:
         if grams is not None:
-            raise EdgefuseError(f"method {method} takes no Gram matrices (only data-aware methods such as regmean)")
+            raise EdgefuseError(f"method {method} takes no Gram matrices (only data-aware methods such as regmean, "
+                                "or LoRA-CR activation)")
         return
     if grams is None:
-        raise EdgefuseError(f"method {method} needs Gram matrices of each domain's module inputs "
+        raise EdgefuseError(f"{what} needs Gram matrices of each domain's module inputs "
                             "(make them with edgefuse grams; pass --activations GRAMS_DIR)")
     if len(grams) != len(adapters):
-        raise EdgefuseError(f"method {method}: {len(grams)} domains of Gram matrices for {len(adapters)} adapters")
+        raise EdgefuseError(f"{what}: {len(grams)} domains of Gram matrices for {len(adapters)} adapters")
     for k, g in enumerate(grams):
         missing = [n for n in names if n not in g]
         if missing:
             where = getattr(g, "path", None)
             domain = getattr(g, "domain", None) or f"of adapter {k}"
-            raise EdgefuseError(f"method {method}: no Gram matrix for module {missing[0]} (domain {domain}; "
+            raise EdgefuseError(f"{what}: no Gram matrix for module {missing[0]} (domain {domain}; "
                                 f"{len(missing)} of {len(names)} modules missing)", path=where)
     for name in names:  # every matrix checked (shape, finite, symmetric PSD) before any module is fused
         module_grams(grams, name, next(a.modules[name].shape[1] for a in adapters if name in a.modules))

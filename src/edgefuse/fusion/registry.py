@@ -134,7 +134,8 @@ COMMON_PARAMS: tuple[Param, ...] = (
 )
 
 
-CR_THRESHOLD = Param("cr_threshold", 0.1, "module conflict score above which LoRA-CR acts", low=0)
+CR_THRESHOLD = Param("cr_threshold", 0.1, "module conflict score above which LoRA-CR acts (element/direction/"
+                     "hybrid: −cosine of two adapters' ΔW; activation: fused deviation on an edge's inputs)", low=0)
 
 
 def common_default(name: str) -> Any:
@@ -321,11 +322,21 @@ class CRStrategy:
     """One LoRA-CR strategy: which resolution steps run on a flagged module, in order."""
 
     name: str
-    steps: tuple[str, ...]  # "direction" (factored, exact) and/or "element" (dense, re-factorised)
+    steps: tuple[str, ...]  # "direction" (factored, exact) and/or "element" (dense, re-factorised), on the adapters
+    # before fusion; or "regmean" (`fusion.cr_activation`), on the fused result, with Gram matrices
     summary: str
 
+    @property
+    def needs_grams(self) -> bool:
+        """Scores and resolves on each domain's module inputs (``grams=``, ``fuse --activations``)."""
+        return any(s in POST_FUSION_STEPS for s in self.steps)
 
-# LoRA-CR is edgefuse's own method (README, "LoRA-CR"); the steps are documented in `fusion.conflict`.
+
+POST_FUSION_STEPS = ("regmean",)
+
+
+# LoRA-CR is edgefuse's own method (README, "LoRA-CR"); the steps are documented in `fusion.conflict` (element,
+# direction: on the adapters, before fusion) and `fusion.cr_activation` (regmean: on the fused result, with Grams).
 CR_STRATEGIES: dict[str, CRStrategy] = {
     s.name: s
     for s in [
@@ -335,6 +346,10 @@ CR_STRATEGIES: dict[str, CRStrategy] = {
                    "per module: remove a weaker adapter's opposing component along the dominant one's singular "
                    "directions"),
         CRStrategy("hybrid", ("direction", "element"), "direction first, then element on what still conflicts"),
+        CRStrategy("activation", ("regmean",),
+                   "per module, on activations (needs Gram matrices): score = the fused update's worst deviation "
+                   "from an edge on that edge's inputs, max_i ‖(ΔW_f − ΔW_i)H_i‖/‖ΔW_i H_i‖; flagged modules are "
+                   "re-solved by RegMean, the rest keep the method's result"),
     ]
 }
 
