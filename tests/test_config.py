@@ -195,6 +195,7 @@ def test_compose_section_defaults_come_from_one_place_and_round_trip(tmp_path):
     ({"lorahub": {"budget": -1}}, "compose.lorahub.budget: Input should be greater than or equal to 0"),
     ({"lorahub": {"method": "magic"}}, "compose.lorahub.method: unknown fusion method 'magic'"),
     ({"lorahub": {"budgett": 3}}, "compose.lorahub.budgett: unknown key"),
+    ({"lorahub": {"method": "regmean"}}, "compose.lorahub.method: regmean fuses with Gram matrices"),
     ({"retrieval_mixture": [{"k": 3}]}, "k = 3 is larger than the 2 edges"),
     ({"retrieval_mixture": [{"k": 0}]}, "compose.retrieval_mixture.0.k: Input should be greater than or equal to 1"),
     ({"retrieval_mixture": [{"weighting": "max"}]}, "compose.retrieval_mixture.0.weighting: Input should be"),
@@ -208,4 +209,32 @@ def test_compose_section_defaults_come_from_one_place_and_round_trip(tmp_path):
 def test_bad_compose_settings_name_the_key(tmp_path, patch, msg):
     with pytest.raises(EdgefuseError) as e:
         load_config(write(tmp_path, {**GOOD, "compose": patch}))
+    assert msg in str(e.value), str(e.value)
+
+
+def test_interference_section_defaults_are_gramspecs_and_regmean_collects_grams(tmp_path):
+    """``interference:`` is off by default and takes the Gram budget `edgefuse grams` uses; a fusion method that
+    needs Gram matrices (regmean) is accepted and makes the study collect them; the saved form loads back."""
+    from edgefuse.interference.collect import GramSpec
+
+    off = load_config(write(tmp_path, GOOD))
+    assert not off.collects_grams and not off.interference.enabled
+    assert (off.interference.tokens, off.interference.per_prompt) == (GramSpec.tokens, GramSpec.per_prompt)
+    reg = load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["task_arithmetic", "regmean"]}}))
+    assert reg.fusion.needs_grams and reg.collects_grams and not reg.interference.enabled
+    on = load_config(write(tmp_path, {**GOOD, "interference": {"enabled": True, "tokens": 256}}))
+    assert on.collects_grams and on.interference.spec(3) == GramSpec(tokens=256, split_seed=3)
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(on.model_dump()))
+    assert load_config(saved) == on
+
+
+@pytest.mark.parametrize("patch, msg", [
+    ({"tokens": 0}, "interference.tokens: Input should be greater than or equal to 1"),
+    ({"per_prompt": 0}, "interference.per_prompt: Input should be greater than or equal to 1"),
+    ({"token": 5}, "interference.token: unknown key"),
+])
+def test_bad_interference_settings_name_the_key(tmp_path, patch, msg):
+    with pytest.raises(EdgefuseError) as e:
+        load_config(write(tmp_path, {**GOOD, "interference": patch}))
     assert msg in str(e.value), str(e.value)

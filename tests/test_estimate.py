@@ -48,3 +48,24 @@ def test_finished_stages_are_done_and_correct_their_kind(tmp_path):
     assert got["eval-ties-s0"].seconds == pytest.approx(2 * est["eval-ties-s0"])
     assert got["train-a-s0"].seconds == pytest.approx(est["train-a-s0"])  # other kinds unchanged
     assert remaining_seconds(stages) == pytest.approx(sum(s.seconds for s in stages if s.name != "eval-base"))
+
+
+def test_grams_and_interference_stages_are_planned_only_when_the_study_collects_grams():
+    """No Grams, no grams stage; with regmean: one grams stage (one base-model pass per distinct set of edge domains)
+    before the seeds, and after every fuse stage its interference stage; RegMean's fusion costs its edges' Grams."""
+    names = [s.name for s in plan(StudyConfig.model_validate(CFG), 100)]
+    assert "grams" not in names and not any(n.startswith("interference-") for n in names)
+    cfg = StudyConfig.model_validate({**CFG, "edges": {"a": ["stem"], "b": ["law"], "c": ["stem"]},
+                                      "fusion": {"methods": ["task_arithmetic", "regmean"], "cr": ["off"]},
+                                      "interference": {"tokens": 512}})
+    stages = plan(cfg, 100)
+    by = {s.name: s for s in stages}
+    order = [s.name for s in stages]
+    assert by["grams"].kind == "grams" and by["grams"].seconds == pytest.approx(2 * 512 * RATES["grams_token"])
+    assert order.index("eval-base") < order.index("grams") < order.index("prune-a-s0")
+    for m in ("task_arithmetic", "regmean"):
+        i = order.index(f"fuse-{m}-s0")
+        assert order[i + 1] == f"interference-{m}-s0" and order[i + 2] == f"eval-{m}-s0"
+        assert by[f"interference-{m}-s0"].seconds == pytest.approx(
+            3 * RATES["interference_edge"] + 9 * RATES["interference_pair"])
+    assert by["fuse-regmean-s0"].seconds == pytest.approx(RATES["fuse"]["plain"] + 3 * RATES["regmean_edge"])

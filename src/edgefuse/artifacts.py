@@ -261,6 +261,46 @@ def read_manifest(path: str | Path) -> Manifest:
 # --- the study's results ------------------------------------------------------------------------------------
 
 
+class DomainInterference(BaseModel):
+    """One edge's domain under one fused model (`edgefuse.interference.metrics.interference` on the study's Grams):
+    the fused deviation ‖(ΔW_f − ΔW_i)H_i‖/‖ΔW_i H_i‖ and the worst interference ratio max_j≠i ‖ΔW_j H_i‖/‖ΔW_i H_i‖,
+    pooled over modules, as the median over modules and at the worst module."""
+
+    model_config = ConfigDict(extra="forbid")
+    domain: str = Field(description="the edge (its adapter's domain; its Grams are its domains' public prompts)")
+    deviation: Optional[float] = Field(description="fused deviation, squared norms pooled over modules")
+    deviation_median: Optional[float] = Field(description="median over modules of the module's fused deviation")
+    deviation_max: Optional[float]
+    deviation_max_module: Optional[str]
+    ratio: Optional[float] = Field(description="worst other adapter's ratio, squared norms pooled over modules")
+    ratio_adapter: Optional[str] = Field(description="the edge whose adapter gives ``ratio``")
+    ratio_median: Optional[float] = Field(description="median over modules of the module's worst ratio")
+    ratio_max: Optional[float] = Field(description="the worst ratio of any module")
+    ratio_max_module: Optional[str]
+
+
+class FusedInterference(BaseModel):
+    """Interference of one fused model of the study (stage ``interference-<name>-<tag>``, kind fuse)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    seed: int
+    round: int = 1
+    edges: list[str] = Field(description="the fused edges, in order: rows and columns of ``ratio``")
+    modules: int
+    ratio: list[list[Optional[float]]] = Field(description="pooled ‖ΔW_j H_i‖/‖ΔW_i H_i‖, row domain i, column adapter j")
+    domains: list[DomainInterference]
+    file: str = Field(description="the full statistics (every module) in the stage directory")
+
+
+class StudyInterference(BaseModel):
+    """The study's Gram matrices (stage ``grams``) and the interference of each fused model measured on them."""
+
+    model_config = ConfigDict(extra="forbid")
+    grams: dict[str, Any] = Field(description="tokens and prompts per edge, per_prompt, the manifest's sha256")
+    models: list[FusedInterference] = []
+
+
 class StudyResults(Artifact):
     """``results.json``: everything the report shows, so that `edgefuse report` re-renders it alone.
 
@@ -283,6 +323,7 @@ class StudyResults(Artifact):
     mmlu_n: int
     cd_n: dict[str, int]
     estimate: Optional[dict[str, Any]] = None
+    interference: Optional[StudyInterference] = Field(None, description="present when the study collected Grams")
 
 
 # --- activation Gram matrices (edgefuse grams) ---------------------------------------------------------------

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from edgefuse.compose.schema import LORAHUB_NAME, ComposeConfig
 from edgefuse.edge.schema import PruningConfig, TrainConfig
 from edgefuse.errors import EdgefuseError
+from edgefuse.interference.spec import GramSpec
 
 
 class _Strict(BaseModel):
@@ -67,7 +68,7 @@ class CRSetting(_Strict):
 
 class FusionConfig(_Strict):
     methods: list[str] = ["task_arithmetic", "ties"]
-    cr: list[CRSetting] = ["off", "element"]
+    cr: list[CRSetting] = Field(["off", "element"], validate_default=True)  # validated: plain names become settings
     rank: Optional[int] = Field(None, ge=1)
     density: Optional[float] = Field(None, gt=0, le=1)
     weights: Optional[list[float]] = None
@@ -82,13 +83,14 @@ class FusionConfig(_Strict):
         bad = [m for m in v if m not in known]
         if bad:
             raise ValueError(f"unknown fusion method {bad[0]!r}; valid: {', '.join(known)}")
+        return v
+
+    @property
+    def needs_grams(self) -> bool:
+        """Some method fuses with Gram matrices of each edge's module inputs (RegMean)."""
         from edgefuse.fusion.registry import METHODS
 
-        data = [m for m in v if METHODS[m].needs_grams]
-        if data:
-            raise ValueError(f"{data[0]} fuses with Gram matrices, which a study does not collect yet "
-                             "(use edgefuse grams and edgefuse fuse --activations)")
-        return v
+        return any(METHODS[m].needs_grams for m in self.methods)
 
     @field_validator("cr", mode="before")
     @classmethod
@@ -113,6 +115,20 @@ class FusionConfig(_Strict):
     def _plain_names(self, v: list[CRSetting]) -> list:
         """A setting that is just a strategy with its defaults is written back as its name (the YAML form)."""
         return [c.name if c.is_plain else c.model_dump() for c in v]
+
+
+class InterferenceConfig(_Strict):
+    """Gram matrices of every adapted module's inputs, collected with the base model on each edge's public-split
+    prompts (never edge data; stage ``grams``), and the interference of every fused model measured on them
+    (docs/interference.md). A fusion method that needs them (regmean) collects them whatever ``enabled`` says."""
+
+    enabled: bool = Field(False, description="collect the Gram matrices and measure interference even when no "
+                                             "fusion method needs them (the report's interference table)")
+    tokens: int = Field(GramSpec.tokens, ge=1, description="tokens of public prompts per edge")
+    per_prompt: int = Field(GramSpec.per_prompt, ge=1, description="tokens of each prompt at most")
+
+    def spec(self, split_seed: int) -> GramSpec:
+        return GramSpec(tokens=self.tokens, per_prompt=self.per_prompt, split_seed=split_seed)
 
 
 class RoundsConfig(_Strict):
@@ -199,6 +215,7 @@ class StudyConfig(_Strict):
     )
     training: TrainingConfig = TrainingConfig()
     fusion: FusionConfig = FusionConfig()
+    interference: InterferenceConfig = InterferenceConfig()
     rounds: RoundsConfig = RoundsConfig()
     benchmarks: BenchmarksConfig = BenchmarksConfig()
     compose: ComposeConfig = Field(ComposeConfig(), description="LoraHub and retrieval mixtures of the edge adapters, "
@@ -328,6 +345,11 @@ class StudyConfig(_Strict):
             if edge in self.edges and edge not in own:
                 own[edge] = PruningConfig.model_validate({"memory_budget_gib": gib})
         return self.model_copy(update={"edge_pruning": own})
+
+    @property
+    def collects_grams(self) -> bool:
+        """The study has a ``grams`` stage: a fusion method needs Gram matrices, or ``interference.enabled``."""
+        return self.interference.enabled or self.fusion.needs_grams
 
     def sent_back(self) -> str:
         """Name of the fused model that starts the next round (as in the report: ``method`` or ``method+cr``)."""

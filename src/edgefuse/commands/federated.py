@@ -21,7 +21,7 @@ def simulate_cmd(
     timeout: float = typer.Option(0, "--timeout", min=0, help="Seconds to wait for the edges' packages per round "
                                   "(0 = no limit)."),
     force: Optional[str] = typer.Option(None, "--force", help="Redo this stage kind and all after it: data, prune, "
-                                        "train, recover, fuse, embed, eval."),
+                                        "train, recover, grams, fuse, embed, eval."),
     cpus_per_edge: int = typer.Option(1, "--cpus-per-edge", min=1, help="CPUs Ray gives each virtual edge."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw progress bars."),
 ):

@@ -15,7 +15,7 @@ def run(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where stages, logs and the report go "
                                            "(default: runs/<config name>)."),
     force: Optional[str] = typer.Option(None, "--force", help="Redo this stage kind and all after it: "
-                                        "data, prune, train, recover, fuse, embed, eval."),
+                                        "data, prune, train, recover, grams, fuse, embed, eval."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw progress bars."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, which are done, and the estimated "
                                  "duration of the rest; run nothing."),

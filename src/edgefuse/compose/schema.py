@@ -58,6 +58,10 @@ class LoraHubSettings(_Strict):
         known = list(list_methods())
         if v not in known:
             raise ValueError(f"unknown fusion method {v!r}; valid: {', '.join(known)}")
+        from edgefuse.fusion.registry import METHODS
+
+        if METHODS[v].needs_grams:
+            raise ValueError(f"{v} fuses with Gram matrices, which LoraHub does not pass (choose a method without data)")
         return v
 
 

@@ -9,21 +9,12 @@ activations. The cloud has only the base model and the public split, so G comes 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from edgefuse.errors import EdgefuseError
+from edgefuse.interference.spec import GramSpec
 
-
-@dataclass(frozen=True)
-class GramSpec:
-    """How much public text a domain's matrices see: the one place the defaults live (CLI and library)."""
-
-    tokens: int = 1024  # per domain (docs/interference.md: how far 256/512 are from 1024 on SmolLM2)
-    per_prompt: int = 64  # tokens of each prompt at most: more prompts, so more subjects, within the budget
-    split: str = "public"
-    split_seed: int = 0
+__all__ = ["GramSpec", "adapted_linears", "collect", "gram_matrices", "public_prompts", "token_sequences"]
 
 
 def adapted_linears(model) -> dict[str, torch.nn.Module]:
@@ -36,15 +27,19 @@ def adapted_linears(model) -> dict[str, torch.nn.Module]:
     }
 
 
-def public_prompts(dataset, domain: str, spec: GramSpec = GramSpec()) -> list[str]:
-    """The domain's public-split prompts, subjects interleaved (one of each in turn) so that a small token
-    budget still covers every subject."""
+def public_prompts(dataset, domain: str | list[str], spec: GramSpec = GramSpec(), split_spec=None) -> list[str]:
+    """The domain's (or domains': a study's edge may have several) public-split prompts, subjects interleaved (one
+    of each in turn) so that a small token budget still covers every subject. ``split_spec`` (a
+    `edgefuse.data.mmlu.SplitSpec`, a study's) replaces the default split with ``spec.split_seed``."""
     from edgefuse.data.mmlu import SplitSpec, select
     from edgefuse.data.prompts import mc_prompt
 
-    items = select(dataset, spec.split, domains=[domain], split_spec=SplitSpec(seed=spec.split_seed))
+    domains = [domain] if isinstance(domain, str) else list(domain)
+    items = select(dataset, spec.split, domains=domains, split_spec=split_spec or SplitSpec(seed=spec.split_seed))
     if not items:
-        raise EdgefuseError(f"domain {domain!r} has no {spec.split}-split prompts in this MMLU source")
+        what = f"domain {domains[0]!r}" if len(domains) == 1 else f"domains {', '.join(domains)}"
+        raise EdgefuseError(f"{what} {'has' if len(domains) == 1 else 'have'} no {spec.split}-split prompts in "
+                            "this MMLU source")
     by_subject: dict[str, list] = {}
     for it in sorted(items, key=lambda it: it.id):
         by_subject.setdefault(it.subject, []).append(it)

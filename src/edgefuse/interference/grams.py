@@ -128,18 +128,28 @@ def save_grams(out: str | Path, manifest_fields: dict, grams: dict[str, dict[str
                tokens: dict[str, int], prompts: dict[str, int], modules: dict[str, str], force: bool = False,
                dtype: torch.dtype = torch.float32) -> GramsManifest:
     """Write every domain's matrices and the manifest at once (`atomic_dir`: all or nothing)."""
+    with atomic_dir(out, overwrite=force) as tmp:
+        domains = {d: save_domain(tmp, d, mats, tokens[d], prompts[d], dtype) for d, mats in grams.items()}
+        return write_manifest(tmp, manifest_fields, modules, domains, dtype)
+
+
+def save_domain(directory: Path, domain: str, mats: dict[str, torch.Tensor], tokens: int, prompts: int,
+                dtype: torch.dtype = torch.float32) -> GramDomain:
+    """One domain's matrices as ``<domain>.safetensors`` in ``directory`` (one at a time: a study's many domains
+    need not all sit in memory); its manifest entry."""
     from safetensors.torch import save_file
 
     from edgefuse.data.taxonomy import normalise_subject
 
+    file = f"{normalise_subject(domain)}.safetensors"
+    save_file({k: v.to(dtype).contiguous() for k, v in mats.items()}, str(Path(directory) / file))
+    return GramDomain(file=file, sha256=sha256_file(Path(directory) / file), tokens=tokens, prompts=prompts)
+
+
+def write_manifest(directory: Path, manifest_fields: dict, modules: dict[str, str], domains: dict[str, GramDomain],
+                   dtype: torch.dtype = torch.float32) -> GramsManifest:
+    """``grams.json`` over the domain files already in ``directory``."""
     name = "float32" if dtype == torch.float32 else "float64"
-    with atomic_dir(out, overwrite=force) as tmp:
-        domains = {}
-        for domain, mats in grams.items():
-            file = f"{normalise_subject(domain)}.safetensors"
-            save_file({k: v.to(dtype).contiguous() for k, v in mats.items()}, str(tmp / file))
-            domains[domain] = GramDomain(file=file, sha256=sha256_file(tmp / file), tokens=tokens[domain],
-                                         prompts=prompts[domain])
-        manifest = GramsManifest(**manifest_fields, dtype=name, modules=modules, domains=domains)
-        manifest.write(tmp / MANIFEST_FILE)
+    manifest = GramsManifest(**manifest_fields, dtype=name, modules=modules, domains=domains)
+    manifest.write(Path(directory) / MANIFEST_FILE)
     return manifest

@@ -13,9 +13,10 @@ from edgefuse.evaluate.stats import fmt_ci
 from edgefuse.artifacts import StudyResults
 from edgefuse.io import atomic_write_text, jsonable
 from edgefuse.report.figures import draw_figures
-from edgefuse.report.tables import (EDGES_NOTE, cd_answer_table, cd_ks, composed_line, conflict_table, cr_sweep_table,
-                                    edges_table, headline_table, results_csv, retrieval_line, rounds_table, scoring_line,
-                                    seeds_table, stages_table, transfer_table)
+from edgefuse.report.tables import (EDGES_NOTE, INTERFERENCE_NOTE, cd_answer_table, cd_ks, composed_line, conflict_table,
+                                    cr_sweep_table, edges_table, headline_table, interference_table, results_csv,
+                                    retrieval_line, rounds_table, scoring_line, seeds_table, stages_table,
+                                    transfer_table)
 
 
 def read_results(run_dir: Path) -> dict:
@@ -76,6 +77,9 @@ def write_report(doc: dict, run_dir: Path, results: bool = True) -> list[str]:
                "each edge's domain; the diagonal (bold) is the own-domain gain, the rest cross-domain interference.",
                "", transfer, ""]
     md += ["## Conflict statistics (LoRA-CR)", "", conflict_table(doc), ""]
+    inter = interference_table(doc)
+    if inter:
+        md += ["## Interference on activations", "", INTERFERENCE_NOTE, "", inter, ""]
     sweep = cr_sweep_table(doc)
     if sweep:
         md += ["## LoRA-CR against the same method without it", "",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefuse.io import atomic_write_png
-from edgefuse.report.tables import cd_ks, cr_sweep_rows, transfer_matrix
+from edgefuse.report.tables import cd_ks, cr_sweep_rows, interference_models, transfer_matrix
 
 
 def _plt():
@@ -196,6 +196,46 @@ def fig_cr_sweep(doc: dict, path: Path) -> str | None:
             "(per answer) against the same fusion method without LoRA-CR (y), with 95% intervals.")
 
 
+def fig_interference(doc: dict, path: Path) -> str | None:
+    """Two heatmaps: the edges' pooled interference ratio (domain i × adapter j) and each fused model's pooled
+    deviation from each edge on its inputs (domain × fused model)."""
+    models = interference_models(doc)
+    if not models:
+        return None
+    plt = _plt()
+    edges = models[0]["edges"]
+    K = len(edges)
+    nan = np.nan
+    ratio = np.array([[nan if x is None else x for x in row] for row in models[0]["ratio"]], dtype=float)
+    dev = np.array([[nan if m["domains"][i]["deviation"] is None else m["domains"][i]["deviation"] for m in models]
+                    for i in range(K)], dtype=float)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(0.5 * K + 0.6 * len(models) + 5.5, 0.4 * K + 3.2),
+                                 gridspec_kw={"width_ratios": [max(K, 2), max(len(models), 2)]})
+    for ax, vals, cols, title, label in (
+            (a1, ratio, [f"{e}" for e in edges], "interference ratio ‖ΔW_j H_i‖ / ‖ΔW_i H_i‖", "adapter j"),
+            (a2, dev, [m["name"] for m in models], "fused deviation ‖(ΔW_f − ΔW_i) H_i‖ / ‖ΔW_i H_i‖", "fused model")):
+        im = ax.imshow(vals, cmap="magma", aspect="auto")
+        if vals.size <= 100:
+            top = np.nanmax(vals) if np.isfinite(vals).any() else 1.0
+            for (i, j), v in np.ndenumerate(vals):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.6 * top else "white")
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(K), edges, fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("domain i (edge)")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    atomic_write_png(fig, path, dpi=110)
+    plt.close(fig)
+    return ("Interference on activations (base-model Gram matrices of each edge's public prompts), squared norms "
+            "pooled over modules. Left: how loud edge j's adapter is on domain i's inputs next to edge i's own "
+            "(diagonal 1). Right: each fused model's error on edge i's inputs relative to edge i's update (0: "
+            "reproduces edge i; 1: as far as no adapter).")
+
+
 def _layer_type(name: str) -> tuple[str, str]:
     m = re.search(r"layers\.(\d+)\.", name)
     return (m.group(1) if m else "-"), name.rsplit(".", 1)[-1]
@@ -260,7 +300,8 @@ def draw_figures(doc: dict, run_dir: Path) -> tuple[dict[str, str], list[str]]:
         cap = fig_rounds(doc, run_dir / "rounds.png")
         if cap:
             out["rounds.png"] = cap
-        for name, fig in (("transfer.png", fig_transfer), ("cr_sweep.png", fig_cr_sweep)):
+        for name, fig in (("transfer.png", fig_transfer), ("cr_sweep.png", fig_cr_sweep),
+                          ("interference.png", fig_interference)):
             cap = fig(doc, run_dir / name)
             if cap:
                 out[name] = cap

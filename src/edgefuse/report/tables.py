@@ -391,3 +391,41 @@ def scoring_line(doc: dict) -> str:
             "cloze": "each answer text as the continuation of the question (cloze)"}[fmt]
     norm = " divided by the answer's length in characters" if metric == "acc_norm" else ""
     return f"Scoring: {what}; the prediction is the choice with the highest log-likelihood{norm} (`{metric}`)."
+
+
+def interference_models(doc: dict) -> list[dict]:
+    """The first seed's last-round fused models' interference records (empty when the study collected no Grams)."""
+    inter = doc.get("interference") or {}
+    models = inter.get("models") or []
+    if not models or not doc["seeds"]:
+        return []
+    seed = doc["seeds"][0]["seed"]
+    last = max((m["round"] for m in models if m["seed"] == seed), default=None)
+    return [m for m in models if m["seed"] == seed and m["round"] == last]
+
+
+def interference_table(doc: dict) -> str:
+    """Per edge domain i: how loud the other edges' adapters are on its inputs (worst ratio ‖ΔW_j H_i‖/‖ΔW_i H_i‖,
+    pooled over modules, median over modules, worst module; the same for every fused model) and each fused model's
+    deviation ‖(ΔW_f − ΔW_i) H_i‖/‖ΔW_i H_i‖ from edge i, pooled over modules."""
+    models = interference_models(doc)
+    if not models:
+        return ""
+    first = models[0]["domains"]
+    lines = ["| domain (edge) | worst ratio, pooled (adapter) | worst ratio, median over modules | worst module | "
+             + " | ".join(f"dev. {m['name']}" for m in models) + " |",
+             "|---|---:|---:|---|" + "---:|" * len(models)]
+    for i, d in enumerate(first):
+        worst = "–" if d["ratio_max"] is None else f"{d['ratio_max']:.3g} ({d['ratio_max_module']})"
+        lines.append(f"| {d['domain']} | {_num(d['ratio'])} ({d['ratio_adapter'] or '–'}) | {_num(d['ratio_median'])} "
+                     f"| {worst} | " + " | ".join(_num(m["domains"][i]["deviation"]) for m in models) + " |")
+    return "\n".join(lines)
+
+
+INTERFERENCE_NOTE = ("Measured on the base model's Gram matrices of every adapted module's inputs over each edge's "
+                     "public-split prompts (never edge data). *Ratio*: adapter j's output change on domain i's inputs "
+                     "over edge i's own, ‖ΔW_j H_i‖ / ‖ΔW_i H_i‖, for the worst other edge j: near 0 it barely touches "
+                     "domain i, near or above 1 it moves i's outputs as much as i's own edge does. *Dev.*: the fused "
+                     "model's error on edge i's inputs relative to what edge i learnt, ‖(ΔW_f − ΔW_i) H_i‖ / ‖ΔW_i H_i‖: "
+                     "0 reproduces edge i there, 1 is as far as dropping its adapter. Squared norms pooled over modules "
+                     "unless stated (docs/interference.md).")

@@ -4,6 +4,8 @@
 - `study`: `Study`, the context the stages share, and the one path a stage takes through cache and progress.
 - `stages`: the stage functions (data, prune, train, recover, fuse, evaluate) and their cache inputs.
 - `composition`: the ``compose:`` stages (each edge's retrieval embedding, LoraHub, retrieval mixtures).
+- `interference`: the ``grams`` stage (Gram matrices of module inputs on public prompts, for RegMean and the
+  interference table) and each fused model's ``interference`` stage.
 - `trainers`: the `Trainer` contract, `TrainJob` and the in-process `LocalTrainer` (Flower's is in
   `edgefuse.federated.trainer`).
 - `run`: `run_study`, which locks the run directory, estimates, runs every stage and writes the report.

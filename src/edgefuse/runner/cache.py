@@ -21,8 +21,10 @@ from typing import Any, Callable
 from edgefuse.io import append_line, atomic_write_json, hash_obj, writing
 
 # Stage kinds in dependency order: forcing one kind redoes it and every later kind. ``embed`` (each edge's
-# retrieval vector, from its own examples) feeds only evaluations, so it sits just before ``eval``.
-KINDS = ("data", "prune", "train", "recover", "fuse", "embed", "eval")
+# retrieval vector, from its own examples) feeds only evaluations, so it sits just before ``eval``; ``grams``
+# (the base model's Gram matrices on public prompts) feeds only fusions and their interference, so it sits just
+# before ``fuse``.
+KINDS = ("data", "prune", "train", "recover", "grams", "fuse", "embed", "eval")
 RESUMABLE = frozenset({"train"})  # kinds whose interrupted work directory is resumed, not redone
 STAGE_FILE = "stage.json"
 LOG_FILE = "stages.jsonl"

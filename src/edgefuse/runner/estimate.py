@@ -39,6 +39,14 @@ RATES = {
     "lorahub_example": {"letters": 0.11, "cloze": 0.05},    # per example and evaluation: a forward (train_prompt / 3)
     "mixture": 1.3,                # a retrieval mixture's scoring ÷ a merged adapter's (k adapters' hooks per layer)
     "query": 0.005,                # per request: its MiniLM embedding
+    # interference (issue 22): the grams rate from docs/interference.md (20–30 s per domain at 1024 tokens); RegMean and
+    # the interference stage not yet measured in a study: derived from their work (a Cholesky of every distinct
+    # d_in × d_in Gram matrix per edge when first read, r × r products per module and pair of edges), and corrected,
+    # like every kind, by a run directory's own finished stages
+    "grams_token": 0.025,          # per token of public prompt per edge: a base-model forward plus float64 HᵀH
+    "regmean_edge": 4.0,           # per edge fused by RegMean: its Grams read and checked, its term of the solve
+    "interference_edge": 3.0,      # per edge of an interference stage: its Grams read and checked
+    "interference_pair": 0.2,      # per (domain, adapter) pair: the output products of every module
 }
 
 
@@ -66,6 +74,12 @@ def _elementwise(method: str) -> bool:
     return get_method(method).density is not None
 
 
+def _needs_grams(method: str) -> bool:
+    from edgefuse.fusion.registry import get_method
+
+    return get_method(method).needs_grams
+
+
 def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[PlannedStage]:
     """Every stage `edgefuse.runner.run_study` will pass through, in order, with its estimated seconds."""
     s, b, f = _scale(params), cfg.benchmarks, cfg.fusion
@@ -80,6 +94,10 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
     out.append(PlannedStage("eval", "eval-base", s * (eval_s + sum(cd_s.values()))))
     if cfg.compose.retrieval_mixture:
         out += [PlannedStage("embed", f"embed-{e}", RATES["embed"]) for e in cfg.edges]
+    K = len(cfg.edges)
+    if cfg.collects_grams:  # one base-model pass per distinct set of edge domains
+        passes = len({tuple(d) for d in cfg.edges.values()})
+        out.append(PlannedStage("grams", "grams", s * passes * cfg.interference.tokens * RATES["grams_token"]))
     t = cfg.training
     train_s = s * t.steps * t.batch * t.grad_accum * RATES["train_prompt"][t.objective]
     for seed in cfg.seeds:
@@ -100,7 +118,11 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
                     name = f"{m}+{c.name}" if c.name != "off" else m
                     fuse = RATES["fuse"]["elementwise" if _elementwise(m) else "plain"]
                     fuse += RATES["fuse"]["cr"] if c.strategy != "off" else 0.0
+                    fuse += K * RATES["regmean_edge"] if _needs_grams(m) else 0.0
                     out.append(PlannedStage("fuse", f"fuse-{name}-{tag}", s * fuse))
+                    if cfg.collects_grams:
+                        out.append(PlannedStage("fuse", f"interference-{name}-{tag}", s * (
+                            K * RATES["interference_edge"] + K * K * RATES["interference_pair"])))
                     out.append(PlannedStage("eval", f"eval-{name}-{tag}", s * (eval_s + sum(cd_s.values()))))
         out += composition_plan(cfg, round_tag(seed, cfg.rounds.count), s, n_mmlu)
     return out

@@ -20,6 +20,7 @@ from edgefuse.io import atomic_write_json, writing
 from edgefuse.runner.cache import StageCache
 from edgefuse.runner.composition import stage_compose, stage_embeddings
 from edgefuse.runner.estimate import estimate_study, remaining_seconds
+from edgefuse.runner.interference import interference_doc, stage_grams
 from edgefuse.runner.stages import run_seed, stage_base_eval, stage_cd_build, stage_data
 from edgefuse.runner.study import Study
 from edgefuse.runner.trainers import LocalTrainer, Trainer
@@ -134,6 +135,7 @@ def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progres
             stage_cd_build(st)
             base = stage_base_eval(st)
             stage_embeddings(st)
+            stage_grams(st)
             seeds = []
             for seed in cfg.seeds:
                 seeds.append(run_seed(st, seed, trainer))
@@ -145,6 +147,9 @@ def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progres
                "mmlu_n": len(st.mmlu_items), "cd_n": {k: len(d["instances"]) for k, d in st.cd_docs.items()},
                "estimate": {"remaining_s": round(remaining, 1),
                             "stages": {s.name: round(s.seconds, 1) for s in stages if not s.done}}}
+        grams = interference_doc(st)
+        if grams is not None:  # absent otherwise: a study without Grams writes the results it always wrote
+            doc["interference"] = grams
         write_report(doc, run_dir)
         log.info("study finished in %.1f s", doc["wall_s"])
         return doc

@@ -1,7 +1,8 @@
 """The study's stages, each a pure function over files cached by `StageCache` (through `Study.stage`).
 
-  data → mmlu-cd build (per k) → base eval → (retrieval mixtures) per edge embed → per seed: per edge prune;
-  then per round: per edge train → recover → eval alone; per fusion method × LoRA-CR strategy: fuse → eval;
+  data → mmlu-cd build (per k) → base eval → (retrieval mixtures) per edge embed → (Grams: `edgefuse.runner.
+  interference`) grams → per seed: per edge prune; then per round: per edge train → recover → eval alone;
+  per fusion method × LoRA-CR strategy: fuse → (Grams) interference → eval;
   after the last round (`edgefuse.runner.composition`): lorahub → eval, retrieval mixtures' evals.
 Every stage's ``inputs`` dict is its cache key: changing one (a key, a value's form) makes every existing run
 directory redo that stage and all after it, so they stay exactly as they are (tests/test_pipeline_e2e.py,
@@ -295,24 +296,31 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
         for setting in f.cr:
             cr = setting.name
             name = f"{method}+{cr}" if cr != "off" else method
+            spec = get_method(method)  # the shared rank/density apply to the methods that take them
             inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
                       "cr": cr if setting.is_plain else setting.model_dump(), "rank": f.rank, "density": f.density,
                       "weights": weights, "params": f.params.get(method, {}), "seed": seed}
+            if spec.needs_grams:  # RegMean: the Gram matrices are an input (only there: other keys stay as they were)
+                inputs["grams"] = st.grams_hash
 
-            def run_fuse(work: Path, advance, method=method, setting=setting) -> dict:
-                spec = get_method(method)  # the shared rank/density apply to the methods that take them
+            def run_fuse(work: Path, advance, method=method, setting=setting, spec=spec) -> dict:
                 off = setting.strategy == "off"
                 stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
                                   cr=None if off else setting.strategy, cr_threshold=setting.threshold,
                                   weights=weights, rank=None if spec.exact_rank else f.rank,
                                   density=f.density if spec.density is not None else None,
                                   seed=seed, force=True, progress=advance,
+                                  activations=st.grams_dir if spec.needs_grams else None,
                                   **{**f.params.get(method, {}), **({} if off else setting.fuse_params())})
                 return {"dir": "fused", "stats": jsonable(stats)}
 
             tag = round_tag(seed, round_no)
             fdir, fres = st.stage("fuse", f"fuse-{name}-{tag}", inputs, run_fuse)
             adapter = fdir / fres["dir"]
+            if st.grams_dir is not None:
+                from edgefuse.runner.interference import stage_interference
+
+                st.interference.append(stage_interference(st, edges, adapter, name, seed, round_no))
             _, res = st.stage("eval", f"eval-{name}-{tag}",
                               {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
                               lambda work, adv, adapter=adapter, name=name: _with_adapter(

@@ -53,6 +53,10 @@ class Study:
     embeddings: dict[str, dict] = field(default_factory=dict)  # edge → its adapter's retrieval embedding record
     missing_edges: list[dict] = field(default_factory=list)  # edges a (federated) trainer could not deliver
     precision: Any = None  # edgefuse.precision.Precision: device and dtype of the base model, pruning and training
+    grams_dir: Path | None = None  # the grams stage's Gram directory (`edgefuse.runner.interference`), when collected
+    grams_hash: str | None = None  # sha256 of its grams.json (which holds every domain file's sha256)
+    grams_summary: dict = field(default_factory=dict)
+    interference: list[dict] = field(default_factory=list)  # each fused model's interference record
 
     def stages(self, kind: str, wanted: list[Pending], run: Callable[[list[Pending]], None],
                together: bool = False, label: str = "") -> dict[str, tuple[Path, dict]]:
