@@ -20,12 +20,13 @@ pytestmark = pytest.mark.e2e
 
 STUDY = {
     **copy.deepcopy(TINY_STUDY), "name": "tiny-interference",
-    "fusion": {"methods": ["task_arithmetic", "regmean"], "cr": ["off", "element"]},
+    "fusion": {"methods": ["task_arithmetic", "regmean"],
+               "cr": ["off", {"name": "act50", "strategy": "activation", "share": 0.5}]},
     "interference": {"tokens": 96, "per_prompt": 32},
     "benchmarks": {**TINY_STUDY["benchmarks"], "edges_alone": False, "mmlu": {"limit": 12},
                    "mmlu_cd": {"ks": [2], "n": 4}},
 }
-FUSED = ["task_arithmetic", "task_arithmetic+element", "regmean", "regmean+element"]
+FUSED = ["task_arithmetic", "task_arithmetic+act50", "regmean", "regmean+act50"]
 
 
 def stage_log(run_dir: Path) -> list[dict]:
@@ -65,7 +66,8 @@ def test_grams_stage_runs_once_and_regmean_fuses_with_its_hash(run):
     digest = sha256_file(grams / "grams.json")
     for name in FUSED:
         inputs = json.loads((stage_dir(run_dir, f"fuse-{name}-s0") / "stage.json").read_text())["inputs"]
-        assert inputs.get("grams") == (digest if name.startswith("regmean") else None), name  # others keep their keys
+        uses = name.startswith("regmean") or name.endswith("+act50")  # RegMean or LoRA-CR activation
+        assert inputs.get("grams") == (digest if uses else None), name  # others keep their keys
     assert run["doc"]["interference"]["grams"]["sha256"] == digest
 
 
@@ -81,6 +83,22 @@ def test_regmean_adapter_is_fuse_dirs_on_the_same_adapters_and_grams(run, tmp_pa
     assert set(ref.modules) == set(got.modules) and ref.modules
     for n in ref.modules:
         assert (ref.modules[n].delta() - got.modules[n].delta()).abs().max() <= 1e-6, n
+
+
+def test_lora_cr_activation_in_a_study_is_fuse_dirs_with_the_studys_grams(run, tmp_path):
+    from edgefuse.adapters import load_adapter
+    from edgefuse.fusion import fuse_dirs
+
+    doc, run_dir = run["doc"], run["run_dir"]
+    edges = [e["adapter"] for e in doc["seeds"][0]["edges"]]
+    stats = fuse_dirs(edges, tmp_path / "ref", method="task_arithmetic", cr="activation", cr_share=0.5,
+                      activations=stage_dir(run_dir, "grams") / "grams", force=True)
+    ref, got = load_adapter(tmp_path / "ref"), load_adapter(
+        next(f["adapter"] for f in doc["seeds"][0]["fused"] if f["name"] == "task_arithmetic+act50"))
+    assert set(ref.modules) == set(got.modules) and ref.modules
+    for n in ref.modules:
+        assert (ref.modules[n].delta() - got.modules[n].delta()).abs().max() <= 1e-6, n
+    assert stats["cr"]["share_changed"] > 0  # it edited something
 
 
 def test_stored_interference_is_metrics_recomputed_from_the_run_files(run):

@@ -404,3 +404,14 @@ def _verify_files(directory: Path, files: Any) -> None:
             raise EdgefuseError("file listed in manifest is missing", path=p)
         if sha256_file(p) != digest:
             raise EdgefuseError("sha256 does not match the manifest (file altered or corrupted)", path=p)
+
+
+def _natural_key(name: str) -> list:
+    """Sort ``layers.10`` after ``layers.9``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def module_names(adapters) -> list[str]:
+    """Union of the adapters' module names in natural order (here, below fusion and interference, so both use it
+    without importing each other)."""
+    return sorted({n for a in adapters for n in a.modules}, key=_natural_key)

@@ -87,10 +87,12 @@ class FusionConfig(_Strict):
 
     @property
     def needs_grams(self) -> bool:
-        """Some method fuses with Gram matrices of each edge's module inputs (RegMean)."""
-        from edgefuse.fusion.registry import METHODS
+        """Some method or LoRA-CR setting fuses with Gram matrices of each edge's module inputs (RegMean,
+        LoRA-CR activation)."""
+        from edgefuse.fusion.registry import CR_STRATEGIES, METHODS
 
-        return any(METHODS[m].needs_grams for m in self.methods)
+        return any(METHODS[m].needs_grams for m in self.methods) or any(
+            s.strategy != "off" and CR_STRATEGIES[s.strategy].needs_grams for s in self.cr)
 
     @field_validator("cr", mode="before")
     @classmethod

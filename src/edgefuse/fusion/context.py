@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from edgefuse.adapters import LoraModule
+from edgefuse.adapters import LoraModule, module_names  # noqa: F401 - re-exported: fusion modules import it here
 
 
 @dataclass
@@ -45,18 +45,6 @@ class Ctx:
 def present(mods: list[LoraModule | None]) -> list[tuple[int, LoraModule]]:
     """(index, module) of the adapters that have this module."""
     return [(k, m) for k, m in enumerate(mods) if m is not None]
-
-
-def natural_key(name: str):
-    """Sort ``layers.10`` after ``layers.9``."""
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def module_names(adapters) -> list[str]:
-    """Union of the adapters' module names in natural order."""
-    return sorted({n for a in adapters for n in a.modules}, key=natural_key)
 
 
 @contextlib.contextmanager

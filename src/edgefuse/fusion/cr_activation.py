@@ -49,7 +49,7 @@ import torch
 from edgefuse.adapters import LoraModule
 from edgefuse.fusion import regmean
 from edgefuse.fusion.context import Ctx
-from edgefuse.interference.metrics import _difference_norm2, _factors, _ratio, output_products
+from edgefuse.interference.metrics import difference_norm2, scaled_factors, norm_ratio, output_products
 
 
 def module_deviation(mods: list[LoraModule | None], fused: LoraModule, grams: list[torch.Tensor],
@@ -57,14 +57,14 @@ def module_deviation(mods: list[LoraModule | None], fused: LoraModule, grams: li
     """(score, per-edge deviations) of one module: ‖(ΔW_f − ΔW_i) H_i‖ / ‖ΔW_i H_i‖ per edge i (None for an edge
     with weight ≤ 0, without the module, or with a zero output on its domain), and their maximum (0 if none)."""
     shape = fused.shape
-    ffac = _factors(fused, shape)
+    ffac = scaled_factors(fused, shape)
     dev: list[float | None] = []
     for m, G, w in zip(mods, grams, weights):
         if m is None or w <= 0:
             dev.append(None)
             continue
-        e = _factors(m, shape)
-        dev.append(_ratio(_difference_norm2(ffac, e, G), float(output_products([e], G)[0, 0])))
+        e = scaled_factors(m, shape)
+        dev.append(norm_ratio(difference_norm2(ffac, e, G), float(output_products([e], G)[0, 0])))
     return max((d for d in dev if d is not None), default=0.0), dev
 
 

@@ -21,12 +21,11 @@ from collections.abc import Mapping
 
 import torch
 
-from edgefuse.adapters import LoraAdapter, LoraModule
+from edgefuse.adapters import LoraAdapter, LoraModule, module_names
 from edgefuse.errors import EdgefuseError
-from edgefuse.fusion.context import module_names
 
 
-def _factors(m: LoraModule | None, shape: tuple[int, int], weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_factors(m: LoraModule | None, shape: tuple[int, int], weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B·scale·weight, A) in float64; a missing module is a rank-0 update of the same shape."""
     if m is None:
         return torch.zeros(shape[0], 0, dtype=torch.float64), torch.zeros(0, shape[1], dtype=torch.float64)
@@ -46,7 +45,7 @@ def output_products(factors: list[tuple[torch.Tensor, torch.Tensor]], G: torch.T
     return P
 
 
-def _difference_norm2(f: tuple[torch.Tensor, torch.Tensor], e: tuple[torch.Tensor, torch.Tensor],
+def difference_norm2(f: tuple[torch.Tensor, torch.Tensor], e: tuple[torch.Tensor, torch.Tensor],
                       G: torch.Tensor) -> float:
     """‖(B_f A_f − B_e A_e) H‖² as one concatenated low-rank product [B_f, −B_e][A_f; A_e]."""
     B = torch.cat([f[0], -e[0]], dim=1)
@@ -54,7 +53,7 @@ def _difference_norm2(f: tuple[torch.Tensor, torch.Tensor], e: tuple[torch.Tenso
     return float(((B.T @ B) * (A @ G @ A.T)).sum())
 
 
-def _ratio(num2: float, den2: float) -> float | None:
+def norm_ratio(num2: float, den2: float) -> float | None:
     return math.sqrt(max(num2, 0.0) / den2) if den2 > 0 else None
 
 
@@ -83,23 +82,23 @@ def interference(adapters: list[LoraAdapter], grams: list[Mapping], fused: LoraA
         mods = [a.modules.get(name) for a in adapters]
         shape = next(m.shape for m in mods if m is not None)
         d_in = shape[1]
-        facs = [_factors(m, shape) for m in mods]
+        facs = [scaled_factors(m, shape) for m in mods]
         if fused is None:  # Σ w_k ΔW_k = [w_1 B_1 … w_K B_K][A_1; …; A_K]
-            ffac = (torch.cat([_factors(m, shape, w)[0] for m, w in zip(mods, weights)], dim=1),
+            ffac = (torch.cat([scaled_factors(m, shape, w)[0] for m, w in zip(mods, weights)], dim=1),
                     torch.cat([f[1] for f in facs], dim=0))
         else:
-            ffac = _factors(fused.modules.get(name), shape)
+            ffac = scaled_factors(fused.modules.get(name), shape)
         P, dev = [], []
         for i in range(K):
             G = _gram(grams[i], name, d_in, i)
             p = output_products(facs, G)
             P.append(p)
             pooled[i] += p
-            d2 = _difference_norm2(ffac, facs[i], G) if mods[i] is not None else None
+            d2 = difference_norm2(ffac, facs[i], G) if mods[i] is not None else None
             if d2 is not None:
                 pooled_dev[i] += d2
-            dev.append(None if d2 is None else _ratio(d2, float(p[i, i])))
-        ratio = [[_ratio(float(P[i][j, j]), float(P[i][i, i])) for j in range(K)] for i in range(K)]
+            dev.append(None if d2 is None else norm_ratio(d2, float(p[i, i])))
+        ratio = [[norm_ratio(float(P[i][j, j]), float(P[i][i, i])) for j in range(K)] for i in range(K)]
         off = [r for i in range(K) for j, r in enumerate(ratio[i]) if j != i and r is not None]
         modules[name] = {
             "ratio": ratio,
@@ -109,13 +108,13 @@ def interference(adapters: list[LoraAdapter], grams: list[Mapping], fused: LoraA
             "interference": max(off, default=None),
             "max_deviation": max((d for d in dev if d is not None), default=None),
         }
-    summary_ratio = [[_ratio(float(pooled[i, j, j]), float(pooled[i, i, i])) for j in range(K)] for i in range(K)]
+    summary_ratio = [[norm_ratio(float(pooled[i, j, j]), float(pooled[i, i, i])) for j in range(K)] for i in range(K)]
     return {
         "modules": modules,
         "summary": {
             "modules": len(names),
             "ratio": summary_ratio,
-            "deviation": [_ratio(pooled_dev[i], float(pooled[i, i, i])) for i in range(K)],
+            "deviation": [norm_ratio(pooled_dev[i], float(pooled[i, i, i])) for i in range(K)],
             "cosine": [[[_cos(pooled[i], j, k) for k in range(K)] for j in range(K)] for i in range(K)],
             "max_interference": max((e["interference"] for e in modules.values() if e["interference"] is not None),
                                     default=None),

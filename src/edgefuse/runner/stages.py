@@ -286,7 +286,7 @@ def stage_edges(st: Study, seed: int, trainer: Trainer, pruned: dict[str, tuple[
 
 def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) -> list[dict]:
     from edgefuse.fusion import fuse_dirs
-    from edgefuse.fusion.registry import get_method
+    from edgefuse.fusion.registry import get_cr_strategy, get_method
 
     f = st.cfg.fusion
     names = _edge_names(st.cfg)
@@ -300,17 +300,18 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
             inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
                       "cr": cr if setting.is_plain else setting.model_dump(), "rank": f.rank, "density": f.density,
                       "weights": weights, "params": f.params.get(method, {}), "seed": seed}
-            if spec.needs_grams:  # RegMean: the Gram matrices are an input (only there: other keys stay as they were)
+            grams = spec.needs_grams or (setting.strategy != "off" and get_cr_strategy(setting.strategy).needs_grams)
+            if grams:  # RegMean, LoRA-CR activation: the Gram matrices are an input (other keys stay as they were)
                 inputs["grams"] = st.grams_hash
 
-            def run_fuse(work: Path, advance, method=method, setting=setting, spec=spec) -> dict:
+            def run_fuse(work: Path, advance, method=method, setting=setting, spec=spec, grams=grams) -> dict:
                 off = setting.strategy == "off"
                 stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
                                   cr=None if off else setting.strategy, cr_threshold=setting.threshold,
                                   weights=weights, rank=None if spec.exact_rank else f.rank,
                                   density=f.density if spec.density is not None else None,
                                   seed=seed, force=True, progress=advance,
-                                  activations=st.grams_dir if spec.needs_grams else None,
+                                  activations=st.grams_dir if grams else None,
                                   **{**f.params.get(method, {}), **({} if off else setting.fuse_params())})
                 return {"dir": "fused", "stats": jsonable(stats)}
 
