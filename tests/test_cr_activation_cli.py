@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers.activations import hooked_inputs
 from helpers.fusion import rel
 
 from edgefuse.adapters import LoraAdapter, LoraModule, load_adapter, save_adapter
@@ -31,15 +32,7 @@ def captured(tiny):
         seqs = [torch.randint(0, model.config.vocab_size, (16,), generator=g).tolist() for _ in range(3)]
         with torch.no_grad():
             grams, aliases, _ = gram_matrices(model, seqs)
-        H = {}
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: H.setdefault(n, []).append(i[0].reshape(-1, i[0].shape[-1])))
-                 for n, m in adapted_linears(model).items()]
-        with torch.no_grad():
-            for s in seqs:
-                model(input_ids=torch.tensor([s]))
-        for h in hooks:
-            h.remove()
-        out.append({"grams": {n: grams[aliases[n]] for n in aliases}, "H": {n: torch.cat(v).double() for n, v in H.items()}})
+        out.append({"grams": {n: grams[aliases[n]] for n in aliases}, "H": hooked_inputs(model, seqs)})
     return out
 
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers.activations import hooked_inputs
 from helpers.fusion import rel
 
 from edgefuse.adapters import LoraAdapter, LoraModule
@@ -27,15 +28,7 @@ def captured(tiny, mmlu):
     for d in DOMAINS:
         seqs = token_sequences(tok, public_prompts(mmlu, d), TOKENS)
         grams, aliases, total = gram_matrices(model, seqs)
-        H = {}
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: H.setdefault(n, []).append(i[0].reshape(-1, i[0].shape[-1])))
-                 for n, m in adapted_linears(model).items()]
-        with torch.no_grad():
-            for s in seqs:
-                model(input_ids=torch.tensor([s]))
-        for h in hooks:
-            h.remove()
-        out[d] = {"grams": {n: grams[aliases[n]] for n in aliases}, "H": {n: torch.cat(v).double() for n, v in H.items()},
+        out[d] = {"grams": {n: grams[aliases[n]] for n in aliases}, "H": hooked_inputs(model, seqs),
                   "tokens": total, "seqs": seqs}
     return out
 

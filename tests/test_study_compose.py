@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers.study import TINY_STUDY
+from helpers.study import TINY_STUDY, stage_dir, stage_log
 
 pytestmark = pytest.mark.e2e
 
@@ -32,15 +32,6 @@ COMPOSE = {"embedding": {"examples": 6},
            "retrieval_mixture": [{**MIX, "routing": "instance"}, {**MIX, "routing": "segment"}]}
 NEW_STAGES = {"embed-science", "embed-law", "lorahub-s0", "eval-lorahub-s0", "eval-retrieval-k2-softmax-t0.05-mmlu-s0",
               "eval-retrieval-k2-softmax-t0.05-instance-cd-s0", "eval-retrieval-k2-softmax-t0.05-segment-cd-s0"}
-
-
-def stage_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines() if line.strip()]
-
-
-def stage_dir(run_dir: Path, name: str) -> Path:
-    [d] = [p for p in (run_dir / "stages").glob(f"{name}-*") if p.name[len(name) + 1:].isalnum()]
-    return d
 
 
 @pytest.fixture(scope="module")

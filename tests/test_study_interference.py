@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from helpers.study import TINY_STUDY
+from helpers.study import TINY_STUDY, stage_dir, stage_log
 
 pytestmark = pytest.mark.e2e
 
@@ -27,15 +27,6 @@ STUDY = {
                    "mmlu_cd": {"ks": [2], "n": 4}},
 }
 FUSED = ["task_arithmetic", "task_arithmetic+act50", "regmean", "regmean+act50"]
-
-
-def stage_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines() if line.strip()]
-
-
-def stage_dir(run_dir: Path, name: str) -> Path:
-    [d] = [p for p in (run_dir / "stages").glob(f"{name}-*") if p.name[len(name) + 1:].isalnum()]
-    return d
 
 
 @pytest.fixture(scope="module")

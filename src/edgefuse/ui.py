@@ -112,3 +112,14 @@ def accuracy_table(title: str, acc: dict, subjects: bool = True) -> Table:
         for k, v in acc["subjects"].items():
             t.add_row(f"  {k}", str(v["n"]), fmt_ci(v))
     return t
+
+
+def layer_grid(title: str, layers: list[str], types: list[str], cell: Callable[[str, str], str]) -> Table:
+    """A layer × module-type table (``edgefuse conflicts``' grids), each cell ``cell(layer, type)``."""
+    table = Table(title=title)
+    table.add_column("layer")
+    for ty in types:
+        table.add_column(ty, justify="right")
+    for layer in layers:
+        table.add_row(layer, *(cell(layer, ty) for ty in types))
+    return table

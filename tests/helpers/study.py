@@ -33,3 +33,14 @@ def scores(run_dir: Path) -> dict:
     doc = json.loads((run_dir / "results.json").read_text())
     rows = {"base": doc["base"]} | {f["name"]: f["eval"] for f in doc["seeds"][0]["fused"]}
     return {k: (v["mmlu"]["correct"], v["mmlu_cd_k2"]["strict_outcomes"]) for k, v in rows.items()}
+
+
+def stage_log(run_dir: Path) -> list[dict]:
+    """Every line of a finished run's stage log."""
+    return [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines() if line.strip()]
+
+
+def stage_dir(run_dir: Path, name: str) -> Path:
+    """The finished directory of stage ``name`` (not a ``.partial`` one)."""
+    [d] = [p for p in (run_dir / "stages").glob(f"{name}-*") if p.name[len(name) + 1:].isalnum()]
+    return d

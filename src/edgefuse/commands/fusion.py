@@ -200,7 +200,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure conflicts between adapters: per-layer table and optional heatmap."""
         from rich.console import Console
-        from rich.table import Table
+        from edgefuse.ui import layer_grid
 
         from edgefuse.adapters import load_adapter
         from edgefuse.fusion import analyze_conflicts
@@ -224,20 +224,10 @@ def register(app: typer.Typer) -> None:
         stats = analyze_conflicts(adapters, w)
         layers, types, cells = conflict_grid(stats)
         _, _, signs = conflict_grid(stats, "sign_conflict")
-        table = Table(title="conflict score max(0, −cos) / sign-conflict share, per layer and module type")
-        table.add_column("layer")
-        for t in types:
-            table.add_column(t, justify="right")
-        for layer in layers:
-            table.add_row(
-                layer,
-                *(
-                    "-"
-                    if cells.get((layer, t)) is None
-                    else f"{cells[(layer, t)]:.3f}/{signs[(layer, t)]:.2f}"
-                    for t in types
-                ),
-            )
+        table = layer_grid(
+            "conflict score max(0, −cos) / sign-conflict share, per layer and module type", layers, types,
+            lambda layer, t: "-" if cells.get((layer, t)) is None else f"{cells[(layer, t)]:.3f}/{signs[(layer, t)]:.2f}",
+        )
         # never cut cells to "0.01…": a piped or narrow terminal still gets every value (one column ≈ 14 chars)
         Console(width=max(Console().width, 10 + 14 * len(types))).print(table)
         s = stats["summary"]

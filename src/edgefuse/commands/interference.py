@@ -90,6 +90,7 @@ def print_interference(stats: dict, domains: list[str], plot: Optional[Path]) ->
     from rich.table import Table
 
     from edgefuse.report.figures import conflict_grid, plot_heatmap
+    from edgefuse.ui import layer_grid
 
     s = stats["summary"]
     K = len(domains)
@@ -105,12 +106,8 @@ def print_interference(stats: dict, domains: list[str], plot: Optional[Path]) ->
         t.add_row(domains[i], *(_fmt(x) for x in s["ratio"][i]), _fmt(s["deviation"][i]), _fmt(min(cos, default=None)))
     layers, types, cells = conflict_grid(stats, "interference")
     _, _, dev = conflict_grid(stats, "max_deviation")
-    g = Table(title="largest cross-domain ratio / largest fused deviation, per layer and module type")
-    g.add_column("layer")
-    for ty in types:
-        g.add_column(ty, justify="right")
-    for layer in layers:
-        g.add_row(layer, *(f"{_fmt(cells.get((layer, ty)))}/{_fmt(dev.get((layer, ty)))}" for ty in types))
+    g = layer_grid("largest cross-domain ratio / largest fused deviation, per layer and module type", layers, types,
+                   lambda layer, ty: f"{_fmt(cells.get((layer, ty)))}/{_fmt(dev.get((layer, ty)))}")
     console = Console(width=max(Console().width, 10 + 14 * max(len(types), K + 2)))
     console.print(t)
     console.print(g)
