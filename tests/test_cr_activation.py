@@ -77,6 +77,19 @@ def test_share_one_is_regmean_on_every_module(make_adapters, method, kw):
     assert cr["params_total"] == sum(m * n for m, n in NAMES.values())
 
 
+def test_on_regmean_it_flags_but_changes_nothing(make_adapters):
+    """The regmean method's modules already are RegMean's: flagged, kept as they are, counted as unchanged."""
+    ads = make_adapters(K=3, names=NAMES)
+    grams = _grams(_inputs(3))
+    plain, _ = fuse_adapters(ads, "regmean", grams=grams)
+    fused, st = fuse_adapters(ads, "regmean", grams=grams, cr="activation", cr_share=1.0)
+    for name in NAMES:
+        assert rel(fused.modules[name].delta(torch.float64), plain.modules[name].delta(torch.float64)) == 0, name
+    cr = st["cr"]
+    assert cr["modules_flagged"] == 4 and cr["params_changed"] == 0 and cr["share_changed"] == 0.0
+    assert all(m["score_after"] == m["score"] for m in cr["modules"].values())
+
+
 def test_subset_edits_only_the_top_modules(make_adapters):
     ads = make_adapters(K=3, names=NAMES, seed=4)
     H = _inputs(3, seed=5)

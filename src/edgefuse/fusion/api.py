@@ -209,6 +209,7 @@ def _activation_cr(adapters, out, scored, weights, grams, rank, spec, resolved, 
             strategy=cr,
             threshold=cr_threshold,
             share=resolved["cr_share"],
+            already_regmean=spec is reg,
         )
     except ValueError as e:
         raise EdgefuseError(str(e)) from None

@@ -86,11 +86,13 @@ def resolve_on_activations(
     strategy: str,
     threshold: float,
     share: float | None,
+    already_regmean: bool = False,
 ) -> tuple[dict[str, LoraModule], dict]:
     """Replace the flagged modules of ``fused`` (name → the base method's module) by RegMean's; returns (modules,
     stats). ``scored``: `module_deviation` of every module; ``mods_of(name)``: the K adapters' modules;
     ``grams_of(name)``: the K domains' checked Grams; ``ctx_of(name)``: the RegMean context (params alpha, ridge;
-    rank)."""
+    rank). ``already_regmean``: the base method is RegMean with these settings, so a flagged module is already
+    RegMean's; it is kept and counted as unchanged (re-solving would give the same module)."""
     chosen = select({n: s for n, (s, _) in scored.items()}, threshold, share)
     out = dict(fused)
     per_module, total, changed = {}, 0, 0
@@ -99,7 +101,9 @@ def resolve_on_activations(
         total += size
         score, dev = scored[name]
         entry = {"score": score, "deviation": dev, "flagged": name in chosen, "changed_params": 0}
-        if entry["flagged"]:
+        if entry["flagged"] and already_regmean:
+            entry["score_after"] = score
+        elif entry["flagged"]:
             mods, grams = mods_of(name), grams_of(name)
             ctx = ctx_of(name)
             ctx.grams = grams
