@@ -238,3 +238,19 @@ def test_bad_interference_settings_name_the_key(tmp_path, patch, msg):
     with pytest.raises(EdgefuseError) as e:
         load_config(write(tmp_path, {**GOOD, "interference": patch}))
     assert msg in str(e.value), str(e.value)
+
+
+def test_a_cr_setting_that_cannot_change_its_method_is_not_built(tmp_path):
+    """LoRA-CR activation re-solves its flagged modules by RegMean, so on regmean it would build regmean again
+    (tests/test_cr_activation.py shows the two equal): the study builds every other pair, in config order, and a
+    round that would send that copy back is refused."""
+    act = {"name": "act50", "strategy": "activation", "share": 0.5}
+    cfg = load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["task_arithmetic", "regmean", "ties"],
+                                                          "cr": ["off", act, "element"]}}))
+    assert [name for _, _, name in cfg.fusion.fusions()] == [
+        "task_arithmetic", "task_arithmetic+act50", "task_arithmetic+element", "regmean", "regmean+element",
+        "ties", "ties+act50", "ties+element"]
+    with pytest.raises(EdgefuseError) as e:
+        load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["regmean"], "cr": [act]},
+                                     "rounds": {"count": 2}}))
+    assert "the model sent back, 'regmean+act50', is not built" in str(e.value), str(e.value)

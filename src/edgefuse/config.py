@@ -94,6 +94,15 @@ class FusionConfig(_Strict):
         return any(METHODS[m].needs_grams for m in self.methods) or any(
             s.strategy != "off" and CR_STRATEGIES[s.strategy].needs_grams for s in self.cr)
 
+    def fusions(self) -> list[tuple[str, "CRSetting", str]]:
+        """(method, LoRA-CR setting, model name) of every fused model a study builds: each method with each
+        setting, except a setting that cannot change the method's result (`CRStrategy.changes`: activation on
+        regmean), which would be a second copy of the same model."""
+        from edgefuse.fusion.registry import CR_STRATEGIES
+
+        return [(m, s, m if s.name == "off" else f"{m}+{s.name}") for m in self.methods for s in self.cr
+                if s.strategy == "off" or CR_STRATEGIES[s.strategy].changes(m)]
+
     @field_validator("cr", mode="before")
     @classmethod
     def _known_cr(cls, v):
@@ -308,7 +317,12 @@ class StudyConfig(_Strict):
         cr_names = [c.name for c in self.fusion.cr]
         if r.cr is not None and r.cr not in cr_names:
             raise ValueError(f"rounds.cr {r.cr!r} is not among fusion.cr {cr_names}")
-        taken = {"base", LORAHUB_NAME, *(m if c == "off" else f"{m}+{c}" for m in self.fusion.methods for c in cr_names)}
+        built = [name for _, _, name in self.fusion.fusions()]
+        if self.rounds.count > 1 and self.sent_back() not in built:
+            raise ValueError(f"rounds: the model sent back, {self.sent_back()!r}, is not built (LoRA-CR "
+                             f"{self.sent_back().split('+')[-1]!r} cannot change {self.sent_back().split('+')[0]!r}); "
+                             f"built: {', '.join(built)}")
+        taken = {"base", LORAHUB_NAME, *built}
         for mix in self.compose.retrieval_mixture:
             if mix.name in taken:
                 raise ValueError(f"compose.retrieval_mixture: the name {mix.name!r} is taken by another model of the study")

@@ -331,6 +331,12 @@ class CRStrategy:
         """Scores and resolves on each domain's module inputs (``grams=``, ``fuse --activations``)."""
         return any(s in POST_FUSION_STEPS for s in self.steps)
 
+    def changes(self, method: str) -> bool:
+        """Whether this strategy can change what ``method`` fuses. A strategy whose only step re-solves flagged
+        modules by a method leaves that method's own result as it is (activation on regmean: the flagged modules
+        are already RegMean's), so a study does not build and evaluate that copy."""
+        return self.steps != (method,)
+
 
 POST_FUSION_STEPS = ("regmean",)
 

@@ -13,8 +13,9 @@ from edgefuse.evaluate.stats import fmt_ci
 from edgefuse.artifacts import StudyResults
 from edgefuse.io import atomic_write_text, jsonable
 from edgefuse.report.figures import draw_figures
+from edgefuse.report.gold import RETENTION_NOTE, gold_note, gold_table, prediction_line, retention_table
 from edgefuse.report.tables import (EDGES_NOTE, INTERFERENCE_NOTE, cd_answer_table, cd_ks, composed_line, conflict_table,
-                                    cr_sweep_table, edges_table, headline_table, interference_table, results_csv,
+                                    cr_sweep_table, edges_table, headline_rows, headline_table, interference_table, results_csv,
                                     retrieval_line, rounds_table, scoring_line, seeds_table, stages_table,
                                     transfer_table)
 
@@ -49,6 +50,9 @@ def write_report(doc: dict, run_dir: Path, results: bool = True) -> list[str]:
           + (" and their dynamic compositions" if any(s.get("composed") for s in doc["seeds"]) else ""),
           "", scoring_line(doc), "", headline_table(doc), ""]
     md += [line + "\n" for line in (composed_line(doc), retrieval_line(doc)) if line]
+    gold = gold_table(doc, headline_rows(doc))
+    if gold:
+        md += ["### Gold answer log-likelihood", "", gold_note(doc), "", gold, ""]
     answers = cd_answer_table(doc)
     if answers:
         md += [answers, ""]
@@ -76,10 +80,16 @@ def write_report(doc: dict, run_dir: Path, results: bool = True) -> list[str]:
                "Paired Δ (points) of each edge's recovered adapter alone against the base model on the test items of "
                "each edge's domain; the diagonal (bold) is the own-domain gain, the rest cross-domain interference.",
                "", transfer, ""]
+    kept = retention_table(doc)
+    if kept:
+        md += ["## Retention: each domain's gain under fusion", "", RETENTION_NOTE, "", kept, ""]
     md += ["## Conflict statistics (LoRA-CR)", "", conflict_table(doc), ""]
     inter = interference_table(doc)
     if inter:
         md += ["## Interference on activations", "", INTERFERENCE_NOTE, "", inter, ""]
+        predicts = prediction_line(doc)
+        if predicts:
+            md += [predicts, ""]
     sweep = cr_sweep_table(doc)
     if sweep:
         md += ["## LoRA-CR against the same method without it", "",

@@ -12,7 +12,8 @@ import statistics
 from typing import Any
 
 from edgefuse.data.taxonomy import domain_subjects
-from edgefuse.evaluate.stats import bootstrap_ci, fmt_ci, paired_diff_ci
+from edgefuse.evaluate.gold import GOLD, MARGIN, gold_diff, gold_of
+from edgefuse.evaluate.stats import bootstrap_ci, fmt_ci, fmt_raw, paired_diff_ci
 
 
 def _pct(x: float | None) -> str:
@@ -265,7 +266,8 @@ def cr_sweep_rows(doc: dict) -> list[dict]:
         cr = (f.get("fusion") or {}).get("cr") or {}
         row = {"name": f["name"], "method": f["method"], "cr": f["cr"], "share_changed": cr.get("share_changed"),
                "modules_flagged": cr.get("modules_flagged"), "modules_total": cr.get("modules_total"),
-               "mmlu": mmlu_diff(f["eval"], ref["eval"])}
+               "mmlu": mmlu_diff(f["eval"], ref["eval"]),
+               "gold": gold_diff(f["eval"], ref["eval"], GOLD), "margin": gold_diff(f["eval"], ref["eval"], MARGIN)}
         for k in cd_ks(doc):
             key = f"mmlu_cd_k{k}"
             ev, rv = f["eval"].get(key), ref["eval"].get(key)
@@ -283,12 +285,16 @@ def cr_sweep_table(doc: dict) -> str:
     if not rows:
         return ""
     ks = cd_ks(doc)
-    lines = ["| model | modules edited | params changed % | Δ MMLU vs no CR |" + "".join(
+    gold = any(r["gold"] for r in rows)
+    lines = ["| model | modules edited | params changed % | Δ MMLU vs no CR |"
+             + (" Δ gold log-lik. vs no CR | Δ margin vs no CR |" if gold else "") + "".join(
         f" Δ MMLU-CD k={k} per answer | Δ MMLU-CD k={k} strict |" for k in ks),
-        "|---|---:|---:|---:|" + "---:|---:|" * len(ks)]
+        "|---|---:|---:|---:|" + ("---:|---:|" if gold else "") + "---:|---:|" * len(ks)]
     for r in rows:
         cells = [r["name"], f"{r['modules_flagged']}/{r['modules_total']}" if r["modules_total"] else "–",
                  f"{100 * r['share_changed']:.2f}" if r["share_changed"] is not None else "–", _diff(r["mmlu"])]
+        if gold:
+            cells += [fmt_raw(r["gold"]), fmt_raw(r["margin"])]
         for k in ks:
             cells += [_diff(r.get(f"cd_k{k}_answer")), _diff(r.get(f"cd_k{k}"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -364,8 +370,10 @@ def results_csv(doc: dict) -> str:
     ks = cd_ks(doc)
     buf = io.StringIO()
     w = csv.writer(buf)
+    gold = gold_of(doc["base"]) is not None
     w.writerow(["model", "seed", "mmlu_acc", "mmlu_lo", "mmlu_hi", "mmlu_diff_vs_base", "mmlu_diff_lo", "mmlu_diff_hi"]
-               + [f"cd_k{k}_{x}" for k in ks for x in ("strict", "lo", "hi", "diff_vs_base", "diff_lo", "diff_hi")])
+               + [f"cd_k{k}_{x}" for k in ks for x in ("strict", "lo", "hi", "diff_vs_base", "diff_lo", "diff_hi")]
+               + (["mmlu_gold", "mmlu_gold_diff_vs_base", "mmlu_gold_diff_lo", "mmlu_gold_diff_hi"] if gold else []))
     entries = [("base", "", doc["base"])] + [(e["edge"], s["seed"], e["eval"]) for s in doc["seeds"]
                                              for e in s["edges"] if e.get("eval")] \
         + [(f["name"], s["seed"], f["eval"]) for s in doc["seeds"] for f in s["fused"]] \
@@ -379,6 +387,10 @@ def results_csv(doc: dict) -> str:
             c = ev.get(f"mmlu_cd_k{k}", {}).get("strict")
             d = cd_diff(ev, doc["base"], k) if name != "base" else None
             row += [c and c["acc"], c and c["lo"], c and c["hi"], d and d["diff"], d and d["lo"], d and d["hi"]]
+        if gold:  # the gold answer's mean log-likelihood (`edgefuse.evaluate.gold`), in runs that kept it
+            g = gold_of(ev)
+            d = gold_diff(ev, doc["base"], GOLD) if name != "base" else None
+            row += [g and statistics.fmean(v[GOLD] for v in g.values()), d and d["diff"], d and d["lo"], d and d["hi"]]
         w.writerow(row)
     return buf.getvalue()
 

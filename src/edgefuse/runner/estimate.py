@@ -113,17 +113,15 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
                 if b.edges_alone:
                     cd = sum(cd_s.values()) if b.edges_alone_cd else 0.0
                     out.append(PlannedStage("eval", f"eval-edge-{e}-{tag}", s * (eval_s + cd)))
-            for m in f.methods:
-                for c in f.cr:
-                    name = f"{m}+{c.name}" if c.name != "off" else m
-                    fuse = RATES["fuse"]["elementwise" if _elementwise(m) else "plain"]
-                    fuse += RATES["fuse"]["cr"] if c.strategy != "off" else 0.0
-                    fuse += K * RATES["regmean_edge"] if _needs_grams(m) else 0.0
-                    out.append(PlannedStage("fuse", f"fuse-{name}-{tag}", s * fuse))
-                    if cfg.collects_grams:
-                        out.append(PlannedStage("fuse", f"interference-{name}-{tag}", s * (
-                            K * RATES["interference_edge"] + K * K * RATES["interference_pair"])))
-                    out.append(PlannedStage("eval", f"eval-{name}-{tag}", s * (eval_s + sum(cd_s.values()))))
+            for m, c, name in f.fusions():
+                fuse = RATES["fuse"]["elementwise" if _elementwise(m) else "plain"]
+                fuse += RATES["fuse"]["cr"] if c.strategy != "off" else 0.0
+                fuse += K * RATES["regmean_edge"] if _needs_grams(m) else 0.0
+                out.append(PlannedStage("fuse", f"fuse-{name}-{tag}", s * fuse))
+                if cfg.collects_grams:
+                    out.append(PlannedStage("fuse", f"interference-{name}-{tag}", s * (
+                        K * RATES["interference_edge"] + K * K * RATES["interference_pair"])))
+                out.append(PlannedStage("eval", f"eval-{name}-{tag}", s * (eval_s + sum(cd_s.values()))))
         out += composition_plan(cfg, round_tag(seed, cfg.rounds.count), s, n_mmlu)
     return out
 

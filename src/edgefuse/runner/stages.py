@@ -20,7 +20,8 @@ from edgefuse.config import StudyConfig
 from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
 from edgefuse.runner.estimate import round_tag
-from edgefuse.io import atomic_write_json, jsonable, sha256_file
+from edgefuse.evaluate.gold import gold_scores
+from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
 from edgefuse.runner.study import Pending, Study
 from edgefuse.runner.trainers import Trainer, TrainJob
 
@@ -105,10 +106,27 @@ def mmlu_summary(st: Study, res: dict, file: str = "mmlu.json") -> dict:
     b = st.cfg.benchmarks
     norm = "_norm" if b.headline_metric == "acc_norm" else ""
     out = {"accuracy": res["accuracy" + norm], "file": file,
-           "correct": {i["id"]: int(i["correct" + norm]) for i in res["items"]}}
+           "correct": {i["id"]: int(i["correct" + norm]) for i in res["items"]},
+           "gold": _gold(st, res)}
     if b.format == "cloze":
         out["metrics"] = {"acc": res["accuracy"]["overall"], "acc_norm": res["accuracy_norm"]["overall"]}
     return out
+
+
+def _gold(st: Study, res: dict) -> dict[str, list[float]]:
+    return gold_scores(res["items"], {it.id: it for it in st.mmlu_items}, res["format"])
+
+
+def eval_stage(st: Study, name: str, inputs: dict, fn, total: int | None) -> dict:
+    """One evaluation stage (`Study.stage`, kind eval); its summary's MMLU part always carries the per-item gold
+    scores (`edgefuse.evaluate.gold`), taken from the stage's own results file when the cached summary predates
+    them, so a finished study gains them without evaluating again."""
+    stage_dir, res = st.stage("eval", name, inputs, fn, total=total)
+    mmlu = res.get("mmlu")
+    if mmlu is not None and "gold" not in mmlu and (stage_dir / mmlu.get("file", "mmlu.json")).is_file():
+        doc = read_json(stage_dir / mmlu.get("file", "mmlu.json"))
+        res = {**res, "mmlu": {**mmlu, "gold": _gold(st, doc)}}
+    return res
 
 
 def cd_summary(res: dict, k: int) -> dict:
@@ -152,9 +170,8 @@ def eval_inputs(st: Study) -> dict:
 
 
 def stage_base_eval(st: Study) -> dict:
-    _, res = st.stage("eval", "eval-base", eval_inputs(st),
+    return eval_stage(st, "eval-base", eval_inputs(st),
                       lambda work, adv: evaluate_model(st, st.model, work, adv, "base"), total=_eval_total(st))
-    return res
 
 
 def train_config(st: Study, seed: int):
@@ -268,11 +285,10 @@ def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, packag
     out = {"edge": edge, "seed": seed, "round": round_no, "domains": st.cfg.edges[edge], "adapter": str(adapter),
            "prune": prune_res, "train": train_res["stats"]}
     if st.cfg.benchmarks.edges_alone:
-        _, res = st.stage("eval", f"eval-edge-{edge}-{tag}", {"eval": eval_inputs(st), "adapter": rec_res["sha256"]},
-                          lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(
-                              st, m, work, adv, edge, cd=st.cfg.benchmarks.edges_alone_cd)),
-                          total=_eval_total(st, st.cfg.benchmarks.edges_alone_cd))
-        out["eval"] = res
+        out["eval"] = eval_stage(st, f"eval-edge-{edge}-{tag}", {"eval": eval_inputs(st), "adapter": rec_res["sha256"]},
+                                 lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(
+                                     st, m, work, adv, edge, cd=st.cfg.benchmarks.edges_alone_cd)),
+                                 total=_eval_total(st, st.cfg.benchmarks.edges_alone_cd))
     return out
 
 
@@ -292,44 +308,42 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
     names = _edge_names(st.cfg)
     weights = [f.weights[names.index(e["edge"])] for e in edges] if f.weights else None  # without missing edges
     results = []
-    for method in f.methods:
-        for setting in f.cr:
-            cr = setting.name
-            name = f"{method}+{cr}" if cr != "off" else method
-            spec = get_method(method)  # the shared rank/density apply to the methods that take them
-            inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
-                      "cr": cr if setting.is_plain else setting.model_dump(), "rank": f.rank, "density": f.density,
-                      "weights": weights, "params": f.params.get(method, {}), "seed": seed}
-            grams = spec.needs_grams or (setting.strategy != "off" and get_cr_strategy(setting.strategy).needs_grams)
-            if grams:  # RegMean, LoRA-CR activation: the Gram matrices are an input (other keys stay as they were)
-                inputs["grams"] = st.grams_hash
+    for method, setting, name in f.fusions():
+        cr = setting.name
+        spec = get_method(method)  # the shared rank/density apply to the methods that take them
+        inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
+                  "cr": cr if setting.is_plain else setting.model_dump(), "rank": f.rank, "density": f.density,
+                  "weights": weights, "params": f.params.get(method, {}), "seed": seed}
+        grams = spec.needs_grams or (setting.strategy != "off" and get_cr_strategy(setting.strategy).needs_grams)
+        if grams:  # RegMean, LoRA-CR activation: the Gram matrices are an input (other keys stay as they were)
+            inputs["grams"] = st.grams_hash
 
-            def run_fuse(work: Path, advance, method=method, setting=setting, spec=spec, grams=grams) -> dict:
-                off = setting.strategy == "off"
-                stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
-                                  cr=None if off else setting.strategy, cr_threshold=setting.threshold,
-                                  weights=weights, rank=None if spec.exact_rank else f.rank,
-                                  density=f.density if spec.density is not None else None,
-                                  seed=seed, force=True, progress=advance,
-                                  activations=st.grams_dir if grams else None,
-                                  **{**f.params.get(method, {}), **({} if off else setting.fuse_params())})
-                return {"dir": "fused", "stats": jsonable(stats)}
+        def run_fuse(work: Path, advance, method=method, setting=setting, spec=spec, grams=grams) -> dict:
+            off = setting.strategy == "off"
+            stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
+                              cr=None if off else setting.strategy, cr_threshold=setting.threshold,
+                              weights=weights, rank=None if spec.exact_rank else f.rank,
+                              density=f.density if spec.density is not None else None,
+                              seed=seed, force=True, progress=advance,
+                              activations=st.grams_dir if grams else None,
+                              **{**f.params.get(method, {}), **({} if off else setting.fuse_params())})
+            return {"dir": "fused", "stats": jsonable(stats)}
 
-            tag = round_tag(seed, round_no)
-            fdir, fres = st.stage("fuse", f"fuse-{name}-{tag}", inputs, run_fuse)
-            adapter = fdir / fres["dir"]
-            if st.grams_dir is not None:
-                from edgefuse.runner.interference import stage_interference
+        tag = round_tag(seed, round_no)
+        fdir, fres = st.stage("fuse", f"fuse-{name}-{tag}", inputs, run_fuse)
+        adapter = fdir / fres["dir"]
+        if st.grams_dir is not None:
+            from edgefuse.runner.interference import stage_interference
 
-                st.interference.append(stage_interference(st, edges, adapter, name, seed, round_no))
-            _, res = st.stage("eval", f"eval-{name}-{tag}",
-                              {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
-                              lambda work, adv, adapter=adapter, name=name: _with_adapter(
-                                  st, adapter, lambda m: evaluate_model(st, m, work, adv, name)),
-                              total=_eval_total(st))
-            results.append({"name": name, "method": method, "cr": cr, "seed": seed, "round": round_no,
-                            "adapter": str(adapter),
-                            "fusion": fres["stats"], "eval": res})
+            st.interference.append(stage_interference(st, edges, adapter, name, seed, round_no))
+        res = eval_stage(st, f"eval-{name}-{tag}",
+                         {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
+                         lambda work, adv, adapter=adapter, name=name: _with_adapter(
+                             st, adapter, lambda m: evaluate_model(st, m, work, adv, name)),
+                         total=_eval_total(st))
+        results.append({"name": name, "method": method, "cr": cr, "seed": seed, "round": round_no,
+                        "adapter": str(adapter),
+                        "fusion": fres["stats"], "eval": res})
     return results
 
 
