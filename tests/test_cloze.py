@@ -35,15 +35,18 @@ def ref_pair(tok, context, continuation, specials=False):
 
 
 def naive_scores(model, tok, contexts, continuations, specials=False):
-    """One unbatched forward per (context + continuation), full logits, summed log-softmax of the
-    continuation tokens (each predicted from the position before it)."""
+    """One unbatched forward per (context + continuation), summed log-softmax over the whole vocabulary of the
+    continuation tokens (each predicted from the position before it). Only the positions that predict them get
+    logits (transformers' ``logits_to_keep``: the same forward, the LM head applied to fewer rows)."""
     out = torch.empty((len(contexts), len(continuations[0])))
     with torch.no_grad():
         for i, (context, conts) in enumerate(zip(contexts, continuations)):
             for c, cont in enumerate(conts):
                 ctx, tail = ref_pair(tok, context, cont, specials)
-                lp = torch.log_softmax(model(torch.tensor([ctx + tail])).logits[0].float(), -1)
-                out[i, c] = sum(float(lp[len(ctx) - 1 + t, x]) for t, x in enumerate(tail))
+                # the last len(tail) + 1 positions: position len(ctx) - 1 + t predicts tail[t]
+                logits = model(torch.tensor([ctx + tail]), logits_to_keep=len(tail) + 1).logits[0]
+                lp = torch.log_softmax(logits.float(), -1)
+                out[i, c] = sum(float(lp[t, x]) for t, x in enumerate(tail))
     return out
 
 

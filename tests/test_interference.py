@@ -162,3 +162,26 @@ def test_regmean_refuses_missing_grams(captured, adapters):
         fuse_adapters(adapters, "ties", grams=partial)
     with pytest.raises(EdgefuseError, match="must be ≥ 0"):
         fuse_adapters(adapters, "regmean", [1.0, -1.0], grams=[captured[d]["grams"] for d in DOMAINS])
+
+
+def test_in_memory_grams_are_checked_once_per_tensor_and_a_bad_one_is_one_line(captured, adapters, monkeypatch):
+    """Modules reading one input (q/k/v) share its Gram tensor: the full check (a float64 Cholesky) runs once per
+    distinct tensor and call, not once per module and pass; a non-PSD matrix among shared ones still fails."""
+    import edgefuse.interference.grams as grams_mod
+
+    calls = []
+    real = grams_mod.check_gram
+    monkeypatch.setattr(grams_mod, "check_gram", lambda G, *a, **k: calls.append(id(G)) or real(G, *a, **k))
+    shared = [dict(captured[d]["grams"]) for d in DOMAINS]
+    q = "model.layers.0.self_attn.q_proj"
+    for g in shared:
+        for t in ("k_proj", "v_proj"):
+            g[q.replace("q_proj", t)] = g[q]
+    fuse_adapters(adapters, "regmean", grams=shared)
+    distinct = sum(len({id(t) for t in g.values()}) for g in shared)
+    assert len(calls) == distinct < sum(len(g) for g in shared)
+    bad = [dict(g) for g in shared]
+    bad[1][q] = -torch.eye(bad[1][q].shape[0])
+    with pytest.raises(EdgefuseError, match="Gram matrix of module .* is not positive semi-definite") as e:
+        fuse_adapters(adapters, "regmean", grams=bad)
+    assert "Gram matrices of adapter 1" in str(e.value)

@@ -31,7 +31,7 @@ from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.cr_activation import module_deviation, resolve_on_activations
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
-from edgefuse.fusion.gram_inputs import check_coverage, module_grams
+from edgefuse.fusion.gram_inputs import check_coverage, checked_once, module_grams
 from edgefuse.fusion.registry import (
     CR_THRESHOLD,
     METHODS,
@@ -108,6 +108,7 @@ def fuse_adapters(
     if cr is not None:
         CR_THRESHOLD.check(cr_threshold)
     names = module_names(adapters)
+    grams = checked_once(grams)  # each distinct matrix fully checked once, here, before any module is fused
     check_coverage(method, spec.needs_grams or cr_grams, grams, adapters, names,
                    what=f"LoRA-CR strategy {cr}" if cr_grams and not spec.needs_grams else None)
     if cr_grams and any(w < 0 for w in weights):

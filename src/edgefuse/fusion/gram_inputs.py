@@ -40,6 +40,49 @@ def check_coverage(method: str, needs: bool, grams: list[Mapping] | None, adapte
         module_grams(grams, name, next(a.modules[name].shape[1] for a in adapters if name in a.modules))
 
 
+class CheckedOnce(Mapping):
+    """An in-memory mapping of Gram matrices whose every distinct tensor is fully checked once per fusion call
+    (`check_gram`); later reads of the same tensor (a second pass, or q/k/v sharing one input's matrix) re-check
+    only its shape. `edgefuse.interference.grams.DomainGrams` does the same for matrices read from disk."""
+
+    def __init__(self, grams: Mapping, label: str):
+        self._grams, self._label = grams, label
+        self._checked: dict[int, torch.Tensor] = {}  # id → the tensor itself, so that its id cannot be reused
+
+    def get_checked(self, name: str, d_in: int | None) -> torch.Tensor:
+        from edgefuse.interference.grams import check_gram
+
+        G = self._grams[name]
+        if self._checked.get(id(G)) is not G:
+            out = check_gram(G, d_in, f"module {name}", self._label)
+            self._checked[id(G)] = G
+            return out
+        if d_in is not None and G.shape != (d_in, d_in):
+            check_gram(G, d_in, f"module {name}", self._label)
+        return G.double()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.get_checked(name, None)
+
+    def __iter__(self):
+        return iter(self._grams)
+
+    def __len__(self) -> int:
+        return len(self._grams)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._grams
+
+
+def checked_once(grams: list[Mapping] | None) -> list[Mapping] | None:
+    """``grams`` with each in-memory mapping wrapped in `CheckedOnce` (mappings that check themselves, such as
+    `DomainGrams`, as they are)."""
+    if grams is None:
+        return None
+    return [g if hasattr(g, "get_checked") else CheckedOnce(g, f"Gram matrices of adapter {k}")
+            for k, g in enumerate(grams)]
+
+
 def module_grams(grams: list[Mapping], name: str, d_in: int) -> list[torch.Tensor]:
     """Each domain's checked Gram matrix of module ``name`` (d_in × d_in, float64)."""
     from edgefuse.interference.grams import check_gram
