@@ -254,3 +254,18 @@ def test_a_cr_setting_that_cannot_change_its_method_is_not_built(tmp_path):
         load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["regmean"], "cr": [act]},
                                      "rounds": {"count": 2}}))
     assert "the model sent back, 'regmean+act50', is not built" in str(e.value), str(e.value)
+
+
+def test_a_cr_setting_can_be_limited_to_some_methods_without_changing_its_stage_key(tmp_path):
+    """``methods:`` on a LoRA-CR setting builds it only with those methods; a method outside fusion.methods is a
+    one-line error; the fuse stage's key input (the setting's dump) does not carry the restriction."""
+    act = {"name": "act50", "strategy": "activation", "share": 0.5}
+    cfg = load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["task_arithmetic", "ties"],
+                                                          "cr": ["off", {**act, "methods": ["task_arithmetic"]}]}}))
+    assert [n for _, _, n in cfg.fusion.fusions()] == ["task_arithmetic", "task_arithmetic+act50", "ties"]
+    limited = cfg.fusion.cr[1]
+    free = load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["task_arithmetic"], "cr": [act]}})).fusion.cr[0]
+    assert limited.model_dump(exclude={"methods"}) == free.model_dump(exclude={"methods"})
+    with pytest.raises(EdgefuseError) as e:
+        load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["ties"], "cr": [{**act, "methods": ["regmean"]}]}}))
+    assert "cr 'act50': methods ['regmean'] are not among fusion.methods ['ties']" in str(e.value), str(e.value)

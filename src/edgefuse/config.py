@@ -54,6 +54,8 @@ class CRSetting(_Strict):
                                                                   "instead of those above `threshold`")
     element_threshold: Optional[float] = Field(None, ge=0)
     direction_threshold: Optional[float] = Field(None, ge=0)
+    methods: Optional[list[str]] = Field(None, description="build this setting only with these fusion methods "
+                                                          "(default: with every method of fusion.methods)")
 
     @property
     def is_plain(self) -> bool:
@@ -101,7 +103,7 @@ class FusionConfig(_Strict):
         from edgefuse.fusion.registry import CR_STRATEGIES
 
         return [(m, s, m if s.name == "off" else f"{m}+{s.name}") for m in self.methods for s in self.cr
-                if s.strategy == "off" or CR_STRATEGIES[s.strategy].changes(m)]
+                if s.strategy == "off" or (CR_STRATEGIES[s.strategy].changes(m) and (s.methods is None or m in s.methods))]
 
     @field_validator("cr", mode="before")
     @classmethod
@@ -121,6 +123,14 @@ class FusionConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"LoRA-CR setting names must be distinct (got {names})")
         return out
+
+    @model_validator(mode="after")
+    def _cr_methods_are_fused(self) -> "FusionConfig":
+        for s in self.cr:
+            bad = [m for m in s.methods or [] if m not in self.methods]
+            if bad:
+                raise ValueError(f"cr {s.name!r}: methods {bad} are not among fusion.methods {self.methods}")
+        return self
 
     @field_serializer("cr")
     def _plain_names(self, v: list[CRSetting]) -> list:

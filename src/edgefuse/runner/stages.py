@@ -312,7 +312,7 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
         cr = setting.name
         spec = get_method(method)  # the shared rank/density apply to the methods that take them
         inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
-                  "cr": cr if setting.is_plain else setting.model_dump(), "rank": f.rank, "density": f.density,
+                  "cr": cr if setting.is_plain else setting.model_dump(exclude={"methods"}), "rank": f.rank, "density": f.density,
                   "weights": weights, "params": f.params.get(method, {}), "seed": seed}
         grams = spec.needs_grams or (setting.strategy != "off" and get_cr_strategy(setting.strategy).needs_grams)
         if grams:  # RegMean, LoRA-CR activation: the Gram matrices are an input (other keys stay as they were)
