@@ -74,6 +74,7 @@ def figure(arms: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - NullFormatter below
 
     names = list(dict.fromkeys(n for a in arms for n in a["models"]))
     keys = ["mmlu", "cd_answer", "gold", "deviation"]
@@ -95,6 +96,7 @@ def figure(arms: list[dict], path: Path) -> None:
             ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xticks([a["K"] for a in arms], [str(a["K"]) for a in arms])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("K (edges fused)")
         ax.set_title(METRICS[key][0] if key in METRICS else "fused deviation on activations (median over domains)",
                      fontsize=9)
