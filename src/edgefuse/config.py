@@ -62,6 +62,13 @@ class CRSetting(_Strict):
         """A strategy with its defaults, written as its name alone."""
         return self == CRSetting(name=self.name, strategy=self.name)
 
+    @property
+    def needs_grams(self) -> bool:
+        """Its strategy scores or resolves on Gram matrices of each domain's module inputs (activation)."""
+        from edgefuse.fusion.registry import CR_STRATEGIES
+
+        return self.strategy != "off" and CR_STRATEGIES[self.strategy].needs_grams
+
     def fuse_params(self) -> dict:
         """The `fuse_adapters` parameters this setting fixes (``cr_share``, ``cr_element_threshold``, …)."""
         return {f"cr_{k}": v for k, v in (("share", self.share), ("element_threshold", self.element_threshold),
@@ -91,10 +98,9 @@ class FusionConfig(_Strict):
     def needs_grams(self) -> bool:
         """Some method or LoRA-CR setting fuses with Gram matrices of each edge's module inputs (RegMean,
         LoRA-CR activation)."""
-        from edgefuse.fusion.registry import CR_STRATEGIES, METHODS
+        from edgefuse.fusion.registry import METHODS
 
-        return any(METHODS[m].needs_grams for m in self.methods) or any(
-            s.strategy != "off" and CR_STRATEGIES[s.strategy].needs_grams for s in self.cr)
+        return any(METHODS[m].needs_grams for m in self.methods) or any(s.needs_grams for s in self.cr)
 
     def fusions(self) -> list[tuple[str, "CRSetting", str]]:
         """(method, LoRA-CR setting, model name) of every fused model a study builds: each method with each

@@ -31,7 +31,7 @@ from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.cr_activation import module_deviation, resolve_on_activations
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
-from edgefuse.fusion.gram_inputs import check_coverage, checked_once, module_grams
+from edgefuse.fusion.gram_inputs import check_coverage, checked_once, input_width, module_grams
 from edgefuse.fusion.registry import (
     CR_THRESHOLD,
     METHODS,
@@ -155,7 +155,7 @@ def fuse_adapters(
             recipe=recipe,
         )
         if grams is not None:
-            ctx.grams = module_grams(grams, name, next(a.modules[name].shape[1] for a in adapters if name in a.modules))
+            ctx.grams = module_grams(grams, name, input_width(adapters, name))
         try:
             fused = spec.kernel([a.modules.get(name) for a in adapters], weights, ctx)
         except ValueError as e:
@@ -196,16 +196,13 @@ def _activation_cr(adapters, out, scored, weights, grams, rank, spec, resolved, 
     reg = METHODS["regmean"]
     params = {**reg.defaults, **({k: resolved[k] for k in reg.defaults} if spec is reg else {})}
 
-    def d_in(name: str) -> int:
-        return next(a.modules[name].shape[1] for a in adapters if name in a.modules)
-
     try:
         return resolve_on_activations(
             mods_of=lambda name: [a.modules.get(name) for a in adapters],
             fused=out,
             scored=scored,
             weights=weights,
-            grams_of=lambda name: module_grams(grams, name, d_in(name)),
+            grams_of=lambda name: module_grams(grams, name, input_width(adapters, name)),
             ctx_of=lambda name: Ctx(name=name, rank=rank, params=params),
             strategy=cr,
             threshold=cr_threshold,

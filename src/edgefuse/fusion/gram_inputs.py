@@ -37,7 +37,12 @@ def check_coverage(method: str, needs: bool, grams: list[Mapping] | None, adapte
             raise EdgefuseError(f"{what}: no Gram matrix for module {missing[0]} (domain {domain}; "
                                 f"{len(missing)} of {len(names)} modules missing)", path=where)
     for name in names:  # every matrix checked (shape, finite, symmetric PSD) before any module is fused
-        module_grams(grams, name, next(a.modules[name].shape[1] for a in adapters if name in a.modules))
+        module_grams(grams, name, input_width(adapters, name))
+
+
+def input_width(adapters, name: str) -> int:
+    """d_in of module ``name``: its Gram matrices are d_in × d_in (the first adapter that has the module)."""
+    return next(a.modules[name].shape[1] for a in adapters if name in a.modules)
 
 
 class CheckedOnce(Mapping):

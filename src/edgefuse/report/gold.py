@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgefuse.data.taxonomy import domain_subjects
 from edgefuse.evaluate.gold import GOLD, MARGIN, gold_diff, gold_of
 from edgefuse.evaluate.stats import bootstrap_ci, fmt_raw, paired_diff_ci, ratio_ci
-from edgefuse.report.tables import interference_models
+from edgefuse.report.tables import domain_item_ids, interference_models
 
 def gold_table(doc: dict, rows: list[dict]) -> str:
     """Per model (``rows`` of the headline): mean gold score and margin with their intervals, and the paired Δ of
@@ -45,16 +44,6 @@ def gold_note(doc: dict) -> str:
             "paired intervals resolve effects that accuracy cannot.")
 
 
-def _domain_ids(doc: dict) -> dict[str, list[str]]:
-    """Each edge's domain: the base model's MMLU test items of its subjects."""
-    base = gold_of(doc["base"]) or {}
-    out = {}
-    for edge, domains in doc["config"]["edges"].items():
-        subjects = {s for d in domains for s in domain_subjects(d)}
-        out[edge] = sorted(i for i in base if i.split("/", 1)[0] in subjects)
-    return out
-
-
 def _correct_diffs(ev: dict, ref: dict, ids: list[str]) -> list[float]:
     a, b = ev["mmlu"]["correct"], ref["mmlu"]["correct"]
     return [a[i] - b[i] for i in ids]
@@ -69,7 +58,7 @@ def retention(doc: dict) -> list[dict]:
     base = doc["base"]
     if not edges or not gold_of(base):
         return []
-    ids = _domain_ids(doc)
+    ids = domain_item_ids(doc, doc["config"]["edges"])
     out = []
     for f in seed["fused"]:
         if not gold_of(f["eval"]):
@@ -142,7 +131,7 @@ def prediction(doc: dict) -> dict | None:
         return None
     fused = {f["name"]: f["eval"] for f in seed["fused"]}
     edges = {e["edge"]: e["eval"] for e in seed["edges"] if gold_of(e.get("eval"))}
-    ids = _domain_ids(doc)
+    ids = domain_item_ids(doc, doc["config"]["edges"])
     points = []
     for m in models:
         ev = fused.get(m["name"])

@@ -157,6 +157,16 @@ def _subject_index(doc: dict) -> dict[str, str]:
     return {i: i.split("/", 1)[0] for i in doc["base"].get("mmlu", {}).get("correct", {})}
 
 
+def domain_item_ids(doc: dict, edges: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each edge's domain as the base model's MMLU test items of its domains' subjects (sorted ids)."""
+    subj = _subject_index(doc)
+    out = {}
+    for edge, domains in edges.items():
+        subjects = {x for d in domains for x in domain_subjects(d)}
+        out[edge] = sorted(i for i in subj if subj[i] in subjects)
+    return out
+
+
 LOSS_TAIL_STEPS = 20  # the edges table's loss column: mean training loss of the last N steps
 
 
@@ -229,14 +239,13 @@ def transfer_matrix(doc: dict) -> dict | None:
     base = doc["base"].get("mmlu", {}).get("correct")
     if not edges or not base:
         return None
-    subj = _subject_index(doc)
-    columns = {e["edge"]: {x for d in e["domains"] for x in domain_subjects(d)} for e in edges}
-    ids = {c: sorted(i for i in base if subj[i] in subjects) for c, subjects in columns.items()}
+    ids = domain_item_ids(doc, {e["edge"]: e["domains"] for e in edges})
+    columns = list(ids)
     cells = {e["edge"]: {c: paired_diff_ci([e["eval"]["mmlu"]["correct"][i] for i in ids[c]],
                                            [base[i] for i in ids[c]]) if ids[c] else None for c in columns}
              for e in edges}
     base_acc = {c: bootstrap_ci([base[i] for i in ids[c]]) if ids[c] else None for c in columns}
-    return {"columns": list(columns), "n": {c: len(ids[c]) for c in columns}, "base": base_acc, "cells": cells}
+    return {"columns": columns, "n": {c: len(ids[c]) for c in columns}, "base": base_acc, "cells": cells}
 
 
 def transfer_table(doc: dict) -> str:

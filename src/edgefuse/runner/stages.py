@@ -123,9 +123,10 @@ def eval_stage(st: Study, name: str, inputs: dict, fn, total: int | None) -> dic
     them, so a finished study gains them without evaluating again."""
     stage_dir, res = st.stage("eval", name, inputs, fn, total=total)
     mmlu = res.get("mmlu")
-    if mmlu is not None and "gold" not in mmlu and (stage_dir / mmlu.get("file", "mmlu.json")).is_file():
-        doc = read_json(stage_dir / mmlu.get("file", "mmlu.json"))
-        res = {**res, "mmlu": {**mmlu, "gold": _gold(st, doc)}}
+    if mmlu is not None and "gold" not in mmlu:
+        file = stage_dir / mmlu.get("file", "mmlu.json")
+        if file.is_file():
+            res = {**res, "mmlu": {**mmlu, "gold": _gold(st, read_json(file))}}
     return res
 
 
@@ -302,7 +303,7 @@ def stage_edges(st: Study, seed: int, trainer: Trainer, pruned: dict[str, tuple[
 
 def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) -> list[dict]:
     from edgefuse.fusion import fuse_dirs
-    from edgefuse.fusion.registry import get_cr_strategy, get_method
+    from edgefuse.fusion.registry import get_method
 
     f = st.cfg.fusion
     names = _edge_names(st.cfg)
@@ -314,7 +315,7 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
         inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
                   "cr": cr if setting.is_plain else setting.model_dump(exclude={"methods"}), "rank": f.rank, "density": f.density,
                   "weights": weights, "params": f.params.get(method, {}), "seed": seed}
-        grams = spec.needs_grams or (setting.strategy != "off" and get_cr_strategy(setting.strategy).needs_grams)
+        grams = spec.needs_grams or setting.needs_grams
         if grams:  # RegMean, LoRA-CR activation: the Gram matrices are an input (other keys stay as they were)
             inputs["grams"] = st.grams_hash
 
