@@ -269,3 +269,25 @@ def test_a_cr_setting_can_be_limited_to_some_methods_without_changing_its_stage_
     with pytest.raises(EdgefuseError) as e:
         load_config(write(tmp_path, {**GOOD, "fusion": {"methods": ["ties"], "cr": [{**act, "methods": ["regmean"]}]}}))
     assert "cr 'act50': methods ['regmean'] are not among fusion.methods ['ties']" in str(e.value), str(e.value)
+
+
+def test_turning_edge_alone_evaluations_on_keeps_the_other_evaluations_keys(tmp_path):
+    """Which models are evaluated (``edges_alone``) is not how one is: the base and fused evaluations keep their key,
+    so a finished study that turns edge-alone evaluations on runs only those; ``edges_alone_cd`` enters only the
+    edge-alone evaluations' keys (`stage_recover_eval`). Found when session 9 turned them on for the conflict study
+    and its base evaluation started again."""
+    from types import SimpleNamespace
+
+    from edgefuse.runner.cache import StageCache
+    from edgefuse.runner.stages import eval_inputs
+
+    def key(bench: dict) -> str:
+        cfg = load_config(write(tmp_path, {**GOOD, "benchmarks": bench}))
+        st = SimpleNamespace(cfg=cfg, base_fingerprint="f" * 32, cd_hashes={"2": "c" * 64},
+                             precision=cfg.precision())
+        return StageCache.key("eval", "eval-base", eval_inputs(st))
+
+    off = key({"edges_alone": False})
+    assert key({"edges_alone": True}) == off
+    assert key({"edges_alone": True, "edges_alone_cd": True}) == off
+    assert key({"edges_alone": False, "mmlu": {"limit": 7}}) != off  # a setting of how a model is evaluated does count

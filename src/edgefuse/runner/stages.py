@@ -164,9 +164,18 @@ def precision_inputs(st: Study) -> dict:
     return {"precision": extra} if extra else {}
 
 
+# Benchmark settings that say which models are evaluated, not how one is: held at their schema defaults in every
+# evaluation's key, so that turning edge-alone evaluations on or off reuses the base and fused evaluations.
+WHICH_MODELS = ("edges_alone", "edges_alone_cd")
+
+
 def eval_inputs(st: Study) -> dict:
+    """An evaluation's key: model, data, benchmark settings (``WHICH_MODELS`` at their defaults: held rather than
+    dropped, so that the keys of studies that kept the defaults stay valid), MMLU-CD instances. An edge-alone
+    evaluation's key adds ``edges_alone_cd`` itself (`stage_recover_eval`)."""
     b = st.cfg.benchmarks
-    return {"model": st.base_fingerprint, "data": st.cfg.data.model_dump(), "bench": b.model_dump(),
+    bench = b.model_dump() | {k: type(b).model_fields[k].default for k in WHICH_MODELS}
+    return {"model": st.base_fingerprint, "data": st.cfg.data.model_dump(), "bench": bench,
             "cd": st.cd_hashes, **precision_inputs(st)}
 
 
@@ -286,10 +295,12 @@ def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, packag
     out = {"edge": edge, "seed": seed, "round": round_no, "domains": st.cfg.edges[edge], "adapter": str(adapter),
            "prune": prune_res, "train": train_res["stats"]}
     if st.cfg.benchmarks.edges_alone:
-        out["eval"] = eval_stage(st, f"eval-edge-{edge}-{tag}", {"eval": eval_inputs(st), "adapter": rec_res["sha256"]},
+        cd = st.cfg.benchmarks.edges_alone_cd
+        key = {"eval": eval_inputs(st), "adapter": rec_res["sha256"], **({"cd": True} if cd else {})}
+        out["eval"] = eval_stage(st, f"eval-edge-{edge}-{tag}", key,
                                  lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(
-                                     st, m, work, adv, edge, cd=st.cfg.benchmarks.edges_alone_cd)),
-                                 total=_eval_total(st, st.cfg.benchmarks.edges_alone_cd))
+                                     st, m, work, adv, edge, cd=cd)),
+                                 total=_eval_total(st, cd))
     return out
 
 
