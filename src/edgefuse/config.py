@@ -146,13 +146,23 @@ class FusionConfig(_Strict):
 
 class InterferenceConfig(_Strict):
     """Gram matrices of every adapted module's inputs, collected with the base model on each edge's public-split
-    prompts (never edge data; stage ``grams``), and the interference of every fused model measured on them
-    (docs/interference.md). A fusion method that needs them (regmean) collects them whatever ``enabled`` says."""
+    prompts (stage ``grams``; never edge data unless ``source: edges``, where each edge sends its own), and the
+    interference of every fused model measured on them (docs/interference.md). A fusion method that needs them
+    (regmean) collects them whatever ``enabled`` says."""
 
     enabled: bool = Field(False, description="collect the Gram matrices and measure interference even when no "
                                              "fusion method needs them (the report's interference table)")
     tokens: int = Field(GramSpec.tokens, ge=1, description="tokens of public prompts per edge")
     per_prompt: int = Field(GramSpec.per_prompt, ge=1, description="tokens of each prompt at most")
+    source: Literal["public", "edges"] = Field(
+        "public", description="public: the cloud's base model on each edge's public-split prompts, before training; "
+                              "edges: each edge runs the base model on its own training prompts and sends the Gram "
+                              "matrices with its first-round package, checked by the cloud (they reveal the second "
+                              "moments of private inputs; docs/interference.md)")
+
+    @property
+    def from_edges(self) -> bool:
+        return self.source == "edges"
 
     def spec(self, split_seed: int) -> GramSpec:
         return GramSpec(tokens=self.tokens, per_prompt=self.per_prompt, split_seed=split_seed)

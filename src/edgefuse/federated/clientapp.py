@@ -5,7 +5,8 @@ Two messages:
   ``domains``), or in simulation with its ``partition-id``, so the cloud knows which node is which edge.
 - ``train``: rebuilds the pruned model from the plan, trains on the node's own partition (from the
   start adapter the message carries, in rounds after the first) and replies
-  with the edge package (adapter tensors + manifest fields, see `edgefuse.federated.records`).
+  with the edge package (adapter tensors + manifest fields, see `edgefuse.federated.records`), and with the
+  Gram matrices of its own prompts only when the job asks for them (``interference.source: edges``).
 A failure becomes an error reply carrying the reason; the cloud then leaves this edge out.
 
 Node config keys: ``edge`` (this node's edge name in the study), ``domains`` (optional check),
@@ -38,7 +39,7 @@ def handle_identify(msg: Message, context: Context) -> Message:
 def handle_train(msg: Message, context: Context) -> Message:
     import tempfile
 
-    from edgefuse.federated.edge import run_job
+    from edgefuse.federated.edge import GRAMS_DIR, run_job
     from edgefuse.edge.plan import full_shape
     from edgefuse.federated.records import content_to_job, content_to_masks, content_to_start, package_to_content
 
@@ -54,7 +55,8 @@ def handle_train(msg: Message, context: Context) -> Message:
             shapes = {n: full_shape(job["plan"]["base_config"], n.rsplit(".", 1)[-1]) for n in job["plan"]["modules"]}
             package, tmp = run_job(job, node, where, start_dir=start, masks=content_to_masks(msg.content, shapes))
         try:
-            return Message(package_to_content(package), reply_to=msg)
+            grams = package.parent / GRAMS_DIR if job.get("grams") is not None else None
+            return Message(package_to_content(package, grams), reply_to=msg)
         finally:
             if tmp is not None:
                 tmp.cleanup()

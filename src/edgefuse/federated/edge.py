@@ -20,6 +20,8 @@ from typing import Any
 
 from edgefuse.errors import EdgefuseError
 
+GRAMS_DIR = "grams"  # beside the package in the job's work directory: the edge's own Gram matrices, when asked for
+
 
 def parse_domains(value: Any) -> list[str] | None:
     """Node config ``domains`` as a list: ``"stem,law"`` or ``"stem law"``."""
@@ -30,9 +32,11 @@ def parse_domains(value: Any) -> list[str] | None:
     return [d for d in str(value).replace(",", " ").split() if d]
 
 
-def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Path, masks: dict | None = None) -> Path:
+def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Path, masks: dict | None = None,
+                   with_base: Callable[[Any, Any], None] | None = None) -> Path:
     """Base model (node's ``model`` or the job's spec) + plan (+ masks for unstructured/2:4) → pruned
-    directory, checked by fingerprint against the cloud's pruned model."""
+    directory, checked by fingerprint against the cloud's pruned model. ``with_base(model, tokenizer)`` runs on the
+    checked base model before it is pruned (the edge's own Gram matrices)."""
     from edgefuse.edge.plan import PruneResult, apply_masks, apply_plan, is_masked, save_pruned, validate_plan
     from edgefuse.models import fingerprint, load_model
 
@@ -45,6 +49,8 @@ def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Pa
     if fp != plan["base_fingerprint"]:
         raise EdgefuseError(f"this edge's base model {spec!r} has fingerprint {fp}, the plan was made for "
                             f"{plan['base_fingerprint']}")
+    if with_base is not None:
+        with_base(model, tok)
     pruned = apply_masks(model, plan, masks) if is_masked(plan) else apply_plan(model, plan)
     del model
     if job.get("pruned_fingerprint") and fingerprint(pruned) != job["pruned_fingerprint"]:
@@ -80,8 +86,11 @@ def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | N
             progress: Callable[..., None] | None = None, start_dir: Path | None = None, masks: dict | None = None,
             ) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """Train the job's edge adapter (from ``start_dir`` in later rounds); returns (package dir, temp dir to
-    clean up after uploading)."""
+    clean up after uploading). When the job asks (``"grams"``), the edge's Gram matrices are written beside the
+    package (``GRAMS_DIR``)."""
     from edgefuse.edge.train import TrainConfig, train_edge
+    from edgefuse.interference.collect import write_edge_grams
+    from edgefuse.interference.spec import GramSpec
 
     domains = parse_domains(node_config.get("domains")) or list(job["domains"])
     if sorted(domains) != sorted(job["domains"]):
@@ -91,8 +100,14 @@ def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | N
         tmp = tempfile.TemporaryDirectory(prefix=f"edgefuse-edge-{job['edge']}-")
         work_dir = Path(tmp.name)
     try:
-        pruned = rebuild_pruned(job, node_config, Path(work_dir) / "pruned", masks)
         items = local_items(job, domains, node_config)
+        collect = None
+        if job.get("grams") is not None:  # the study asks its edges for their own Gram matrices (opt-in)
+            def collect(model, tok):
+                spec = GramSpec(tokens=int(job["grams"]["tokens"]), per_prompt=int(job["grams"]["per_prompt"]))
+                write_edge_grams(model, tok, items, spec, Path(work_dir) / GRAMS_DIR, job["edge"], str(job["model"]),
+                                 int(job["split"]["seed"]))
+        pruned = rebuild_pruned(job, node_config, Path(work_dir) / "pruned", masks, with_base=collect)
         cfg = TrainConfig(**job["train"])
         package = train_edge(pruned, job["edge"], items, cfg, Path(work_dir) / "package",
                              progress=progress or (lambda *a, **k: None), init_dir=start_dir, dtype=job.get("dtype"))

@@ -15,7 +15,9 @@ and tested in one place.
 - Package (edge → cloud): ``ArrayRecord`` ``"adapter"`` with the PEFT LoRA tensors of the edge
   package, and ``ConfigRecord`` ``"package"`` with the text of ``adapter_config.json`` and of the
   ``edgefuse.json`` manifest (file hashes, fingerprints, plan hash, training statistics; when the job
-  asked for it, the adapter's retrieval vector: one mean embedding of the edge's examples).
+  asked for it, the adapter's retrieval vector: one mean embedding of the edge's examples). Only when the job
+  asks (``interference.source: edges``): ``"grams"``, the Gram matrix HᵀH of each module input of the base model
+  on the edge's own prompts — second moments of private inputs, never the inputs — and ``"grams-meta"``.
 The cloud rebuilds the package directory from these and checks it (`edgefuse.federated.verify`)
 before anything else reads it.
 """
@@ -37,6 +39,11 @@ IDENTITY_RECORD = "identity"
 START_RECORD = "start"
 START_FILES_RECORD = "start-files"
 MASKS_RECORD = "masks"
+# An edge's own Gram matrices (``interference.source: edges``, off by default): one float32 tensor per module input,
+# and their layout and counts; sent only when the job asks, checked by the cloud before it keeps them.
+GRAMS_RECORD = "grams"
+GRAMS_META_RECORD = "grams-meta"
+GRAMS_META_KEYS = ("modules", "prompts", "tokens")
 # The only keys a package's ConfigRecord may carry.
 PACKAGE_KEYS = ("manifest", "adapter_config")
 # Message types (Flower routes "<category>.<action>").
@@ -91,7 +98,7 @@ def content_to_start(content, directory: Path) -> Path | None:
     return Path(directory)
 
 
-JSON_FIELDS = ("domains", "plan", "train", "split", "embedding")
+JSON_FIELDS = ("domains", "plan", "train", "split", "embedding", "grams")
 
 
 def content_to_job(content) -> dict[str, Any]:
@@ -120,24 +127,83 @@ def _dir_records(adapter_dir: Path):
     return arrays, cfg
 
 
-def package_to_content(package_dir: Path):
-    """The edge's upload: the adapter tensors and the two JSON texts of its package, nothing else."""
+def package_to_content(package_dir: Path, grams_dir: Path | None = None):
+    """The edge's upload: the adapter tensors and the two JSON texts of its package, nothing else — plus its own
+    Gram matrices (``grams_dir``, a one-domain Gram directory) when the job asked for them."""
     from flwr.app import RecordDict
 
     arrays, cfg = _dir_records(package_dir)
-    return RecordDict({ADAPTER_RECORD: arrays, PACKAGE_RECORD: cfg})
+    content = RecordDict({ADAPTER_RECORD: arrays, PACKAGE_RECORD: cfg})
+    if grams_dir is not None:
+        content[GRAMS_RECORD], content[GRAMS_META_RECORD] = _grams_records(Path(grams_dir))
+    return content
 
 
-def content_to_files(content, directory: Path) -> None:
+def _grams_records(grams_dir: Path):
+    """A one-domain Gram directory as (tensors, its module layout and token/prompt counts)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from edgefuse.interference.grams import GramSet
+    from edgefuse.io import load_safetensors
+
+    gs = GramSet(grams_dir)
+    if len(gs.domains) != 1:
+        raise EdgefuseError(f"an edge sends one domain's Gram matrices, this directory has {len(gs.domains)}",
+                            path=grams_dir)
+    entry = gs.manifest.domains[gs.domains[0]]
+    tensors = load_safetensors(grams_dir / entry.file)
+    arrays = ArrayRecord({k: Array.from_numpy_ndarray(tensors[k].float().contiguous().numpy()) for k in sorted(tensors)})
+    meta = ConfigRecord({"modules": json.dumps(gs.manifest.modules, sort_keys=True), "tokens": entry.tokens,
+                         "prompts": entry.prompts})
+    return arrays, meta
+
+
+def content_to_grams(content, directory: Path, layout, fields: dict[str, Any], domain: str, what: str):
+    """Check the Gram matrices of an edge's reply against the base model's ``layout``
+    (`edgefuse.interference.collect.gram_layout`) and write them as a one-domain Gram directory (all or nothing);
+    one `EdgefuseError` naming ``what`` on a missing, malformed, wrongly shaped, non-finite or non-PSD matrix."""
+    import numpy as np
+    import torch
+
+    from edgefuse.interference.grams import check_upload, save_grams
+
+    if GRAMS_RECORD not in content.array_records or GRAMS_META_RECORD not in content.config_records:
+        raise EdgefuseError("reply lacks the Gram matrices the job asked for", path=what)
+    meta = content.config_records[GRAMS_META_RECORD]
+    if sorted(meta) != sorted(GRAMS_META_KEYS):
+        raise EdgefuseError(f"{GRAMS_META_RECORD} must hold exactly {', '.join(GRAMS_META_KEYS)} "
+                            f"(got {', '.join(sorted(meta))})", path=what)
+    try:
+        aliases = json.loads(meta["modules"])
+    except (TypeError, ValueError):
+        aliases = None
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise EdgefuseError("Gram module layout is not a JSON object of module → key", path=what)
+    mats = {}
+    for key, arr in content.array_records[GRAMS_RECORD].items():
+        a = arr.numpy()
+        if a.dtype != np.float32:
+            raise EdgefuseError(f"Gram matrix {key} has dtype {a.dtype}; edges send float32", path=what)
+        mats[key] = torch.from_numpy(np.ascontiguousarray(a))
+    check_upload(mats, aliases, meta["tokens"], layout, what)
+    prompts = meta["prompts"]
+    if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
+        raise EdgefuseError(f"Gram prompt count {prompts!r} is not a positive integer", path=what)
+    return save_grams(directory, fields, {domain: mats}, {domain: meta["tokens"]}, {domain: prompts}, aliases)
+
+
+def content_to_files(content, directory: Path, grams: bool = False) -> None:
     """Write a received package into ``directory`` (PEFT files + manifest) exactly as the edge wrote them.
 
     The safetensors file is re-serialised from the received tensors the way `save_adapter` writes it, so
-    its sha256 matches the manifest only if the tensors arrived unchanged. Raises on a malformed upload.
+    its sha256 matches the manifest only if the tensors arrived unchanged. Raises on a malformed upload, and on
+    any record beyond the package (the Gram records only where the job asked for them: ``grams``).
     """
     if ADAPTER_RECORD not in content.array_records or PACKAGE_RECORD not in content.config_records:
         raise EdgefuseError(f"reply lacks the {ADAPTER_RECORD!r} tensors or the {PACKAGE_RECORD!r} record")
-    extra = sorted(set(content.array_records) - {ADAPTER_RECORD}) + sorted(
-        set(content.config_records) - {PACKAGE_RECORD}) + sorted(content.metric_records)
+    arrays, configs = {ADAPTER_RECORD, *([GRAMS_RECORD] if grams else [])}, {PACKAGE_RECORD, *([GRAMS_META_RECORD] if grams else [])}
+    extra = sorted(set(content.array_records) - arrays) + sorted(
+        set(content.config_records) - configs) + sorted(content.metric_records)
     if extra:
         raise EdgefuseError(f"reply carries records beyond the package: {', '.join(extra)}")
     _write_dir(content.array_records[ADAPTER_RECORD], content.config_records[PACKAGE_RECORD], Path(directory))

@@ -35,6 +35,7 @@ class FlowerTrainer:
         self.identity: dict[str, dict[str, Any]] = {}
         self.conflicts: dict[str, str] = {}  # edge → why it has no node (several nodes claim it)
         self.rounds: list[dict[str, Any]] = []
+        self._layout = None  # the base model's Gram layout, what edges' Gram uploads are checked against
 
     # ------------------------------------------------------------------ nodes
     def discover(self, edges: list[str]) -> dict[str, int]:
@@ -109,7 +110,10 @@ class FlowerTrainer:
                 # the edge rebuilds the pruned model in the study's dtype (its fingerprint is that model's)
                 **({"dtype": st.precision.dtype} if st.precision.reduced else {}),
                 # retrieval mixtures: the edge embeds its own examples and sends the vector in its manifest
-                **({"embedding": st.cfg.compose.embedding.model_dump()} if st.cfg.compose.retrieval_mixture else {})}
+                **({"embedding": st.cfg.compose.embedding.model_dump()} if st.cfg.compose.retrieval_mixture else {}),
+                # interference.source: edges: the edge sends its own Gram matrices (first round)
+                **({"grams": {"tokens": job.grams.tokens, "per_prompt": job.grams.per_prompt}}
+                   if job.grams is not None else {})}
 
     @staticmethod
     def masks(job) -> dict | None:
@@ -175,17 +179,36 @@ class FlowerTrainer:
         from edgefuse.errors import WriteError
         from edgefuse.federated.records import content_to_files
 
-        upload = job.work_dir / ".upload"
-        shutil.rmtree(upload, ignore_errors=True)
+        upload, grams = job.work_dir / ".upload", job.work_dir / ".upload-grams"
+        for d in (upload, grams):
+            shutil.rmtree(d, ignore_errors=True)
         try:
-            content_to_files(content, upload)
+            content_to_files(content, upload, grams=job.grams is not None)
+            if job.grams is not None:  # checked against the base model's layout before anything is kept
+                self.receive_grams(st, job, content, grams)
             self.accept(st, job, upload)
+            if job.grams is not None:
+                shutil.rmtree(job.grams_dir, ignore_errors=True)
+                os.replace(grams, job.grams_dir)
         except WriteError:
             raise
         except EdgefuseError as e:
             job.failure = f"package rejected: {e}"
         finally:
-            shutil.rmtree(upload, ignore_errors=True)
+            for d in (upload, grams):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def receive_grams(self, st, job, content, directory) -> None:
+        """The edge's own Gram matrices (``interference.source: edges``), checked against the base model's module
+        layout (one one-token forward, once per study) and written to ``directory``; raises on a bad upload."""
+        from edgefuse.federated.records import content_to_grams
+        from edgefuse.interference.collect import gram_layout
+
+        if self._layout is None:
+            self._layout = gram_layout(st.model)
+        fields = {"base_model": st.cfg.model, "base_fingerprint": st.base_fingerprint, "split": "edge",
+                  "split_seed": st.cfg.data.split_seed, "per_prompt": job.grams.per_prompt}
+        content_to_grams(content, directory, self._layout, fields, job.edge, "Gram matrices")
 
     def accept(self, st, job, upload) -> None:
         from edgefuse.federated.verify import verify_package

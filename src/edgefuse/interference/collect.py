@@ -14,7 +14,8 @@ import torch
 from edgefuse.errors import EdgefuseError
 from edgefuse.interference.spec import GramSpec
 
-__all__ = ["GramSpec", "adapted_linears", "collect", "gram_matrices", "public_prompts", "token_sequences"]
+__all__ = ["GramSpec", "adapted_linears", "collect", "edge_grams", "gram_layout", "gram_matrices", "interleaved_prompts",
+           "public_prompts", "token_sequences", "write_edge_grams"]
 
 
 def adapted_linears(model) -> dict[str, torch.nn.Module]:
@@ -32,7 +33,6 @@ def public_prompts(dataset, domain: str | list[str], spec: GramSpec = GramSpec()
     of each in turn) so that a small token budget still covers every subject. ``split_spec`` (a
     `edgefuse.data.mmlu.SplitSpec`, a study's) replaces the default split with ``spec.split_seed``."""
     from edgefuse.data.mmlu import SplitSpec, select
-    from edgefuse.data.prompts import mc_prompt
 
     domains = [domain] if isinstance(domain, str) else list(domain)
     items = select(dataset, spec.split, domains=domains, split_spec=split_spec or SplitSpec(seed=spec.split_seed))
@@ -40,10 +40,18 @@ def public_prompts(dataset, domain: str | list[str], spec: GramSpec = GramSpec()
         what = f"domain {domains[0]!r}" if len(domains) == 1 else f"domains {', '.join(domains)}"
         raise EdgefuseError(f"{what} {'has' if len(domains) == 1 else 'have'} no {spec.split}-split prompts in "
                             "this MMLU source")
+    return interleaved_prompts(items)
+
+
+def interleaved_prompts(items) -> list[str]:
+    """The items' question prompts (no answer), subjects interleaved — one of each in turn, each subject's items by
+    id — so that the first few hundred tokens already span every subject."""
+    from edgefuse.data.prompts import mc_prompt
+
     by_subject: dict[str, list] = {}
     for it in sorted(items, key=lambda it: it.id):
         by_subject.setdefault(it.subject, []).append(it)
-    rounds = max(len(v) for v in by_subject.values())
+    rounds = max((len(v) for v in by_subject.values()), default=0)
     return [mc_prompt(v[r]) for r in range(rounds) for _, v in sorted(by_subject.items()) if r < len(v)]
 
 
@@ -114,3 +122,36 @@ def collect(model, tokenizer, dataset, domains: list[str], spec: GramSpec = Gram
         grams[d], aliases, tokens[d] = gram_matrices(model, seqs)
         used[d] = len(seqs)
     return grams, aliases, tokens, used
+
+
+def edge_grams(model, tokenizer, items, spec: GramSpec = GramSpec()):
+    """An edge's own Gram matrices: ``model`` (the base model) over its private training items' question prompts,
+    with the token budget of ``spec``; (matrices, aliases, tokens, prompts). Only for a study that asks its edges for
+    them (``interference.source: edges``): G holds the second moments of private inputs (docs/interference.md)."""
+    prompts = interleaved_prompts(items)
+    if not prompts:
+        raise EdgefuseError("this edge has no training items to collect Gram matrices on")
+    seqs = token_sequences(tokenizer, prompts, spec.tokens, spec.per_prompt)
+    grams, aliases, tokens = gram_matrices(model, seqs)
+    return grams, aliases, tokens, len(seqs)
+
+
+def write_edge_grams(model, tokenizer, items, spec: GramSpec, out, edge: str, base_model: str,
+                     split_seed: int):
+    """`edge_grams` as a one-domain Gram directory named by the edge (all or nothing): what an edge keeps beside its
+    package and sends with it (`edgefuse.federated.records.package_to_content`)."""
+    from edgefuse.interference.grams import save_grams
+    from edgefuse.models import fingerprint
+
+    mats, aliases, tokens, prompts = edge_grams(model, tokenizer, items, spec)
+    fields = {"base_model": base_model, "base_fingerprint": fingerprint(model), "split": "edge",
+              "split_seed": split_seed, "per_prompt": spec.per_prompt}
+    return save_grams(out, fields, {edge: mats}, {edge: tokens}, {edge: prompts}, aliases, force=True)
+
+
+def gram_layout(model) -> tuple[dict[str, str], dict[str, int]]:
+    """What a complete set of ``model``'s Gram matrices looks like — (module name → key, key → d_in) — from one
+    one-token forward: what the cloud checks a Gram upload against."""
+    linears = adapted_linears(model)
+    _, aliases, _ = gram_matrices(model, [[0]])
+    return aliases, {key: linears[key].in_features for key in set(aliases.values())}

@@ -15,7 +15,7 @@ import torch
 
 from edgefuse.artifacts import GramDomain, GramsManifest
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import atomic_dir, safetensors_header, sha256_file
+from edgefuse.io import atomic_dir, publish, safetensors_header, sha256_file
 
 MANIFEST_FILE = "grams.json"
 PSD_TOLERANCE = 1e-5  # a matrix passes when G + tol·max(diag G)·I has a Cholesky factor (float32 storage noise)
@@ -42,6 +42,25 @@ def check_gram(G: torch.Tensor, d_in: int | None, what: str, path: object) -> to
     if int(info) != 0 or float(G.diagonal().min()) < -jitter:
         raise EdgefuseError(f"Gram matrix of {what} is not positive semi-definite", path=path)
     return G
+
+
+def check_upload(mats: Mapping[str, torch.Tensor], aliases: Mapping[str, str], tokens: object,
+                 layout: tuple[dict[str, str], dict[str, int]], path: object) -> None:
+    """Gram matrices an edge sent (``interference.source: edges``) against the base model's ``layout``
+    (`edgefuse.interference.collect.gram_layout`): the same modules sharing the same inputs, one matrix per input,
+    each d_in × d_in, finite, symmetric PSD, and a positive token count. One `EdgefuseError` naming ``path``."""
+    want_aliases, widths = layout
+    if dict(aliases) != dict(want_aliases):
+        diff = sorted(set(aliases.items()) ^ set(want_aliases.items()))
+        raise EdgefuseError(f"Gram matrices do not follow the base model's module layout ({len(diff)} entries "
+                            f"differ, first {diff[0][0]} → {diff[0][1]})", path=path)
+    if set(mats) != set(widths):
+        extra, missing = sorted(set(mats) - set(widths)), sorted(set(widths) - set(mats))
+        raise EdgefuseError(f"Gram matrices: unexpected {extra[:3]}, missing {missing[:3]}", path=path)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise EdgefuseError(f"Gram matrices: token count {tokens!r} is not a positive integer", path=path)
+    for key in sorted(mats):
+        check_gram(mats[key], widths[key], f"module {key}", path)
 
 
 class DomainGrams(Mapping):
@@ -146,6 +165,7 @@ def save_domain(directory: Path, domain: str, mats: dict[str, torch.Tensor], tok
 
     file = f"{normalise_subject(domain)}.safetensors"
     save_file({k: v.to(dtype).contiguous() for k, v in mats.items()}, str(Path(directory) / file))
+    publish(Path(directory) / file)  # safetensors >= 0.8 leaves it 0600 (its own temporary file)
     return GramDomain(file=file, sha256=sha256_file(Path(directory) / file), tokens=tokens, prompts=prompts)
 
 

@@ -14,8 +14,9 @@ from edgefuse.artifacts import StudyResults
 from edgefuse.io import atomic_write_text, jsonable
 from edgefuse.report.figures import draw_figures
 from edgefuse.report.gold import RETENTION_NOTE, gold_note, gold_table, prediction_line, retention_table
-from edgefuse.report.tables import (EDGES_NOTE, INTERFERENCE_NOTE, cd_answer_table, cd_ks, composed_line, conflict_table,
-                                    cr_sweep_table, edges_table, headline_rows, headline_table, interference_table, results_csv,
+from edgefuse.report.tables import (EDGES_NOTE, cd_answer_table, cd_ks, composed_line, conflict_table,
+                                    cr_sweep_table, edges_table, headline_rows, headline_table, interference_note,
+                                    interference_table, results_csv,
                                     retrieval_line, rounds_table, scoring_line, seeds_table, stages_table,
                                     transfer_table)
 
@@ -86,7 +87,7 @@ def write_report(doc: dict, run_dir: Path, results: bool = True) -> list[str]:
     md += ["## Conflict statistics (LoRA-CR)", "", conflict_table(doc), ""]
     inter = interference_table(doc)
     if inter:
-        md += ["## Interference on activations", "", INTERFERENCE_NOTE, "", inter, ""]
+        md += ["## Interference on activations", "", interference_note(doc), "", inter, ""]
         predicts = prediction_line(doc)
         if predicts:
             md += [predicts, ""]

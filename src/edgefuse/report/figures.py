@@ -230,7 +230,9 @@ def fig_interference(doc: dict, path: Path) -> str | None:
     fig.tight_layout()
     atomic_write_png(fig, path, dpi=110)
     plt.close(fig)
-    return ("Interference on activations (base-model Gram matrices of each edge's public prompts), squared norms "
+    from edgefuse.report.tables import gram_source
+
+    return (f"Interference on activations (base-model Gram matrices over {gram_source(doc)}), squared norms "
             "pooled over modules. Left: how loud edge j's adapter is on domain i's inputs next to edge i's own "
             "(diagonal 1). Right: each fused model's error on edge i's inputs relative to edge i's update (0: "
             "reproduces edge i; 1: as far as no adapter).")

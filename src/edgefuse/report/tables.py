@@ -443,8 +443,19 @@ def interference_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-INTERFERENCE_NOTE = ("Measured on the base model's Gram matrices of every adapted module's inputs over each edge's "
-                     "public-split prompts (never edge data). *Ratio*: adapter j's output change on domain i's inputs "
+def gram_source(doc: dict) -> str:
+    """Whose prompts the study's Gram matrices come from, in words (``interference.source``)."""
+    if (doc.get("interference") or {}).get("grams", {}).get("source") == "edges":
+        return "each edge's own training prompts, sent by the edges (interference.source: edges)"
+    return "each edge's public-split prompts (never edge data)"
+
+
+def interference_note(doc: dict) -> str:
+    return f"Measured on the base model's Gram matrices of every adapted module's inputs over {gram_source(doc)}. " + \
+        INTERFERENCE_NOTE
+
+
+INTERFERENCE_NOTE = ("*Ratio*: adapter j's output change on domain i's inputs "
                      "over edge i's own, ‖ΔW_j H_i‖ / ‖ΔW_i H_i‖, for the worst other edge j: near 0 it barely touches "
                      "domain i, near or above 1 it moves i's outputs as much as i's own edge does. *Dev.*: the fused "
                      "model's error on edge i's inputs relative to what edge i learnt, ‖(ΔW_f − ΔW_i) H_i‖ / ‖ΔW_i H_i‖: "

@@ -95,9 +95,11 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
     if cfg.compose.retrieval_mixture:
         out += [PlannedStage("embed", f"embed-{e}", RATES["embed"]) for e in cfg.edges]
     K = len(cfg.edges)
-    if cfg.collects_grams:  # one base-model pass per distinct set of edge domains
+    grams_pass = s * cfg.interference.tokens * RATES["grams_token"]
+    edge_grams = cfg.collects_grams and cfg.interference.from_edges  # each edge's pass is part of its training
+    if cfg.collects_grams and not edge_grams:  # one base-model pass per distinct set of edge domains
         passes = len({tuple(d) for d in cfg.edges.values()})
-        out.append(PlannedStage("grams", "grams", s * passes * cfg.interference.tokens * RATES["grams_token"]))
+        out.append(PlannedStage("grams", "grams", passes * grams_pass))
     t = cfg.training
     train_s = s * t.steps * t.batch * t.grad_accum * RATES["train_prompt"][t.objective]
     for seed in cfg.seeds:
@@ -107,12 +109,16 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
             out.append(PlannedStage("prune", f"prune-{e}-s{seed}", s * (RATES["prune"] + calib)))
         for r in range(1, cfg.rounds.count + 1):
             tag = round_tag(seed, r)
-            out += [PlannedStage("train", f"train-{e}-{tag}", train_s) for e in cfg.edges]
+            first_grams = edge_grams and r == 1
+            out += [PlannedStage("train", f"train-{e}-{tag}", train_s + (grams_pass if first_grams else 0.0))
+                    for e in cfg.edges]
             for e in cfg.edges:
                 out.append(PlannedStage("recover", f"recover-{e}-{tag}", s * RATES["recover"]))
                 if b.edges_alone:
                     cd = sum(cd_s.values()) if b.edges_alone_cd else 0.0
                     out.append(PlannedStage("eval", f"eval-edge-{e}-{tag}", s * (eval_s + cd)))
+            if first_grams:  # the edges' Gram matrices gathered into the study's Gram directory
+                out.append(PlannedStage("grams", f"grams-{tag}", 1.0))
             for m, c, name in f.fusions():
                 fuse = RATES["fuse"]["elementwise" if _elementwise(m) else "plain"]
                 fuse += RATES["fuse"]["cr"] if c.strategy != "off" else 0.0

@@ -37,7 +37,7 @@ def grams_inputs(st: Study) -> dict:
 def stage_grams(st: Study) -> None:
     """Collect every edge's Gram matrices (once per distinct set of domains) into one Gram directory, named in the
     manifest by edge (the domain each recovered adapter records); sets ``st.grams_dir`` and ``st.grams_hash``."""
-    if not st.cfg.collects_grams:
+    if not st.cfg.collects_grams or st.cfg.interference.from_edges:  # from the edges: `stage_edge_grams`
         return
     from edgefuse.interference.collect import gram_matrices, public_prompts, token_sequences
     from edgefuse.interference.grams import MANIFEST_FILE, save_domain, write_manifest
@@ -72,6 +72,51 @@ def stage_grams(st: Study) -> None:
     st.grams_dir, st.grams_hash = out / res["dir"], res["sha256"]
     st.grams_summary = {"tokens": res["tokens"], "prompts": res["prompts"], "modules": res["modules"],
                         "per_prompt": spec.per_prompt, "tokens_per_edge": spec.tokens, "sha256": res["sha256"]}
+
+
+def stage_edge_grams(st: Study, edges: list[dict], seed: int) -> None:
+    """``interference.source: edges``: the Gram matrices each edge sent with its first-round package (checked on
+    arrival) gathered into the study's Gram directory, one domain per delivered edge; sets ``st.grams_dir`` and
+    ``st.grams_hash`` as `stage_grams` does, so fusions and interference read them the same way."""
+    import os
+    import shutil
+
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.interference.grams import MANIFEST_FILE, GramSet, write_manifest
+
+    sources = {e["edge"]: Path(e["grams"]) for e in edges}
+    inputs = {"edges": {name: sha256_file(d / MANIFEST_FILE) for name, d in sources.items()}}
+
+    def run(work: Path, advance) -> dict:
+        out = work / GRAMS_DIR
+        out.mkdir()
+        entries, aliases, fields = {}, None, None
+        for edge, src in sources.items():
+            gs = GramSet(src)
+            entry = gs.manifest.domains[edge]
+            if aliases is not None and gs.manifest.modules != aliases:
+                raise EdgefuseError(f"edge {edge}'s Gram matrices follow another module layout", path=src)
+            aliases = gs.manifest.modules
+            fields = fields or {"base_model": gs.manifest.base_model, "base_fingerprint": gs.manifest.base_fingerprint,
+                                "split": gs.manifest.split, "split_seed": gs.manifest.split_seed,
+                                "per_prompt": gs.manifest.per_prompt}
+            try:  # the same bytes: a hard link where the file system allows it
+                os.link(src / entry.file, out / entry.file)
+            except OSError:
+                shutil.copyfile(src / entry.file, out / entry.file)
+            entries[edge] = entry
+            advance()
+        write_manifest(out, fields, aliases, entries)
+        return {"dir": GRAMS_DIR, "sha256": sha256_file(out / MANIFEST_FILE),
+                "tokens": {e: d.tokens for e, d in entries.items()},
+                "prompts": {e: d.prompts for e, d in entries.items()}, "modules": len(aliases)}
+
+    out, res = st.stage("grams", f"grams-{round_tag(seed, 1)}", inputs, run, total=len(sources))
+    spec = st.cfg.interference.spec(st.cfg.data.split_seed)
+    st.grams_dir, st.grams_hash = out / res["dir"], res["sha256"]
+    st.grams_summary = {"tokens": res["tokens"], "prompts": res["prompts"], "modules": res["modules"],
+                        "per_prompt": spec.per_prompt, "tokens_per_edge": spec.tokens, "sha256": res["sha256"],
+                        "source": "edges"}
 
 
 def _median(xs: list) -> float | None:

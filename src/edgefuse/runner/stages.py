@@ -12,6 +12,7 @@ directory redo that stage and all after it, so they stay exactly as they are (te
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -226,12 +227,15 @@ def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed:
     every pending edge in one call; an edge it could not deliver is left out and recorded in ``missing_edges``.
     """
     tcfg = train_config(st, seed)
+    grams = edge_gram_spec(st) if round_no == 1 else None  # the edges' own Gram matrices: first round only
     wanted: dict[str, tuple[str, Pending]] = {}  # stage name → (edge, stage)
     for edge, (pdir, _, pinputs) in pruned.items():
         name = f"train-{edge}-{round_tag(seed, round_no)}"
         inputs = {"prune": pinputs, "plan": sha256_file(pdir / "plan.json"), "train": tcfg.model_dump()}
         if start is not None:
             inputs |= {"round": round_no, "start": sha256_file(start / "adapter_model.safetensors")}
+        if grams is not None:
+            inputs |= {"grams": asdict(grams)}
         wanted[name] = (edge, Pending(name, inputs, tcfg.steps))
 
     def train(group: list[Pending]) -> None:
@@ -240,7 +244,7 @@ def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed:
             edge = wanted[p.name][0]
             pdir = pruned[edge][0]
             job = TrainJob(edge, seed, st.cfg.edges[edge], pdir, tcfg, p.work, p.name, p.inputs,
-                           advance=p.advance, round_no=round_no)
+                           advance=p.advance, round_no=round_no, grams=grams)
             if start is not None:
                 job.init_dir = write_start(start, pdir / "plan.json", job.work_dir / "init")
             jobs.append(job)
@@ -268,12 +272,22 @@ def write_start(fused_dir: Path, plan_path: Path, out_dir: Path) -> Path:
     return save_adapter(start, out_dir, manifest=manifest)
 
 
+def edge_gram_spec(st: Study):
+    """The GramSpec each edge collects its own Gram matrices with, or None where the cloud collects them."""
+    i = st.cfg.interference
+    return i.spec(st.cfg.data.split_seed) if st.cfg.collects_grams and i.from_edges else None
+
+
 def _package_result(st: Study, job: TrainJob) -> dict | None:
-    """The train stage's result if the trainer wrote this job's package; else None, the edge left out and
-    recorded with the reason."""
-    if job.failure is None and (job.package_dir / "edgefuse.json").is_file():
-        return {"dir": "package", "stats": EdgePackageManifest.read(job.package_dir / "edgefuse.json").stats}
-    reason = job.failure or "the trainer wrote no package"
+    """The train stage's result if the trainer wrote this job's package (and the Gram matrices it was asked for);
+    else None, the edge left out and recorded with the reason."""
+    missing_grams = job.grams is not None and not (job.grams_dir / "grams.json").is_file()
+    if job.failure is None and (job.package_dir / "edgefuse.json").is_file() and not missing_grams:
+        res = {"dir": "package", "stats": EdgePackageManifest.read(job.package_dir / "edgefuse.json").stats}
+        if job.grams is not None:
+            res["grams"] = job.grams_dir.name
+        return res
+    reason = job.failure or ("the edge sent no Gram matrices" if missing_grams else "the trainer wrote no package")
     st.missing_edges.append({"edge": job.edge, "seed": job.seed, "round": job.round_no, "reason": reason})
     log.warning("edge %s (seed %d) left out: %s", job.edge, job.seed, reason)
     return None
@@ -294,6 +308,8 @@ def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, packag
     adapter = rec_dir / rec_res["dir"]
     out = {"edge": edge, "seed": seed, "round": round_no, "domains": st.cfg.edges[edge], "adapter": str(adapter),
            "prune": prune_res, "train": train_res["stats"]}
+    if train_res.get("grams"):  # the edge's own Gram matrices, beside its package (interference.source: edges)
+        out["grams"] = str(package.parent / train_res["grams"])
     if st.cfg.benchmarks.edges_alone:
         cd = st.cfg.benchmarks.edges_alone_cd
         key = {"eval": eval_inputs(st), "adapter": rec_res["sha256"], **({"cd": True} if cd else {})}
@@ -371,6 +387,10 @@ def run_seed(st: Study, seed: int, trainer: Trainer) -> dict:
         edges = stage_edges(st, seed, trainer, pruned, round_no, start)
         if not edges:
             raise EdgefuseError(f"round {round_no} (seed {seed}): no edge delivered an adapter")
+        if round_no == 1 and edge_gram_spec(st) is not None:  # the Gram directory the fusions use, from the edges
+            from edgefuse.runner.interference import stage_edge_grams
+
+            stage_edge_grams(st, edges, seed)
         fused = stage_fusions(st, edges, seed, round_no)
         sent = st.cfg.sent_back()
         rounds.append({"round": round_no, "edges": edges, "fused": fused,

@@ -38,10 +38,16 @@ class TrainJob:
     failure: str | None = None  # set by a trainer that could not get this edge's package (the edge is left out)
     round_no: int = 1
     init_dir: Path | None = None  # adapter in this edge's pruned shapes to start from (rounds after the first)
+    grams: Any = None  # a GramSpec when the study asks edges for their own Gram matrices (interference.source: edges)
 
     @property
     def package_dir(self) -> Path:
         return self.work_dir / "package"
+
+    @property
+    def grams_dir(self) -> Path:
+        """Where the edge's own Gram matrices go (a one-domain Gram directory), when ``grams`` asks for them."""
+        return self.work_dir / "grams"
 
 
 class Trainer(Protocol):
@@ -74,6 +80,11 @@ class LocalTrainer:
             if state.is_file():  # an interrupted run: the stage's work directory kept this edge's last checkpoint
                 log.info("edge %s: resuming from its checkpoint at step %d of %d (%s)", job.edge,
                          read_json(state)["step"], job.config.steps, state.parent)
+            if job.grams is not None:  # as a Flower edge does: the base model over this edge's own prompts
+                from edgefuse.interference.collect import write_edge_grams
+
+                write_edge_grams(st.model, st.tokenizer, items, job.grams, job.grams_dir, job.edge, st.cfg.model,
+                                 st.cfg.data.split_seed)
             train_edge(job.pruned_dir, job.edge, items, job.config, job.package_dir, progress=job.advance,
                        resume=state.is_file(), init_dir=job.init_dir,
                        device=st.precision.device, dtype=st.precision.dtype)
