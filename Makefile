@@ -44,6 +44,8 @@ bench: setup
 	$(BIN)/python bench/mmlu_cd_cost.py --threads 1 --cost-n 8 --repeats 3 --acc-n 100
 	$(BIN)/python bench/edge_memory.py --steps 8 --batch 8 --seq 128 --repeats 3
 	$(BIN)/python bench/fusion_speed.py --repeats 3 --peft-repeats 2
+	$(BIN)/python bench/regmean_speed.py --repeats 3
+	$(BIN)/python bench/gram_cost.py --repeats 2
 	$(BIN)/python bench/pruning_damage.py --ratio 0.25
 
 lint: setup

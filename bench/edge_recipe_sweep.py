@@ -5,7 +5,9 @@ each recipe ``objective:steps:lr:rank`` trains an adapter on the domain's edge s
 and scored on the same ``--n-test`` own-domain test items as the base model, in cloze form (acc and
 acc_norm) with paired bootstrap intervals. The configs/cpu-study.yaml edge recipe comes from this table
 (BENCHMARKS.md, "Edge recipe sweep"). Each recipe's training and scoring times are printed as well:
-they are the rates `edgefuse.runner.estimate` starts from.
+they are the rates `edgefuse.runner.estimate` starts from. Beside accuracy, the paired Δ of the gold answer's
+log-likelihood per character and of its margin over the best wrong answer (`edgefuse.evaluate.gold`), which resolve
+smaller effects on the same items.
 
     .venv/bin/python bench/edge_recipe_sweep.py --domain social_sciences --n-test 300 \
         --recipes cloze:80:3e-4:8 cloze:160:1e-3:8 both:80:1e-3:8 letters:80:1e-3:8
@@ -45,8 +47,9 @@ def main() -> None:
     from edgefuse.edge.prune import prune_model
     from edgefuse.edge.recover import recover
     from edgefuse.edge.train import TrainConfig, train_edge
+    from edgefuse.evaluate.gold import GOLD, MARGIN, gold_scores
     from edgefuse.evaluate.mmlu import evaluate_mmlu
-    from edgefuse.evaluate.stats import fmt_ci, paired_diff_ci
+    from edgefuse.evaluate.stats import fmt_ci, fmt_raw, paired_diff_ci
     from edgefuse.models import load_model
     from edgefuse.peft_utils import apply_adapter
 
@@ -76,6 +79,8 @@ def main() -> None:
         return r, time.perf_counter() - t0
 
     r_base, base_s = score(base, "base")
+    by_id = {it.id: it for it in test}
+    g_base = gold_scores(r_base["items"], by_id, "cloze")  # per item [gold log-lik per char, margin]
     rows = []
     for text in args.recipes:
         rc = parse_recipe(text)
@@ -99,6 +104,10 @@ def main() -> None:
             b = [int(x[key]) for x in r_base["items"]]
             row[m] = r_ad["accuracy" + ("_norm" if m == "acc_norm" else "")]["overall"]
             row[f"{m}_diff"] = paired_diff_ci(a, b, seed=args.seed)
+        g = gold_scores(r_ad["items"], by_id, "cloze")
+        for which, m in ((GOLD, "gold"), (MARGIN, "margin")):
+            row[f"{m}_diff"] = paired_diff_ci([g[i][which] for i in sorted(g_base)],
+                                              [g_base[i][which] for i in sorted(g_base)], seed=args.seed)
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("recipe", "train_s", "eval_s")}), flush=True)
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "n_test": len(test), "n_edge_items": len(edge_items),
@@ -109,10 +118,11 @@ def main() -> None:
           f"{args.domain} test items (base acc {fmt_ci(out['base']['acc'])}, acc_norm {fmt_ci(out['base']['acc_norm'])}; "
           f"{base_s:.0f} s)")
     print("| recipe (objective:steps:lr:rank) | loss first→last 5 | train s (s/prompt) | acc Δ vs base | "
-          "acc_norm Δ vs base |\n|---|---:|---:|---:|---:|")
+          "acc_norm Δ vs base | gold Δ (nats/char) | margin Δ |\n|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['recipe']} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | {r['train_s']:.0f} "
-              f"({r['train_s'] / r['prompt_passes']:.3f}) | {fmt_ci(r['acc_diff'])} | {fmt_ci(r['acc_norm_diff'])} |")
+              f"({r['train_s'] / r['prompt_passes']:.3f}) | {fmt_ci(r['acc_diff'])} | {fmt_ci(r['acc_norm_diff'])} | "
+              f"{fmt_raw(r['gold_diff'])} | {fmt_raw(r['margin_diff'])} |")
 
 
 if __name__ == "__main__":

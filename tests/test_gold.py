@@ -101,8 +101,11 @@ def test_retention_by_hand():
     assert row["cells"]["humanities"]["gold"]["ratio"] == pytest.approx(0.25)
     assert row["cells"]["humanities"]["acc"]["ratio"] == pytest.approx(1.0)
     assert row["cells"]["stem"]["edge_gain"] == paired_diff_ci([-0.5, -1.0], [-1.0, -2.0])
+    # pooled over both domains (each edge's own gain is positive on both of its items, so resolved):
+    # fused gains (0.2 + 0.6 + 0.25 + 0) / 4 over the edges' (0.5 + 1.0 + 0.5 + 0.5) / 4 → 0.42
+    assert row["resolved"] == ["stem", "humanities"] and row["pooled"]["ratio"] == pytest.approx(1.05 / 2.5)
     table = retention_table(_doc())
-    assert "| task_arithmetic | 53 [" in table and "| 25 [" in table
+    assert "| task_arithmetic | 42 [" in table and "| 53 [" in table and "| 25 [" in table
 
 
 def test_prediction_and_gold_table_by_hand():

@@ -63,17 +63,22 @@ def retention(doc: dict) -> list[dict]:
     for f in seed["fused"]:
         if not gold_of(f["eval"]):
             continue
-        cells = {}
+        cells, num, den, resolved = {}, [], [], []
         for edge, edge_ev in edges.items():
             di = ids.get(edge) or []
             if not di:
                 continue
             g, ge, gb = gold_of(f["eval"]), gold_of(edge_ev), gold_of(base)
+            fused_gain, own_gain = [g[i][GOLD] - gb[i][GOLD] for i in di], [ge[i][GOLD] - gb[i][GOLD] for i in di]
             cells[edge] = {
-                "gold": ratio_ci([g[i][GOLD] - gb[i][GOLD] for i in di], [ge[i][GOLD] - gb[i][GOLD] for i in di]),
+                "gold": ratio_ci(fused_gain, own_gain),
                 "acc": ratio_ci(_correct_diffs(f["eval"], base, di), _correct_diffs(edge_ev, base, di)),
                 "edge_gain": paired_diff_ci([ge[i][GOLD] for i in di], [gb[i][GOLD] for i in di])}
-        out.append({"name": f["name"], "cells": cells})
+            if cells[edge]["edge_gain"]["lo"] > 0:  # the edge's own gold gain is resolved: pooled below
+                num, den, resolved = num + fused_gain, den + own_gain, resolved + [edge]
+        # pooled over the items of every domain whose edge gains significantly alone: one figure per fused model
+        out.append({"name": f["name"], "cells": cells, "resolved": resolved,
+                    "pooled": ratio_ci(num, den) if resolved else None})
     return out
 
 
@@ -89,12 +94,15 @@ def retention_table(doc: dict) -> str:
         return ""
     edges = list(rows[0]["cells"])
     gain = {e: rows[0]["cells"][e]["edge_gain"] for e in edges}
-    lines = ["| fused model | " + " | ".join(f"{e}: gold | {e}: acc" for e in edges) + " |",
-             "|---|" + "---:|---:|" * len(edges),
-             "| *edge alone: Δ gold vs base* | " + " | ".join(f"{fmt_raw(gain[e])} | " for e in edges).rstrip(" |")
-             + " |"]
+    resolved = rows[0]["resolved"]
+    lines = [f"| fused model | pooled gold ({len(resolved)} domains) | "
+             + " | ".join(f"{e}: gold | {e}: acc" for e in edges) + " |",
+             "|---|---:|" + "---:|---:|" * len(edges),
+             f"| *edge alone: Δ gold vs base* | {', '.join(resolved) or 'no edge gains significantly'} | "
+             + " | ".join(f"{fmt_raw(gain[e])} | " for e in edges).rstrip(" |") + " |"]
     for r in rows:
-        lines.append(f"| {r['name']} | " + " | ".join(
+        pooled = _pct_ratio(r["pooled"]) if r["pooled"] else "–"
+        lines.append(f"| {r['name']} | {pooled} | " + " | ".join(
             f"{_pct_ratio(r['cells'][e]['gold'])} | {_pct_ratio(r['cells'][e]['acc'])}" for e in edges) + " |")
     return "\n".join(lines)
 
@@ -102,7 +110,9 @@ def retention_table(doc: dict) -> str:
 RETENTION_NOTE = ("Retention, %: the fused model's gain over the base on an edge's domain (its subjects' test items) as "
                   "a share of that edge's own adapter's gain there, on the gold log-likelihood and on accuracy; 100 "
                   "keeps the edge's whole gain, 0 loses it, below 0 ends below the base. Intervals resample the "
-                  "domain's items; an edge whose own gain is not resolved (first row) gives an unbounded interval.")
+                  "domain's items; an edge whose own gain is not resolved (first row) gives an unbounded interval. "
+                  "*Pooled gold*: Σ of the fused model's gold gains over Σ of the edges' own, over the items of the "
+                  "domains whose edge alone raises gold significantly (named in the first row), resampling items.")
 
 
 def spearman(x: list[float], y: list[float]) -> float:
