@@ -1,30 +1,26 @@
 """Edges that send their own Gram matrices (``interference.source: edges``, issue 22), in one process and on Flower.
 
-The reference is `run_study` in this process on a two-edge tiny study with task arithmetic and RegMean, whose Gram
-matrices come from each edge's own training prompts. Checked: the matrices equal an independent computation (the base
-model's hidden states through each layer's input norm, on the edge's own prompts); on Flower the same study gives the
-same fused adapters, the edges send Gram records only when asked, and a corrupted upload is rejected with one line
-while the study goes on; every malformed Gram upload is one line and leaves nothing written.
+`run_study` in this process on a two-edge tiny study with task arithmetic and RegMean, whose Gram matrices come from
+each edge's own training prompts: the matrices equal an independent computation (the base model's hidden states
+through each layer's input norm, on the edge's own prompts: tests/helpers/grams.py) and the plan names the stages
+the run records. Every malformed Gram upload is one line and leaves nothing written, and Gram records a job did not
+ask for are refused. On Flower (Ray), tests/test_federated.py's fault simulation carries an edge whose Grams arrive
+intact and one whose corrupted upload is rejected, so that Ray starts once for both.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from helpers.federation import assert_same_fused
 
 from edgefuse.config import load_config
 from edgefuse.errors import EdgefuseError
 
 pytest.importorskip("flwr")
-pytest.importorskip("ray")
 
 pytestmark = pytest.mark.federated
 
@@ -48,31 +44,6 @@ def doc(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-# Flower mod (module level so that Ray can ship it by reference): records what each edge's training reply carries,
-# and puts a NaN into edge 'history''s first Gram matrix.
-def grams_mod(out_dir, msg, ctx, call_next):
-    from flwr.app import Array
-
-    from edgefuse.federated.records import JOB_RECORD
-
-    reply = call_next(msg, ctx)
-    if msg.metadata.message_type != "train" or reply.has_error():
-        return reply
-    edge = msg.content.config_records[JOB_RECORD]["edge"]
-    c = reply.content
-    dump = {"arrays": {r: {k: [str(a.numpy().dtype), list(a.numpy().shape)] for k, a in rec.items()}
-                       for r, rec in c.array_records.items()}, "configs": sorted(c.config_records),
-            "asked": json.loads(msg.content.config_records[JOB_RECORD].get("grams", "null"))}
-    Path(out_dir, f"{edge}.json").write_text(json.dumps(dump))
-    if edge == "history":
-        rec = c.array_records["grams"]
-        key = min(rec)
-        bad = rec[key].numpy().copy()
-        bad[0, 0] = float("nan")
-        rec[key] = Array.from_numpy_ndarray(bad)
-    return reply
-
-
 @pytest.fixture(scope="module")
 def local(tmp_path_factory) -> Path:
     from edgefuse.runner import run_study
@@ -82,40 +53,19 @@ def local(tmp_path_factory) -> Path:
     return root / "run"
 
 
-@pytest.fixture(scope="module")
-def federated(local, tmp_path_factory):
-    """The same study on Flower with a third edge whose Gram upload is corrupted (min_edges 2), from a copy of the
-    local run's cache without its training, Gram and fusion stages."""
-    from edgefuse.federated.clientapp import make_client_app
-    from edgefuse.federated.simulate import simulate
-
-    root = tmp_path_factory.mktemp("edge-grams-fl")
-    run_dir, sent = root / "run", root / "sent"
-    sent.mkdir()
-    shutil.copytree(local, run_dir)
-    for d in (run_dir / "stages").iterdir():
-        if d.name.startswith(("train-", "recover-", "grams-", "fuse-", "interference-", "eval-")) and \
-                not d.name.startswith("eval-base"):
-            shutil.rmtree(d)
-    for f in ("results.json", "report.md", "stages.jsonl"):
-        (run_dir / f).unlink(missing_ok=True)
-    cfg = write(root / "three.yaml", edges={**STUDY["edges"], "history": ["history"]})
-    simulate(cfg, run_dir, min_edges=2, client_app=make_client_app([functools.partial(grams_mod, str(sent))]))
-    return run_dir, sent
-
-
 def test_edge_grams_are_the_base_models_inputs_on_the_edges_own_prompts(local):
     """Every layer's q_proj matrix equals Σ LN(h)ᵀ LN(h) over the edge's own training prompts, with h the base
     model's hidden states (no hooks), and differs from the public-split matrix of the same domain."""
-    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
-    from edgefuse.interference.collect import interleaved_prompts, public_prompts, token_sequences
+    from helpers.grams import assert_q_grams_match, edge_sequences, q_proj_grams
+
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu
+    from edgefuse.interference.collect import public_prompts, token_sequences
     from edgefuse.interference.grams import GramSet
     from edgefuse.models import load_model
 
     d = doc(local)
     assert d["interference"]["grams"]["source"] == "edges"
     model, tok = load_model("tiny-llama")
-    model.eval()
     cfg = load_config(write(local.parent / "again.yaml"))
     spec = SplitSpec(seed=cfg.data.split_seed, public_per_subject=cfg.data.public_per_subject,
                      edge_fraction=cfg.data.edge_fraction)
@@ -123,21 +73,9 @@ def test_edge_grams_are_the_base_models_inputs_on_the_edges_own_prompts(local):
     gs = GramSet(grams_dir)
     assert gs.manifest.split == "edge" and sorted(gs.domains) == ["law", "science"]
     for edge, domains in cfg.edges.items():
-        items = select(load_mmlu(None), "edge", domains, None, None, spec.seed, spec)
-        seqs = token_sequences(tok, interleaved_prompts(items), 256, 64)
+        seqs = edge_sequences(tok, cfg, domains, 256, 64)
         assert gs.manifest.domains[edge].tokens == sum(map(len, seqs)) == 256
-        want = [torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64)
-                for _ in model.model.layers]
-        with torch.no_grad():
-            for ids in seqs:
-                hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-                for i, layer in enumerate(model.model.layers):
-                    H = layer.input_layernorm(hs[i])[0].double()
-                    want[i] += H.T @ H
-        got = gs.domain(edge)
-        for i in range(len(want)):
-            G = got[f"model.layers.{i}.self_attn.q_proj"]
-            assert torch.allclose(G, want[i], rtol=1e-5, atol=1e-5 * float(want[i].abs().max())), (edge, i)
+        assert_q_grams_match(gs.domain(edge), q_proj_grams(model, seqs), edge)
         public = token_sequences(tok, public_prompts(load_mmlu(None), domains, split_spec=spec), 256, 64)
         assert public != seqs  # the edge's own prompts, not the public split's
 
@@ -151,28 +89,6 @@ def test_the_plan_names_the_stages_the_run_recorded(local):
     assert planned == list(dict.fromkeys(r["stage"] for r in log))
     assert "grams" not in planned and planned.index("recover-law-s0") < planned.index("grams-s0") < planned.index(
         "fuse-task_arithmetic-s0")
-
-
-def test_flower_edges_send_grams_only_when_asked_and_fuse_as_in_one_process(local, federated):
-    run_dir, sent = federated
-    assert_same_fused(local, run_dir)  # task arithmetic and RegMean (which solves with the Gram matrices)
-    for edge in ("science", "law", "history"):
-        dump = json.loads((sent / f"{edge}.json").read_text())
-        assert dump["asked"] == {"tokens": 256, "per_prompt": 64}
-        assert sorted(dump["arrays"]) == ["adapter", "grams"] and dump["configs"] == ["grams-meta", "package"]
-        for dtype, shape in dump["arrays"]["grams"].values():
-            assert dtype == "float32" and len(shape) == 2 and shape[0] == shape[1]
-
-
-def test_a_corrupted_gram_upload_leaves_that_edge_out_with_one_line(federated):
-    run_dir, _ = federated
-    d = doc(run_dir)
-    [missing] = d["missing_edges"]
-    assert missing["edge"] == "history"
-    assert missing["reason"].startswith("package rejected: Gram matrices: Gram matrix of module ")
-    assert missing["reason"].endswith("contains NaN or Inf"), missing["reason"]
-    assert sorted(d["interference"]["grams"]["tokens"]) == ["law", "science"]
-    assert not any((p / "grams").exists() for p in (run_dir / "stages").iterdir() if p.name.startswith("train-history"))
 
 
 # ----------------------------------------------------------------------------------------------- bad uploads

@@ -59,17 +59,23 @@ def record_mod(out_dir, msg, ctx, call_next):
 
 
 def fault_mod(msg, ctx, call_next):
-    """Edge 'science' crashes while training; edge 'law' returns a package whose tensor was altered."""
+    """Edge 'science' crashes while training; edge 'law' returns a package whose tensor was altered; edge
+    'economics' sends Gram matrices (``interference.source: edges``) with a NaN in one."""
     edge = _job_edge(msg)
     if edge == "science":
         raise RuntimeError("injected failure during training")
     reply = call_next(msg, ctx)
-    if edge == "law" and not reply.has_error():
+    if edge in ("law", "economics") and not reply.has_error():
         from flwr.app import Array
 
-        rec = reply.content.array_records["adapter"]
+        rec = reply.content.array_records["adapter" if edge == "law" else "grams"]
         key = min(rec)
-        rec[key] = Array.from_numpy_ndarray(rec[key].numpy() + 1e-3)
+        bad = rec[key].numpy().copy()
+        if edge == "law":
+            bad += 1e-3
+        else:
+            bad[0, 0] = float("nan")
+        rec[key] = Array.from_numpy_ndarray(bad)
     return reply
 
 
@@ -104,12 +110,15 @@ def simulated(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def faulty(reference, tmp_path_factory):
-    """Three edges: 'science' crashes, 'law' is tampered with, 'history' trains normally; min_edges=1."""
+    """Four edges that send their own Gram matrices (``interference.source: edges``): 'science' crashes, 'law' is
+    tampered with, 'economics' sends a corrupted Gram matrix, 'history' trains normally; min_edges=1."""
     from edgefuse.federated.clientapp import make_client_app
     from edgefuse.federated.simulate import simulate
 
     root = tmp_path_factory.mktemp("faults")
-    cfg = write_config(root / "three.yaml", edges={"science": ["stem"], "law": ["law"], "history": ["history"]})
+    cfg = write_config(root / "four.yaml", edges={"science": ["stem"], "law": ["law"], "history": ["history"],
+                                                   "economics": ["economics"]},
+                       interference={"enabled": True, "source": "edges", "tokens": 256})
     run_dir = copy_without_training(reference, root / "run", ["science", "law"])
     doc = simulate(cfg, run_dir, min_edges=1, client_app=make_client_app([fault_mod]))
     return run_dir, doc
@@ -207,7 +216,7 @@ def test_edges_send_only_adapter_tensors_and_manifest(simulated, mmlu):
 def test_failing_edge_is_left_out_and_named(faulty):
     run_dir, doc = faulty
     missing = {m["edge"]: m["reason"] for m in doc["missing_edges"]}
-    assert set(missing) == {"science", "law"}
+    assert set(missing) == {"science", "law", "economics"}
     assert "injected failure during training" in missing["science"]
     assert [e["edge"] for e in doc["seeds"][0]["edges"]] == ["history"]
     report = (run_dir / "report.md").read_text()
@@ -224,6 +233,29 @@ def test_tampered_package_is_rejected_with_reason(faulty):
     assert not list((run_dir / "stages").glob("train-law-*/package"))
     fuse_stage = json.loads(next((run_dir / "stages").glob("fuse-*/stage.json")).read_text())
     assert [Path(a).parts[0].rsplit("-", 1)[0] for a in fuse_stage["inputs"]["adapters"]] == ["recover-history-s0"]
+
+
+def test_edge_grams_arrive_intact_and_a_corrupted_upload_is_rejected(faulty):
+    """``interference.source: edges`` on Flower: history's Gram matrices, sent with its package, are the base
+    model's inputs on its own prompts (independent reference: tests/helpers/grams.py); economics's NaN is rejected
+    with one line and nothing of it is kept."""
+    from helpers.grams import assert_q_grams_match, edge_sequences, q_proj_grams
+
+    from edgefuse.interference.grams import GramSet
+    from edgefuse.models import load_model
+
+    run_dir, doc = faulty
+    reason = {m["edge"]: m["reason"] for m in doc["missing_edges"]}["economics"]
+    assert reason.startswith("package rejected: Gram matrices: Gram matrix of module ") and \
+        reason.endswith("contains NaN or Inf") and "\n" not in reason, reason
+    assert not list((run_dir / "stages").glob("train-economics-*/grams"))
+    grams = doc["interference"]["grams"]
+    assert grams["source"] == "edges" and grams["tokens"] == {"history": 256}
+    gs = GramSet(next((run_dir / "stages").glob("grams-s0-*")) / "grams")
+    assert gs.domains == ["history"] and gs.manifest.split == "edge"
+    model, tok = load_model("tiny-llama")
+    seqs = edge_sequences(tok, load_config(run_dir.parent / "four.yaml"), ["history"], 256, 64)
+    assert_q_grams_match(gs.domain("history"), q_proj_grams(model, seqs), "history over Flower")
 
 
 def test_not_enough_edges_is_one_clear_error(reference, tmp_path):
