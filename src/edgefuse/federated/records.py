@@ -185,11 +185,8 @@ def content_to_grams(content, directory: Path, layout, fields: dict[str, Any], d
         if a.dtype != np.float32:
             raise EdgefuseError(f"Gram matrix {key} has dtype {a.dtype}; edges send float32", path=what)
         mats[key] = torch.from_numpy(np.ascontiguousarray(a))
-    check_upload(mats, aliases, meta["tokens"], layout, what)
-    prompts = meta["prompts"]
-    if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
-        raise EdgefuseError(f"Gram prompt count {prompts!r} is not a positive integer", path=what)
-    return save_grams(directory, fields, {domain: mats}, {domain: meta["tokens"]}, {domain: prompts}, aliases)
+    check_upload(mats, aliases, {"token": meta["tokens"], "prompt": meta["prompts"]}, layout, what)
+    return save_grams(directory, fields, {domain: mats}, {domain: meta["tokens"]}, {domain: meta["prompts"]}, aliases)
 
 
 def content_to_files(content, directory: Path, grams: bool = False) -> None:
@@ -201,7 +198,8 @@ def content_to_files(content, directory: Path, grams: bool = False) -> None:
     """
     if ADAPTER_RECORD not in content.array_records or PACKAGE_RECORD not in content.config_records:
         raise EdgefuseError(f"reply lacks the {ADAPTER_RECORD!r} tensors or the {PACKAGE_RECORD!r} record")
-    arrays, configs = {ADAPTER_RECORD, *([GRAMS_RECORD] if grams else [])}, {PACKAGE_RECORD, *([GRAMS_META_RECORD] if grams else [])}
+    arrays = {ADAPTER_RECORD} | ({GRAMS_RECORD} if grams else set())
+    configs = {PACKAGE_RECORD} | ({GRAMS_META_RECORD} if grams else set())
     extra = sorted(set(content.array_records) - arrays) + sorted(
         set(content.config_records) - configs) + sorted(content.metric_records)
     if extra:

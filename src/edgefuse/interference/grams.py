@@ -44,11 +44,12 @@ def check_gram(G: torch.Tensor, d_in: int | None, what: str, path: object) -> to
     return G
 
 
-def check_upload(mats: Mapping[str, torch.Tensor], aliases: Mapping[str, str], tokens: object,
+def check_upload(mats: Mapping[str, torch.Tensor], aliases: Mapping[str, str], counts: Mapping[str, object],
                  layout: tuple[dict[str, str], dict[str, int]], path: object) -> None:
     """Gram matrices an edge sent (``interference.source: edges``) against the base model's ``layout``
     (`edgefuse.interference.collect.gram_layout`): the same modules sharing the same inputs, one matrix per input,
-    each d_in × d_in, finite, symmetric PSD, and a positive token count. One `EdgefuseError` naming ``path``."""
+    each d_in × d_in, finite, symmetric PSD, and positive ``counts`` (tokens, prompts). One `EdgefuseError` naming
+    ``path``."""
     want_aliases, widths = layout
     if dict(aliases) != dict(want_aliases):
         diff = sorted(set(aliases.items()) ^ set(want_aliases.items()))
@@ -57,8 +58,9 @@ def check_upload(mats: Mapping[str, torch.Tensor], aliases: Mapping[str, str], t
     if set(mats) != set(widths):
         extra, missing = sorted(set(mats) - set(widths)), sorted(set(widths) - set(mats))
         raise EdgefuseError(f"Gram matrices: unexpected {extra[:3]}, missing {missing[:3]}", path=path)
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise EdgefuseError(f"Gram matrices: token count {tokens!r} is not a positive integer", path=path)
+    for what, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise EdgefuseError(f"Gram matrices: {what} count {n!r} is not a positive integer", path=path)
     for key in sorted(mats):
         check_gram(mats[key], widths[key], f"module {key}", path)
 

@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# An edge's own Gram matrices (``interference.source: edges``): a one-domain Gram directory of this name beside its
+# package in the job's work directory, on the edge and in the cloud's train stage alike.
+EDGE_GRAMS_DIR = "grams"
+
+
 @dataclass(frozen=True)
 class GramSpec:
     """How much public text a domain's matrices see: the one place the defaults live (CLI and library)."""

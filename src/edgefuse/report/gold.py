@@ -59,24 +59,30 @@ def retention(doc: dict) -> list[dict]:
     if not edges or not gold_of(base):
         return []
     ids = domain_item_ids(doc, doc["config"]["edges"])
+    gb = gold_of(base)
+    own = {}  # per edge with items: its items, its gold gain per item, its interval (the same for every fused model)
+    for edge, edge_ev in edges.items():
+        di = ids.get(edge) or []
+        if di:
+            ge = gold_of(edge_ev)
+            own[edge] = (di, [ge[i][GOLD] - gb[i][GOLD] for i in di],
+                         paired_diff_ci([ge[i][GOLD] for i in di], [gb[i][GOLD] for i in di]))
+    # pooled over the items of every domain whose edge gains significantly alone: one figure per fused model
+    resolved = [e for e, (_, _, gain) in own.items() if gain["lo"] > 0]
     out = []
     for f in seed["fused"]:
-        if not gold_of(f["eval"]):
+        g = gold_of(f["eval"])
+        if not g:
             continue
-        cells, num, den, resolved = {}, [], [], []
-        for edge, edge_ev in edges.items():
-            di = ids.get(edge) or []
-            if not di:
-                continue
-            g, ge, gb = gold_of(f["eval"]), gold_of(edge_ev), gold_of(base)
-            fused_gain, own_gain = [g[i][GOLD] - gb[i][GOLD] for i in di], [ge[i][GOLD] - gb[i][GOLD] for i in di]
+        cells, num, den = {}, [], []
+        for edge, (di, own_gain, gain) in own.items():
+            fused_gain = [g[i][GOLD] - gb[i][GOLD] for i in di]
             cells[edge] = {
                 "gold": ratio_ci(fused_gain, own_gain),
-                "acc": ratio_ci(_correct_diffs(f["eval"], base, di), _correct_diffs(edge_ev, base, di)),
-                "edge_gain": paired_diff_ci([ge[i][GOLD] for i in di], [gb[i][GOLD] for i in di])}
-            if cells[edge]["edge_gain"]["lo"] > 0:  # the edge's own gold gain is resolved: pooled below
-                num, den, resolved = num + fused_gain, den + own_gain, resolved + [edge]
-        # pooled over the items of every domain whose edge gains significantly alone: one figure per fused model
+                "acc": ratio_ci(_correct_diffs(f["eval"], base, di), _correct_diffs(edges[edge], base, di)),
+                "edge_gain": gain}
+            if edge in resolved:
+                num, den = num + fused_gain, den + own_gain
         out.append({"name": f["name"], "cells": cells, "resolved": resolved,
                     "pooled": ratio_ci(num, den) if resolved else None})
     return out

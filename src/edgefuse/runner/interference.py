@@ -40,7 +40,7 @@ def stage_grams(st: Study) -> None:
     if not st.cfg.collects_grams or st.cfg.interference.from_edges:  # from the edges: `stage_edge_grams`
         return
     from edgefuse.interference.collect import gram_matrices, public_prompts, token_sequences
-    from edgefuse.interference.grams import MANIFEST_FILE, save_domain, write_manifest
+    from edgefuse.interference.grams import save_domain
 
     spec = st.cfg.interference.spec(st.cfg.data.split_seed)
     edges = st.cfg.edges
@@ -63,15 +63,30 @@ def stage_grams(st: Study) -> None:
             advance()
         fields = {"base_model": st.cfg.model, "base_fingerprint": st.base_fingerprint, "split": spec.split,
                   "split_seed": spec.split_seed, "per_prompt": spec.per_prompt}
-        write_manifest(out, fields, aliases, entries)
-        return {"dir": GRAMS_DIR, "sha256": sha256_file(out / MANIFEST_FILE),
-                "tokens": {e: d.tokens for e, d in entries.items()},
-                "prompts": {e: d.prompts for e, d in entries.items()}, "modules": len(aliases)}
+        return finish_dir(out, fields, aliases, entries)
 
     out, res = st.stage("grams", "grams", grams_inputs(st), run, total=len(edges))
+    use_grams(st, out, res)
+
+
+def finish_dir(out: Path, fields: dict, aliases: dict, entries: dict) -> dict:
+    """Write the manifest of a grams stage's directory ``out`` over its domain files; the stage's result."""
+    from edgefuse.interference.grams import MANIFEST_FILE, write_manifest
+
+    write_manifest(out, fields, aliases, entries)
+    return {"dir": GRAMS_DIR, "sha256": sha256_file(out / MANIFEST_FILE),
+            "tokens": {e: d.tokens for e, d in entries.items()},
+            "prompts": {e: d.prompts for e, d in entries.items()}, "modules": len(aliases)}
+
+
+def use_grams(st: Study, out: Path, res: dict, **extra) -> None:
+    """Make a grams stage's directory the study's (``st.grams_dir``, its hash for the fuse keys, its summary for
+    results.json): `stage_grams` and `stage_edge_grams` alike."""
+    spec = st.cfg.interference.spec(st.cfg.data.split_seed)
     st.grams_dir, st.grams_hash = out / res["dir"], res["sha256"]
     st.grams_summary = {"tokens": res["tokens"], "prompts": res["prompts"], "modules": res["modules"],
-                        "per_prompt": spec.per_prompt, "tokens_per_edge": spec.tokens, "sha256": res["sha256"]}
+                        "per_prompt": spec.per_prompt, "tokens_per_edge": spec.tokens, "sha256": res["sha256"],
+                        **extra}
 
 
 def stage_edge_grams(st: Study, edges: list[dict], seed: int) -> None:
@@ -82,7 +97,7 @@ def stage_edge_grams(st: Study, edges: list[dict], seed: int) -> None:
     import shutil
 
     from edgefuse.errors import EdgefuseError
-    from edgefuse.interference.grams import MANIFEST_FILE, GramSet, write_manifest
+    from edgefuse.interference.grams import MANIFEST_FILE, GramSet
 
     sources = {e["edge"]: Path(e["grams"]) for e in edges}
     inputs = {"edges": {name: sha256_file(d / MANIFEST_FILE) for name, d in sources.items()}}
@@ -97,26 +112,18 @@ def stage_edge_grams(st: Study, edges: list[dict], seed: int) -> None:
             if aliases is not None and gs.manifest.modules != aliases:
                 raise EdgefuseError(f"edge {edge}'s Gram matrices follow another module layout", path=src)
             aliases = gs.manifest.modules
-            fields = fields or {"base_model": gs.manifest.base_model, "base_fingerprint": gs.manifest.base_fingerprint,
-                                "split": gs.manifest.split, "split_seed": gs.manifest.split_seed,
-                                "per_prompt": gs.manifest.per_prompt}
+            fields = fields or gs.manifest.model_dump(include={"base_model", "base_fingerprint", "split", "split_seed",
+                                                                "per_prompt"})
             try:  # the same bytes: a hard link where the file system allows it
                 os.link(src / entry.file, out / entry.file)
             except OSError:
                 shutil.copyfile(src / entry.file, out / entry.file)
             entries[edge] = entry
             advance()
-        write_manifest(out, fields, aliases, entries)
-        return {"dir": GRAMS_DIR, "sha256": sha256_file(out / MANIFEST_FILE),
-                "tokens": {e: d.tokens for e, d in entries.items()},
-                "prompts": {e: d.prompts for e, d in entries.items()}, "modules": len(aliases)}
+        return finish_dir(out, fields, aliases, entries)
 
     out, res = st.stage("grams", f"grams-{round_tag(seed, 1)}", inputs, run, total=len(sources))
-    spec = st.cfg.interference.spec(st.cfg.data.split_seed)
-    st.grams_dir, st.grams_hash = out / res["dir"], res["sha256"]
-    st.grams_summary = {"tokens": res["tokens"], "prompts": res["prompts"], "modules": res["modules"],
-                        "per_prompt": spec.per_prompt, "tokens_per_edge": spec.tokens, "sha256": res["sha256"],
-                        "source": "edges"}
+    use_grams(st, out, res, source="edges")
 
 
 def _median(xs: list) -> float | None:

@@ -281,7 +281,9 @@ def edge_gram_spec(st: Study):
 def _package_result(st: Study, job: TrainJob) -> dict | None:
     """The train stage's result if the trainer wrote this job's package (and the Gram matrices it was asked for);
     else None, the edge left out and recorded with the reason."""
-    missing_grams = job.grams is not None and not (job.grams_dir / "grams.json").is_file()
+    from edgefuse.interference.grams import MANIFEST_FILE as GRAMS_MANIFEST
+
+    missing_grams = job.grams is not None and not (job.grams_dir / GRAMS_MANIFEST).is_file()
     if job.failure is None and (job.package_dir / "edgefuse.json").is_file() and not missing_grams:
         res = {"dir": "package", "stats": EdgePackageManifest.read(job.package_dir / "edgefuse.json").stats}
         if job.grams is not None:

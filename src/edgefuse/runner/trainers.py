@@ -47,7 +47,9 @@ class TrainJob:
     @property
     def grams_dir(self) -> Path:
         """Where the edge's own Gram matrices go (a one-domain Gram directory), when ``grams`` asks for them."""
-        return self.work_dir / "grams"
+        from edgefuse.interference.spec import EDGE_GRAMS_DIR
+
+        return self.work_dir / EDGE_GRAMS_DIR
 
 
 class Trainer(Protocol):
@@ -73,6 +75,7 @@ class LocalTrainer:
 
     def train(self, st: Study, jobs: list[TrainJob]) -> None:
         from edgefuse.edge.train import checkpoint_dir_for, train_edge
+        from edgefuse.interference.grams import MANIFEST_FILE as GRAMS_MANIFEST
 
         for job in jobs:
             items = st.items_of("edge", job.domains)
@@ -80,7 +83,9 @@ class LocalTrainer:
             if state.is_file():  # an interrupted run: the stage's work directory kept this edge's last checkpoint
                 log.info("edge %s: resuming from its checkpoint at step %d of %d (%s)", job.edge,
                          read_json(state)["step"], job.config.steps, state.parent)
-            if job.grams is not None:  # as a Flower edge does: the base model over this edge's own prompts
+            if job.grams is not None and not (job.grams_dir / GRAMS_MANIFEST).is_file():
+                # as a Flower edge does: the base model over this edge's own prompts (a resumed job has them already:
+                # they are written all or nothing)
                 from edgefuse.interference.collect import write_edge_grams
 
                 write_edge_grams(st.model, st.tokenizer, items, job.grams, job.grams_dir, job.edge, st.cfg.model,
