@@ -94,6 +94,7 @@ class MixtureScorer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_length = getattr(unwrap(model).config, "max_position_embeddings", None) or 4096
         self.tokens = 0  # tokens run through the decoder, padding excluded
+        self.greedy: torch.Tensor | None = None  # set by `continuations(..., greedy=True)`
 
     def _hidden(self, seqs: Sequence[Sequence[int]], weights: Sequence[torch.Tensor]):
         device = next(self.model.parameters()).device
@@ -130,14 +131,15 @@ class MixtureScorer:
 
     def continuations(self, ctxs: Sequence[Sequence[int]], conts: Sequence[Sequence[Sequence[int]]],
                       ctx_weights: Sequence[torch.Tensor], cont_weights: Sequence[torch.Tensor],
-                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                      progress: Callable[[int], None] | None = None, greedy: bool = False) -> torch.Tensor:
         """(n, choices) summed log-likelihood of each continuation after its context.
 
         The packing is `edgefuse.evaluate.cloze.ClozeScorer`'s (the context once, its keys and values
         serve every choice, the LM head only where a continuation token is predicted); this scorer only
         sets, before each of its decoder calls, the mixture of every packed position: a context token
         uses ``ctx_weights[i]`` (one row per context token, (tokens, pool), or one (pool,) for all), a
-        choice token ``cont_weights[i]`` (pool,), padding zeros."""
+        choice token ``cont_weights[i]`` (pool,), padding zeros. With ``greedy``, ``self.greedy`` holds
+        afterwards whether each continuation is the greedy one (`ClozeScorer`)."""
         for ctx, w in zip(ctxs, ctx_weights):
             if w.ndim == 2 and w.shape[0] != len(ctx):
                 raise EdgefuseError(f"internal error: {w.shape[0]} mixture rows for a context of {len(ctx)} tokens")
@@ -151,9 +153,11 @@ class MixtureScorer:
                 w[r, choice] = torch.as_tensor(cont_weights[i], dtype=torch.float32)
             self.mixture.set_weights(w)
 
-        scorer = ClozeScorer(self.model, self.tokenizer, self.batch_size, self.max_length, prepare=prepare)
+        scorer = ClozeScorer(self.model, self.tokenizer, self.batch_size, self.max_length, prepare=prepare,
+                             greedy=greedy)
         out = scorer.score_tokens(ctxs, conts, progress)
         self.tokens += scorer.tokens_scored
+        self.greedy = scorer.greedy
         return out
 
 

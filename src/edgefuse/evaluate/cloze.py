@@ -106,16 +106,22 @@ def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def gather_logliks(head, softcap, hidden: torch.Tensor, targets: Sequence[int], owners: Sequence[int],
-                   n_out: int) -> torch.Tensor:
+                   n_out: int, misses: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over rows of ``hidden`` of log p(target | hidden) into ``owners``; the LM head runs on
-    these rows only, a chunk at a time."""
+    these rows only, a chunk at a time. ``misses`` (n_out,), when given, counts into each owner the
+    targets that are not the most likely token (0: the continuation is the greedy one, lm-eval's is_greedy)."""
     device = hidden.device
     targets_t = torch.tensor(targets, dtype=torch.long, device=device)
     picked = torch.empty(len(targets), dtype=torch.float32, device=device)
+    missed = None if misses is None else torch.empty(len(targets), dtype=torch.float32, device=device)
     for s in range(0, len(targets), HEAD_ROWS):
         lp = head_logprobs(head, softcap, hidden[s: s + HEAD_ROWS])
         picked[s: s + HEAD_ROWS] = lp.gather(1, targets_t[s: s + HEAD_ROWS, None])[:, 0]
+        if missed is not None:
+            missed[s: s + HEAD_ROWS] = (lp.argmax(1) != targets_t[s: s + HEAD_ROWS]).float()
     owners_t = torch.tensor(owners, dtype=torch.long, device=device)
+    if missed is not None:
+        misses.index_add_(0, owners_t.to(misses.device), missed.to(misses.device))
     return torch.zeros(n_out, dtype=torch.float32, device=device).index_add_(0, owners_t, picked)
 
 
@@ -196,14 +202,18 @@ class ClozeScorer:
     ``prepare``, if given, is called with each batch's `PackedRows` right before its decoder call: a
     model whose forward depends on the row or the token (a per-row adapter mixture,
     `edgefuse.compose.routing`) sets itself up there, and the packing stays this one algorithm.
+    With ``greedy``, `score_tokens` also leaves in ``self.greedy`` (n, n_choices) whether every token of
+    each continuation is the most likely one (lm-eval's ``is_greedy``); off, nothing extra is computed.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
-                 prepare: Callable[[PackedRows], None] | None = None):
+                 prepare: Callable[[PackedRows], None] | None = None, greedy: bool = False):
         self.model, self.tokenizer, self.batch_size, self.prepare = model, tokenizer, batch_size, prepare
         self.max_length = max_length or getattr(unwrap(model).config, "max_position_embeddings", 4096)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.tokens_scored = 0  # tokens run through the decoder (contexts + continuations, no padding)
+        self.track_greedy = greedy
+        self.greedy: torch.Tensor | None = None
 
     def encode(self, contexts: Sequence[str], continuations: Sequence[Sequence[str]]
                ) -> tuple[list[list[int]], list[list[list[int]]]]:
@@ -233,6 +243,7 @@ class ClozeScorer:
         device = next(self.model.parameters()).device
         n_choices = len(conts[0])
         out = torch.empty((len(ctxs), n_choices), dtype=torch.float32)
+        misses = torch.zeros(len(ctxs) * n_choices) if self.track_greedy else None
         packs = [pack(c) for c in conts]
         order = sorted(range(len(ctxs)), key=lambda i: (-(len(ctxs[i]) + len(packs[i][0])), i))
         for s in range(0, len(order), self.batch_size):
@@ -273,12 +284,17 @@ class ClozeScorer:
             first = at_last.repeat_interleave(n_choices, 0)[
                 torch.tensor([bool(c) for i in idx for c in conts[i]], device=device)]
             r_idx, t_idx = (seg > 0).nonzero(as_tuple=True)  # row-major: the order of later_targets
+            batch_misses = None if misses is None else torch.zeros(len(idx) * n_choices)
             ll = gather_logliks(head, softcap, torch.cat([first, hidden[r_idx, t_idx]]),
-                                targets + later_targets, owners + later_owners, len(idx) * n_choices)
+                                targets + later_targets, owners + later_owners, len(idx) * n_choices, batch_misses)
             out[torch.tensor(idx)] = ll.view(len(idx), n_choices).cpu()
+            if misses is not None:
+                misses.view(len(ctxs), n_choices)[torch.tensor(idx)] = batch_misses.view(len(idx), n_choices)
             self.tokens_scored += int((seg >= 0).sum())
             if progress is not None:
                 progress(len(idx))
+        if misses is not None:
+            self.greedy = misses.view(len(ctxs), n_choices) == 0
         return out
 
     def score(self, contexts: Sequence[str], continuations: Sequence[Sequence[str]],

@@ -1,0 +1,123 @@
+"""edgefuse as an lm-eval-harness model (``--model edgefuse``): any lm-eval log-likelihood task, scored with a
+fused adapter or with a retrieval mixture over a pool of adapters, by edgefuse's packed scorer.
+
+Why: lm-eval's own ``hf`` backend loads one PEFT adapter, but it cannot mix a pool per request
+(`edgefuse.compose`), and it runs each (context, continuation) pair as its own sequence; here the requests that
+share a context run it once, with their continuations packed after it (`edgefuse.evaluate.cloze.ClozeScorer`).
+
+Arguments (``--model_args`` as ``key=value,…``): ``model`` (any edgefuse model spec, default SmolLM2),
+``adapter`` (a PEFT adapter directory) or ``pool`` (adapter directories joined by ``:``, each with its embedding:
+`edgefuse compose embed`) with ``top_k``, ``weighting`` and ``temperature`` (defaults: `edgefuse.compose.schema`),
+and ``device`` / ``dtype`` (`edgefuse.precision`). A pool request's query is its context text, embedded with the
+embedded MiniLM; its mixture serves the context and every continuation.
+
+lm-eval 0.4.13 looks up models in its own registry only (no plugin discovery), so the model is registered when
+this module is imported: the console script ``edgefuse-lm-eval ARGS`` is lm-eval's own command line after that
+import (`main`), and Python users import this module before ``lm_eval.simple_evaluate(model="edgefuse", …)``. Tokenization and BOS follow edgefuse
+(`edgefuse.tokens`), so results equal ``edgefuse eval``'s. Only log-likelihood requests are served: rolling
+perplexity and generation raise one clear error.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from edgefuse.compose.embedding import embed_texts, load_encoder
+from edgefuse.compose.mixture import LoraMixture
+from edgefuse.compose.retrieval import RetrievalSettings, load_pool, retrieve
+from edgefuse.compose.routing import MixtureScorer
+from edgefuse.errors import EdgefuseError
+from edgefuse.evaluate.cloze import ClozeScorer
+from edgefuse.models import DEFAULT_MODEL, load_model
+from edgefuse.peft_utils import apply_adapter
+from edgefuse.precision import resolve
+
+MODEL_NAME = "edgefuse"
+
+
+@register_model(MODEL_NAME)
+class EdgefuseLM(LM):
+    """An edgefuse model (+ adapter, or + retrieval pool) behind lm-eval's request API."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, adapter: str | None = None, pool: str | None = None,
+                 top_k: int | None = None, weighting: str | None = None, temperature: float | None = None,
+                 batch_size: int | str = 8, max_batch_size: int | None = None, device: str | None = None,
+                 dtype: str | None = None):
+        super().__init__()
+        if adapter and pool:
+            raise EdgefuseError("adapter= and pool= exclude each other (one adapter, or a retrieval mixture)")
+        if not pool and any(v is not None for v in (top_k, weighting, temperature)):
+            raise EdgefuseError("top_k, weighting and temperature only apply to a retrieval mixture (pool=DIR:DIR…)")
+        if isinstance(batch_size, str):  # lm-eval passes "auto" or a number as text
+            if not batch_size.isdigit():
+                raise EdgefuseError(f"batch_size must be a positive integer for edgefuse, got {batch_size!r}")
+            batch_size = int(batch_size)
+        self.batch_size_per_gpu = batch_size
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval passes its default "cuda:0" when --device is not given; its hf backend then falls back too
+            print(f"edgefuse: device {device} is not available; using edgefuse's default", file=sys.stderr)
+            device = None
+        precision = resolve(device, dtype)
+        self.model, self.tokenizer = load_model(str(model), **precision.as_dict())
+        self.pool = self.settings = self.encoder = None
+        if adapter:
+            self.model = apply_adapter(self.model, Path(adapter))
+        if pool:
+            dirs = [Path(d) for d in str(pool).split(":") if d]
+            self.settings = RetrievalSettings.given(top_k=top_k, weighting=weighting, temperature=temperature)
+            self.settings.check(len(dirs))
+            self.pool = load_pool(dirs, self.model)
+            self.encoder = load_encoder("cpu")
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), is_greedy) per request, in the requests' order."""
+        pairs = [tuple(r.args) for r in requests]
+        by_context: dict[str, list[int]] = defaultdict(list)
+        for i, (context, _) in enumerate(pairs):
+            if not context:
+                raise EdgefuseError("edgefuse scores continuations of a non-empty context; this task has an empty one "
+                                    "(rolling perplexity is not supported)")
+            by_context[context].append(i)
+        # the packed scorer takes the same number of continuations for every context of one call
+        by_size: dict[int, list[str]] = defaultdict(list)
+        for context, members in by_context.items():
+            by_size[len(members)].append(context)
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        for contexts in by_size.values():
+            conts = [[pairs[i][1] for i in by_context[c]] for c in contexts]
+            ll, greedy = self._score(contexts, conts)
+            for row, context in enumerate(contexts):
+                for j, i in enumerate(by_context[context]):
+                    out[i] = (float(ll[row, j]), bool(greedy[row, j]))
+        return out
+
+    def _score(self, contexts: list[str], conts: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pool is None:
+            scorer = ClozeScorer(self.model, self.tokenizer, self.batch_size_per_gpu, greedy=True)
+            return scorer.score(contexts, conts), scorer.greedy
+        weights = retrieve(embed_texts(contexts, self.encoder), self.pool, self.settings)
+        with LoraMixture(self.model, self.pool.adapters) as mix:
+            scorer = MixtureScorer(self.model, self.tokenizer, mix, self.batch_size_per_gpu)
+            ctxs, cids = scorer.encode_cloze(contexts, conts)
+            return scorer.continuations(ctxs, cids, weights, weights, greedy=True), scorer.greedy
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise EdgefuseError("edgefuse serves log-likelihood requests of a context and its continuations; "
+                            "rolling perplexity is not supported (use lm-eval's hf backend with peft=)")
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        raise EdgefuseError("edgefuse scores continuations and does not generate text (use lm-eval's hf backend "
+                            "with peft=, or `edgefuse export` and any runtime)")
+
+
+def main() -> None:
+    """``edgefuse-lm-eval``: lm-eval's command line (``lm_eval``'s arguments, unchanged) with ``--model edgefuse``."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
