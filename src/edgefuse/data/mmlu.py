@@ -57,7 +57,7 @@ class MMLUDataset:
         return sorted({it.subject for it in self.items})
 
 
-def _make_id(subject: str, question: str, choices: Iterable[str], seen: dict[str, int]) -> str:
+def content_id(subject: str, question: str, choices: Iterable[str], seen: dict[str, int]) -> str:
     digest = hashlib.sha1("\x1f".join([question, *choices]).encode()).hexdigest()[:12]
     base = f"{subject}/{digest}"
     n = seen.get(base, 0)
@@ -98,7 +98,7 @@ class _Builder:
             self.skipped.append((line, problem))
             return
         choices_t = tuple(str(c) for c in choices)
-        self.items.append(MMLUItem(_make_id(subject, question, choices_t, self._seen), subject, question, choices_t, idx))
+        self.items.append(MMLUItem(content_id(subject, question, choices_t, self._seen), subject, question, choices_t, idx))
 
     def done(self) -> MMLUDataset:
         if not self.items:
