@@ -138,6 +138,26 @@ class FusionConfig(_Strict):
                 raise ValueError(f"cr {s.name!r}: methods {bad} are not among fusion.methods {self.methods}")
         return self
 
+    @model_validator(mode="after")
+    def _params_fit_their_methods(self) -> "FusionConfig":
+        """Every fused model's parameters, checked against the method's spec as its fuse stage will pass them
+        (`runner.stages`), so a misspelt or out-of-range parameter fails when the config loads, not after the edges
+        trained."""
+        from edgefuse.errors import EdgefuseError
+        from edgefuse.fusion.registry import get_method, resolve_params
+
+        stray = [m for m in self.params if m not in self.methods]
+        if stray:
+            raise ValueError(f"params names method {stray[0]!r}, which is not among fusion.methods {self.methods}")
+        for method, setting, name in self.fusions():
+            spec = get_method(method)
+            given = {**self.params.get(method, {}), **({} if setting.strategy == "off" else setting.fuse_params())}
+            try:
+                resolve_params(spec, self.density if spec.density is not None else None, given)
+            except EdgefuseError as e:
+                raise ValueError(f"{name}: {e}") from None
+        return self
+
     @field_serializer("cr")
     def _plain_names(self, v: list[CRSetting]) -> list:
         """A setting that is just a strategy with its defaults is written back as its name (the YAML form)."""
