@@ -22,10 +22,11 @@ from edgefuse.artifacts import ExternalAdapterManifest
 from edgefuse.compose.embedding import attach_embedding, example_text, read_embedding
 from edgefuse.compose.mixture import LoraMixture
 from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings, retrieval_accuracy, retrieve, similarities
-from edgefuse.compose.routing import HEADER, MixtureScorer, cd_segment_spans, label_weights, score_cd, token_labels
+from edgefuse.compose.routing import MixtureScorer, label_weights, score_cd, token_labels
 from edgefuse.data.mmlu import select
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.mmlu_cd import ChainedClozeScorer, ChainedScorer, cd_text, cloze_cd_text
+from edgefuse.evaluate.mmlu_cd import HEADER_SEGMENT as HEADER
+from edgefuse.evaluate.mmlu_cd import ChainedClozeScorer, ChainedScorer, cd_segments, cd_text, cloze_cd_text
 from edgefuse.evaluate.scoring import continuation_token_ids, head_logprobs, lm_parts
 from edgefuse.models import tiny_model
 
@@ -152,11 +153,31 @@ def test_embedding_field_errors_name_the_adapter(tmp_path):
     assert "no retrieval embedding" in one_line_error(lambda: AdapterPool.of([a, LoraAdapter({}, path=tmp_path / "c")]))
 
 
+def test_recorded_segments_are_where_the_text_holds_them(mmlu):
+    """`cd_segments` records each segment's start while building the prompt; searching the finished text for the
+    question and answer markers (tests/helpers/cd_spans.py) must find the same places, for k = 2..5, both forms
+    and any number of answers given."""
+    import random
+
+    from helpers.cd_spans import searched_spans
+
+    rng = random.Random(0)
+    for _ in range(300):
+        k = rng.choice([2, 3, 4, 5])
+        items = rng.sample(mmlu.items, k)
+        chosen = [rng.randrange(4) for _ in range(rng.randint(0, k))]
+        for fmt, text_of in (("letters", cd_text), ("cloze", cloze_cd_text)):
+            text, spans = cd_segments(items, chosen, fmt)
+            assert text == text_of(items, chosen)
+            assert spans == searched_spans(text, items)
+
+
 def test_segment_labels_follow_the_question_blocks(tiny, instances):
     _, tok = tiny
     items = instances[0]
-    for text in (cd_text(items, [2]), cloze_cd_text(items, [1])):
-        ids, labels = token_labels(tok, text, cd_segment_spans(text, items))
+    for fmt, chosen in (("letters", [2]), ("cloze", [1])):
+        text, spans = cd_segments(items, chosen, fmt)
+        ids, labels = token_labels(tok, text, spans)
         assert len(labels) == len(ids) and tok.decode(ids) == text
         pieces = {lab: tok.decode([t for t, x in zip(ids, labels) if x == lab]) for lab in (HEADER, 0, 1)}
         assert pieces[HEADER].startswith("The following are") and "Question" not in pieces[HEADER]
@@ -175,9 +196,9 @@ def test_a_bos_the_tokenizer_puts_first_starts_the_header_segment(tiny, instance
     _, tok = tiny
     btok = with_default_bos(tok)
     items = instances[0]
-    text = cloze_cd_text(items, [1])
-    ids, labels = token_labels(tok, text, cd_segment_spans(text, items))
-    bids, blabels = token_labels(btok, text, cd_segment_spans(text, items))
+    text, spans = cd_segments(items, [1], "cloze")
+    ids, labels = token_labels(tok, text, spans)
+    bids, blabels = token_labels(btok, text, spans)
     assert bids == [btok.bos_token_id] + ids and blabels == [HEADER] + labels
 
 
@@ -269,6 +290,8 @@ def test_packed_mixture_cloze_k1_equals_the_packed_scorer_on_peft(tiny, adapters
 
 @pytest.mark.parametrize("fmt", ["letters", "cloze"])
 def test_segment_routing_equals_dense_per_token_reference(tiny, adapters, adapter_dirs, instances, fmt):
+    from helpers.cd_spans import searched_spans
+
     model, tok = tiny
     n = len(instances)
     segments = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6]]).expand(n, 2, 3).clone()
@@ -284,7 +307,7 @@ def test_segment_routing_equals_dense_per_token_reference(tiny, adapters, adapte
             chosen = []
             for j in range(2):
                 text = (cd_text if fmt == "letters" else cloze_cd_text)(items, chosen)
-                ids, labels = token_labels(tok, text, cd_segment_spans(text, items))
+                ids, labels = token_labels(tok, text, searched_spans(text, items))  # independent of the library's
                 ctx_w = label_weights(labels, segments[i], header[i])
                 if fmt == "letters":
                     dense.weights = ctx_w

@@ -11,10 +11,11 @@ whole, which is what the cached chain equals by construction), so an instance co
 of one prefix pass and k-1 short steps: per-segment routing changes the keys and values of every later
 position, which a shared cache across steps cannot express.
 
-Segments of an MMLU-CD prompt: the header (label -1, it names every question's subject, and uses the
-mean of the instance's segment mixtures), ``Question j`` with its choices and the blank line after it
-(label j-1), and ``Answer j:`` with the answer that follows it (label j-1). Tokens are assigned to the
-segment their text starts in; a token that straddles a boundary goes to the later segment.
+Segments of an MMLU-CD prompt (`edgefuse.evaluate.mmlu_cd.cd_segments` records them as it builds the text):
+the header (label `HEADER_SEGMENT`, it names every question's subject, and uses the mean of the instance's
+segment mixtures), ``Question j`` with its choices and the blank line after it (label j-1), and ``Answer j:``
+with the answer that follows it (label j-1). Tokens are assigned to the segment their text starts in; a token
+that straddles a boundary goes to the later segment.
 """
 
 from __future__ import annotations
@@ -29,32 +30,6 @@ from edgefuse.evaluate.cloze import ClozeScorer, PackedRows
 from edgefuse.evaluate.mmlu_cd import common_prefix
 from edgefuse.evaluate.scoring import head_logprobs, lm_parts, make_batch, unwrap
 from edgefuse.tokens import bos_prefix
-
-HEADER = -1
-
-
-def cd_segment_spans(text: str, items: Sequence) -> list[tuple[int, int]]:
-    """(first character, label) of each segment of an MMLU-CD text (letters or cloze form, with any
-    number of answers appended), in order; see the module doc."""
-    spans, cursor = [(0, HEADER)], 0
-    for j, it in enumerate(items):
-        q = f"Question {j + 1}: {it.question.strip()}"
-        pos = text.find(q, cursor)
-        if pos < 0:
-            raise EdgefuseError(f"internal error: question {j + 1} not found in the MMLU-CD prompt")
-        spans.append((pos, j))
-        cursor = pos + len(q)
-    for j in range(len(items)):
-        cue = "\n\nAnswer 1:" if j == 0 else f"\nAnswer {j + 1}:"
-        pos = text.find(cue, cursor)
-        if pos < 0:
-            if j == 0:
-                raise EdgefuseError("internal error: 'Answer 1:' not found in the MMLU-CD prompt")
-            break
-        spans.append((pos, j))
-        cursor = pos + len(cue)
-    return spans
-
 
 def token_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """(token ids of ``text``, segment label of each token). A boundary's token index is how many
@@ -77,7 +52,7 @@ def token_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tupl
 
 def label_weights(labels: Sequence[int], segments: torch.Tensor, header: torch.Tensor) -> torch.Tensor:
     """(tokens, pool size) weights: each token its segment's mixture, header tokens ``header``."""
-    table = torch.cat([segments, header[None]])  # label -1 → last row
+    table = torch.cat([segments, header[None]])  # label HEADER_SEGMENT (-1) → last row
     return table[torch.tensor(labels, dtype=torch.long)]
 
 
@@ -169,7 +144,7 @@ def score_cd(scorer: MixtureScorer, instances: Sequence[Sequence], segments: tor
     `edgefuse.evaluate.mmlu_cd`; instance routing is the case where every segment has one mixture."""
     from edgefuse.data.prompts import cloze_continuation
     from edgefuse.evaluate.cloze import choose, encode_choices
-    from edgefuse.evaluate.mmlu_cd import CONTINUATIONS, cd_text, cloze_cd_text
+    from edgefuse.evaluate.mmlu_cd import CONTINUATIONS, cd_segments
     from edgefuse.evaluate.scoring import continuation_token_ids
 
     if not instances:
@@ -181,10 +156,11 @@ def score_cd(scorer: MixtureScorer, instances: Sequence[Sequence], segments: tor
         idx = list(range(s, min(len(instances), s + scorer.batch_size)))
         chosen: dict[int, list[int]] = {i: [] for i in idx}
         for j in range(k):
-            texts = {i: (cd_text if fmt == "letters" else cloze_cd_text)(instances[i], chosen[i]) for i in idx}
+            built = {i: cd_segments(instances[i], chosen[i], fmt) for i in idx}
+            texts = {i: text for i, (text, _) in built.items()}
             seqs, weights = [], []
             for i in idx:
-                ids, labels = token_labels(scorer.tokenizer, texts[i], cd_segment_spans(texts[i], instances[i]))
+                ids, labels = token_labels(scorer.tokenizer, texts[i], built[i][1])
                 if scorer.max_length and len(ids) + 8 > scorer.max_length:
                     raise EdgefuseError(f"an MMLU-CD prompt has {len(ids)} tokens, near or over the model's "
                                         f"{scorer.max_length}; use a smaller k")

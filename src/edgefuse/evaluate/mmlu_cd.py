@@ -57,19 +57,19 @@ def _join(words: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
+HEADER_SEGMENT = -1  # the label of the header's characters in `cd_segments`
+
+
+def _subjects(items: Sequence[MMLUItem]) -> str:
+    return _join(list(dict.fromkeys(subject_words(it.subject) for it in items)))
+
+
 def cd_header(items: Sequence[MMLUItem]) -> str:
-    subjects = list(dict.fromkeys(subject_words(it.subject) for it in items))
-    return f"The following are multiple choice questions (with answers) about {_join(subjects)}.\n\n"
+    return f"The following are multiple choice questions (with answers) about {_subjects(items)}.\n\n"
 
 
-def cd_prefix(items: Sequence[MMLUItem]) -> str:
-    """Header, all numbered questions with lettered choices, then ``Answer 1:`` (no trailing space)."""
-    blocks = []
-    for j, it in enumerate(items, 1):
-        lines = [f"Question {j}: {it.question.strip()}"]
-        lines += [f"{letter}. {choice}" for letter, choice in zip(LETTERS, it.choices)]
-        blocks.append("\n".join(lines))
-    return cd_header(items) + "\n\n".join(blocks) + "\n\nAnswer 1:"
+def cloze_cd_header(items: Sequence[MMLUItem]) -> str:
+    return f"The following are questions (with answers) about {_subjects(items)}.\n\n"
 
 
 def answer_cue(j: int) -> str:
@@ -77,34 +77,55 @@ def answer_cue(j: int) -> str:
     return f"\nAnswer {j}:"
 
 
+def cd_segments(items: Sequence[MMLUItem], chosen: Sequence[int], fmt: str = "letters"
+                ) -> tuple[str, list[tuple[int, int]]]:
+    """The growing MMLU-CD prompt after the ``chosen`` answers (indices), and where each of its segments starts.
+
+    The text is the scoring point of answer len(chosen)+1, or, with all k chosen, the whole instance. Segments,
+    as (first character, label): the header (`HEADER_SEGMENT`); ``Question j`` with its lettered choices (letters
+    form) and the blank line after it (label j-1); ``Answer j:`` with the answer that follows it (label j-1; the
+    first cue brings the blank line before it). They are recorded as the text is built, so a composition that
+    routes each segment its own way (`edgefuse.compose.routing`) never searches the prompt for them."""
+    check_format(fmt)
+    parts = [(cd_header(items) if fmt == "letters" else cloze_cd_header(items), HEADER_SEGMENT)]
+    for j, it in enumerate(items):
+        lines = [f"Question {j + 1}: {it.question.strip()}"]
+        if fmt == "letters":
+            lines += [f"{letter}. {choice}" for letter, choice in zip(LETTERS, it.choices)]
+        parts.append(("\n".join(lines) + ("\n\n" if j + 1 < len(items) else ""), j))
+    parts.append(("\n\nAnswer 1:", 0))
+    for j, c in enumerate(chosen):
+        answer = f" {LETTERS[c]}" if fmt == "letters" else cloze_continuation(items[j], c)
+        parts[-1] = (parts[-1][0] + answer, j)
+        if j + 1 < len(items):
+            parts.append((answer_cue(j + 2), j + 1))
+    spans, start = [], 0
+    for text, label in parts:
+        spans.append((start, label))
+        start += len(text)
+    return "".join(text for text, _ in parts), spans
+
+
+def cd_prefix(items: Sequence[MMLUItem]) -> str:
+    """Header, all numbered questions with lettered choices, then ``Answer 1:`` (no trailing space)."""
+    return cd_segments(items, [], "letters")[0]
+
+
 def cd_text(items: Sequence[MMLUItem], letters: Sequence[int]) -> str:
     """The growing prompt after answering ``letters`` (indices): the scoring point of answer len+1,
     or, with all k letters, the full instance text."""
-    text = cd_prefix(items)
-    for j, letter in enumerate(letters, 1):
-        text += f" {LETTERS[letter]}"
-        if j < len(items):
-            text += answer_cue(j + 1)
-    return text
+    return cd_segments(items, letters, "letters")[0]
 
 
 def cloze_cd_prefix(items: Sequence[MMLUItem]) -> str:
     """Cloze header, the numbered questions without choices, then ``Answer 1:`` (no trailing space)."""
-    subjects = list(dict.fromkeys(subject_words(it.subject) for it in items))
-    header = f"The following are questions (with answers) about {_join(subjects)}.\n\n"
-    blocks = [f"Question {j}: {it.question.strip()}" for j, it in enumerate(items, 1)]
-    return header + "\n\n".join(blocks) + "\n\nAnswer 1:"
+    return cd_segments(items, [], "cloze")[0]
 
 
 def cloze_cd_text(items: Sequence[MMLUItem], chosen: Sequence[int]) -> str:
     """The growing cloze prompt after the chosen answers (indices): the context of answer len+1, or,
     with all k chosen, the full instance text."""
-    text = cloze_cd_prefix(items)
-    for j, c in enumerate(chosen, 1):
-        text += cloze_continuation(items[j - 1], c)
-        if j < len(items):
-            text += answer_cue(j + 1)
-    return text
+    return cd_segments(items, chosen, "cloze")[0]
 
 
 def instance_record(inst: dict, items: Sequence[MMLUItem], preds: Sequence[int], scores: Sequence[Sequence[float]],
