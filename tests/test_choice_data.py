@@ -146,3 +146,37 @@ def test_missing_files_and_mappings_are_refused(tmp_path):
     with pytest.raises(EdgefuseError, match="no examples"):
         (tmp_path / "task.json").write_text('{"name": "t"}', encoding="utf-8")
         load_bigbench_task(tmp_path / "task.json")
+
+
+def test_cross_domain_instances_over_any_domains(tmp_path):
+    """MMLU-CD's composer on three domains of a JSONL: 3 combinations × 10 instances for n = 30, each domain in
+    each answer position 10 times, no item twice within an instance, and no-reuse's limit stated exactly."""
+    from collections import Counter
+
+    from edgefuse.data.choices import domain_pools
+    from edgefuse.data.mmlu_cd import compose_instances
+
+    rows = [{"question": f"{d} question {i}?", "choices": ["x", "y", "z"], "answer": i % 3, "domain": d}
+            for d, count in (("units", 12), ("logic", 9), ("code", 15)) for i in range(count)]
+    items = load_choice_jsonl(write_jsonl(tmp_path / "three.jsonl", rows))
+    pools = domain_pools(items)
+    assert list(pools) == ["units", "logic", "code"] and [len(p) for p in pools.values()] == [12, 9, 15]
+    instances, combos, counts = compose_instances(pools, k=2, n=30, seed=0)
+    assert counts == [10, 10, 10] and sorted(Counter(tuple(sorted(i["domains"])) for i in instances).values()) == [10] * 3
+    positions = Counter((d, j) for inst in instances for j, d in enumerate(inst["domains"]))
+    assert set(positions.values()) == {10}
+    by_id = {it.id: it for it in items}
+    assert all(by_id[i].subject == d for inst in instances for i, d in zip(inst["items"], inst["domains"]))
+    assert all(len(set(inst["items"])) == 2 for inst in instances)
+    assert compose_instances(pools, k=2, n=30, seed=0)[0] == instances  # deterministic
+    # each domain is in 2 of the 3 combinations: n = 27 (9 per combination) needs 18 items of each domain
+    with pytest.raises(EdgefuseError, match=r"--no-reuse: n=27 needs 18 'units' items but the pool has 12; .* is n=(\d+)") as e:
+        compose_instances(pools, k=2, n=27, seed=0, no_reuse=True)
+    limit = int(e.value.args[0].rsplit("n=", 1)[1])
+    fits = compose_instances(pools, k=2, n=limit, seed=0, no_reuse=True)[0]  # the stated limit holds ...
+    used = Counter(i for inst in fits for i in inst["items"])
+    assert max(used.values()) == 1 and 9 <= limit < 27  # ... with no item used twice
+    with pytest.raises(EdgefuseError, match="--no-reuse"):
+        compose_instances(pools, k=2, n=limit + 1, seed=0, no_reuse=True)  # and is the largest
+    with pytest.raises(EdgefuseError, match="k=4 must be between 2 and the number of domains"):
+        compose_instances(pools, k=4, n=5)

@@ -113,6 +113,15 @@ def make_item(domain: str, question, choices, answer: int, seen: dict[str, int])
     return ChoiceItem(content_id(domain, question, choices, seen), domain, question, choices, answer)
 
 
+def domain_pools(items) -> dict[str, list[ChoiceItem]]:
+    """Items per domain, each pool in id order and the domains in order of first appearance: the input of
+    `edgefuse.data.mmlu_cd.compose_instances`, which builds MMLU-CD-style cross-domain instances over them."""
+    pools: dict[str, list[ChoiceItem]] = {}
+    for it in items:
+        pools.setdefault(it.subject, []).append(it)
+    return {d: sorted(p, key=lambda it: it.id) for d, p in pools.items()}
+
+
 def _row_choices(row: dict, fields: FieldMap):
     if isinstance(fields.choices, str):
         return row[fields.choices]

@@ -130,11 +130,38 @@ def build_instances(dataset: MMLUDataset, *, k: int = 2, n: int, seed: int = 0, 
     ``no_reuse`` that is an error stating the largest feasible n. Domains are disjoint, so an
     instance never holds the same item twice.
     """
-    if n < 1:
-        raise EdgefuseError(f"n={n}: the number of instances must be at least 1")
     names, subjects = _check_domains(domains, k)
     spec = split_spec or SplitSpec()
     pools = _pools(dataset, split, spec, names, subjects)
+    instances, combos, counts = compose_instances(pools, k=k, n=n, seed=seed, no_reuse=no_reuse,
+                                                  where=f"the {split!r} split")
+    pool_digest = hashlib.sha256(canonical_json({d: [it.id for it in pools[d]] for d in names}).encode()).hexdigest()
+    header = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "split": split, "split_seed": spec.seed,
+        "split_spec": asdict(spec), "seed": seed, "k": k, "n": n, "domains": names, "no_reuse": no_reuse,
+        "combinations": {"+".join(c): cnt for c, cnt in zip(combos, counts)}, "pool_sha256": pool_digest,
+    }
+    return {"header": header, "instances": instances}
+
+
+def compose_instances(pools: dict[str, list], *, k: int, n: int, seed: int = 0, no_reuse: bool = False,
+                      where: str = "the pool") -> tuple[list[dict], list[tuple[str, ...]], list[int]]:
+    """n cross-domain instances of k questions from k distinct domains of ``pools`` (domain → its items, each
+    item in one domain only, in a fixed order): (instances, domain combinations, instances per combination).
+
+    This is MMLU-CD's composer for any multiple-choice domains (`edgefuse.data.choices` items as well as MMLU's):
+    every k-combination of domains gets ⌊n/C⌋ or ⌈n/C⌉ instances; within a combination the answer order rotates
+    through a seeded base order, so each domain takes each position equally often (±1). Items are drawn per
+    domain without replacement until the pool is exhausted, then reshuffled; with ``no_reuse`` that is an error
+    stating the largest feasible n."""
+    names = list(pools)
+    if n < 1:
+        raise EdgefuseError(f"n={n}: the number of instances must be at least 1")
+    if not 2 <= k <= len(names):
+        raise EdgefuseError(f"k={k} must be between 2 and the number of domains ({len(names)}: {', '.join(names)})")
+    empty = [d for d in names if not pools[d]]
+    if empty:
+        raise EdgefuseError(f"domain {empty[0]!r} has no items in {where}")
     combos = list(itertools.combinations(names, k))
     if no_reuse:
         need = _demand(n, combos, seed, names)
@@ -143,7 +170,7 @@ def build_instances(dataset: MMLUDataset, *, k: int = 2, n: int, seed: int = 0, 
             m = max_instances_without_reuse(pools, combos, seed)
             d = short[0]
             raise EdgefuseError(
-                f"--no-reuse: n={n} needs {need[d]} {d!r} items but the {split!r} split has {len(pools[d])}; "
+                f"--no-reuse: n={n} needs {need[d]} {d!r} items but {where} has {len(pools[d])}; "
                 f"the maximum without reuse for k={k}, seed={seed} and these domains is n={m}")
     counts = _allocation(n, combos, seed)
     slots: list[tuple[str, ...]] = []
@@ -160,13 +187,7 @@ def build_instances(dataset: MMLUDataset, *, k: int = 2, n: int, seed: int = 0, 
         items = [streams[d].next() for d in order]
         instances.append({"id": f"cd-{i:06d}", "items": [it.id for it in items], "domains": list(order),
                           "subjects": [it.subject for it in items]})
-    pool_digest = hashlib.sha256(canonical_json({d: [it.id for it in pools[d]] for d in names}).encode()).hexdigest()
-    header = {
-        "format": FORMAT, "schema_version": SCHEMA_VERSION, "split": split, "split_seed": spec.seed,
-        "split_spec": asdict(spec), "seed": seed, "k": k, "n": n, "domains": names, "no_reuse": no_reuse,
-        "combinations": {"+".join(c): cnt for c, cnt in zip(combos, counts)}, "pool_sha256": pool_digest,
-    }
-    return {"header": header, "instances": instances}
+    return instances, combos, counts
 
 
 def serialize(doc: dict) -> str:
