@@ -39,10 +39,9 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
                             progress: Callable[[int], None] | None = None, meta: dict | None = None) -> dict:
     """MMLU results document of the retrieval mixture: each question retrieves its own top-k adapters
     (the question and its choices are the query; few-shot examples are not)."""
-    from edgefuse.data.mmlu import LETTERS
     from edgefuse.data.prompts import cloze_continuation, cloze_prompt
-    from edgefuse.evaluate.cloze import check_format, choose
-    from edgefuse.evaluate.mmlu import _document, build_prompts
+    from edgefuse.evaluate.cloze import check_format
+    from edgefuse.evaluate.mmlu import build_prompts, results_document
     from edgefuse.evaluate.scoring import continuation_token_ids
     from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
 
@@ -74,26 +73,9 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
                                               [[cloze_continuation(it, c) for c in range(len(it.choices))]
                                                for it in items])
             scores = scorer.continuations(ctxs, conts, W, W, progress)
-    wall = time.perf_counter() - t0
-    subjects = [it.subject for it in items]
-    mixes = [_mixture_record(W[i], pool) for i in range(len(items))]
-    if fmt == "letters":
-        preds = scores.argmax(1).tolist()
-        correct = {"accuracy": [int(p == it.answer) for p, it in zip(preds, items)]}
-        records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
-                    "correct": bool(p == it.answer), "scores": [round(float(x), 6) for x in sc], "mixture": mx}
-                   for it, p, sc, mx in zip(items, preds, scores.tolist(), mixes)]
-    else:
-        lengths = [[len(c) for c in it.choices] for it in items]
-        preds, preds_norm = choose(scores, lengths, "acc").tolist(), choose(scores, lengths, "acc_norm").tolist()
-        correct = {"accuracy": [int(p == it.answer) for p, it in zip(preds, items)],
-                   "accuracy_norm": [int(p == it.answer) for p, it in zip(preds_norm, items)]}
-        records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
-                    "correct": bool(p == it.answer), "pred_norm": LETTERS[pn], "correct_norm": bool(pn == it.answer),
-                    "scores": [round(float(x), 6) for x in sc], "mixture": mx}
-                   for it, p, pn, sc, mx in zip(items, preds, preds_norm, scores.tolist(), mixes)]
-    doc = _document(items, meta, fmt, shots, correct, wall, scorer.tokens, records)
-    doc["retrieval"] = _retrieval_block(pool, settings, queries, subjects)
+    mixes = [{"mixture": _mixture_record(W[i], pool)} for i in range(len(items))]
+    doc = results_document(items, scores, fmt, shots, time.perf_counter() - t0, scorer.tokens, meta, extra=mixes)
+    doc["retrieval"] = _retrieval_block(pool, settings, queries, [it.subject for it in items])
     return doc
 
 

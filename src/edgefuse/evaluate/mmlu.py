@@ -69,13 +69,31 @@ def evaluate_mmlu(
     t0 = time.perf_counter()
     scorer = LetterScorer(model, tokenizer, batch_size=batch_size, padding_side=padding_side)
     scores = scorer.score(build_prompts(items, shots, public), progress=progress)
-    preds = scores.argmax(dim=1).tolist()
-    correct = [int(p == it.answer) for p, it in zip(preds, items)]
-    records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
-                "correct": bool(c), "scores": [round(float(x), 6) for x in s]}
-               for it, p, c, s in zip(items, preds, correct, scores.tolist())]
-    return _document(items, meta, "letters", shots, {"accuracy": correct}, time.perf_counter() - t0,
-                     scorer.tokens_scored, records)
+    return results_document(items, scores, "letters", shots, time.perf_counter() - t0, scorer.tokens_scored, meta)
+
+
+def results_document(items: Sequence[MMLUItem], scores, fmt: str, shots: int, wall: float, tokens: int,
+                     meta: dict | None = None, extra: Sequence[dict] | None = None) -> dict:
+    """The results document of (n, choices) scores, whoever scored them (a model, an adapter, a retrieval mixture):
+    per item the prediction and outcome (letters: the highest letter score; cloze: acc by summed log-likelihood
+    and acc_norm per character of the choice text, as lm-eval-harness), its scores, and ``extra[i]``'s fields."""
+    if fmt == "letters":
+        preds = scores.argmax(dim=1).tolist()
+        correct = {"accuracy": [int(p == it.answer) for p, it in zip(preds, items)]}
+        records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
+                    "correct": bool(p == it.answer)} for it, p in zip(items, preds)]
+    else:
+        lengths = [[len(c) for c in it.choices] for it in items]  # lm-eval: the choice text, no space
+        preds, preds_norm = choose(scores, lengths, "acc").tolist(), choose(scores, lengths, "acc_norm").tolist()
+        correct = {"accuracy": [int(p == it.answer) for p, it in zip(preds, items)],
+                   "accuracy_norm": [int(p == it.answer) for p, it in zip(preds_norm, items)]}
+        records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
+                    "correct": bool(p == it.answer), "pred_norm": LETTERS[pn], "correct_norm": bool(pn == it.answer)}
+                   for it, p, pn in zip(items, preds, preds_norm)]
+    for i, (rec, row) in enumerate(zip(records, scores.tolist())):
+        rec["scores"] = [round(float(x), 6) for x in row]
+        rec.update(extra[i] if extra is not None else {})
+    return _document(items, meta, fmt, shots, correct, wall, tokens, records)
 
 
 def _document(items, meta, fmt: str, shots: int, correct: dict[str, list[int]], wall: float, tokens: int,
@@ -102,14 +120,4 @@ def _evaluate_cloze(model, tokenizer, items, batch_size, progress, meta) -> dict
     scorer = ClozeScorer(model, tokenizer, batch_size=batch_size)
     conts = [[cloze_continuation(it, i) for i in range(len(it.choices))] for it in items]
     scores = scorer.score([cloze_prompt(it) for it in items], conts, progress=progress)
-    lengths = [[len(c) for c in it.choices] for it in items]  # lm-eval: the choice text, no space
-    preds = choose(scores, lengths, "acc").tolist()
-    preds_norm = choose(scores, lengths, "acc_norm").tolist()
-    correct = [int(p == it.answer) for p, it in zip(preds, items)]
-    correct_norm = [int(p == it.answer) for p, it in zip(preds_norm, items)]
-    records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
-                "correct": bool(c), "pred_norm": LETTERS[pn], "correct_norm": bool(cn),
-                "scores": [round(float(x), 6) for x in s]}
-               for it, p, c, pn, cn, s in zip(items, preds, correct, preds_norm, correct_norm, scores.tolist())]
-    return _document(items, meta, "cloze", 0, {"accuracy": correct, "accuracy_norm": correct_norm},
-                     time.perf_counter() - t0, scorer.tokens_scored, records)
+    return results_document(items, scores, "cloze", 0, time.perf_counter() - t0, scorer.tokens_scored, meta)
