@@ -39,6 +39,23 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def jsonl_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of each non-blank line of a JSONL file; a malformed line raises one error
+    naming ``path:line``, a file that is not UTF-8 one naming the file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise EdgefuseError("not UTF-8 text", path=path) from None
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise EdgefuseError(f"malformed JSON ({e.msg})", path=path, line=n) from None
+        yield n, row
+
+
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace variance, so hashes of configs are stable."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)

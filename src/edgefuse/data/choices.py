@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgefuse.data.mmlu import content_id
 from edgefuse.errors import EdgefuseError
+from edgefuse.io import jsonl_rows
 
 ANSWER_KINDS = ("auto", "index", "letter", "text")
 
@@ -138,26 +139,20 @@ def load_choice_jsonl(path: str | Path, fields: FieldMap = FieldMap(), domain: s
     if fields.domain is None and not domain:
         raise EdgefuseError("no domain: give the file's domain, or the field that names each row's", path=path)
     items, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-                if not isinstance(row, dict):
-                    raise EdgefuseError(f"a row must be a JSON object, not {type(row).__name__}")
-                choices = _row_choices(row, fields)
-                if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-                    raise EdgefuseError("choices must be a list of texts")
-                answer = answer_index(row[fields.answer], tuple(choices), fields.answer_kind)
-                row_domain = row[fields.domain] if fields.domain is not None else domain
-                items.append(make_item(row_domain, row[fields.question], choices, answer, seen))
-            except json.JSONDecodeError as e:
-                raise EdgefuseError(f"malformed JSON ({e.msg})", path=path, line=n) from None
-            except KeyError as e:
-                raise EdgefuseError(f"missing field {e}", path=path, line=n) from None
-            except EdgefuseError as e:
-                raise EdgefuseError(str(e), path=path, line=n) from None
+    for n, row in jsonl_rows(path):
+        try:
+            if not isinstance(row, dict):
+                raise EdgefuseError(f"a row must be a JSON object, not {type(row).__name__}")
+            choices = _row_choices(row, fields)
+            if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+                raise EdgefuseError("choices must be a list of texts")
+            answer = answer_index(row[fields.answer], tuple(choices), fields.answer_kind)
+            row_domain = row[fields.domain] if fields.domain is not None else domain
+            items.append(make_item(row_domain, row[fields.question], choices, answer, seen))
+        except KeyError as e:
+            raise EdgefuseError(f"missing field {e}", path=path, line=n) from None
+        except EdgefuseError as e:
+            raise EdgefuseError(str(e), path=path, line=n) from None
     if not items:
         raise EdgefuseError("no questions found", path=path)
     return items

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Iterable
 from edgefuse.assets import mmlu_jsonl
 from edgefuse.data.taxonomy import SUBJECT_TO_SUBCATEGORY, category_of, domain_subjects, normalise_subject
 from edgefuse.errors import EdgefuseError
+from edgefuse.io import jsonl_rows
 
 LETTERS = ("A", "B", "C", "D")
 SPLITS = ("edge", "public", "test")
@@ -112,19 +112,13 @@ def load_jsonl(path: str | Path, strict: bool = False) -> MMLUDataset:
     if not path.is_file():
         raise EdgefuseError("MMLU file not found", path=path)
     b = _Builder(str(path), strict)
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-                choices = [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]]
-                b.add(n, row["topic"], row["question"], choices, row["correct_answer"])
-            except json.JSONDecodeError as e:
-                raise EdgefuseError(f"malformed JSON ({e.msg})", path=path, line=n) from None
-            except (KeyError, TypeError) as e:
-                raise EdgefuseError(f"missing field {e} (expects question, answer_a..d, correct_answer, topic)",
-                                    path=path, line=n) from None
+    for n, row in jsonl_rows(path):
+        try:
+            choices = [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]]
+            b.add(n, row["topic"], row["question"], choices, row["correct_answer"])
+        except (KeyError, TypeError) as e:
+            raise EdgefuseError(f"missing field {e} (expects question, answer_a..d, correct_answer, topic)",
+                                path=path, line=n) from None
     return b.done()
 
 

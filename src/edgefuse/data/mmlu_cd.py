@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 import random
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from pathlib import Path
 from edgefuse.data.mmlu import SPLITS, MMLUDataset, MMLUItem, SplitSpec, make_splits
 from edgefuse.data.taxonomy import CATEGORIES, domain_subjects, normalise_subject
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import atomic_write_text, canonical_json
+from edgefuse.io import atomic_write_text, canonical_json, jsonl_rows
 
 FORMAT = "edgefuse-mmlu-cd"
 SCHEMA_VERSION = 1
@@ -218,18 +217,8 @@ def load_benchmark(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise EdgefuseError("MMLU-CD benchmark file not found", path=path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise EdgefuseError("not UTF-8 text", path=path) from None
     records = []
-    for no, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise EdgefuseError(f"malformed JSON ({e.msg})", path=path, line=no) from None
+    for no, rec in jsonl_rows(path):
         if not isinstance(rec, dict):
             raise EdgefuseError("expected a JSON object", path=path, line=no)
         records.append((no, rec))
