@@ -224,8 +224,17 @@ def test_edgefuse_lm_eval_command_runs_lm_evals_cli_with_the_edgefuse_model(fuse
     arguments a user types, and the samples file it writes holds the hf backend's log-likelihoods."""
     import sys
 
+    import lm_eval.tasks
+
     from edgefuse.evaluate.lm_eval_backend import main
 
+    class OwnTasksOnly(lm_eval.tasks.TaskManager):
+        """lm-eval's task index without its ~thousands of built-in YAMLs (5 s here): the test runs only its own."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, include_defaults=False, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", OwnTasksOnly)
     root, base, fused = fused_tiny
     data, ref = hf_backend
     for k, v in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_CACHE", str(root / "hf-datasets"))):
