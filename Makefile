@@ -9,12 +9,13 @@ STAMP := $(VENV)/.edgefuse-setup
 setup: $(STAMP)
 
 # The installer is uv (pinned), run in the venv: on this 2-core machine it installs the project's dependencies in
-# about 30 s where pip took 71 s (BENCHMARKS.md, "Test suite duration"). torch is pinned, and /opt/wheels (where
-# this machine keeps the CPU build) is searched when it exists, so a CPU torch is taken instead of a multi-GB CUDA
-# build; one resolver run for torch and the project's dependencies, one for the asset packages (--no-deps).
-# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (as on this machine) every process would otherwise
-# compile torch and transformers again, and the suite starts dozens of edgefuse processes; src/ likewise.
-UV := $(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+# 11-12 s where pip took 71 s (BENCHMARKS.md, "Test suite duration"). torch is pinned, and /opt/wheels (where this
+# machine keeps the CPU build) is searched when it exists, so a CPU torch is taken instead of a multi-GB CUDA build;
+# one resolver run for torch and the project's dependencies, one for the asset packages (--no-deps).
+# No bytecode is compiled here (uv's --compile-bytecode took 18 s for every file of torch, transformers, ray, …):
+# `test` and `demo` let Python write it on first import instead (PYTHONDONTWRITEBYTECODE emptied: this machine sets
+# it, and then every process of the suite would compile torch and transformers again), so only what runs is compiled.
+UV := $(BIN)/uv pip install --python $(BIN)/python --quiet $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv==0.12.24
@@ -30,14 +31,14 @@ $(STAMP): pyproject.toml Makefile
 # One torch thread per worker: two workers with a thread per core each would put four threads on two cores, and
 # OpenMP threads spin while they wait for one another (BENCHMARKS.md, "Test suite duration").
 test: setup
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q -n auto --dist loadscope --durations=15
+	PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q -n auto --dist loadscope --durations=15
 
 # unit + integration: no study, no Flower, no embedded model (markers in pyproject.toml); target ≤ 90 s.
 test-fast: setup
-	$(BIN)/pytest -q -m "not e2e and not federated and not slow"
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -m "not e2e and not federated and not slow"
 
 demo: setup
-	$(BIN)/edgefuse run configs/quick.yaml
+	PYTHONDONTWRITEBYTECODE= $(BIN)/edgefuse run configs/quick.yaml
 
 # Each script prints side-by-side ratios; BENCHMARKS.md records the latest figures and these commands.
 # Run it on a quiet machine: timings taken next to other jobs are not comparable.
