@@ -174,3 +174,33 @@ def test_known_cycle_is_gone(graph, cycle):
 @pytest.mark.parametrize("imp", KNOWN_EDGE_TO_EVALUATE, ids=lambda e: "->".join(e))
 def test_known_edge_to_evaluate_import_is_gone(graph, imp):
     assert imp not in edge_to_evaluate(graph)
+
+
+# how stage names start ("data" and "grams" are also stage kinds and config keys, so only the prefixed ones are told apart)
+STAGE_NAME = ("mmlu-cd-k", "embed-", "grams-", "prune-", "train-", "recover-", "eval-", "fuse-", "interference-")
+
+
+def stage_name_literals(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of each string constant in ``path`` (an f-string's literal parts included) that starts like a
+    study stage name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value.startswith(STAGE_NAME):
+                found.append((node.lineno, node.value))
+    return sorted(found)
+
+
+def test_stage_names_have_one_source():
+    """The runner's stages and the estimator's plan name stages through `edgefuse.runner.names` only, so the plan
+    that ``--dry-run`` shows and the stages that run cannot drift apart (issue 23, item 5)."""
+    runner = SRC / PACKAGE / "runner"
+    stray = {p.name: lits for p in sorted(runner.glob("*.py")) if p.name != "names.py"
+             for lits in [stage_name_literals(p)] if lits}
+    assert stray == {}
+
+
+def test_the_stage_name_check_sees_literals_and_f_strings(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('a = f"fuse-{m}-{t}"\nb = "eval-base"\nc = "evaluation"\nd = f"{x}-fuse-"\n', encoding="utf-8")
+    assert stage_name_literals(f) == [(1, "fuse-"), (2, "eval-base")]

@@ -42,6 +42,14 @@ class TrainingConfig(TrainConfig):
         return v
 
 
+OFF = "off"  # the LoRA-CR setting (and strategy) that fuses without conflict resolution
+
+
+def fused_model_name(method: str, cr: str) -> str:
+    """A fused model's name in stages and the report: the method, then ``+`` and the LoRA-CR setting unless off."""
+    return method if cr == OFF else f"{method}+{cr}"
+
+
 class CRSetting(_Strict):
     """One LoRA-CR setting of the study, named so that several settings of one strategy can sit side by side
     (``fusion.cr: [off, element, {name: top10, strategy: element, share: 0.1}]``; a plain name is the
@@ -67,7 +75,12 @@ class CRSetting(_Strict):
         """Its strategy scores or resolves on Gram matrices of each domain's module inputs (activation)."""
         from edgefuse.fusion.registry import CR_STRATEGIES
 
-        return self.strategy != "off" and CR_STRATEGIES[self.strategy].needs_grams
+        return not self.is_off and CR_STRATEGIES[self.strategy].needs_grams
+
+    @property
+    def is_off(self) -> bool:
+        """Fuses without conflict resolution."""
+        return self.strategy == OFF
 
     def fuse_params(self) -> dict:
         """The `fuse_adapters` parameters this setting fixes (``cr_share``, ``cr_element_threshold``, …)."""
@@ -77,7 +90,7 @@ class CRSetting(_Strict):
 
 class FusionConfig(_Strict):
     methods: list[str] = ["task_arithmetic", "ties"]
-    cr: list[CRSetting] = Field(["off", "element"], validate_default=True)  # validated: plain names become settings
+    cr: list[CRSetting] = Field([OFF, "element"], validate_default=True)  # validated: plain names become settings
     rank: Optional[int] = Field(None, ge=1)
     density: Optional[float] = Field(None, gt=0, le=1)
     weights: Optional[list[float]] = None
@@ -108,15 +121,15 @@ class FusionConfig(_Strict):
         regmean), which would be a second copy of the same model."""
         from edgefuse.fusion.registry import CR_STRATEGIES
 
-        return [(m, s, m if s.name == "off" else f"{m}+{s.name}") for m in self.methods for s in self.cr
-                if s.strategy == "off" or (CR_STRATEGIES[s.strategy].changes(m) and (s.methods is None or m in s.methods))]
+        return [(m, s, fused_model_name(m, s.name)) for m in self.methods for s in self.cr
+                if s.is_off or (CR_STRATEGIES[s.strategy].changes(m) and (s.methods is None or m in s.methods))]
 
     @field_validator("cr", mode="before")
     @classmethod
     def _known_cr(cls, v):
         from edgefuse.fusion import list_cr_strategies
 
-        known = ["off", *list_cr_strategies()]
+        known = [OFF, *list_cr_strategies()]
         out = []
         for s in v if isinstance(v, list) else [v]:
             s = {"name": s, "strategy": s} if isinstance(s, str) else s
@@ -151,7 +164,7 @@ class FusionConfig(_Strict):
             raise ValueError(f"params names method {stray[0]!r}, which is not among fusion.methods {self.methods}")
         for method, setting, name in self.fusions():
             spec = get_method(method)
-            given = {**self.params.get(method, {}), **({} if setting.strategy == "off" else setting.fuse_params())}
+            given = {**self.params.get(method, {}), **({} if setting.is_off else setting.fuse_params())}
             try:
                 resolve_params(spec, self.density if spec.density is not None else None, given)
             except EdgefuseError as e:
@@ -416,7 +429,7 @@ class StudyConfig(_Strict):
     def sent_back(self) -> str:
         """Name of the fused model that starts the next round (as in the report: ``method`` or ``method+cr``)."""
         method, cr = self.rounds.method or self.fusion.methods[0], self.rounds.cr or self.fusion.cr[0].name
-        return f"{method}+{cr}" if cr != "off" else method
+        return fused_model_name(method, cr)
 
 
 def _value_error(check, value):

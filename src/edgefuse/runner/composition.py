@@ -20,7 +20,8 @@ from typing import Any
 
 from edgefuse.compose.schema import LORAHUB_NAME, MixtureSettings
 from edgefuse.io import atomic_write_json, hash_obj, read_json, sha256_file
-from edgefuse.runner.estimate import round_tag
+from edgefuse.runner import names as stage_names
+from edgefuse.runner.names import round_tag
 from edgefuse.runner.stages import (_eval_total, _with_adapter, cd_summary, eval_inputs, evaluate_model, mmlu_summary,
                                     precision_inputs)
 from edgefuse.runner.study import Study
@@ -52,7 +53,7 @@ def stage_embeddings(st: Study) -> None:
             atomic_write_json(work / EMBED_FILE, record)
             return {"file": EMBED_FILE, "n_examples": record["n_examples"]}
 
-        out, res = st.stage("embed", f"embed-{edge}", embedding_inputs(st, edge), run)
+        out, res = st.stage("embed", stage_names.embed(edge), embedding_inputs(st, edge), run)
         st.embeddings[edge] = read_json(out / res["file"])
 
 
@@ -108,9 +109,9 @@ def stage_lorahub(st: Study, edges: list[dict], seed: int, round_no: int) -> dic
                                             "examples": len(items)}}
 
     tag = round_tag(seed, round_no)
-    fdir, fres = st.stage("fuse", f"{LORAHUB_NAME}-{tag}", inputs, run, total=settings["budget"] + 1)
+    fdir, fres = st.stage("fuse", stage_names.composed(LORAHUB_NAME, tag), inputs, run, total=settings["budget"] + 1)
     adapter = fdir / fres["dir"]
-    _, ev = st.stage("eval", f"eval-{LORAHUB_NAME}-{tag}",
+    _, ev = st.stage("eval", stage_names.evaluation(LORAHUB_NAME, tag),
                      {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
                      lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(st, m, work, adv, LORAHUB_NAME)),
                      total=_eval_total(st))
@@ -198,7 +199,7 @@ def stage_mixtures(st: Study, edges: list[dict], seed: int, round_no: int) -> tu
                     return {"mmlu": mmlu_summary(st, res), "retrieval": res["retrieval"]}
 
                 inputs = common | {"retrieval": retrieval_key(mix)}
-                _, mmlu_done[rtag] = st.stage("eval", f"eval-{rtag}-mmlu-{tag}", inputs, run_mmlu,
+                _, mmlu_done[rtag] = st.stage("eval", stage_names.mixture_mmlu(rtag, tag), inputs, run_mmlu,
                                               total=len(st.mmlu_items))
             ev["mmlu"] = mmlu_done[rtag]["mmlu"]
             accuracy = accuracy or mmlu_done[rtag]["retrieval"]["accuracy"]
@@ -214,7 +215,7 @@ def stage_mixtures(st: Study, edges: list[dict], seed: int, round_no: int) -> tu
                     out[f"mmlu_cd_k{k}"] = cd_summary(res, k)
                 return out
 
-            _, cd = st.stage("eval", f"eval-{mix.name}-cd-{tag}", common | {"retrieval": _retrieval(mix).as_dict()},
+            _, cd = st.stage("eval", stage_names.mixture_cd(mix.name, tag), common | {"retrieval": _retrieval(mix).as_dict()},
                              run_cd, total=sum(len(d["instances"]) for d in st.cd_docs.values()))
             ev |= cd
         records.append({"name": mix.name, "kind": "retrieval-mixture", "seed": seed, "round": round_no,

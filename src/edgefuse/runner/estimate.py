@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefuse.config import StudyConfig
+from edgefuse.runner import names as stage_names
 from edgefuse.runner.cache import KINDS, finished_stage_files
+from edgefuse.runner.names import round_tag
 
 REFERENCE_PARAMS = 134.5e6  # SmolLM2-135M, the model the rates were measured with
 
@@ -58,11 +60,6 @@ class PlannedStage:
     done: bool = False
 
 
-def round_tag(seed: int, round_no: int) -> str:
-    """Stage-name suffix: ``s0`` in the first round (the one-round names), ``s0-r2`` after."""
-    return f"s{seed}" + (f"-r{round_no}" if round_no > 1 else "")
-
-
 def _scale(params: float | None) -> float:
     return 1.0 if params is None else params / REFERENCE_PARAMS
 
@@ -80,54 +77,60 @@ def _needs_grams(method: str) -> bool:
     return get_method(method).needs_grams
 
 
-def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[PlannedStage]:
-    """Every stage `edgefuse.runner.run_study` will pass through, in order, with its estimated seconds."""
-    s, b, f = _scale(params), cfg.benchmarks, cfg.fusion
+def eval_seconds(cfg: StudyConfig, n_mmlu: int) -> tuple[float, dict[int, float]]:
+    """One model's evaluation at the reference size: (MMLU seconds, MMLU-CD seconds per k)."""
+    b = cfg.benchmarks
     fmt = b.format
-    eval_s = (n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0)
+    mmlu = n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0
     # MMLU-CD: k chained answers per instance, and (``single``) its items alone where MMLU did not score them
     # (counted as all of them: an upper bound when the MMLU selection is a small part of the test split)
     alone = RATES["mmlu_item"][fmt] if b.mmlu_cd.single else 0.0
-    cd_s = {k: b.mmlu_cd.n * k * (RATES["cd_answer"][fmt] + alone) for k in (b.mmlu_cd.ks if b.mmlu_cd.enabled else [])}
-    out = [PlannedStage("data", "data", RATES["setup"])]
-    out += [PlannedStage("data", f"mmlu-cd-k{k}", 1.0) for k in cd_s]
-    out.append(PlannedStage("eval", "eval-base", s * (eval_s + sum(cd_s.values()))))
+    return mmlu, {k: b.mmlu_cd.n * k * (RATES["cd_answer"][fmt] + alone) for k in (b.mmlu_cd.ks if b.mmlu_cd.enabled else [])}
+
+
+def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[PlannedStage]:
+    """Every stage `edgefuse.runner.run_study` will pass through, in order, with its estimated seconds."""
+    s, b, f = _scale(params), cfg.benchmarks, cfg.fusion
+    eval_s, cd_s = eval_seconds(cfg, n_mmlu)
+    out = [PlannedStage("data", stage_names.DATA, RATES["setup"])]
+    out += [PlannedStage("data", stage_names.cd_build(k), 1.0) for k in cd_s]
+    out.append(PlannedStage("eval", stage_names.BASE_EVAL, s * (eval_s + sum(cd_s.values()))))
     if cfg.compose.retrieval_mixture:
-        out += [PlannedStage("embed", f"embed-{e}", RATES["embed"]) for e in cfg.edges]
+        out += [PlannedStage("embed", stage_names.embed(e), RATES["embed"]) for e in cfg.edges]
     K = len(cfg.edges)
     grams_pass = s * cfg.interference.tokens * RATES["grams_token"]
     edge_grams = cfg.collects_grams and cfg.interference.from_edges  # each edge's pass is part of its training
     if cfg.collects_grams and not edge_grams:  # one base-model pass per distinct set of edge domains
         passes = len({tuple(d) for d in cfg.edges.values()})
-        out.append(PlannedStage("grams", "grams", passes * grams_pass))
+        out.append(PlannedStage("grams", stage_names.GRAMS, passes * grams_pass))
     t = cfg.training
     train_s = s * t.steps * t.batch * t.grad_accum * RATES["train_prompt"][t.objective]
     for seed in cfg.seeds:
         for e in cfg.edges:
             p = cfg.pruning_for(e)
             calib = p.calib * RATES["prune_calib"] if p.method in ("taylor", "wanda") else 0.0
-            out.append(PlannedStage("prune", f"prune-{e}-s{seed}", s * (RATES["prune"] + calib)))
+            out.append(PlannedStage("prune", stage_names.prune(e, seed), s * (RATES["prune"] + calib)))
         for r in range(1, cfg.rounds.count + 1):
             tag = round_tag(seed, r)
             first_grams = edge_grams and r == 1
-            out += [PlannedStage("train", f"train-{e}-{tag}", train_s + (grams_pass if first_grams else 0.0))
+            out += [PlannedStage("train", stage_names.train(e, tag), train_s + (grams_pass if first_grams else 0.0))
                     for e in cfg.edges]
             for e in cfg.edges:
-                out.append(PlannedStage("recover", f"recover-{e}-{tag}", s * RATES["recover"]))
+                out.append(PlannedStage("recover", stage_names.recover(e, tag), s * RATES["recover"]))
                 if b.edges_alone:
                     cd = sum(cd_s.values()) if b.edges_alone_cd else 0.0
-                    out.append(PlannedStage("eval", f"eval-edge-{e}-{tag}", s * (eval_s + cd)))
+                    out.append(PlannedStage("eval", stage_names.eval_edge(e, tag), s * (eval_s + cd)))
             if first_grams:  # the edges' Gram matrices gathered into the study's Gram directory
-                out.append(PlannedStage("grams", f"grams-{tag}", 1.0))
+                out.append(PlannedStage("grams", stage_names.edge_grams(tag), 1.0))
             for m, c, name in f.fusions():
                 fuse = RATES["fuse"]["elementwise" if _elementwise(m) else "plain"]
-                fuse += RATES["fuse"]["cr"] if c.strategy != "off" else 0.0
+                fuse += 0.0 if c.is_off else RATES["fuse"]["cr"]
                 fuse += K * RATES["regmean_edge"] if _needs_grams(m) else 0.0
-                out.append(PlannedStage("fuse", f"fuse-{name}-{tag}", s * fuse))
+                out.append(PlannedStage("fuse", stage_names.fuse(name, tag), s * fuse))
                 if cfg.collects_grams:
-                    out.append(PlannedStage("fuse", f"interference-{name}-{tag}", s * (
+                    out.append(PlannedStage("fuse", stage_names.interference(name, tag), s * (
                         K * RATES["interference_edge"] + K * K * RATES["interference_pair"])))
-                out.append(PlannedStage("eval", f"eval-{name}-{tag}", s * (eval_s + sum(cd_s.values()))))
+                out.append(PlannedStage("eval", stage_names.evaluation(name, tag), s * (eval_s + sum(cd_s.values()))))
         out += composition_plan(cfg, round_tag(seed, cfg.rounds.count), s, n_mmlu)
     return out
 
@@ -138,27 +141,25 @@ def composition_plan(cfg: StudyConfig, tag: str, s: float, n_mmlu: int) -> list[
 
     b, c = cfg.benchmarks, cfg.compose
     fmt, out = b.format, []
-    eval_s = n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0
-    cd_ks = b.mmlu_cd.ks if b.mmlu_cd.enabled else []
+    eval_s, cd_s = eval_seconds(cfg, n_mmlu)
+    cd_ks = list(cd_s)
     if c.lorahub is not None:
         objective = c.lorahub.objective or fmt
         per_eval = RATES["lorahub_eval"] + c.lorahub.examples * RATES["lorahub_example"][objective]
-        out.append(PlannedStage("fuse", f"{LORAHUB_NAME}-{tag}", s * (c.lorahub.budget + 1) * per_eval))
-        alone = RATES["mmlu_item"][fmt] if b.mmlu_cd.single else 0.0
-        cd = sum(b.mmlu_cd.n * k * (RATES["cd_answer"][fmt] + alone) for k in cd_ks)
-        out.append(PlannedStage("eval", f"eval-{LORAHUB_NAME}-{tag}", s * (eval_s + cd)))
+        out.append(PlannedStage("fuse", stage_names.composed(LORAHUB_NAME, tag), s * (c.lorahub.budget + 1) * per_eval))
+        out.append(PlannedStage("eval", stage_names.evaluation(LORAHUB_NAME, tag), s * (eval_s + sum(cd_s.values()))))
     seen = set()
     for mix in c.retrieval_mixture:
         if b.mmlu.enabled and mix.retrieval_tag not in seen:
             seen.add(mix.retrieval_tag)
-            out.append(PlannedStage("eval", f"eval-{mix.retrieval_tag}-mmlu-{tag}",
+            out.append(PlannedStage("eval", stage_names.mixture_mmlu(mix.retrieval_tag, tag),
                                     s * eval_s * RATES["mixture"] + n_mmlu * RATES["query"]))
         if cd_ks:
             # each answer is scored on the whole growing text (no cache across answers): about k items' worth
             per_answer = {k: RATES["mmlu_item"][fmt] * k * RATES["mixture"] for k in cd_ks}
             alone = RATES["mmlu_item"][fmt] * RATES["mixture"] if b.mmlu_cd.single else 0.0
             cd = sum(b.mmlu_cd.n * k * (per_answer[k] + alone + 2 * RATES["query"]) for k in cd_ks)
-            out.append(PlannedStage("eval", f"eval-{mix.name}-cd-{tag}", s * cd))
+            out.append(PlannedStage("eval", stage_names.mixture_cd(mix.name, tag), s * cd))
     return out
 
 

@@ -19,7 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edgefuse.io import atomic_write_json, jsonable, sha256_file
-from edgefuse.runner.estimate import round_tag
+from edgefuse.runner import names as stage_names
+from edgefuse.runner.names import round_tag
 from edgefuse.runner.study import Study
 
 GRAMS_DIR = "grams"
@@ -65,7 +66,7 @@ def stage_grams(st: Study) -> None:
                   "split_seed": spec.split_seed, "per_prompt": spec.per_prompt}
         return finish_dir(out, fields, aliases, entries)
 
-    out, res = st.stage("grams", "grams", grams_inputs(st), run, total=len(edges))
+    out, res = st.stage("grams", stage_names.GRAMS, grams_inputs(st), run, total=len(edges))
     use_grams(st, out, res)
 
 
@@ -122,7 +123,7 @@ def stage_edge_grams(st: Study, edges: list[dict], seed: int) -> None:
             advance()
         return finish_dir(out, fields, aliases, entries)
 
-    out, res = st.stage("grams", f"grams-{round_tag(seed, 1)}", inputs, run, total=len(sources))
+    out, res = st.stage("grams", stage_names.edge_grams(round_tag(seed, 1)), inputs, run, total=len(sources))
     use_grams(st, out, res, source="edges")
 
 
@@ -173,7 +174,7 @@ def stage_interference(st: Study, edges: list[dict], fused_dir: Path, name: str,
                 "domains": summarize(stats, names)}
 
     tag = round_tag(seed, round_no)
-    out, res = st.stage("fuse", f"interference-{name}-{tag}", inputs, run)
+    out, res = st.stage("fuse", stage_names.interference(name, tag), inputs, run)
     return {"name": name, "seed": seed, "round": round_no, "edges": names, "modules": res["modules"],
             "ratio": res["ratio"], "domains": res["domains"], "file": str(out / res["file"])}
 

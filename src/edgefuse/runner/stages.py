@@ -20,7 +20,8 @@ from edgefuse.artifacts import EdgePackageManifest, RoundStartManifest
 from edgefuse.config import StudyConfig
 from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
-from edgefuse.runner.estimate import round_tag
+from edgefuse.runner import names as stage_names
+from edgefuse.runner.names import round_tag
 from edgefuse.evaluate.gold import gold_scores
 from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
 from edgefuse.runner.study import Pending, Study
@@ -47,7 +48,7 @@ def stage_data(st: Study) -> None:
         atomic_write_json(work / "splits.json", splits, indent=None)
         return {k: len(v) for k, v in splits.items()} | {"skipped_rows": st.dataset.skipped}
 
-    st.stage("data", "data", d.model_dump(), run)
+    st.stage("data", stage_names.DATA, d.model_dump(), run)
     m = st.cfg.benchmarks.mmlu
     st.mmlu_items = select(st.dataset, "test", m.domains, None, m.limit, d.split_seed, st.split_spec)
 
@@ -64,7 +65,7 @@ def stage_cd_build(st: Study) -> None:
                                   split="test", split_spec=st.split_spec)
             return {"hash": write_benchmark(doc, work / f"mmlu_cd_k{k}.jsonl"), "file": f"mmlu_cd_k{k}.jsonl"}
 
-        out, res = st.stage("data", f"mmlu-cd-k{k}", {"data": st.cfg.data.model_dump(), "cd": cd.model_dump(),
+        out, res = st.stage("data", stage_names.cd_build(k), {"data": st.cfg.data.model_dump(), "cd": cd.model_dump(),
                                                      "k": k}, run)
         st.cd_docs[k] = load_benchmark(out / res["file"])
         st.cd_hashes[k] = res["hash"]
@@ -181,7 +182,7 @@ def eval_inputs(st: Study) -> dict:
 
 
 def stage_base_eval(st: Study) -> dict:
-    return eval_stage(st, "eval-base", eval_inputs(st),
+    return eval_stage(st, stage_names.BASE_EVAL, eval_inputs(st),
                       lambda work, adv: evaluate_model(st, st.model, work, adv, "base"), total=_eval_total(st))
 
 
@@ -214,7 +215,7 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
 
     inputs = {"model": st.base_fingerprint, "pruning": p.model_dump(), "edge": edge, "domains": domains,
               "seed": seed, "training": cfg.training.model_dump(), **precision_inputs(st)}
-    out, res = st.stage("prune", f"prune-{edge}-s{seed}", inputs, run_prune)
+    out, res = st.stage("prune", stage_names.prune(edge, seed), inputs, run_prune)
     return out / res["dir"], res, inputs
 
 
@@ -230,7 +231,7 @@ def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed:
     grams = edge_gram_spec(st) if round_no == 1 else None  # the edges' own Gram matrices: first round only
     wanted: dict[str, tuple[str, Pending]] = {}  # stage name → (edge, stage)
     for edge, (pdir, _, pinputs) in pruned.items():
-        name = f"train-{edge}-{round_tag(seed, round_no)}"
+        name = stage_names.train(edge, round_tag(seed, round_no))
         inputs = {"prune": pinputs, "plan": sha256_file(pdir / "plan.json"), "train": tcfg.model_dump()}
         if start is not None:
             inputs |= {"round": round_no, "start": sha256_file(start / "adapter_model.safetensors")}
@@ -306,7 +307,7 @@ def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, packag
         return {"dir": "adapter", "sha256": sha256_file(work / "adapter" / "adapter_model.safetensors")}
 
     tag = round_tag(seed, round_no)
-    rec_dir, rec_res = st.stage("recover", f"recover-{edge}-{tag}", inputs, run_recover)
+    rec_dir, rec_res = st.stage("recover", stage_names.recover(edge, tag), inputs, run_recover)
     adapter = rec_dir / rec_res["dir"]
     out = {"edge": edge, "seed": seed, "round": round_no, "domains": st.cfg.edges[edge], "adapter": str(adapter),
            "prune": prune_res, "train": train_res["stats"]}
@@ -315,7 +316,7 @@ def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, packag
     if st.cfg.benchmarks.edges_alone:
         cd = st.cfg.benchmarks.edges_alone_cd
         key = {"eval": eval_inputs(st), "adapter": rec_res["sha256"], **({"cd": True} if cd else {})}
-        out["eval"] = eval_stage(st, f"eval-edge-{edge}-{tag}", key,
+        out["eval"] = eval_stage(st, stage_names.eval_edge(edge, tag), key,
                                  lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(
                                      st, m, work, adv, edge, cd=cd)),
                                  total=_eval_total(st, cd))
@@ -349,7 +350,7 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
             inputs["grams"] = st.grams_hash
 
         def run_fuse(work: Path, advance, method=method, setting=setting, spec=spec, grams=grams) -> dict:
-            off = setting.strategy == "off"
+            off = setting.is_off
             stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
                               cr=None if off else setting.strategy, cr_threshold=setting.threshold,
                               weights=weights, rank=None if spec.exact_rank else f.rank,
@@ -360,13 +361,13 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
             return {"dir": "fused", "stats": jsonable(stats)}
 
         tag = round_tag(seed, round_no)
-        fdir, fres = st.stage("fuse", f"fuse-{name}-{tag}", inputs, run_fuse)
+        fdir, fres = st.stage("fuse", stage_names.fuse(name, tag), inputs, run_fuse)
         adapter = fdir / fres["dir"]
         if st.grams_dir is not None:
             from edgefuse.runner.interference import stage_interference
 
             st.interference.append(stage_interference(st, edges, adapter, name, seed, round_no))
-        res = eval_stage(st, f"eval-{name}-{tag}",
+        res = eval_stage(st, stage_names.evaluation(name, tag),
                          {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
                          lambda work, adv, adapter=adapter, name=name: _with_adapter(
                              st, adapter, lambda m: evaluate_model(st, m, work, adv, name)),
