@@ -8,13 +8,14 @@ share a context run it once, with their continuations packed after it (`edgefuse
 Arguments (``--model_args`` as ``key=value,…``): ``model`` (any edgefuse model spec, default SmolLM2),
 ``adapter`` (a PEFT adapter directory) or ``pool`` (adapter directories joined by ``:``, each with its embedding:
 `edgefuse compose embed`) with ``top_k``, ``weighting`` and ``temperature`` (defaults: `edgefuse.compose.schema`),
-and ``device`` / ``dtype`` (`edgefuse.precision`). A pool request's query is its context text, embedded with the
+and ``dtype`` (`edgefuse.precision`). The device is lm-eval's own ``--device`` (lm-eval passes it to every
+model, so it cannot also be a model argument). A pool request's query is its context text, embedded with the
 embedded MiniLM; its mixture serves the context and every continuation.
 
 lm-eval 0.4.13 looks up models in its own registry only (no plugin discovery), so the model is registered when
 this module is imported: the console script ``edgefuse-lm-eval ARGS`` is lm-eval's own command line after that
-import (`main`), and Python users import this module before ``lm_eval.simple_evaluate(model="edgefuse", …)``. Tokenization and BOS follow edgefuse
-(`edgefuse.tokens`), so results equal ``edgefuse eval``'s. Only log-likelihood requests are served: rolling
+import (`main`), and Python users import this module before ``lm_eval.simple_evaluate(model="edgefuse", …)``.
+Tokenization and BOS follow edgefuse (`edgefuse.tokens`), so results equal ``edgefuse eval``'s. Only log-likelihood requests are served: rolling
 perplexity and generation raise one clear error.
 """
 
