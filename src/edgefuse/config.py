@@ -163,13 +163,19 @@ class FusionConfig(_Strict):
         if stray:
             raise ValueError(f"params names method {stray[0]!r}, which is not among fusion.methods {self.methods}")
         for method, setting, name in self.fusions():
-            spec = get_method(method)
-            given = {**self.params.get(method, {}), **({} if setting.is_off else setting.fuse_params())}
             try:
-                resolve_params(spec, self.density if spec.density is not None else None, given)
+                resolve_params(get_method(method), *self.fuse_args(method, setting))
             except EdgefuseError as e:
                 raise ValueError(f"{name}: {e}") from None
         return self
+
+    def fuse_args(self, method: str, setting: CRSetting) -> tuple[float | None, dict]:
+        """(density, parameters) a fused model is built with: the shared density where the method takes one, the
+        method's ``params`` and, unless off, the LoRA-CR setting's own (`CRSetting.fuse_params`)."""
+        from edgefuse.fusion.registry import get_method
+
+        density = self.density if get_method(method).density is not None else None
+        return density, {**self.params.get(method, {}), **({} if setting.is_off else setting.fuse_params())}
 
     @field_serializer("cr")
     def _plain_names(self, v: list[CRSetting]) -> list:

@@ -100,17 +100,21 @@ def answer_index(value, choices: tuple[str, ...], kind: str = "auto") -> int:
     raise EdgefuseError(f"answer {value!r} is neither a choice's text nor a letter A-{letters[-1]}")
 
 
-def make_item(domain: str, question, choices, answer: int, seen: dict[str, int]) -> ChoiceItem:
-    """One checked item: a non-empty question and at least two text choices."""
-    if not isinstance(question, str) or not question.strip():
-        raise EdgefuseError("empty or non-text question")
+def text_choices(choices) -> tuple[str, ...]:
+    """A question's choices, checked: a list of at least two texts."""
     if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
         raise EdgefuseError("choices must be a list of texts")
     if len(choices) < 2:
         raise EdgefuseError(f"needs at least 2 choices, has {len(choices)}")
+    return tuple(choices)
+
+
+def make_item(domain: str, question, choices: tuple[str, ...], answer: int, seen: dict[str, int]) -> ChoiceItem:
+    """One checked item: a non-empty question and domain; ``choices`` come through `text_choices`."""
+    if not isinstance(question, str) or not question.strip():
+        raise EdgefuseError("empty or non-text question")
     if not isinstance(domain, str) or not domain.strip():
         raise EdgefuseError("empty or non-text domain")
-    choices = tuple(choices)
     return ChoiceItem(content_id(domain, question, choices, seen), domain, question, choices, answer)
 
 
@@ -143,10 +147,8 @@ def load_choice_jsonl(path: str | Path, fields: FieldMap = FieldMap(), domain: s
         try:
             if not isinstance(row, dict):
                 raise EdgefuseError(f"a row must be a JSON object, not {type(row).__name__}")
-            choices = _row_choices(row, fields)
-            if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-                raise EdgefuseError("choices must be a list of texts")
-            answer = answer_index(row[fields.answer], tuple(choices), fields.answer_kind)
+            choices = text_choices(_row_choices(row, fields))
+            answer = answer_index(row[fields.answer], choices, fields.answer_kind)
             row_domain = row[fields.domain] if fields.domain is not None else domain
             items.append(make_item(row_domain, row[fields.question], choices, answer, seen))
         except KeyError as e:
@@ -188,7 +190,7 @@ def load_bigbench_task(path: str | Path, domain: str | None = None) -> list[Choi
             raise EdgefuseError(f"{len(winners)} choices share the highest target score; one answer is needed",
                                 path=where)
         try:
-            items.append(make_item(domain, ex.get("input"), list(scores), winners[0], seen))
+            items.append(make_item(domain, ex.get("input"), tuple(scores), winners[0], seen))
         except EdgefuseError as e:
             raise EdgefuseError(str(e), path=where) from None
     return items

@@ -15,8 +15,8 @@ embedded MiniLM; its mixture serves the context and every continuation.
 lm-eval 0.4.13 looks up models in its own registry only (no plugin discovery), so the model is registered when
 this module is imported: the console script ``edgefuse-lm-eval ARGS`` is lm-eval's own command line after that
 import (`main`), and Python users import this module before ``lm_eval.simple_evaluate(model="edgefuse", …)``.
-Tokenization and BOS follow edgefuse (`edgefuse.tokens`), so results equal ``edgefuse eval``'s. Only log-likelihood requests are served: rolling
-perplexity and generation raise one clear error.
+Tokenization and BOS follow edgefuse (`edgefuse.tokens`), so results equal ``edgefuse eval``'s. Only
+log-likelihood requests are served: rolling perplexity and generation raise one clear error.
 """
 
 from __future__ import annotations

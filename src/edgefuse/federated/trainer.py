@@ -202,11 +202,11 @@ class FlowerTrainer:
         """The edge's own Gram matrices (``interference.source: edges``), checked against the base model's module
         layout (one one-token forward, once per study) and written to ``directory``; raises on a bad upload."""
         from edgefuse.federated.records import content_to_grams
-        from edgefuse.interference.collect import edge_manifest_fields, gram_layout
+        from edgefuse.interference.collect import gram_layout, manifest_fields
 
         if self._layout is None:
             self._layout = gram_layout(st.model)
-        fields = edge_manifest_fields(st.cfg.model, st.base_fingerprint, st.cfg.data.split_seed, job.grams.per_prompt)
+        fields = manifest_fields(st.cfg.model, st.base_fingerprint, "edge", st.cfg.data.split_seed, job.grams.per_prompt)
         content_to_grams(content, directory, self._layout, fields, job.edge, "Gram matrices")
 
     def accept(self, st, job, upload) -> None:

@@ -15,7 +15,7 @@ from edgefuse.errors import EdgefuseError
 from edgefuse.interference.spec import GramSpec
 
 __all__ = ["GramSpec", "adapted_linears", "collect", "edge_grams", "gram_layout", "gram_matrices", "interleaved_prompts",
-           "public_prompts", "token_sequences", "write_edge_grams", "edge_manifest_fields"]
+           "public_prompts", "token_sequences", "write_edge_grams", "manifest_fields"]
 
 
 def adapted_linears(model) -> dict[str, torch.nn.Module]:
@@ -144,13 +144,14 @@ def write_edge_grams(model, tokenizer, items, spec: GramSpec, out, edge: str, ba
     from edgefuse.models import fingerprint
 
     mats, aliases, tokens, prompts = edge_grams(model, tokenizer, items, spec)
-    fields = edge_manifest_fields(base_model, fingerprint(model), split_seed, spec.per_prompt)
+    fields = manifest_fields(base_model, fingerprint(model), "edge", split_seed, spec.per_prompt)
     return save_grams(out, fields, {edge: mats}, {edge: tokens}, {edge: prompts}, aliases, force=True)
 
 
-def edge_manifest_fields(base_model: str, base_fingerprint: str, split_seed: int, per_prompt: int) -> dict:
-    """The ``grams.json`` fields of an edge's own Gram matrices (split ``edge``), as the edge and the cloud write them."""
-    return {"base_model": base_model, "base_fingerprint": base_fingerprint, "split": "edge", "split_seed": split_seed,
+def manifest_fields(base_model: str, base_fingerprint: str, split: str, split_seed: int, per_prompt: int) -> dict:
+    """The ``grams.json`` fields of a Gram directory: the cloud's on a public split (`runner.interference`), an
+    edge's own on split ``edge``, written alike by the edge and by the cloud that checks them."""
+    return {"base_model": base_model, "base_fingerprint": base_fingerprint, "split": split, "split_seed": split_seed,
             "per_prompt": per_prompt}
 
 

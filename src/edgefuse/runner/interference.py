@@ -40,7 +40,7 @@ def stage_grams(st: Study) -> None:
     manifest by edge (the domain each recovered adapter records); sets ``st.grams_dir`` and ``st.grams_hash``."""
     if not st.cfg.collects_grams or st.cfg.interference.from_edges:  # from the edges: `stage_edge_grams`
         return
-    from edgefuse.interference.collect import gram_matrices, public_prompts, token_sequences
+    from edgefuse.interference.collect import gram_matrices, manifest_fields, public_prompts, token_sequences
     from edgefuse.interference.grams import save_domain
 
     spec = st.cfg.interference.spec(st.cfg.data.split_seed)
@@ -62,8 +62,7 @@ def stage_grams(st: Study) -> None:
             else:  # the same file under another edge's name
                 entries[edge] = done[key].model_copy()
             advance()
-        fields = {"base_model": st.cfg.model, "base_fingerprint": st.base_fingerprint, "split": spec.split,
-                  "split_seed": spec.split_seed, "per_prompt": spec.per_prompt}
+        fields = manifest_fields(st.cfg.model, st.base_fingerprint, spec.split, spec.split_seed, spec.per_prompt)
         return finish_dir(out, fields, aliases, entries)
 
     out, res = st.stage("grams", stage_names.GRAMS, grams_inputs(st), run, total=len(edges))

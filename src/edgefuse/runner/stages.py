@@ -350,14 +350,12 @@ def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) ->
             inputs["grams"] = st.grams_hash
 
         def run_fuse(work: Path, advance, method=method, setting=setting, spec=spec, grams=grams) -> dict:
-            off = setting.is_off
+            density, params = f.fuse_args(method, setting)  # as the config checked them when it loaded
             stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
-                              cr=None if off else setting.strategy, cr_threshold=setting.threshold,
-                              weights=weights, rank=None if spec.exact_rank else f.rank,
-                              density=f.density if spec.density is not None else None,
+                              cr=None if setting.is_off else setting.strategy, cr_threshold=setting.threshold,
+                              weights=weights, rank=None if spec.exact_rank else f.rank, density=density,
                               seed=seed, force=True, progress=advance,
-                              activations=st.grams_dir if grams else None,
-                              **{**f.params.get(method, {}), **({} if off else setting.fuse_params())})
+                              activations=st.grams_dir if grams else None, **params)
             return {"dir": "fused", "stats": jsonable(stats)}
 
         tag = round_tag(seed, round_no)
