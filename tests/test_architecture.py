@@ -164,6 +164,15 @@ def test_edge_does_not_import_evaluate(graph):
     assert not new, "edgefuse.edge imports edgefuse.evaluate: " + ", ".join(f"{a} -> {b}" for a, b in new)
 
 
+def test_tasks_do_not_import_the_runner(graph):
+    """A study task (`edgefuse.tasks`) takes the study context duck-typed: the runner loops over tasks, never the
+    other way round, so a new benchmark cannot reach into the runner's internals (issue 23, item 1)."""
+    tasks = {m: ts for m, ts in graph.items() if m == f"{PACKAGE}.tasks" or m.startswith(f"{PACKAGE}.tasks.")}
+    assert tasks, "no edgefuse.tasks modules in the graph"
+    bad = sorted((m, t) for m, ts in tasks.items() for t in ts if t.startswith(f"{PACKAGE}.runner"))
+    assert not bad, "edgefuse.tasks imports the runner: " + ", ".join(f"{a} -> {b}" for a, b in bad)
+
+
 @pytest.mark.xfail(strict=True, reason="known cycle, removed by issue 15 item 3; delete it from KNOWN_CYCLES")
 @pytest.mark.parametrize("cycle", KNOWN_CYCLES, ids=lambda c: "+".join(sorted(c)))
 def test_known_cycle_is_gone(graph, cycle):
@@ -192,11 +201,11 @@ def stage_name_literals(path: Path) -> list[tuple[int, str]]:
 
 
 def test_stage_names_have_one_source():
-    """The runner's stages and the estimator's plan name stages through `edgefuse.runner.names` only, so the plan
-    that ``--dry-run`` shows and the stages that run cannot drift apart (issue 23, item 5)."""
-    runner = SRC / PACKAGE / "runner"
-    stray = {p.name: lits for p in sorted(runner.glob("*.py")) if p.name != "names.py"
-             for lits in [stage_name_literals(p)] if lits}
+    """The runner's stages, the tasks' data stages and the estimator's plan name stages through
+    `edgefuse.runner.names` only, so the plan that ``--dry-run`` shows and the stages that run cannot drift apart
+    (issue 23, item 5)."""
+    files = sorted((SRC / PACKAGE / "runner").glob("*.py")) + sorted((SRC / PACKAGE / "tasks").glob("*.py"))
+    stray = {p.name: lits for p in files if p.name != "names.py" for lits in [stage_name_literals(p)] if lits}
     assert stray == {}
 
 

@@ -322,6 +322,8 @@ class StudyResults(Artifact):
     wall_s: float
     mmlu_n: int
     cd_n: dict[str, int]
+    task_columns: Optional[dict[str, str]] = Field(None, description="the configured tasks' results keys and report "
+                                                                     "column titles (edgefuse.tasks); absent without")
     estimate: Optional[dict[str, Any]] = None
     interference: Optional[StudyInterference] = Field(None, description="present when the study collected Grams")
 

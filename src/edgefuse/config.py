@@ -9,12 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_serializer, field_validator, model_validator
 
 from edgefuse.compose.schema import LORAHUB_NAME, ComposeConfig
 from edgefuse.edge.schema import PruningConfig, TrainConfig
 from edgefuse.errors import EdgefuseError
 from edgefuse.interference.spec import GramSpec
+from edgefuse.tasks.base import TaskSettings
+from edgefuse.tasks.mmlu import MMLUBench
+from edgefuse.tasks.mmlu_cd import MMLUCDBench
+from edgefuse.tasks.registry import task_settings
 
 
 class _Strict(BaseModel):
@@ -220,29 +224,6 @@ class RoundsConfig(_Strict):
     cr: Optional[str] = None
 
 
-class MMLUBench(_Strict):
-    enabled: bool = True
-    limit: Optional[int] = Field(200, ge=1)
-    shots: int = Field(0, ge=0, le=5)
-    domains: Optional[list[str]] = None
-
-
-class MMLUCDBench(_Strict):
-    enabled: bool = True
-    ks: list[int] = [2]
-    n: int = Field(60, ge=1)
-    domains: Optional[list[str]] = None
-    single: bool = Field(True, description="also score each instance's items alone (the cross-domain penalty); "
-                                           "items the MMLU evaluation already scored are reused")
-
-    @field_validator("ks")
-    @classmethod
-    def _ks(cls, v: list[int]) -> list[int]:
-        if any(k < 2 for k in v):
-            raise ValueError("every k must be at least 2")
-        return v
-
-
 class BenchmarksConfig(_Strict):
     format: Literal["letters", "cloze"] = Field(
         "letters", description="letters: the answer letter after lettered choices; cloze: each answer text as the "
@@ -255,6 +236,15 @@ class BenchmarksConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     edges_alone: bool = True
     edges_alone_cd: bool = Field(False, description="also run MMLU-CD for each edge alone (MMLU always runs)")
+    tasks: dict[str, SerializeAsAny[TaskSettings]] = Field({}, description="more benchmarks by name, each with its kind "
+                                                           "(edgefuse.tasks.registry), evaluated after MMLU and MMLU-CD")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks(cls, v):
+        if not isinstance(v, dict):
+            raise ValueError("tasks: a mapping of task names to settings")
+        return {name: task_settings(name, entry) for name, entry in v.items()}
 
     @model_validator(mode="after")
     def _metric_of_format(self) -> "BenchmarksConfig":

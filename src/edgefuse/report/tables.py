@@ -52,6 +52,26 @@ def cd_ks(doc: dict) -> list[int]:
     return sorted(int(k) for k in doc.get("cd_n", {}))
 
 
+def task_columns(doc: dict) -> dict[str, str]:
+    """The configured tasks' results keys and column titles (`edgefuse.tasks.base.Task.report_columns`); their
+    summaries carry ``headline`` and ``outcomes`` by item id (`edgefuse.tasks.base.headline_summary`)."""
+    return doc.get("task_columns") or {}
+
+
+def task_diff(ev: dict, base: dict, key: str) -> dict | None:
+    """Paired difference against the base model over a task's items (by id)."""
+    if key not in ev or key not in base:
+        return None
+    ids = sorted(base[key]["outcomes"])
+    return paired_diff_ci([ev[key]["outcomes"][i] for i in ids], [base[key]["outcomes"][i] for i in ids])
+
+
+def score_head(doc: dict) -> str:
+    """The score columns' titles, each followed by its paired Δ: MMLU, each MMLU-CD k, each configured task."""
+    titles = ["MMLU"] + [f"MMLU-CD k={k} strict" for k in cd_ks(doc)] + list(task_columns(doc).values())
+    return "".join(f" {t} % [95% CI] | Δ vs base (paired) |" for t in titles)
+
+
 def headline_rows(doc: dict) -> list[dict]:
     """One row per model: base, each fused method ± LoRA-CR, then each composition (LoraHub, retrieval mixtures)
     of the study's ``compose`` section (first seed; mean±std in its own table)."""
@@ -95,10 +115,8 @@ def retrieval_line(doc: dict) -> str:
 
 
 def headline_table(doc: dict) -> str:
-    ks = cd_ks(doc)
-    head = "| model | MMLU % [95% CI] | Δ vs base (paired) |" + "".join(
-        f" MMLU-CD k={k} strict % [95% CI] | Δ vs base (paired) |" for k in ks)
-    sep = "|---|---:|---:|" + "---:|---:|" * len(ks)
+    head = "| model |" + score_head(doc)
+    sep = "|---|---:|---:|" + "---:|---:|" * (len(cd_ks(doc)) + len(task_columns(doc)))
     lines = [head, sep]
     for r in headline_rows(doc):
         lines.append("| " + " | ".join([r["model"]] + score_cells(r["ev"], doc, r["model"] == "base")) + " |")
@@ -135,15 +153,15 @@ def score_cells(ev: dict, doc: dict, is_base: bool = False) -> list[str]:
     for k in cd_ks(doc):
         key = f"mmlu_cd_k{k}"
         cells += [fmt_ci(ev[key]["strict"]) if key in ev else "–", "–" if is_base else _diff(cd_diff(ev, base, k))]
+    for key in task_columns(doc):
+        cells += [fmt_ci(ev[key]["headline"]) if key in ev else "–", "–" if is_base else _diff(task_diff(ev, base, key))]
     return cells
 
 
 def rounds_table(doc: dict) -> str:
     """Accuracy per round of every fused model (and each edge alone, when evaluated), first seed."""
-    ks = cd_ks(doc)
-    lines = ["| round | model | MMLU % [95% CI] | Δ vs base (paired) |" + "".join(
-        f" MMLU-CD k={k} strict % [95% CI] | Δ vs base (paired) |" for k in ks),
-        "|---:|---|---:|---:|" + "---:|---:|" * len(ks)]
+    lines = ["| round | model |" + score_head(doc),
+             "|---:|---|---:|---:|" + "---:|---:|" * (len(cd_ks(doc)) + len(task_columns(doc)))]
     for r in doc["seeds"][0].get("rounds", []):
         sent = r.get("sent_back")
         rows = [(f"edge {e['edge']} alone", e["eval"]) for e in r["edges"] if e.get("eval")]
@@ -382,7 +400,9 @@ def results_csv(doc: dict) -> str:
     gold = gold_of(doc["base"]) is not None
     w.writerow(["model", "seed", "mmlu_acc", "mmlu_lo", "mmlu_hi", "mmlu_diff_vs_base", "mmlu_diff_lo", "mmlu_diff_hi"]
                + [f"cd_k{k}_{x}" for k in ks for x in ("strict", "lo", "hi", "diff_vs_base", "diff_lo", "diff_hi")]
-               + (["mmlu_gold", "mmlu_gold_diff_vs_base", "mmlu_gold_diff_lo", "mmlu_gold_diff_hi"] if gold else []))
+               + (["mmlu_gold", "mmlu_gold_diff_vs_base", "mmlu_gold_diff_lo", "mmlu_gold_diff_hi"] if gold else [])
+               + [f"{key}_{x}" for key in task_columns(doc) for x in ("acc", "lo", "hi", "diff_vs_base", "diff_lo",
+                                                                      "diff_hi")])
     entries = [("base", "", doc["base"])] + [(e["edge"], s["seed"], e["eval"]) for s in doc["seeds"]
                                              for e in s["edges"] if e.get("eval")] \
         + [(f["name"], s["seed"], f["eval"]) for s in doc["seeds"] for f in s["fused"]] \
@@ -400,6 +420,10 @@ def results_csv(doc: dict) -> str:
             g = gold_of(ev)
             d = gold_diff(ev, doc["base"], GOLD) if name != "base" else None
             row += [g and statistics.fmean(v[GOLD] for v in g.values()), d and d["diff"], d and d["lo"], d and d["hi"]]
+        for key in task_columns(doc):
+            c = ev.get(key, {}).get("headline")
+            d = task_diff(ev, doc["base"], key) if name != "base" else None
+            row += [c and c["acc"], c and c["lo"], c and c["hi"], d and d["diff"], d and d["lo"], d and d["hi"]]
         w.writerow(row)
     return buf.getvalue()
 

@@ -22,9 +22,10 @@ from edgefuse.compose.schema import LORAHUB_NAME, MixtureSettings
 from edgefuse.io import atomic_write_json, hash_obj, read_json, sha256_file
 from edgefuse.runner import names as stage_names
 from edgefuse.runner.names import round_tag
-from edgefuse.runner.stages import (_eval_total, _with_adapter, cd_summary, eval_inputs, evaluate_model, mmlu_summary,
-                                    precision_inputs)
+from edgefuse.runner.stages import _eval_total, _with_adapter, eval_inputs, evaluate_model, precision_inputs
 from edgefuse.runner.study import Study
+from edgefuse.tasks.mmlu import mmlu_summary
+from edgefuse.tasks.mmlu_cd import cd_key, cd_summary
 
 log = logging.getLogger("edgefuse.run")
 
@@ -212,7 +213,7 @@ def stage_mixtures(st: Study, edges: list[dict], seed: int, round_no: int) -> tu
                         metric=b.headline_metric, batch_size=b.batch_size, single=b.mmlu_cd.single, progress=advance,
                         meta={"label": mix.name})
                     atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
-                    out[f"mmlu_cd_k{k}"] = cd_summary(res, k)
+                    out[cd_key(k)] = cd_summary(res, k)
                 return out
 
             _, cd = st.stage("eval", stage_names.mixture_cd(mix.name, tag), common | {"retrieval": _retrieval(mix).as_dict()},

@@ -18,6 +18,8 @@ from edgefuse.config import StudyConfig
 from edgefuse.runner import names as stage_names
 from edgefuse.runner.cache import KINDS, finished_stage_files
 from edgefuse.runner.names import round_tag
+from edgefuse.tasks.base import Task
+from edgefuse.tasks.registry import study_tasks
 
 REFERENCE_PARAMS = 134.5e6  # SmolLM2-135M, the model the rates were measured with
 
@@ -77,24 +79,34 @@ def _needs_grams(method: str) -> bool:
     return get_method(method).needs_grams
 
 
-def eval_seconds(cfg: StudyConfig, n_mmlu: int) -> tuple[float, dict[int, float]]:
-    """One model's evaluation at the reference size: (MMLU seconds, MMLU-CD seconds per k)."""
-    b = cfg.benchmarks
-    fmt = b.format
-    mmlu = n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0
-    # MMLU-CD: k chained answers per instance, and (``single``) its items alone where MMLU did not score them
-    # (counted as all of them: an upper bound when the MMLU selection is a small part of the test split)
-    alone = RATES["mmlu_item"][fmt] if b.mmlu_cd.single else 0.0
-    return mmlu, {k: b.mmlu_cd.n * k * (RATES["cd_answer"][fmt] + alone) for k in (b.mmlu_cd.ks if b.mmlu_cd.enabled else [])}
+def _rate(name: str, fmt: str) -> float:
+    """A rate by name; ``name:format`` picks a format other than the study's (a cloze-only task in a letters
+    study)."""
+    name, _, own = name.partition(":")
+    rate = RATES[name]
+    return rate[own or fmt] if isinstance(rate, dict) else rate
+
+
+def task_seconds(cfg: StudyConfig, n_mmlu: int) -> list[tuple[Task, float]]:
+    """Each of the study's tasks with one model's evaluation of it at the reference size (`Task.work` × `RATES`)."""
+    fmt = cfg.benchmarks.format
+    return [(t, sum(units * _rate(name, fmt) for name, units in t.work(n_mmlu).items()))
+            for t in study_tasks(cfg.benchmarks, stage_names.cd_build)]
+
+
+def eval_seconds(tasks: list[tuple[Task, float]], cd: bool = True) -> float:
+    """One model's evaluation: every task, or (``cd`` False) those that are not cross-domain."""
+    return sum(sec for t, sec in tasks if cd or not t.cross_domain)
 
 
 def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[PlannedStage]:
     """Every stage `edgefuse.runner.run_study` will pass through, in order, with its estimated seconds."""
     s, b, f = _scale(params), cfg.benchmarks, cfg.fusion
-    eval_s, cd_s = eval_seconds(cfg, n_mmlu)
+    tasks = task_seconds(cfg, n_mmlu)
+    full_eval, edge_eval = eval_seconds(tasks), eval_seconds(tasks, cd=b.edges_alone_cd)
     out = [PlannedStage("data", stage_names.DATA, RATES["setup"])]
-    out += [PlannedStage("data", stage_names.cd_build(k), 1.0) for k in cd_s]
-    out.append(PlannedStage("eval", stage_names.BASE_EVAL, s * (eval_s + sum(cd_s.values()))))
+    out += [PlannedStage("data", d.name, d.seconds) for t, _ in tasks for d in t.data_plan()]
+    out.append(PlannedStage("eval", stage_names.BASE_EVAL, s * full_eval))
     if cfg.compose.retrieval_mixture:
         out += [PlannedStage("embed", stage_names.embed(e), RATES["embed"]) for e in cfg.edges]
     K = len(cfg.edges)
@@ -118,8 +130,7 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
             for e in cfg.edges:
                 out.append(PlannedStage("recover", stage_names.recover(e, tag), s * RATES["recover"]))
                 if b.edges_alone:
-                    cd = sum(cd_s.values()) if b.edges_alone_cd else 0.0
-                    out.append(PlannedStage("eval", stage_names.eval_edge(e, tag), s * (eval_s + cd)))
+                    out.append(PlannedStage("eval", stage_names.eval_edge(e, tag), s * edge_eval))
             if first_grams:  # the edges' Gram matrices gathered into the study's Gram directory
                 out.append(PlannedStage("grams", stage_names.edge_grams(tag), 1.0))
             for m, c, name in f.fusions():
@@ -130,24 +141,26 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
                 if cfg.collects_grams:
                     out.append(PlannedStage("fuse", stage_names.interference(name, tag), s * (
                         K * RATES["interference_edge"] + K * K * RATES["interference_pair"])))
-                out.append(PlannedStage("eval", stage_names.evaluation(name, tag), s * (eval_s + sum(cd_s.values()))))
-        out += composition_plan(cfg, round_tag(seed, cfg.rounds.count), s, n_mmlu)
+                out.append(PlannedStage("eval", stage_names.evaluation(name, tag), s * full_eval))
+        out += composition_plan(cfg, round_tag(seed, cfg.rounds.count), s, n_mmlu, full_eval)
     return out
 
 
-def composition_plan(cfg: StudyConfig, tag: str, s: float, n_mmlu: int) -> list[PlannedStage]:
-    """The composition stages after the last round (`edgefuse.runner.composition`), in the order they run."""
+def composition_plan(cfg: StudyConfig, tag: str, s: float, n_mmlu: int, full_eval: float) -> list[PlannedStage]:
+    """The composition stages after the last round (`edgefuse.runner.composition`), in the order they run;
+    ``full_eval``: one model's evaluation on every task (LoraHub's fused adapter is evaluated as any fused model).
+    Retrieval mixtures are evaluated on MMLU and MMLU-CD."""
     from edgefuse.compose.schema import LORAHUB_NAME
 
     b, c = cfg.benchmarks, cfg.compose
     fmt, out = b.format, []
-    eval_s, cd_s = eval_seconds(cfg, n_mmlu)
-    cd_ks = list(cd_s)
+    eval_s = n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0
+    cd_ks = b.mmlu_cd.ks if b.mmlu_cd.enabled else []
     if c.lorahub is not None:
         objective = c.lorahub.objective or fmt
         per_eval = RATES["lorahub_eval"] + c.lorahub.examples * RATES["lorahub_example"][objective]
         out.append(PlannedStage("fuse", stage_names.composed(LORAHUB_NAME, tag), s * (c.lorahub.budget + 1) * per_eval))
-        out.append(PlannedStage("eval", stage_names.evaluation(LORAHUB_NAME, tag), s * (eval_s + sum(cd_s.values()))))
+        out.append(PlannedStage("eval", stage_names.evaluation(LORAHUB_NAME, tag), s * full_eval))
     seen = set()
     for mix in c.retrieval_mixture:
         if b.mmlu.enabled and mix.retrieval_tag not in seen:

@@ -21,7 +21,7 @@ from edgefuse.runner.cache import StageCache
 from edgefuse.runner.composition import stage_compose, stage_embeddings
 from edgefuse.runner.estimate import estimate_study, remaining_seconds
 from edgefuse.runner.interference import interference_doc, stage_grams
-from edgefuse.runner.stages import run_seed, stage_base_eval, stage_cd_build, stage_data
+from edgefuse.runner.stages import run_seed, stage_base_eval, stage_data, stage_tasks
 from edgefuse.runner.study import Study
 from edgefuse.runner.trainers import LocalTrainer, Trainer
 from edgefuse.runlock import run_lock, stale_note
@@ -132,7 +132,7 @@ def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progres
             st.model, st.tokenizer = model, tokenizer
             st.base_fingerprint = fingerprint(st.model)
             stage_data(st)
-            stage_cd_build(st)
+            stage_tasks(st)
             base = stage_base_eval(st)
             stage_embeddings(st)
             stage_grams(st)
@@ -147,6 +147,9 @@ def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progres
                "mmlu_n": len(st.mmlu_items), "cd_n": {k: len(d["instances"]) for k, d in st.cd_docs.items()},
                "estimate": {"remaining_s": round(remaining, 1),
                             "stages": {s.name: round(s.seconds, 1) for s in stages if not s.done}}}
+        columns = {key: title for task in st.tasks for key, title in task.report_columns().items()}
+        if columns:  # absent otherwise, as in every results document written before configured tasks existed
+            doc["task_columns"] = columns
         grams = interference_doc(st)
         if grams is not None:  # absent otherwise: a study without Grams writes the results it always wrote
             doc["interference"] = grams

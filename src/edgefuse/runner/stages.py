@@ -1,6 +1,6 @@
 """The study's stages, each a pure function over files cached by `StageCache` (through `Study.stage`).
 
-  data → mmlu-cd build (per k) → base eval → (retrieval mixtures) per edge embed → (Grams: `edgefuse.runner.
+  data → tasks' data (MMLU-CD: build per k) → base eval → (retrieval mixtures) per edge embed → (Grams: `edgefuse.runner.
   interference`) grams → per seed: per edge prune; then per round: per edge train → recover → eval alone;
   per fusion method × LoRA-CR strategy: fuse → (Grams) interference → eval;
   after the last round (`edgefuse.runner.composition`): lorahub → eval, retrieval mixtures' evals.
@@ -22,10 +22,12 @@ from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
 from edgefuse.runner import names as stage_names
 from edgefuse.runner.names import round_tag
-from edgefuse.evaluate.gold import gold_scores
 from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
 from edgefuse.runner.study import Pending, Study
 from edgefuse.runner.trainers import Trainer, TrainJob
+from edgefuse.tasks.base import EvalContext, Task
+from edgefuse.tasks.mmlu import mmlu_gold
+from edgefuse.tasks.registry import study_tasks
 
 log = logging.getLogger("edgefuse.run")
 
@@ -53,70 +55,33 @@ def stage_data(st: Study) -> None:
     st.mmlu_items = select(st.dataset, "test", m.domains, None, m.limit, d.split_seed, st.split_spec)
 
 
-def stage_cd_build(st: Study) -> None:
-    from edgefuse.data.mmlu_cd import build_instances, load_benchmark, write_benchmark
+def stage_tasks(st: Study) -> None:
+    """The study's tasks (`edgefuse.tasks.registry.study_tasks`), each preparing its data (MMLU-CD: its instance
+    files, stages ``mmlu-cd-k<k>``) before any model is evaluated."""
+    st.tasks = study_tasks(st.cfg.benchmarks, stage_names.cd_build)
+    for task in st.tasks:
+        task.prepare(st)
 
-    cd = st.cfg.benchmarks.mmlu_cd
-    if not cd.enabled:
-        return
-    for k in cd.ks:
-        def run(work: Path, advance, k=k) -> dict:
-            doc = build_instances(st.dataset, k=k, n=cd.n, seed=st.cfg.data.split_seed, domains=cd.domains,
-                                  split="test", split_spec=st.split_spec)
-            return {"hash": write_benchmark(doc, work / f"mmlu_cd_k{k}.jsonl"), "file": f"mmlu_cd_k{k}.jsonl"}
 
-        out, res = st.stage("data", stage_names.cd_build(k), {"data": st.cfg.data.model_dump(), "cd": cd.model_dump(),
-                                                     "k": k}, run)
-        st.cd_docs[k] = load_benchmark(out / res["file"])
-        st.cd_hashes[k] = res["hash"]
+def evaluated_tasks(st: Study, cd: bool = True) -> list[Task]:
+    """The tasks one model is evaluated on: all, or (``cd`` False: an edge alone without ``edges_alone_cd``) those
+    that are not cross-domain."""
+    return [t for t in st.tasks if cd or not t.cross_domain]
 
 
 def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool = True) -> dict:
-    """MMLU and (unless ``cd`` is False) MMLU-CD for each k, for one model; full results to files, summary returned.
+    """Every task of the study (cross-domain ones unless ``cd`` is False) on one model; full results to files,
+    summaries returned by results key.
 
-    The summary's ``accuracy`` and per-item ``correct`` are those of the study's headline metric
+    MMLU's summary ``accuracy`` and per-item ``correct`` are those of the study's headline metric
     (``benchmarks.metric``); a cloze evaluation also keeps both metrics under ``metrics``.
     """
-    from edgefuse.evaluate.mmlu import evaluate_mmlu
-    from edgefuse.evaluate.mmlu_cd import evaluate_mmlu_cd
-
     b = st.cfg.benchmarks
-    metric = b.headline_metric
-    summary: dict[str, Any] = {"label": label, "format": b.format, "metric": metric}
-    alone: list[dict] = []  # zero-shot per-item records of this model, reused by MMLU-CD's "items alone"
-    if b.mmlu.enabled:
-        res = evaluate_mmlu(model, st.tokenizer, st.mmlu_items, shots=b.mmlu.shots,
-                            public=st.items_of("public") if b.mmlu.shots else (), batch_size=b.batch_size,
-                            progress=advance, meta={"label": label}, fmt=b.format)
-        atomic_write_json(work / "mmlu.json", res)
-        summary["mmlu"] = mmlu_summary(st, res)
-        if not b.mmlu.shots:
-            alone = list(res["items"])
-    for k, doc in (st.cd_docs if cd else {}).items():
-        res = evaluate_mmlu_cd(model, st.tokenizer, doc, st.dataset, batch_size=b.batch_size,
-                               progress=advance, meta={"label": label}, single_items=alone, fmt=b.format,
-                               metric=metric, single=b.mmlu_cd.single)
-        alone += res["single_items"] or []
-        atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
-        summary[f"mmlu_cd_k{k}"] = cd_summary(res, k)
+    summary: dict[str, Any] = {"label": label, "format": b.format, "metric": b.headline_metric}
+    ctx = EvalContext(work, advance, label)
+    for task in evaluated_tasks(st, cd):
+        summary |= task.evaluate(st, model, ctx)
     return summary
-
-
-def mmlu_summary(st: Study, res: dict, file: str = "mmlu.json") -> dict:
-    """An MMLU results document summed up for results.json: the headline metric's accuracy and per-item outcomes
-    (both metrics' accuracy too, in cloze form)."""
-    b = st.cfg.benchmarks
-    norm = "_norm" if b.headline_metric == "acc_norm" else ""
-    out = {"accuracy": res["accuracy" + norm], "file": file,
-           "correct": {i["id"]: int(i["correct" + norm]) for i in res["items"]},
-           "gold": _gold(st, res)}
-    if b.format == "cloze":
-        out["metrics"] = {"acc": res["accuracy"]["overall"], "acc_norm": res["accuracy_norm"]["overall"]}
-    return out
-
-
-def _gold(st: Study, res: dict) -> dict[str, list[float]]:
-    return gold_scores(res["items"], {it.id: it for it in st.mmlu_items}, res["format"])
 
 
 def eval_stage(st: Study, name: str, inputs: dict, fn, total: int | None) -> dict:
@@ -128,23 +93,12 @@ def eval_stage(st: Study, name: str, inputs: dict, fn, total: int | None) -> dic
     if mmlu is not None and "gold" not in mmlu:
         file = stage_dir / mmlu.get("file", "mmlu.json")
         if file.is_file():
-            res = {**res, "mmlu": {**mmlu, "gold": _gold(st, read_json(file))}}
+            res = {**res, "mmlu": {**mmlu, "gold": mmlu_gold(st, read_json(file))}}
     return res
 
 
-def cd_summary(res: dict, k: int) -> dict:
-    """An MMLU-CD results document summed up for results.json: its scores and per-instance, per-answer outcomes."""
-    out = {key: res[key] for key in ("strict", "per_position", "answer", "single", "penalty", "chance") if key in res}
-    out["file"] = f"mmlu_cd_k{k}.json"
-    out["strict_outcomes"] = [int(inst["strict"]) for inst in res["instances"]]
-    out["answer_outcomes"] = [[int(c) for c in inst["correct"]] for inst in res["instances"]]
-    return out
-
-
 def _eval_total(st: Study, cd: bool = True) -> int:
-    b = st.cfg.benchmarks
-    return (len(st.mmlu_items) if b.mmlu.enabled else 0) + (sum(len(d["instances"]) for d in st.cd_docs.values())
-                                                            if cd else 0)
+    return sum(t.units(st) for t in evaluated_tasks(st, cd))
 
 
 def _with_adapter(st: Study, adapter_dir: Path, fn: Callable[[Any], dict]) -> dict:
@@ -177,8 +131,11 @@ def eval_inputs(st: Study) -> dict:
     evaluation's key adds ``edges_alone_cd`` itself (`stage_recover_eval`)."""
     b = st.cfg.benchmarks
     bench = b.model_dump() | {k: type(b).model_fields[k].default for k in WHICH_MODELS}
+    if not bench["tasks"]:  # the key of a study with no configured tasks is the one it had before they existed
+        del bench["tasks"]
+    tasks = {t.name: inputs for t in st.tasks if (inputs := t.key_inputs(st)) is not None}
     return {"model": st.base_fingerprint, "data": st.cfg.data.model_dump(), "bench": bench,
-            "cd": st.cd_hashes, **precision_inputs(st)}
+            "cd": st.cd_hashes, **precision_inputs(st), **({"tasks": tasks} if tasks else {})}
 
 
 def stage_base_eval(st: Study) -> dict:

@@ -48,6 +48,7 @@ class Study:
     tokenizer: Any = None
     base_fingerprint: str = ""
     mmlu_items: list = field(default_factory=list)
+    tasks: list = field(default_factory=list)  # the study's edgefuse.tasks.base.Task objects, in evaluation order
     cd_docs: dict[int, dict] = field(default_factory=dict)
     cd_hashes: dict[int, str] = field(default_factory=dict)
     embeddings: dict[str, dict] = field(default_factory=dict)  # edge → its adapter's retrieval embedding record

@@ -1,0 +1,96 @@
+"""A benchmark as one object that the study's runner, its estimator and its report loop over (issue 23, item 1).
+
+Why: MMLU and MMLU-CD were written into every layer (the runner's evaluation, the estimator's costs, the report's
+columns), so a new benchmark touched about fifteen files. A `Task` owns what differs between benchmarks: its data
+stages, its evaluation of one model (results files and the summary kept in results.json), its progress units and
+its cost. The runner evaluates a model by asking each of the study's tasks in turn (`edgefuse.tasks.registry`).
+Tasks take the study context duck-typed (``cfg``, ``tokenizer``, ``stage``, …; `edgefuse.runner.study.Study`), so
+this package depends on no runner module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+
+class TaskSettings(BaseModel):
+    """A task's section of ``benchmarks`` in the study config; unknown keys are refused, as everywhere."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class EvalContext:
+    """One model's evaluation, shared by its tasks: where results files go, the progress callback, the model's
+    label, and the per-item records of questions already scored alone (MMLU's, reused by MMLU-CD's "items
+    alone" instead of scoring them twice)."""
+
+    work: Path
+    advance: Callable[..., None]
+    label: str
+    alone: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PlannedData:
+    """A data stage a task runs before any evaluation, as the estimator plans it."""
+
+    name: str
+    seconds: float
+
+
+class Task(ABC):
+    """One benchmark of a study.
+
+    ``keys``: the results keys it writes into each evaluated model's summary (``mmlu``; ``mmlu_cd_k2``, …).
+    ``cross_domain``: evaluated on an edge alone only with ``benchmarks.edges_alone_cd``.
+    """
+
+    name: str = ""
+    cross_domain: bool = False
+
+    def prepare(self, st) -> None:
+        """Build or load the task's data (its own stages, through ``st.stage``) before any model is evaluated."""
+
+    def data_plan(self) -> list[PlannedData]:
+        """The data stages `prepare` runs, for the estimator's plan (same names, same order)."""
+        return []
+
+    def key_inputs(self, st) -> Any:
+        """What every evaluation's cache key must add for this task beyond the config (e.g. its data file's hash),
+        or None. The built-in tasks add nothing: their data is the config's and MMLU-CD's instance hashes."""
+        return None
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """The results keys this task writes per evaluated model."""
+
+    @abstractmethod
+    def units(self, st) -> int:
+        """Progress units of one model's evaluation (items, instances)."""
+
+    @abstractmethod
+    def work(self, n_mmlu: int) -> dict[str, float]:
+        """One model's evaluation as work units by rate name (`edgefuse.runner.estimate.RATES`), before ``prepare``
+        ran; ``n_mmlu``: the MMLU test items the study selects."""
+
+    @abstractmethod
+    def evaluate(self, st, model, ctx: EvalContext) -> dict[str, dict]:
+        """Evaluate ``model``: results files into ``ctx.work``, summaries for results.json by key."""
+
+    def report_columns(self) -> dict[str, str]:
+        """Results keys the report's generic columns show (key → column title): those of tasks whose summaries
+        carry ``headline`` and ``outcomes`` (`headline_summary`). MMLU and MMLU-CD have tables of their own."""
+        return {}
+
+
+def headline_summary(accuracy: dict, outcomes: dict[str, int], file: str, **extra) -> dict:
+    """A task's summary in the generic form the report reads: the headline accuracy with its interval
+    (`edgefuse.evaluate.stats.bootstrap_ci`), per-item outcomes by id (paired intervals against the base model),
+    and its results file."""
+    return {"headline": accuracy, "outcomes": outcomes, "file": file, **extra}

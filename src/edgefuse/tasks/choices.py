@@ -1,0 +1,137 @@
+"""Any multiple-choice file as a study task (issue 23, items 1 and 2): a JSONL file read through a field mapping, or
+a BIG-bench ``task.json``, scored in cloze form (any number of choices) on every evaluated model.
+
+Why cloze: the letters form asks for one of `` A``–`` D``, which a file with five choices, or two, does not fit;
+the cloze form scores each choice's text after ``Question: …\\nAnswer:``, as lm-eval-harness does for such tasks.
+The file's sha256 is part of every evaluation's cache key, so editing it re-evaluates instead of reusing scores
+of the old questions.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+
+from edgefuse.data.choices import ChoiceItem, FieldMap, load_bigbench_task, load_choice_jsonl
+from edgefuse.data.prompts import cloze_continuation, cloze_prompt
+from edgefuse.evaluate.cloze import ClozeScorer, choose
+from edgefuse.evaluate.stats import bootstrap_ci
+from edgefuse.io import atomic_write_json, sha256_file
+from edgefuse.tasks.base import EvalContext, Task, TaskSettings, headline_summary
+
+RESULTS_VERSION = 1
+
+
+class ChoicesBench(TaskSettings):
+    """``benchmarks.tasks.NAME`` with ``kind: choices``."""
+
+    kind: Literal["choices"]
+    path: str = Field(description="a JSONL file (one question per line) or a BIG-bench task.json")
+    fields: str = Field("", description="the JSONL field mapping, e.g. 'question=q,choices=a|b|c,answer=label' "
+                                        "(edgefuse.data.choices.FieldMap; empty: question, choices, answer, domain)")
+    domain: Optional[str] = Field(None, description="the file's one domain, when its rows name none")
+    limit: Optional[int] = Field(None, ge=1, description="a seeded sample of this many questions")
+    seed: int = 0
+    metric: Literal["acc", "acc_norm"] = Field("acc_norm", description="headline: summed log-likelihood (acc) or "
+                                                                       "per character of the choice (acc_norm)")
+    label: Optional[str] = Field(None, description="the report's column title (default: the task's name)")
+
+
+def load_items(s: ChoicesBench) -> list[ChoiceItem]:
+    """The task's questions: the whole file, or a seeded sample of ``limit`` (in id order either way)."""
+    path = Path(s.path)
+    if path.suffix == ".json":
+        items = load_bigbench_task(path, s.domain)
+    else:
+        items = load_choice_jsonl(path, FieldMap.parse(s.fields), s.domain)
+    items = sorted(items, key=lambda it: it.id)
+    if s.limit is not None and s.limit < len(items):
+        items = sorted(random.Random(s.seed).sample(items, s.limit), key=lambda it: it.id)
+    return items
+
+
+def score_items(model, tokenizer, items: list[ChoiceItem], batch_size: int, progress=None) -> list[list[float]]:
+    """Summed log-likelihood of every choice of every item, in cloze form; items are scored in groups of equal
+    choice counts (the packed scorer takes one count per call)."""
+    scorer = ClozeScorer(model, tokenizer, batch_size=batch_size)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        groups[len(it.choices)].append(i)
+    out: list[list[float]] = [[] for _ in items]
+    for idx in groups.values():
+        part = [items[i] for i in idx]
+        conts = [[cloze_continuation(it, c) for c in range(len(it.choices))] for it in part]
+        scores = scorer.score([cloze_prompt(it) for it in part], conts, progress=progress)
+        for i, row in zip(idx, scores.tolist()):
+            out[i] = row
+    return out
+
+
+def results_document(items: list[ChoiceItem], scores: list[list[float]], meta: dict, wall: float) -> dict:
+    """Per item both metrics' choice and outcome (acc: summed log-likelihood; acc_norm: per character of the choice
+    text, as lm-eval-harness), overall and per domain with bootstrap intervals."""
+    records, by_domain = [], defaultdict(lambda: {"acc": [], "acc_norm": []})
+    for it, row in zip(items, scores):
+        ll, lengths = torch.tensor([row]), [[len(c) for c in it.choices]]
+        pred, pred_norm = int(choose(ll, lengths, "acc")[0]), int(choose(ll, lengths, "acc_norm")[0])
+        rec = {"id": it.id, "domain": it.subject, "answer": it.answer, "pred": pred, "pred_norm": pred_norm,
+               "correct": pred == it.answer, "correct_norm": pred_norm == it.answer,
+               "scores": [round(x, 6) for x in row]}
+        records.append(rec)
+        by_domain[it.subject]["acc"].append(int(rec["correct"]))
+        by_domain[it.subject]["acc_norm"].append(int(rec["correct_norm"]))
+    accuracy = {m: bootstrap_ci([int(r["correct" + ("_norm" if m == "acc_norm" else "")]) for r in records])
+                for m in ("acc", "acc_norm")}
+    accuracy["domains"] = {d: {m: bootstrap_ci(v) for m, v in ms.items()} for d, ms in sorted(by_domain.items())}
+    return {"version": RESULTS_VERSION, "benchmark": "choices", **meta, "format": "cloze", "n": len(items),
+            "accuracy": accuracy, "wall_s": round(wall, 3), "items": records}
+
+
+class ChoicesTask(Task):
+    """One multiple-choice file, its questions evaluated on every model of the study."""
+
+    def __init__(self, name: str, settings: ChoicesBench):
+        self.name, self.settings = name, settings
+        self.items: list[ChoiceItem] | None = None
+
+    def keys(self) -> list[str]:
+        return [self.name]
+
+    def report_columns(self) -> dict[str, str]:
+        return {self.name: f"{self.settings.label or self.name} {self.settings.metric}"}
+
+    def _items(self) -> list[ChoiceItem]:
+        if self.items is None:
+            self.items = load_items(self.settings)
+        return self.items
+
+    def prepare(self, st) -> None:
+        self._items()  # a bad file fails here, before any model is evaluated
+
+    def key_inputs(self, st) -> dict:
+        return {"file": sha256_file(Path(self.settings.path))}
+
+    def units(self, st) -> int:
+        return len(self._items())
+
+    def work(self, n_mmlu: int) -> dict[str, float]:
+        """A cloze item's cost grows with its choices; the rate is per item of four."""
+        return {"mmlu_item:cloze": sum(len(it.choices) for it in self._items()) / 4}
+
+    def evaluate(self, st, model, ctx: EvalContext) -> dict[str, dict]:
+        items, t0 = self._items(), time.perf_counter()
+        scores = score_items(model, st.tokenizer, items, st.cfg.benchmarks.batch_size, ctx.advance)
+        res = results_document(items, scores, {"label": ctx.label, "task": self.name, "path": self.settings.path},
+                               time.perf_counter() - t0)
+        file = f"{self.name}.json"
+        atomic_write_json(ctx.work / file, res)
+        norm = "_norm" if self.settings.metric == "acc_norm" else ""
+        return {self.name: headline_summary(res["accuracy"][self.settings.metric],
+                                            {r["id"]: int(r["correct" + norm]) for r in res["items"]}, file,
+                                            metric=self.settings.metric)}

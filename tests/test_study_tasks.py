@@ -1,0 +1,201 @@
+"""Configured tasks (`edgefuse.tasks`): a multiple-choice file, named under ``benchmarks.tasks``, is evaluated on
+every model of the study, planned by the estimator, shown in the report with paired intervals, and part of every
+evaluation's cache key; adding one changes nothing else of the study."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from helpers.cloze_reference import naive_scores
+from helpers.study import TINY_STUDY, stage_log
+
+from edgefuse.config import StudyConfig
+from edgefuse.data.prompts import cloze_continuation, cloze_prompt
+from edgefuse.errors import EdgefuseError
+from edgefuse.evaluate.cloze import choose
+from edgefuse.evaluate.stats import bootstrap_ci, fmt_ci, paired_diff_ci
+from edgefuse.report.tables import _diff
+from edgefuse.runner import run_study
+from edgefuse.runner.estimate import RATES, plan
+from edgefuse.tasks.choices import ChoicesBench, load_items
+
+pytestmark = pytest.mark.e2e
+
+# mixed choice counts (2, 3 and 5), two domains named by a field, answers as text and as index
+ROWS = [
+    {"q": "What is 2 + 3?", "opts": ["5", "6", "23"], "gold": "5", "topic": "arithmetic"},
+    {"q": "What is 7 - 4?", "opts": ["11", "3"], "gold": 1, "topic": "arithmetic"},
+    {"q": "What is 6 / 2?", "opts": ["12", "4", "3", "8", "1"], "gold": "3", "topic": "arithmetic"},
+    {"q": "What is 3 x 3?", "opts": ["6", "9", "33"], "gold": 1, "topic": "arithmetic"},
+    {"q": "Which metal is liquid at room temperature?", "opts": ["iron", "mercury", "tin"], "gold": "mercury",
+     "topic": "chemistry"},
+    {"q": "Which gas do plants take in?", "opts": ["oxygen", "carbon dioxide"], "gold": 1, "topic": "chemistry"},
+    {"q": "What is the symbol of sodium?", "opts": ["Na", "S", "So", "N", "Sd"], "gold": "Na", "topic": "chemistry"},
+]
+FIELDS = "question=q,choices=opts,answer=gold,domain=topic"
+
+
+def _config(data_path, **task) -> dict:
+    cfg = copy.deepcopy(TINY_STUDY)
+    cfg["fusion"] = {"methods": ["task_arithmetic"], "cr": ["off"]}
+    cfg["benchmarks"]["tasks"] = {"quiz": {"kind": "choices", "path": str(data_path), "fields": FIELDS,
+                                           "label": "Quiz", **task}}
+    return cfg
+
+
+def _write_rows(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The study without the task, then (a copy of its run directory) with it; {"before", "after", "data"}."""
+    root = tmp_path_factory.mktemp("tasks")
+    data = root / "quiz.jsonl"
+    _write_rows(data, ROWS)
+    without = copy.deepcopy(TINY_STUDY)
+    without["fusion"] = {"methods": ["task_arithmetic"], "cr": ["off"]}
+    run_study(StudyConfig.model_validate(without), root / "before", show_progress=False)
+    shutil.copytree(root / "before", root / "after")
+    (root / "after" / "stages.jsonl").unlink()
+    run_study(StudyConfig.model_validate(_config(data)), root / "after", show_progress=False)
+    return {"before": root / "before", "after": root / "after", "data": data}
+
+
+def _dir(run_dir, name):
+    """The directory of stage ``name`` as this run's log names it (a copied run directory also holds the
+    directories of keys it no longer uses)."""
+    [key] = [r["key"] for r in stage_log(run_dir) if r["stage"] == name]
+    return run_dir / "stages" / f"{name}-{key}"
+
+
+def _results(run_dir):
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def test_task_scores_equal_an_unbatched_reference_on_every_choice_count(runs, tiny):
+    """The base model's per-choice log-likelihoods in the task's results file against one plain forward per
+    (question, choice) (tests/helpers/cloze_reference.py); both metrics' choices follow from them."""
+    model, tok = tiny
+    items = load_items(ChoicesBench(kind="choices", path=str(runs["data"]), fields=FIELDS))
+    doc = json.loads((_dir(runs["after"], "eval-base") / "quiz.json").read_text())
+    assert [r["id"] for r in doc["items"]] == [it.id for it in items] and doc["n"] == len(ROWS)
+    for it, rec in zip(items, doc["items"]):
+        conts = [[cloze_continuation(it, c) for c in range(len(it.choices))]]
+        ref = naive_scores(model, tok, [cloze_prompt(it)], conts)
+        assert torch.allclose(torch.tensor([rec["scores"]]), ref, atol=1e-4), (rec["scores"], ref)
+        lengths = [[len(c) for c in it.choices]]
+        assert rec["pred"] == int(choose(ref, lengths, "acc")[0])
+        assert rec["pred_norm"] == int(choose(ref, lengths, "acc_norm")[0])
+        assert rec["correct_norm"] == (rec["pred_norm"] == it.answer)
+    summary = _results(runs["after"])["base"]["quiz"]
+    assert summary["headline"] == bootstrap_ci([int(r["correct_norm"]) for r in doc["items"]])
+    assert summary["outcomes"] == {r["id"]: int(r["correct_norm"]) for r in doc["items"]}
+
+
+def test_adding_a_task_reruns_only_evaluations_and_changes_no_other_result(runs):
+    """Data, pruning, training, recovery and fusion come from the cache; every model's MMLU and MMLU-CD outcomes
+    and scores are those of the run without the task (same machine, same adapters)."""
+    ran = {r["stage"]: r["status"] for r in stage_log(runs["after"])}
+    assert {s for s, status in ran.items() if status == "ran"} == {s for s in ran if s.startswith("eval-")}
+    before, after = _results(runs["before"]), _results(runs["after"])
+    models = lambda doc: {"base": doc["base"]} | {e["edge"]: e["eval"] for e in doc["seeds"][0]["edges"]} | {  # noqa: E731
+        f["name"]: f["eval"] for f in doc["seeds"][0]["fused"]}
+    for name, ev in models(after).items():
+        old = models(before)[name]
+        assert ev["mmlu"]["correct"] == old["mmlu"]["correct"], name
+        if "mmlu_cd_k2" in old:
+            assert ev["mmlu_cd_k2"]["strict_outcomes"] == old["mmlu_cd_k2"]["strict_outcomes"], name
+        assert "quiz" in ev and "quiz" not in old, name
+    for name in ("eval-base", "eval-task_arithmetic-s0"):
+        new_items = json.loads((_dir(runs["after"], name) / "mmlu.json").read_text())["items"]
+        old_items = json.loads((_dir(runs["before"], name) / "mmlu.json").read_text())["items"]
+        assert [r["scores"] for r in new_items] == [r["scores"] for r in old_items], name
+    assert "task_columns" not in {k for k, v in before.items() if v is not None}
+    assert after["task_columns"] == {"quiz": "Quiz acc_norm"}
+
+
+def test_report_shows_the_task_with_paired_intervals(runs):
+    doc = _results(runs["after"])
+    base, fused = doc["base"]["quiz"], doc["seeds"][0]["fused"][0]["eval"]["quiz"]
+    ids = sorted(base["outcomes"])
+    diff = paired_diff_ci([fused["outcomes"][i] for i in ids], [base["outcomes"][i] for i in ids])
+    report = (runs["after"] / "report.md").read_text()
+    head = next(line for line in report.splitlines() if line.startswith("| model | MMLU"))
+    assert head.endswith("| Quiz acc_norm % [95% CI] | Δ vs base (paired) |")
+    row = next(line for line in report.splitlines() if line.startswith("| task_arithmetic |"))
+    assert row.endswith(f"| {fmt_ci(fused['headline'])} | {_diff(diff)} |")
+    csv = (runs["after"] / "results.csv").read_text().splitlines()
+    cols = csv[0].split(",")
+    base_row = dict(zip(cols, csv[1].split(",")))
+    assert float(base_row["quiz_acc"]) == pytest.approx(base["headline"]["acc"])
+
+
+def test_the_files_hash_is_in_the_key_an_edit_reevaluates(runs, tmp_path):
+    """Editing the file (one answer changed) re-runs every evaluation and nothing upstream; the base model's
+    outcome on that question flips and its log-likelihoods stay those of the first run."""
+    data, run_dir = tmp_path / "quiz.jsonl", tmp_path / "run"
+    _write_rows(data, ROWS)  # the same questions at another path (the path is part of the config, so of the key)
+    shutil.copytree(runs["after"], run_dir)
+    run_study(StudyConfig.model_validate(_config(data)), run_dir, show_progress=False)
+    rows = copy.deepcopy(ROWS)
+    rows[0]["gold"] = "23"
+    _write_rows(data, rows)  # edited in place: same path, same config
+    (run_dir / "stages.jsonl").unlink()
+    doc = run_study(StudyConfig.model_validate(_config(data)), run_dir, show_progress=False)
+    ran = {r["stage"] for r in stage_log(run_dir) if r["status"] == "ran"}
+    assert ran == {r["stage"] for r in stage_log(run_dir) if r["stage"].startswith("eval-")}
+    before = _results(runs["after"])["base"]["quiz"]["outcomes"]
+    changed = {i for i in before if before[i] != doc["base"]["quiz"]["outcomes"][i]}
+    [item] = [it for it in load_items(ChoicesBench(kind="choices", path=str(data), fields=FIELDS))
+              if it.question == ROWS[0]["q"]]
+    assert changed == {item.id}
+    old_scores = json.loads((_dir(runs["after"], "eval-base") / "quiz.json").read_text())["items"]
+    new_scores = json.loads((_dir(run_dir, "eval-base") / "quiz.json").read_text())["items"]
+    assert [r["scores"] for r in new_scores] == [r["scores"] for r in old_scores]
+
+
+def test_the_estimator_plans_the_tasks_items_on_every_evaluation(tmp_path):
+    data = tmp_path / "quiz.jsonl"
+    _write_rows(data, ROWS)
+    with_task, without = StudyConfig.model_validate(_config(data)), StudyConfig.model_validate(TINY_STUDY)
+    without = without.model_copy(update={"fusion": with_task.fusion})
+    extra = sum(len(r["opts"]) for r in ROWS) / 4 * RATES["mmlu_item"]["cloze"]  # cloze even in a letters study
+    a, b = {s.name: s.seconds for s in plan(with_task, 24)}, {s.name: s.seconds for s in plan(without, 24)}
+    assert a.keys() == b.keys()
+    for name in a:
+        want = extra if name.startswith("eval-") else 0.0
+        assert a[name] - b[name] == pytest.approx(want), name
+
+
+@pytest.mark.parametrize("task, message", [
+    ({"kind": "nope", "path": "x"}, "unknown kind 'nope'"),
+    ({"kind": "choices"}, "path"),
+    ({"kind": "choices", "path": "x", "limits": 3}, "limits"),
+])
+def test_bad_task_settings_fail_when_the_config_loads(task, message):
+    cfg = copy.deepcopy(TINY_STUDY)
+    cfg["benchmarks"]["tasks"] = {"quiz": task}
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.model_validate(cfg)
+
+
+@pytest.mark.parametrize("name", ["mmlu_extra", "label", "Quiz", "9x"])
+def test_task_names_that_would_clash_with_results_keys_are_refused(name):
+    cfg = copy.deepcopy(TINY_STUDY)
+    cfg["benchmarks"]["tasks"] = {name: {"kind": "choices", "path": "x"}}
+    with pytest.raises(ValueError, match="task name"):
+        StudyConfig.model_validate(cfg)
+
+
+def test_a_bad_row_is_one_line_naming_file_and_line_before_anything_is_written(tmp_path):
+    data = tmp_path / "quiz.jsonl"
+    _write_rows(data, ROWS[:2] + [{"q": "no options", "gold": 0, "topic": "x"}])
+    with pytest.raises(EdgefuseError) as e:
+        run_study(StudyConfig.model_validate(_config(data)), tmp_path / "run", show_progress=False)
+    assert str(e.value).startswith(f"{data}:3: ") and "missing field 'opts'" in str(e.value), str(e.value)
+    assert not (tmp_path / "run").exists()
