@@ -180,3 +180,22 @@ def test_cross_domain_instances_over_any_domains(tmp_path):
         compose_instances(pools, k=2, n=limit + 1, seed=0, no_reuse=True)  # and is the largest
     with pytest.raises(EdgefuseError, match="k=4 must be between 2 and the number of domains"):
         compose_instances(pools, k=4, n=5)
+
+
+def test_five_choice_items_go_through_the_mmlu_results_document(tiny):
+    """`evaluate_mmlu` in cloze form on file items with five choices: predictions lettered A–E (MMLU keeps A–D),
+    the breakdown by the file's domains, each prediction the argmax of the item's own scores."""
+    from edgefuse.data.mmlu import choice_label
+    from edgefuse.evaluate.mmlu import evaluate_mmlu
+
+    model, tok = tiny
+    items = [ChoiceItem(f"d{i % 2}/{i}", f"d{i % 2}", f"Pick {i}", tuple(f"opt {i} {c}" for c in range(5)), 4)
+             for i in range(6)]
+    res = evaluate_mmlu(model, tok, items, fmt="cloze")
+    for rec in res["items"]:
+        assert rec["answer"] == "E"
+        assert rec["pred"] == choice_label(max(range(5), key=lambda c: rec["scores"][c]))
+    assert set(res["accuracy"]["categories"]) == {"d0", "d1"}
+    assert [choice_label(i) for i in (0, 3, 25)] == ["A", "D", "Z"]
+    with pytest.raises(ValueError):
+        choice_label(26)

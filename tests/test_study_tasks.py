@@ -199,3 +199,66 @@ def test_a_bad_row_is_one_line_naming_file_and_line_before_anything_is_written(t
         run_study(StudyConfig.model_validate(_config(data)), tmp_path / "run", show_progress=False)
     assert str(e.value).startswith(f"{data}:3: ") and "missing field 'opts'" in str(e.value), str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+# three domains, four questions each, three choices each (cross-domain instances need one number of choices)
+CD_ROWS = [{"q": f"{topic} question {i}: which is right?", "opts": [f"{topic} {i} a", f"{topic} {i} b", "none"],
+            "gold": i % 3, "topic": topic} for topic in ("geometry", "botany", "music") for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def cd_run(runs, tmp_path_factory):
+    """The run without tasks, with a ``choices_cd`` task added (only evaluations run)."""
+    root = tmp_path_factory.mktemp("cd")
+    data = root / "mix.jsonl"
+    _write_rows(data, CD_ROWS)
+    cfg = copy.deepcopy(TINY_STUDY)
+    cfg["fusion"] = {"methods": ["task_arithmetic"], "cr": ["off"]}
+    cfg["benchmarks"]["tasks"] = {"mix": {"kind": "choices_cd", "path": str(data), "fields": FIELDS, "k": 2, "n": 6}}
+    shutil.copytree(runs["before"], root / "run")
+    (root / "run" / "stages.jsonl").unlink()
+    run_study(StudyConfig.model_validate(cfg), root / "run", show_progress=False)
+    return root / "run", data
+
+
+def test_cross_domain_task_over_a_files_domains_equals_full_recomputation(cd_run, tiny):
+    """A ``choices_cd`` task (one module, one registry entry): balanced instances over the file's domains, each
+    answer's log-likelihoods equal to a plain forward over the whole growing cloze text (the chosen acc_norm
+    answers before it), strict outcomes and the headline from them, and a report column; an edge alone is not
+    scored on it (cross-domain)."""
+    from edgefuse.evaluate.cloze import normalised
+    from edgefuse.evaluate.mmlu_cd import cloze_cd_text
+
+    model, tok = tiny
+    run_dir, data = cd_run
+    items = {it.id: it for it in load_items(ChoicesBench(kind="choices", path=str(data), fields=FIELDS))}
+    res = json.loads((_dir(run_dir, "eval-base") / "mix.json").read_text())
+    assert res["n"] == 6 and res["k"] == 2
+    pairs = [tuple(sorted(inst["domains"])) for inst in res["instances"]]
+    assert sorted(pairs) == sorted([("botany", "geometry"), ("botany", "music"), ("geometry", "music")] * 2)
+    for inst in res["instances"]:
+        its = [items[i] for i in inst["items"]]
+        chosen = []
+        for j, it in enumerate(its):
+            conts = [[cloze_continuation(it, c) for c in range(3)]]
+            ref = naive_scores(model, tok, [cloze_cd_text(its, chosen)], conts)
+            assert torch.allclose(torch.tensor([inst["scores"][j]]), ref, atol=1e-4), (inst["id"], j)
+            chosen.append(int(normalised(ref, [[len(c) for c in it.choices]]).argmax()))
+        assert inst["strict"] == all(c == it.answer for c, it in zip(chosen, its))
+    doc = _results(run_dir)
+    summary = doc["base"]["mix"]
+    assert summary["outcomes"] == {inst["id"]: int(inst["strict"]) for inst in res["instances"]}
+    assert summary["headline"] == bootstrap_ci(list(summary["outcomes"].values()))
+    assert doc["task_columns"] == {"mix": "mix k=2 strict"}
+    assert "mix" in doc["seeds"][0]["fused"][0]["eval"]
+    assert all("mix" not in e["eval"] for e in doc["seeds"][0]["edges"])
+    assert "| mix k=2 strict % [95% CI] | Δ vs base (paired) |" in (run_dir / "report.md").read_text()
+
+
+def test_cross_domain_task_refuses_mixed_choice_counts_when_the_study_starts(runs, tmp_path):
+    cfg = copy.deepcopy(TINY_STUDY)
+    cfg["benchmarks"]["tasks"] = {"mix": {"kind": "choices_cd", "path": str(runs["data"]), "fields": FIELDS}}
+    with pytest.raises(EdgefuseError, match=r"quiz.jsonl: cross-domain instances need one number of choices; "
+                                            r"the questions have 2, 3, 5"):
+        run_study(StudyConfig.model_validate(cfg), tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()

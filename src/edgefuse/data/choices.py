@@ -32,6 +32,12 @@ class ChoiceItem:
     choices: tuple[str, ...]
     answer: int  # index into choices
 
+    @property
+    def category(self) -> str:
+        """Its domain: where MMLU groups subjects into categories for the results' breakdown, a file's domain is
+        its own group."""
+        return self.subject
+
 
 @dataclass(frozen=True)
 class FieldMap:

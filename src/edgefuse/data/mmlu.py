@@ -21,6 +21,14 @@ from edgefuse.errors import EdgefuseError
 from edgefuse.io import jsonl_rows
 
 LETTERS = ("A", "B", "C", "D")
+
+
+def choice_label(index: int) -> str:
+    """The letter that names choice ``index`` in results files: A–D for MMLU's four, on to Z for questions with more
+    (`edgefuse.data.choices`), which are scored in cloze form only."""
+    if not 0 <= index < 26:
+        raise ValueError(f"choice index {index} has no letter")
+    return chr(ord("A") + index)
 SPLITS = ("edge", "public", "test")
 
 

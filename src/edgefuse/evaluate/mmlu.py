@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 from typing import Callable, Sequence
 
-from edgefuse.data.mmlu import LETTERS, MMLUItem
+from edgefuse.data.mmlu import MMLUItem, choice_label
 from edgefuse.data.prompts import cloze_continuation, cloze_prompt, mc_prompt
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.cloze import ClozeScorer, check_format, choose
@@ -80,15 +80,15 @@ def results_document(items: Sequence[MMLUItem], scores, fmt: str, shots: int, wa
     if fmt == "letters":
         preds = scores.argmax(dim=1).tolist()
         correct = {"accuracy": [int(p == it.answer) for p, it in zip(preds, items)]}
-        records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
+        records = [{"id": it.id, "subject": it.subject, "answer": choice_label(it.answer), "pred": choice_label(p),
                     "correct": bool(p == it.answer)} for it, p in zip(items, preds)]
     else:
         lengths = [[len(c) for c in it.choices] for it in items]  # lm-eval: the choice text, no space
         preds, preds_norm = choose(scores, lengths, "acc").tolist(), choose(scores, lengths, "acc_norm").tolist()
         correct = {"accuracy": [int(p == it.answer) for p, it in zip(preds, items)],
                    "accuracy_norm": [int(p == it.answer) for p, it in zip(preds_norm, items)]}
-        records = [{"id": it.id, "subject": it.subject, "answer": LETTERS[it.answer], "pred": LETTERS[p],
-                    "correct": bool(p == it.answer), "pred_norm": LETTERS[pn], "correct_norm": bool(pn == it.answer)}
+        records = [{"id": it.id, "subject": it.subject, "answer": choice_label(it.answer), "pred": choice_label(p),
+                    "correct": bool(p == it.answer), "pred_norm": choice_label(pn), "correct_norm": bool(pn == it.answer)}
                    for it, p, pn in zip(items, preds, preds_norm)]
     for i, (rec, row) in enumerate(zip(records, scores.tolist())):
         rec["scores"] = [round(float(x), 6) for x in row]

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from edgefuse.data.mmlu import LETTERS, MMLUDataset, MMLUItem
+from edgefuse.data.mmlu import LETTERS, MMLUDataset, MMLUItem, choice_label
 from edgefuse.data.mmlu_cd import content_hash
 from edgefuse.data.prompts import cloze_continuation, subject_words
 from edgefuse.errors import EdgefuseError
@@ -133,7 +133,7 @@ def instance_record(inst: dict, items: Sequence[MMLUItem], preds: Sequence[int],
     """One instance's entry in an MMLU-CD results document (also written by the retrieval mixture's scorer)."""
     return {
         "id": inst["id"], "items": [it.id for it in items], "domains": inst["domains"],
-        "answers": [LETTERS[it.answer] for it in items], "preds": [LETTERS[p] for p in preds],
+        "answers": [choice_label(it.answer) for it in items], "preds": [choice_label(p) for p in preds],
         "correct": [p == it.answer for p, it in zip(preds, items)],
         "strict": all(p == it.answer for p, it in zip(preds, items)),
         "scores": [[round(float(x), 6) for x in pos] for pos in scores],

@@ -121,7 +121,8 @@ class ChoicesTask(Task):
         return len(self._items())
 
     def work(self, n_mmlu: int) -> dict[str, float]:
-        """A cloze item's cost grows with its choices; the rate is per item of four."""
+        """A cloze item's cost grows with its choices; the rate is per item of four. Reading the file here makes a
+        bad one fail at the estimate, before the run directory is written."""
         return {"mmlu_item:cloze": sum(len(it.choices) for it in self._items()) / 4}
 
     def evaluate(self, st, model, ctx: EvalContext) -> dict[str, dict]:

@@ -13,6 +13,7 @@ from typing import Callable
 
 from edgefuse.tasks.base import Task, TaskSettings
 from edgefuse.tasks.choices import ChoicesBench, ChoicesTask
+from edgefuse.tasks.choices_cd import ChoicesCDBench, ChoicesCDTask
 from edgefuse.tasks.mmlu import MMLUTask
 from edgefuse.tasks.mmlu_cd import MMLUCDTask
 
@@ -27,6 +28,7 @@ class TaskKind:
 
 KINDS: dict[str, TaskKind] = {
     "choices": TaskKind(ChoicesBench, ChoicesTask),
+    "choices_cd": TaskKind(ChoicesCDBench, ChoicesCDTask),
 }
 
 # names a configured task may not take: the results keys and summary fields of every evaluated model
