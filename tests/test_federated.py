@@ -120,7 +120,7 @@ def faulty(reference, tmp_path_factory):
                                                    "economics": ["economics"]},
                        interference={"enabled": True, "source": "edges", "tokens": 256})
     run_dir = copy_without_training(reference, root / "run", ["science", "law"])
-    doc = simulate(cfg, run_dir, min_edges=1, client_app=make_client_app([fault_mod]))
+    doc = simulate(cfg, run_dir, min_edges=1, parallel=2, client_app=make_client_app([fault_mod]))
     return run_dir, doc
 
 
@@ -138,7 +138,7 @@ def two_rounds(reference, simulated, tmp_path_factory):
     shutil.copytree(simulated[0], sim)
     jobs.mkdir()
     run_study(load_config(cfg), local, show_progress=False)
-    simulate(cfg, sim, client_app=make_client_app([functools.partial(job_mod, str(jobs))]))
+    simulate(cfg, sim, parallel=1, client_app=make_client_app([functools.partial(job_mod, str(jobs))]))
     return local, sim, jobs
 
 
@@ -211,6 +211,20 @@ def test_edges_send_only_adapter_tensors_and_manifest(simulated, mmlu):
         assert set(man["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
         edges_seen.add(man["domain"])
     assert edges_seen == {"science", "law"}
+
+
+def test_parallel_bounds_the_actors_and_every_edge_still_trains(faulty):
+    """``parallel``: Ray gets that many edge slots (one actor each), never more than the edges; the faulty run's four
+    edges went through two actors (each edge's outcome is in the tests below), and a bound below one is refused."""
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.federated.simulate import backend_config
+
+    assert [backend_config(4, 1, p)["init_args"]["num_cpus"] for p in (None, 2, 9)] == [4, 2, 4]
+    assert backend_config(4, 3, 2)["init_args"]["num_cpus"] == 6
+    with pytest.raises(EdgefuseError, match="parallel=0"):
+        backend_config(4, 1, 0)
+    _, doc = faulty
+    assert len(doc["seeds"][0]["edges"]) + len(doc["missing_edges"]) == 4
 
 
 def test_failing_edge_is_left_out_and_named(faulty):

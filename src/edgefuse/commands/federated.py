@@ -23,6 +23,8 @@ def simulate_cmd(
     force: Optional[str] = typer.Option(None, "--force", help="Redo this stage kind and all after it: data, prune, "
                                         "train, recover, grams, fuse, embed, eval."),
     cpus_per_edge: int = typer.Option(1, "--cpus-per-edge", min=1, help="CPUs Ray gives each virtual edge."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="At most this many edges train at once, "
+                                           "each in its own process with its own copy of the model (default: all)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw progress bars."),
 ):
     """Run the study on Flower's simulation engine, one virtual SuperNode per configured edge."""
@@ -35,7 +37,7 @@ def simulate_cmd(
         raise EdgefuseError(f"--force {force!r}: unknown stage kind; valid: {', '.join(KINDS)}")
     run_dir = run_dir or Path("runs") / f"{config.stem}-federated"
     doc = simulate(config, run_dir, min_edges=min_edges, timeout=timeout, force=force,
-                   show_progress=not no_progress, cpus_per_edge=cpus_per_edge)
+                   show_progress=not no_progress, cpus_per_edge=cpus_per_edge, parallel=parallel)
     print_summary(doc, run_dir, "federated simulation")
 
 
