@@ -292,6 +292,7 @@ def test_turning_edge_alone_evaluations_on_keeps_the_other_evaluations_keys(tmp_
     def key(bench: dict) -> str:
         cfg = load_config(write(tmp_path, {**GOOD, "benchmarks": bench}))
         st = SimpleNamespace(cfg=cfg, base_fingerprint="f" * 32, cd_hashes={"2": "c" * 64}, tasks=[],
+                             data_inputs=cfg.data.model_dump,
                              precision=cfg.precision())
         return StageCache.key("eval", "eval-base", eval_inputs(st))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +263,105 @@ def test_cross_domain_task_refuses_mixed_choice_counts_when_the_study_starts(run
                                             r"the questions have 2, 3, 5"):
         run_study(StudyConfig.model_validate(cfg), tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# two domains of one file, 16 questions each with three choices: split per domain as MMLU's subjects are
+FILE_ROWS = [{"q": f"{topic} fact {i}?", "opts": [f"{topic} answer {i}", f"not {i}", f"maybe {i}"], "gold": i % 3,
+              "topic": topic} for topic in ("arith", "chem") for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def file_study(tmp_path_factory):
+    """Edges on a multiple-choice file's domains (``data.choices``), scored on its test split by a ``choices`` and
+    a ``choices_cd`` task, next to MMLU."""
+    root = tmp_path_factory.mktemp("files")
+    data = root / "facts.jsonl"
+    _write_rows(data, FILE_ROWS)
+    cfg = copy.deepcopy(TINY_STUDY)
+    cfg["data"] = {"choices": {"facts": {"path": str(data), "fields": FIELDS}}}
+    cfg["edges"] = {"a": ["arith"], "c": ["chem"]}
+    cfg["fusion"] = {"methods": ["task_arithmetic"], "cr": ["off"]}
+    cfg["benchmarks"]["tasks"] = {"facts": {"kind": "choices", "data": "facts"},
+                                  "facts_cd": {"kind": "choices_cd", "data": "facts", "k": 2, "n": 4}}
+    doc = run_study(StudyConfig.model_validate(cfg), root / "run", show_progress=False)
+    return root / "run", doc, cfg
+
+
+def test_edges_train_on_a_files_domains_and_its_test_split_is_scored(file_study):
+    """Each edge trains on its file domain's edge split (the study's splits.json, per domain as per MMLU subject);
+    the ``choices`` task scores exactly the file's test split (no trained question), on the base model, each edge
+    alone and the fused model; MMLU's items are those of a study without the file."""
+    run_dir, doc, cfg = file_study
+    splits = json.loads((_dir(run_dir, "data") / "splits.json").read_text())
+    for edge, domain in (("a", "arith"), ("c", "chem")):
+        manifest = json.loads((_dir(run_dir, f"train-{edge}-s0") / "package" / "edgefuse.json").read_text())
+        assert manifest["n_items"] == sum(i.startswith(f"{domain}/") for i in splits["edge"]) == 5
+    test_ids = sorted(i for i in splits["test"] if i.startswith(("arith/", "chem/")))
+    assert sorted(doc["base"]["facts"]["outcomes"]) == test_ids and len(test_ids) == 14
+    assert not set(test_ids) & set(splits["edge"])
+    for e in doc["seeds"][0]["edges"]:
+        assert sorted(e["eval"]["facts"]["outcomes"]) == test_ids and "facts_cd" not in e["eval"]
+    fused = doc["seeds"][0]["fused"][0]["eval"]
+    assert sorted(fused["facts"]["outcomes"]) == test_ids and len(fused["facts_cd"]["outcomes"]) == 4
+    cd = json.loads((_dir(run_dir, "eval-base") / "facts_cd.json").read_text())
+    assert {i for inst in cd["instances"] for i in inst["items"]} <= set(test_ids)
+    plain = copy.deepcopy(TINY_STUDY)  # the same MMLU selection as without the file
+    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
+    want = select(load_mmlu(), "test", None, None, plain["benchmarks"]["mmlu"]["limit"], 0, SplitSpec())
+    assert sorted(doc["base"]["mmlu"]["correct"]) == sorted(it.id for it in want)
+
+
+def test_an_edited_data_file_retrains(file_study, tmp_path):
+    """The files' sha256 is in the data, prune (hence train) and evaluation keys: one changed answer re-runs the
+    study from the data stage on (the config alone would not have told), but not MMLU-CD's build, which holds no
+    question of the file."""
+    run_dir, _, cfg = file_study
+    rows = copy.deepcopy(FILE_ROWS)
+    rows[0]["gold"] = (rows[0]["gold"] + 1) % 3
+    data = Path(cfg["data"]["choices"]["facts"]["path"])
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run_dir, copy_dir)
+    backup = data.read_text()
+    try:
+        _write_rows(data, rows)
+        (copy_dir / "stages.jsonl").unlink()
+        run_study(StudyConfig.model_validate(cfg), copy_dir, show_progress=False)
+    finally:
+        data.write_text(backup)
+    ran = {r["stage"] for r in stage_log(copy_dir) if r["status"] == "ran"}
+    assert {"data", "prune-a-s0", "train-a-s0", "eval-base"} <= ran and "mmlu-cd-k2" not in ran
+
+
+def test_file_domains_are_checked_when_the_config_loads(tmp_path):
+    data = tmp_path / "facts.jsonl"
+    _write_rows(data, FILE_ROWS)
+    cfg = copy.deepcopy(TINY_STUDY)
+    cfg["edges"] = {"a": ["arithmetic"]}
+    with pytest.raises(ValueError, match="unknown domain 'arithmetic'.*or a domain of data.choices \\(arith, chem\\)"):
+        StudyConfig.model_validate(cfg | {"data": {"choices": {"facts": {"path": str(data), "fields": FIELDS}}}})
+    cfg["edges"] = {"a": ["arith"]}
+    with pytest.raises(ValueError, match="unknown domain 'arith'"):
+        StudyConfig.model_validate(cfg)  # no data.choices
+    cfg["benchmarks"]["tasks"] = {"facts": {"kind": "choices", "data": "nope"}}
+    with pytest.raises(ValueError, match="data 'nope' is not a file of data.choices"):
+        StudyConfig.model_validate(cfg | {"data": {"choices": {"facts": {"path": str(data), "fields": FIELDS}}}})
+
+
+def test_a_file_domain_named_like_an_mmlu_domain_is_refused(tmp_path):
+    from edgefuse.data.choices import load_choice_file, with_files
+    from edgefuse.data.mmlu import load_mmlu
+
+    data = tmp_path / "facts.jsonl"
+    _write_rows(data, [dict(r, topic="law") for r in FILE_ROWS[:4]])
+    with pytest.raises(EdgefuseError, match="data.choices.facts: domain 'law' is also an MMLU domain"):
+        with_files(load_mmlu(), {"facts": load_choice_file(data, FIELDS)})
+
+
+def test_letters_training_refuses_questions_with_more_than_four_choices(tmp_path):
+    from edgefuse.data.choices import ChoiceItem
+    from edgefuse.edge.schema import TrainConfig
+    from edgefuse.edge.train import train_edge
+
+    items = [ChoiceItem("d/1", "d", "q?", ("a", "b", "c", "d", "e"), 4)]
+    with pytest.raises(EdgefuseError, match="5 choices; the 'letters' objective scores the letters A-D only"):
+        train_edge(tmp_path / "nowhere", "d", items, TrainConfig(objective="letters"), tmp_path / "out")

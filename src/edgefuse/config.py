@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_serializer, field_validator,
+                      model_serializer, model_validator)
 
 from edgefuse.compose.schema import LORAHUB_NAME, ComposeConfig
+from edgefuse.data.choices import load_choice_file
+from edgefuse.data.taxonomy import domain_subjects, is_domain
 from edgefuse.edge.schema import PruningConfig, TrainConfig
 from edgefuse.errors import EdgefuseError
 from edgefuse.interference.spec import GramSpec
@@ -25,11 +28,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ChoiceFile(_Strict):
+    """A multiple-choice file whose domains the study's edges can train on (`edgefuse.data.choices`)."""
+
+    path: str = Field(description="a JSONL file (one question per line) or a BIG-bench task.json")
+    fields: str = Field("", description="the JSONL field mapping, e.g. 'question=q,choices=a|b|c,answer=label,"
+                                        "domain=topic' (edgefuse.data.choices.FieldMap; empty: the defaults)")
+    domain: Optional[str] = Field(None, description="the file's one domain, when its rows name none")
+
+
 class DataConfig(_Strict):
     source: str = "embedded"
     split_seed: int = 0
     public_per_subject: int = Field(5, ge=1)
     edge_fraction: float = Field(0.4, gt=0, lt=1)
+    choices: dict[str, ChoiceFile] = Field({}, description="multiple-choice files by name: their domains are split "
+                                                           "as MMLU's subjects are, and edges may name them")
+
+    @model_serializer(mode="wrap")
+    def _without_empty_choices(self, handler):
+        """A study without files dumps what it dumped before they existed: the dump is part of stage keys."""
+        out = handler(self)
+        if not out.get("choices"):
+            out.pop("choices", None)
+        return out
 
 
 class TrainingConfig(TrainConfig):
@@ -338,22 +360,36 @@ class StudyConfig(_Strict):
     @field_validator("edges")
     @classmethod
     def _edges(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
-        from edgefuse.data.taxonomy import domain_subjects
-
         if len(v) < 1:
             raise ValueError("at least one edge is needed")
         for name, domains in v.items():
             if not domains:
                 raise ValueError(f"edge {name!r} has no domains")
-            for d in domains:
-                try:
-                    domain_subjects(d)
-                except EdgefuseError as e:
-                    raise ValueError(str(e)) from None
         return v
+
+    def _check_edge_domains(self) -> None:
+        """Every edge domain is MMLU's (category, subcategory, subject) or a domain of a ``data.choices`` file; the
+        files are read only when an edge names a domain MMLU does not have."""
+        wanted = {d for domains in self.edges.values() for d in domains if not is_domain(d)}
+        if not wanted:
+            return
+        found = {it.subject for f in self.data.choices.values()
+                 for it in load_choice_file(f.path, f.fields, f.domain)} if self.data.choices else set()
+        for d in sorted(wanted - found):
+            try:
+                domain_subjects(d)
+            except EdgefuseError as e:
+                raise ValueError("edges: " + str(e) + (f"; or a domain of data.choices ({', '.join(sorted(found))})"
+                                           if self.data.choices else "")) from None
 
     @model_validator(mode="after")
     def _cross(self) -> "StudyConfig":
+        self._check_edge_domains()
+        for name, task in self.benchmarks.tasks.items():
+            ref = getattr(task, "data", None)
+            if ref is not None and ref not in self.data.choices:
+                raise ValueError(f"benchmarks.tasks.{name}: data {ref!r} is not a file of data.choices "
+                                 f"({', '.join(self.data.choices) or 'none'})")
         unknown = sorted(set(self.edge_pruning) - set(self.edges))
         if unknown:
             raise ValueError(f"edge_pruning names {unknown[0]!r}, which is not an edge of the study")

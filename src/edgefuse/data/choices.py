@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefuse.data.mmlu import content_id
+from edgefuse.data.mmlu import MMLUDataset, content_id
+from edgefuse.data.taxonomy import is_domain
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import jsonl_rows
 
@@ -200,3 +201,29 @@ def load_bigbench_task(path: str | Path, domain: str | None = None) -> list[Choi
         except EdgefuseError as e:
             raise EdgefuseError(str(e), path=where) from None
     return items
+
+
+def load_choice_file(path: str | Path, fields: str = "", domain: str | None = None) -> list[ChoiceItem]:
+    """A multiple-choice file's items: a BIG-bench ``task.json`` (``.json``) or JSONL read through the field mapping
+    ``fields`` (`FieldMap.parse`; empty: the defaults), in id order."""
+    path = Path(path)
+    items = load_bigbench_task(path, domain) if path.suffix == ".json" else \
+        load_choice_jsonl(path, FieldMap.parse(fields), domain)
+    return sorted(items, key=lambda it: it.id)
+
+
+def with_files(dataset: MMLUDataset, files: dict[str, list[ChoiceItem]]) -> MMLUDataset:
+    """MMLU and the questions of multiple-choice files as one dataset: each file's domains become domains the
+    study's edges can train on and its tasks can evaluate, split per domain as MMLU is per subject (so MMLU's own
+    splits are unchanged). A domain must not share a name with MMLU's taxonomy, nor appear in two files."""
+    owner: dict[str, str] = {}
+    for name, items in files.items():
+        for d in dict.fromkeys(it.subject for it in items):
+            if is_domain(d):
+                raise EdgefuseError(f"data.choices.{name}: domain {d!r} is also an MMLU domain; rename it")
+            if d in owner:
+                raise EdgefuseError(f"data.choices.{name}: domain {d!r} is also in data.choices.{owner[d]}")
+            owner[d] = name
+    extra = [it for items in files.values() for it in items]
+    return MMLUDataset(dataset.items + extra, dataset.source, dataset.skipped,
+                       extra_domains=dataset.extra_domains + tuple(owner))

@@ -57,6 +57,7 @@ class MMLUDataset:
     items: list[MMLUItem]
     source: str
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+    extra_domains: tuple[str, ...] = ()  # domains of multiple-choice files (`edgefuse.data.choices.with_files`)
 
     def by_id(self) -> dict[str, MMLUItem]:
         return {it.id: it for it in self.items}
@@ -228,7 +229,7 @@ def select(
             items = [it for it in items if it.id in keep]
     wanted: set[str] | None = None
     if domains:
-        wanted = {s for d in domains for s in domain_subjects(d)}
+        wanted = {s for d in domains for s in ([d] if d in dataset.extra_domains else domain_subjects(d))}
     if subjects:
         subs = {check_subject(s) for s in subjects}
         wanted = subs if wanted is None else wanted & subs

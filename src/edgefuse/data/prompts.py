@@ -65,3 +65,11 @@ def cloze_prompt(item: MMLUItem) -> str:
 def cloze_continuation(item: MMLUItem, index: int) -> str:
     """The continuation scored for choice ``index``: a space and the answer text."""
     return f" {item.choices[index]}"
+
+
+def answered_prompt(item) -> str:
+    """A question with its gold answer, as text a model reads (pruning calibration): the letters form, or for a
+    question with more than four choices (`edgefuse.data.choices`), which letters do not cover, the cloze form."""
+    if len(item.choices) <= len(LETTERS):
+        return mc_prompt(item) + answer_text(item.answer)
+    return cloze_prompt(item) + cloze_continuation(item, item.answer)

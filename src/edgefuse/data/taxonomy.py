@@ -53,6 +53,13 @@ def normalise_subject(name: str) -> str:
     return "_".join(name.strip().lower().replace("-", " ").split())
 
 
+def is_domain(name: str) -> bool:
+    """Whether ``name`` is an MMLU domain (category, subcategory or subject, in any spelling `normalise_subject`
+    takes)."""
+    d = normalise_subject(name)
+    return d in CATEGORIES or d in SUBCATEGORY_TO_CATEGORY or d in SUBJECT_TO_SUBCATEGORY
+
+
 def domain_subjects(domain: str) -> list[str]:
     """Subjects belonging to a domain (category, subcategory or subject name)."""
     d = normalise_subject(domain)

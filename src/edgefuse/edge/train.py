@@ -236,6 +236,11 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
     precision = resolve(device, dtype)
     if not items:
         raise EdgefuseError(f"no training items for domain {domain!r}")
+    wide = next((it for it in items if len(it.choices) > 4), None)
+    if wide is not None and config.objective != "cloze":  # the letters loss is over the answer letters A-D
+        raise EdgefuseError(f"edge {domain}: question {wide.id} has {len(wide.choices)} choices; the "
+                            f"{config.objective!r} objective scores the letters A-D only: use training.objective: "
+                            f"cloze")
     ckpt = Path(checkpoint_dir) if checkpoint_dir else checkpoint_dir_for(out_dir)
     meter = PeakMemory(precision.device)
     meter.__enter__()

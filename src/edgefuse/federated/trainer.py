@@ -16,6 +16,7 @@ import shutil
 import time
 from typing import Any
 
+from edgefuse.data.taxonomy import is_domain
 from edgefuse.errors import EdgefuseError
 from edgefuse.edge.plan import read_model_meta, read_plan
 from edgefuse.io import sha256_file
@@ -99,6 +100,10 @@ class FlowerTrainer:
     # ------------------------------------------------------------------ round
     def job_message(self, st, job) -> dict[str, Any]:
         """Everything the edge needs and nothing of the data: plan, model reference, settings."""
+        files = [d for d in job.domains if not is_domain(d)]  # the config admits no other kind
+        if files:  # a Flower edge reads its own MMLU-format data (node config "data"), not the cloud's files
+            raise EdgefuseError(f"edge {job.edge}: domain {files[0]!r} comes from data.choices; edges on such "
+                                f"domains train in the process (edgefuse run), not yet on Flower")
         meta = read_model_meta(job.pruned_dir)
         d = st.cfg.data
         return {"edge": job.edge, "seed": job.seed, "round": job.round_no, "domains": list(job.domains),

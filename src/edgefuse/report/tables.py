@@ -11,7 +11,7 @@ import io
 import statistics
 from typing import Any
 
-from edgefuse.data.taxonomy import domain_subjects
+from edgefuse.data.taxonomy import domain_subjects, is_domain
 from edgefuse.evaluate.gold import GOLD, MARGIN, gold_diff, gold_of
 from edgefuse.evaluate.stats import bootstrap_ci, fmt_ci, fmt_raw, paired_diff_ci
 
@@ -175,12 +175,18 @@ def _subject_index(doc: dict) -> dict[str, str]:
     return {i: i.split("/", 1)[0] for i in doc["base"].get("mmlu", {}).get("correct", {})}
 
 
+def subjects_of(domain: str) -> list[str]:
+    """An edge domain's MMLU subjects; a ``data.choices`` file's domain is its own (no MMLU item belongs to it, so
+    MMLU-based cells of such an edge stay empty; its scores are in its tasks' columns)."""
+    return domain_subjects(domain) if is_domain(domain) else [domain]
+
+
 def domain_item_ids(doc: dict, edges: dict[str, list[str]]) -> dict[str, list[str]]:
     """Each edge's domain as the base model's MMLU test items of its domains' subjects (sorted ids)."""
     subj = _subject_index(doc)
     out = {}
     for edge, domains in edges.items():
-        subjects = {x for d in domains for x in domain_subjects(d)}
+        subjects = {x for d in domains for x in subjects_of(d)}
         out[edge] = sorted(i for i in subj if subj[i] in subjects)
     return out
 
@@ -229,7 +235,7 @@ def edges_table(doc: dict) -> str:
     for s in doc["seeds"]:
         for e in s["edges"]:
             tr, pr = e.get("train") or {}, e.get("prune") or {}
-            subjects = {x for d in e["domains"] for x in domain_subjects(d)}
+            subjects = {x for d in e["domains"] for x in subjects_of(d)}
             ev = e.get("eval") or {}
             own, own_base = domain_acc(ev, subjects, subj), domain_acc(doc["base"], subjects, subj)
             loss = tr.get("loss_curve", [])

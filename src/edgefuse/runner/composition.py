@@ -36,7 +36,7 @@ def embedding_inputs(st: Study, edge: str) -> dict:
     from edgefuse.assets import MINILM_DIST, MINILM_VERSION
     from edgefuse.compose.embedding import ENCODER_NAME
 
-    return {"data": st.cfg.data.model_dump(), "edge": edge, "domains": st.cfg.edges[edge],
+    return {"data": st.data_inputs(), "edge": edge, "domains": st.cfg.edges[edge],
             "embedding": st.cfg.compose.embedding.model_dump(), "encoder": f"{ENCODER_NAME} {MINILM_DIST}=={MINILM_VERSION}"}
 
 
@@ -89,7 +89,7 @@ def stage_lorahub(st: Study, edges: list[dict], seed: int, round_no: int) -> dic
     settings = lorahub_settings(st, seed)
     domains = _domains(edges)
     b = st.cfg.benchmarks
-    inputs = {"adapters": _adapter_keys(edges), "lorahub": settings, "data": st.cfg.data.model_dump(),
+    inputs = {"adapters": _adapter_keys(edges), "lorahub": settings, "data": st.data_inputs(),
               "domains": domains, "seq": st.cfg.training.seq, "batch_size": b.batch_size, **precision_inputs(st)}
 
     def run(work: Path, advance) -> dict:

@@ -91,7 +91,7 @@ def task_seconds(cfg: StudyConfig, n_mmlu: int) -> list[tuple[Task, float]]:
     """Each of the study's tasks with one model's evaluation of it at the reference size (`Task.work` × `RATES`)."""
     fmt = cfg.benchmarks.format
     return [(t, sum(units * _rate(name, fmt) for name, units in t.work(n_mmlu).items()))
-            for t in study_tasks(cfg.benchmarks, stage_names.cd_build)]
+            for t in study_tasks(cfg.benchmarks, stage_names.cd_build, cfg.data)]
 
 
 def eval_seconds(tasks: list[tuple[Task, float]], cd: bool = True) -> float:

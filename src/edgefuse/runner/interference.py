@@ -31,7 +31,7 @@ def grams_inputs(st: Study) -> dict:
     """The grams stage's key: the base model, the data split, how much text (GramSpec), each edge's domains."""
     spec = st.cfg.interference.spec(st.cfg.data.split_seed)
     extra = st.precision.non_default()  # as `stages.precision_inputs` (not imported: stages imports this module)
-    return {"model": st.base_fingerprint, "data": st.cfg.data.model_dump(), "grams": asdict(spec),
+    return {"model": st.base_fingerprint, "data": st.data_inputs(), "grams": asdict(spec),
             "edges": st.cfg.edges, **({"precision": extra} if extra else {})}
 
 

@@ -23,6 +23,7 @@ from edgefuse.errors import EdgefuseError
 from edgefuse.runner import names as stage_names
 from edgefuse.runner.names import round_tag
 from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
+from edgefuse.data.prompts import answered_prompt
 from edgefuse.runner.study import Pending, Study
 from edgefuse.runner.trainers import Trainer, TrainJob
 from edgefuse.tasks.base import EvalContext, Task
@@ -38,10 +39,13 @@ def _edge_names(cfg: StudyConfig) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- stages
 def stage_data(st: Study) -> None:
+    from edgefuse.data.choices import load_choice_file, with_files
     from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
 
     d = st.cfg.data
-    st.dataset = load_mmlu(None if d.source == "embedded" else d.source)
+    mmlu = load_mmlu(None if d.source == "embedded" else d.source)
+    st.file_hashes = {name: sha256_file(f.path) for name, f in d.choices.items()}
+    st.dataset = with_files(mmlu, {name: load_choice_file(f.path, f.fields, f.domain) for name, f in d.choices.items()})
     st.split_spec = SplitSpec(seed=d.split_seed, public_per_subject=d.public_per_subject,
                               edge_fraction=d.edge_fraction)
 
@@ -50,15 +54,17 @@ def stage_data(st: Study) -> None:
         atomic_write_json(work / "splits.json", splits, indent=None)
         return {k: len(v) for k, v in splits.items()} | {"skipped_rows": st.dataset.skipped}
 
-    st.stage("data", stage_names.DATA, d.model_dump(), run)
+    st.stage("data", stage_names.DATA, st.data_inputs(), run)
     m = st.cfg.benchmarks.mmlu
-    st.mmlu_items = select(st.dataset, "test", m.domains, None, m.limit, d.split_seed, st.split_spec)
+    # from MMLU alone: its splits are per subject, so the files' questions change none of them
+    st.mmlu_items = select(mmlu, "test", m.domains, None, m.limit, d.split_seed, st.split_spec)
+
 
 
 def stage_tasks(st: Study) -> None:
     """The study's tasks (`edgefuse.tasks.registry.study_tasks`), each preparing its data (MMLU-CD: its instance
     files, stages ``mmlu-cd-k<k>``) before any model is evaluated."""
-    st.tasks = study_tasks(st.cfg.benchmarks, stage_names.cd_build)
+    st.tasks = study_tasks(st.cfg.benchmarks, stage_names.cd_build, st.cfg.data)
     for task in st.tasks:
         task.prepare(st)
 
@@ -134,7 +140,7 @@ def eval_inputs(st: Study) -> dict:
     if not bench["tasks"]:  # the key of a study with no configured tasks is the one it had before they existed
         del bench["tasks"]
     tasks = {t.name: inputs for t in st.tasks if (inputs := t.key_inputs(st)) is not None}
-    return {"model": st.base_fingerprint, "data": st.cfg.data.model_dump(), "bench": bench,
+    return {"model": st.base_fingerprint, "data": st.data_inputs(), "bench": bench,
             "cd": st.cd_hashes, **precision_inputs(st), **({"tasks": tasks} if tasks else {})}
 
 
@@ -149,7 +155,6 @@ def train_config(st: Study, seed: int):
 
 def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
     """Prune the base model for one edge; returns (pruned dir, result, stage inputs)."""
-    from edgefuse.data.prompts import answer_text, mc_prompt
     from edgefuse.edge.plan import save_pruned
     from edgefuse.edge.prune import prune_model
     from edgefuse.models import count_parameters
@@ -157,7 +162,7 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
     cfg, domains, p = st.cfg, st.cfg.edges[edge], st.cfg.pruning_for(edge)
 
     def run_prune(work: Path, advance) -> dict:
-        calib = [mc_prompt(it) + answer_text(it.answer) for it in st.items_of("public", domains)[: p.calib]]
+        calib = [answered_prompt(it) for it in st.items_of("public", domains)[: p.calib]]
         try:
             res = prune_model(st.model, st.tokenizer, method=p.method, structure=p.structure,
                               ratio=p.ratio if p.memory_budget_gib is None else None,
@@ -171,7 +176,8 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
                 "base_params": count_parameters(st.model), "estimate": jsonable(res.estimate)}
 
     inputs = {"model": st.base_fingerprint, "pruning": p.model_dump(), "edge": edge, "domains": domains,
-              "seed": seed, "training": cfg.training.model_dump(), **precision_inputs(st)}
+              "seed": seed, "training": cfg.training.model_dump(), **precision_inputs(st),
+              **({"files": st.file_hashes} if st.file_hashes else {})}  # in every train key too (it holds these)
     out, res = st.stage("prune", stage_names.prune(edge, seed), inputs, run_prune)
     return out / res["dir"], res, inputs
 

@@ -48,6 +48,7 @@ class Study:
     tokenizer: Any = None
     base_fingerprint: str = ""
     mmlu_items: list = field(default_factory=list)
+    file_hashes: dict[str, str] = field(default_factory=dict)  # sha256 of each data.choices file, by name
     tasks: list = field(default_factory=list)  # the study's edgefuse.tasks.base.Task objects, in evaluation order
     cd_docs: dict[int, dict] = field(default_factory=dict)
     cd_hashes: dict[int, str] = field(default_factory=dict)
@@ -103,6 +104,11 @@ class Study:
             p.result = fn(p.work, p.advance)
 
         return self.stages(kind, [Pending(name, inputs, total)], run)[name]
+
+    def data_inputs(self) -> dict:
+        """The data settings as stage inputs; with ``data.choices`` files, their sha256 too (an edited file is new
+        data). A study without files keeps the keys it had before they existed."""
+        return self.cfg.data.model_dump() | ({"files": self.file_hashes} if self.file_hashes else {})
 
     def items_of(self, split: str, domains: list[str] | None = None):
         from edgefuse.data.mmlu import select

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from edgefuse.data.choices import ChoiceItem, FieldMap, load_bigbench_task, load_choice_jsonl
+from edgefuse.data.choices import ChoiceItem, load_choice_file
+from edgefuse.data.mmlu import MMLUDataset, SplitSpec, make_splits
 from edgefuse.data.prompts import cloze_continuation, cloze_prompt
 from edgefuse.evaluate.cloze import ClozeScorer, choose
 from edgefuse.evaluate.stats import bootstrap_ci
@@ -29,10 +30,13 @@ RESULTS_VERSION = 1
 
 
 class ChoicesBench(TaskSettings):
-    """``benchmarks.tasks.NAME`` with ``kind: choices``."""
+    """``benchmarks.tasks.NAME`` with ``kind: choices``: a file of its own (``path``), all of it, or a file of the
+    study's data (``data``: a ``data.choices`` name), its test split: the domains edges train on, without the
+    questions they trained on."""
 
     kind: Literal["choices"]
-    path: str = Field(description="a JSONL file (one question per line) or a BIG-bench task.json")
+    path: Optional[str] = Field(None, description="a JSONL file (one question per line) or a BIG-bench task.json")
+    data: Optional[str] = Field(None, description="instead of path: a data.choices file, scored on its test split")
     fields: str = Field("", description="the JSONL field mapping, e.g. 'question=q,choices=a|b|c,answer=label' "
                                         "(edgefuse.data.choices.FieldMap; empty: question, choices, answer, domain)")
     domain: Optional[str] = Field(None, description="the file's one domain, when its rows name none")
@@ -43,14 +47,33 @@ class ChoicesBench(TaskSettings):
     label: Optional[str] = Field(None, description="the report's column title (default: the task's name)")
 
 
-def load_items(s: ChoicesBench) -> list[ChoiceItem]:
-    """The task's questions: the whole file, or a seeded sample of ``limit`` (in id order either way)."""
-    path = Path(s.path)
-    if path.suffix == ".json":
-        items = load_bigbench_task(path, s.domain)
+    @model_validator(mode="after")
+    def _one_source(self) -> "ChoicesBench":
+        if (self.path is None) == (self.data is None):
+            raise ValueError("give either path (a file of the task's own) or data (a data.choices file)")
+        if self.data is not None and (self.fields or self.domain):
+            raise ValueError("with data, the file's fields and domain are those of data.choices")
+        return self
+
+
+def source_path(s: ChoicesBench, data=None) -> str:
+    """The file the task reads (``data``: the study's `edgefuse.config.DataConfig`)."""
+    return s.path if s.data is None else data.choices[s.data].path
+
+
+def load_items(s: ChoicesBench, data=None) -> list[ChoiceItem]:
+    """The task's questions: its own file, or the test split of a ``data.choices`` file under the study's split
+    settings (`make_splits` splits per domain, so the file alone splits as the study's whole dataset does); then a
+    seeded sample of ``limit``, in id order either way."""
+    if s.data is None:
+        items = load_choice_file(s.path, s.fields, s.domain)
     else:
-        items = load_choice_jsonl(path, FieldMap.parse(s.fields), s.domain)
-    items = sorted(items, key=lambda it: it.id)
+        f = data.choices[s.data]
+        items = load_choice_file(f.path, f.fields, f.domain)
+        spec = SplitSpec(seed=data.split_seed, public_per_subject=data.public_per_subject,
+                         edge_fraction=data.edge_fraction)
+        test = set(make_splits(MMLUDataset(items, f.path), spec)["test"])
+        items = [it for it in items if it.id in test]
     if s.limit is not None and s.limit < len(items):
         items = sorted(random.Random(s.seed).sample(items, s.limit), key=lambda it: it.id)
     return items
@@ -96,8 +119,8 @@ def results_document(items: list[ChoiceItem], scores: list[list[float]], meta: d
 class ChoicesTask(Task):
     """One multiple-choice file, its questions evaluated on every model of the study."""
 
-    def __init__(self, name: str, settings: ChoicesBench):
-        self.name, self.settings = name, settings
+    def __init__(self, name: str, settings: ChoicesBench, data=None):
+        self.name, self.settings, self.data = name, settings, data
         self.items: list[ChoiceItem] | None = None
 
     def keys(self) -> list[str]:
@@ -108,14 +131,14 @@ class ChoicesTask(Task):
 
     def _items(self) -> list[ChoiceItem]:
         if self.items is None:
-            self.items = load_items(self.settings)
+            self.items = load_items(self.settings, self.data)
         return self.items
 
     def prepare(self, st) -> None:
         self._items()  # a bad file fails here, before any model is evaluated
 
     def key_inputs(self, st) -> dict:
-        return {"file": sha256_file(Path(self.settings.path))}
+        return {"file": sha256_file(Path(source_path(self.settings, self.data)))}
 
     def units(self, st) -> int:
         return len(self._items())
@@ -128,7 +151,8 @@ class ChoicesTask(Task):
     def evaluate(self, st, model, ctx: EvalContext) -> dict[str, dict]:
         items, t0 = self._items(), time.perf_counter()
         scores = score_items(model, st.tokenizer, items, st.cfg.benchmarks.batch_size, ctx.advance)
-        res = results_document(items, scores, {"label": ctx.label, "task": self.name, "path": self.settings.path},
+        res = results_document(items, scores, {"label": ctx.label, "task": self.name,
+                                               "path": source_path(self.settings, self.data)},
                                time.perf_counter() - t0)
         file = f"{self.name}.json"
         atomic_write_json(ctx.work / file, res)

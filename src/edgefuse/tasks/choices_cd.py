@@ -21,7 +21,7 @@ from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.mmlu_cd import evaluate_mmlu_cd
 from edgefuse.io import atomic_write_json, sha256_file
 from edgefuse.tasks.base import EvalContext, Task, headline_summary
-from edgefuse.tasks.choices import ChoicesBench, load_items
+from edgefuse.tasks.choices import ChoicesBench, load_items, source_path
 
 FORMAT = "edgefuse-choices-cd"
 
@@ -44,13 +44,13 @@ def build_document(items: list[ChoiceItem], s: ChoicesCDBench) -> dict:
         unknown = [d for d in s.domains if d not in pools]
         if unknown:
             raise EdgefuseError(f"domain {unknown[0]!r} is not in the file (it has {', '.join(pools)})",
-                                path=s.path)
+                                path=s.path or s.data)
         pools = {d: pools[d] for d in s.domains}
     counts = sorted({len(it.choices) for p in pools.values() for it in p})
     if len(counts) > 1:  # the chained scorer scores one number of choices per instance set
         raise EdgefuseError(f"cross-domain instances need one number of choices; the questions have "
-                            f"{', '.join(map(str, counts))}", path=s.path)
-    instances, combos, n_per = compose_instances(pools, k=s.k, n=s.n, seed=s.seed, where=s.path)
+                            f"{', '.join(map(str, counts))}", path=s.path or s.data)
+    instances, combos, n_per = compose_instances(pools, k=s.k, n=s.n, seed=s.seed, where=s.path or s.data)
     header = {"format": FORMAT, "k": s.k, "n": s.n, "seed": s.seed, "domains": list(pools),
               "combinations": {"+".join(c): m for c, m in zip(combos, n_per)}}
     return {"header": header, "instances": instances}
@@ -61,8 +61,8 @@ class ChoicesCDTask(Task):
 
     cross_domain = True
 
-    def __init__(self, name: str, settings: ChoicesCDBench):
-        self.name, self.settings = name, settings
+    def __init__(self, name: str, settings: ChoicesCDBench, data=None):
+        self.name, self.settings, self.data = name, settings, data
         self._doc: dict | None = None
         self._dataset: MMLUDataset | None = None
 
@@ -74,16 +74,16 @@ class ChoicesCDTask(Task):
 
     def _instances(self) -> tuple[dict, MMLUDataset]:
         if self._doc is None:
-            items = load_items(self.settings)
+            items = load_items(self.settings, self.data)
             self._doc = build_document(items, self.settings)
-            self._dataset = MMLUDataset(items, self.settings.path)
+            self._dataset = MMLUDataset(items, source_path(self.settings, self.data))
         return self._doc, self._dataset
 
     def prepare(self, st) -> None:
         self._instances()  # a bad file or an impossible k fails here, before any model is evaluated
 
     def key_inputs(self, st) -> dict:
-        return {"file": sha256_file(Path(self.settings.path))}
+        return {"file": sha256_file(Path(source_path(self.settings, self.data)))}
 
     def units(self, st) -> int:
         return self.settings.n
@@ -99,7 +99,8 @@ class ChoicesCDTask(Task):
         doc, dataset = self._instances()
         s = self.settings
         res = evaluate_mmlu_cd(model, st.tokenizer, doc, dataset, batch_size=st.cfg.benchmarks.batch_size,
-                               progress=ctx.advance, meta={"label": ctx.label, "task": self.name, "path": s.path},
+                               progress=ctx.advance, meta={"label": ctx.label, "task": self.name,
+                                                                  "path": source_path(s, self.data)},
                                fmt="cloze", metric=s.metric, single=s.single)
         file = f"{self.name}.json"
         atomic_write_json(ctx.work / file, res)

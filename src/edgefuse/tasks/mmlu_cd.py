@@ -72,8 +72,9 @@ class MMLUCDTask(Task):
                                       split="test", split_spec=st.split_spec)
                 return {"hash": write_benchmark(doc, work / f"{cd_key(k)}.jsonl"), "file": f"{cd_key(k)}.jsonl"}
 
-            out, res = st.stage("data", self.stage_name(k), {"data": data.model_dump(), "cd": cd.model_dump(),
-                                                             "k": k}, run)
+            # MMLU's data settings only: the instances hold no question of a data.choices file
+            inputs = {"data": data.model_dump(exclude={"choices"}), "cd": cd.model_dump(), "k": k}
+            out, res = st.stage("data", self.stage_name(k), inputs, run)
             st.cd_docs[k] = load_benchmark(out / res["file"])
             st.cd_hashes[k] = res["hash"]
 

@@ -23,7 +23,7 @@ class TaskKind:
     """A kind of task a config names under ``benchmarks.tasks``: its settings and how to build one by name."""
 
     settings: type[TaskSettings]
-    build: Callable[[str, TaskSettings], Task]
+    build: Callable[..., Task]  # (name, settings, data config) → the task
 
 
 KINDS: dict[str, TaskKind] = {
@@ -47,15 +47,16 @@ def task_settings(name: str, entry) -> TaskSettings:
     return KINDS[kind].settings.model_validate(entry if isinstance(entry, dict) else entry.model_dump())
 
 
-def study_tasks(benchmarks, stage_name: Callable[[int], str]) -> list[Task]:
+def study_tasks(benchmarks, stage_name: Callable[[int], str], data=None) -> list[Task]:
     """The study's tasks in evaluation order: MMLU, MMLU-CD (each when enabled), then ``benchmarks.tasks`` in
-    config order. ``stage_name``: MMLU-CD's build stage name by k (`edgefuse.runner.names.cd_build`)."""
+    config order. ``stage_name``: MMLU-CD's build stage name by k (`edgefuse.runner.names.cd_build`); ``data``: the
+    study's data settings (a task may score a ``data.choices`` file's test split)."""
     tasks: list[Task] = []
     if benchmarks.mmlu.enabled:
         tasks.append(MMLUTask(benchmarks.mmlu))
     if benchmarks.mmlu_cd.enabled:
         tasks.append(MMLUCDTask(benchmarks.mmlu_cd, stage_name))
     for name, settings in benchmarks.tasks.items():
-        tasks.append(KINDS[settings.kind].build(name, settings))
+        tasks.append(KINDS[settings.kind].build(name, settings, data))
     return tasks
 
