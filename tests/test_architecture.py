@@ -173,6 +173,21 @@ def test_tasks_do_not_import_the_runner(graph):
     assert not bad, "edgefuse.tasks imports the runner: " + ", ".join(f"{a} -> {b}" for a, b in bad)
 
 
+# what counts as evaluation: benchmarks, their scorers and results documents (scoring primitives such as
+# `edgefuse.evaluate.scoring.lm_parts`, which LoraHub's loss uses, are not)
+EVALUATION = ("mmlu", "mmlu_cd", "cloze", "gold", "stats", "mixture", "retrieval", "lm_eval_backend")
+
+
+def test_composition_contains_no_evaluation_code(graph):
+    """`edgefuse.compose` forms adapter compositions (LoraHub weights, retrieval weights, mixed-adapter forward
+    passes); scoring them on a benchmark lives in `edgefuse.evaluate` (`mixture`, `retrieval`), which the runner
+    and the CLI call (issue 23). Fails on any compose module importing a benchmark, a scorer or a results
+    document."""
+    bad = sorted((m, t) for m, ts in graph.items() if m.startswith(f"{PACKAGE}.compose")
+                 for t in ts if t in {f"{PACKAGE}.evaluate.{e}" for e in EVALUATION})
+    assert not bad, "edgefuse.compose imports evaluation code: " + ", ".join(f"{a} -> {b}" for a, b in bad)
+
+
 @pytest.mark.xfail(strict=True, reason="known cycle, removed by issue 15 item 3; delete it from KNOWN_CYCLES")
 @pytest.mark.parametrize("cycle", KNOWN_CYCLES, ids=lambda c: "+".join(sorted(c)))
 def test_known_cycle_is_gone(graph, cycle):

@@ -21,8 +21,9 @@ from edgefuse.adapters import LoraAdapter, load_adapter
 from edgefuse.artifacts import ExternalAdapterManifest
 from edgefuse.compose.embedding import attach_embedding, example_text, read_embedding
 from edgefuse.compose.mixture import LoraMixture
-from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings, retrieval_accuracy, retrieve, similarities
-from edgefuse.compose.routing import MixtureScorer, label_weights, score_cd, token_labels
+from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings, retrieve, similarities
+from edgefuse.evaluate.retrieval import retrieval_accuracy
+from edgefuse.evaluate.mixture import MixtureScorer, label_weights, score_cd, token_labels
 from edgefuse.data.mmlu import select
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.mmlu_cd import HEADER_SEGMENT as HEADER

@@ -143,7 +143,7 @@ def eval_mmlu(
             "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None,
             "selection": {"domains": domains, "subjects": subjects, "limit": limit, "seed": seed}}
     if retrieval:
-        from edgefuse.compose.evaluation import evaluate_mmlu_retrieval
+        from edgefuse.evaluate.retrieval import evaluate_mmlu_retrieval
 
         pool, encoder = load_retrieval(retrieval[0], m)
         with progress_bar("MMLU", len(items)) as advance:

@@ -110,7 +110,7 @@ def eval_mmlu_cd(
             "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors") if adapter else None,
             **({"pool": [str(d) for d in retrieval[0]]} if retrieval else {})}
     if retrieval:
-        from edgefuse.compose.evaluation import evaluate_mmlu_cd_retrieval
+        from edgefuse.evaluate.retrieval import evaluate_mmlu_cd_retrieval
 
         pool, encoder = load_retrieval(retrieval[0], m)
         with progress_bar("MMLU-CD", len(doc["instances"])) as advance:

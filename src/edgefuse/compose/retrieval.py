@@ -129,36 +129,3 @@ def retrieve(queries: torch.Tensor, pool: AdapterPool, settings: RetrievalSettin
     """(rows, pool size) mixture weights: each query's top-k adapters, weighted as the settings say."""
     settings.check(len(pool))
     return top_k_weights(similarities(queries, pool), settings.top_k, settings.weighting, settings.temperature)
-
-
-def own_adapters(subject: str, pool: AdapterPool) -> list[int]:
-    """Indices of the pool's adapters whose domain covers an MMLU subject."""
-    from edgefuse.data.taxonomy import domain_subjects
-
-    def covers(domain) -> bool:
-        try:
-            return bool(domain) and subject in domain_subjects(domain)
-        except EdgefuseError:
-            return False  # a domain name that is not an MMLU domain covers no subject
-
-    return [j for j, d in enumerate(pool.domains) if any(covers(x) for x in (d if isinstance(d, list) else [d]))]
-
-
-def retrieval_accuracy(queries: torch.Tensor, subjects: Sequence[str], pool: AdapterPool) -> dict:
-    """Share of questions whose own-domain adapter ranks first, with a 95% bootstrap interval.
-
-    Questions whose subject no adapter of the pool covers are left out (counted in ``skipped``)."""
-    from edgefuse.evaluate.stats import bootstrap_ci
-
-    sims = similarities(queries, pool)
-    if sims.shape[0] != len(subjects):
-        raise EdgefuseError(f"{sims.shape[0]} query embeddings for {len(subjects)} subjects")
-    first = sims.argmax(1).tolist()
-    hits, skipped = [], 0
-    for top, subject in zip(first, subjects):
-        own = own_adapters(subject, pool)
-        if not own:
-            skipped += 1
-            continue
-        hits.append(int(top in own))
-    return {**bootstrap_ci(hits), "skipped": skipped, "top1": first}

@@ -201,7 +201,7 @@ class ClozeScorer:
 
     ``prepare``, if given, is called with each batch's `PackedRows` right before its decoder call: a
     model whose forward depends on the row or the token (a per-row adapter mixture,
-    `edgefuse.compose.routing`) sets itself up there, and the packing stays this one algorithm.
+    `edgefuse.evaluate.mixture`) sets itself up there, and the packing stays this one algorithm.
     With ``greedy``, `score_tokens` also leaves in ``self.greedy`` (n, n_choices) whether every token of
     each continuation is the most likely one (lm-eval's ``is_greedy``); off, nothing extra is computed.
     """

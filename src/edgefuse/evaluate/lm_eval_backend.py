@@ -32,7 +32,7 @@ from lm_eval.api.registry import register_model
 from edgefuse.compose.embedding import embed_texts, load_encoder
 from edgefuse.compose.mixture import LoraMixture
 from edgefuse.compose.retrieval import RetrievalSettings, load_pool, retrieve
-from edgefuse.compose.routing import MixtureScorer
+from edgefuse.evaluate.mixture import MixtureScorer
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.cloze import ClozeScorer
 from edgefuse.models import DEFAULT_MODEL, load_model

@@ -85,7 +85,7 @@ def cd_segments(items: Sequence[MMLUItem], chosen: Sequence[int], fmt: str = "le
     as (first character, label): the header (`HEADER_SEGMENT`); ``Question j`` with its lettered choices (letters
     form) and the blank line after it (label j-1); ``Answer j:`` with the answer that follows it (label j-1; the
     first cue brings the blank line before it). They are recorded as the text is built, so a composition that
-    routes each segment its own way (`edgefuse.compose.routing`) never searches the prompt for them."""
+    routes each segment its own way (`edgefuse.evaluate.mixture`) never searches the prompt for them."""
     check_format(fmt)
     parts = [(cd_header(items) if fmt == "letters" else cloze_cd_header(items), HEADER_SEGMENT)]
     for j, it in enumerate(items):

@@ -168,7 +168,7 @@ def mixture_inputs(st: Study, edges: list[dict]) -> dict:
 def stage_mixtures(st: Study, edges: list[dict], seed: int, round_no: int) -> tuple[list[dict], dict | None]:
     """Each configured retrieval mixture on MMLU (shared by the mixtures that form requests' mixtures alike) and on
     MMLU-CD; returns the mixtures' records and the retrieval accuracy on the MMLU test questions."""
-    from edgefuse.compose.evaluation import evaluate_mmlu_cd_retrieval, evaluate_mmlu_retrieval
+    from edgefuse.evaluate.retrieval import evaluate_mmlu_cd_retrieval, evaluate_mmlu_retrieval
 
     b = st.cfg.benchmarks
     tag = round_tag(seed, round_no)

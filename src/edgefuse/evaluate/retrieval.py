@@ -3,7 +3,7 @@
 Plain functions for the CLI (``edgefuse eval mmlu/mmlu-cd --pool ...``) and the study runner: each
 request (an MMLU question; an MMLU-CD instance, or each of its question segments) is embedded with the
 embedded MiniLM, its top-k adapters are retrieved (`edgefuse.compose.retrieval`), and it is scored with
-their output mixture (`edgefuse.compose.routing`). The results documents have the layout of
+their output mixture (`edgefuse.evaluate.mixture`). The results documents have the layout of
 `edgefuse.evaluate.mmlu.evaluate_mmlu` / `edgefuse.evaluate.mmlu_cd.evaluate_mmlu_cd`, plus a
 ``retrieval`` block (settings, pool, retrieval accuracy) and each record's mixture.
 """
@@ -17,9 +17,41 @@ import torch
 
 from edgefuse.compose.embedding import embed_texts, example_text
 from edgefuse.compose.mixture import LoraMixture
-from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings, retrieval_accuracy, retrieve
-from edgefuse.compose.routing import MixtureScorer, score_cd
+from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings, retrieve, similarities
+from edgefuse.data.taxonomy import domain_subjects
 from edgefuse.errors import EdgefuseError
+from edgefuse.evaluate.mixture import MixtureScorer, score_cd
+from edgefuse.evaluate.stats import bootstrap_ci
+
+
+def own_adapters(subject: str, pool: AdapterPool) -> list[int]:
+    """Indices of the pool's adapters whose domain covers an MMLU subject."""
+
+    def covers(domain) -> bool:
+        try:
+            return bool(domain) and subject in domain_subjects(domain)
+        except EdgefuseError:
+            return False  # a domain name that is not an MMLU domain covers no subject
+
+    return [j for j, d in enumerate(pool.domains) if any(covers(x) for x in (d if isinstance(d, list) else [d]))]
+
+
+def retrieval_accuracy(queries: torch.Tensor, subjects: Sequence[str], pool: AdapterPool) -> dict:
+    """Share of questions whose own-domain adapter ranks first, with a 95% bootstrap interval.
+
+    Questions whose subject no adapter of the pool covers are left out (counted in ``skipped``)."""
+    sims = similarities(queries, pool)
+    if sims.shape[0] != len(subjects):
+        raise EdgefuseError(f"{sims.shape[0]} query embeddings for {len(subjects)} subjects")
+    first = sims.argmax(1).tolist()
+    hits, skipped = [], 0
+    for top, subject in zip(first, subjects):
+        own = own_adapters(subject, pool)
+        if not own:
+            skipped += 1
+            continue
+        hits.append(int(top in own))
+    return {**bootstrap_ci(hits), "skipped": skipped, "top1": first}
 
 
 def _mixture_record(weights: torch.Tensor, pool: AdapterPool) -> dict[str, float]:
