@@ -28,11 +28,10 @@ $(STAMP): pyproject.toml Makefile
 
 # one pytest worker per core (pytest-xdist); each test module runs on one worker, so its module fixtures (a tiny
 # study, a killed-and-resumed study, Flower federations) are built once; the 15 slowest are listed at the end.
-# Modules go out in collection order, the longest first (tests/conftest.py, HEAVY_FIRST).
 # One torch thread per worker: two workers with a thread per core each would put four threads on two cores, and
 # OpenMP threads spin while they wait for one another (BENCHMARKS.md, "Test suite duration").
 test: setup
-	PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q -n auto --dist loadscope --no-loadscope-reorder --durations=15
+	PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q -n auto --dist loadscope --durations=15
 
 # unit + integration: no study, no Flower, no embedded model (markers in pyproject.toml); target ≤ 90 s.
 test-fast: setup

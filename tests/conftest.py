@@ -27,21 +27,8 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // WORKERS))
 LAYERS = ("unit", "integration", "e2e", "federated")
 
 
-# The modules that take longest (``make test`` lists the slowest tests; BENCHMARKS.md, "Test suite duration"),
-# longest first. `make test` hands whole modules to its two workers in collection order (``--dist loadscope
-# --no-loadscope-reorder``), so these go first and the many short modules fill in behind them: started last, one
-# of them would leave the other worker idle for a minute at the end (xdist's own reordering, by number of tests,
-# put the heavy modules with few tests last).
-HEAVY_FIRST = ("test_federated.py", "test_pipeline_e2e.py", "test_federated_deployment.py", "test_cloze.py",
-               "test_gemma3_270m.py", "test_export.py", "test_retrieval.py", "test_cli_smoke.py",
-               "test_smollm2_reference.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    """Refuse a test that names no layer, so `-m` selections (make test-fast) never miss a new test silently;
-    then put the `HEAVY_FIRST` modules first (a stable sort: every module keeps its own order)."""
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    """Refuse a test that names no layer, so `-m` selections (make test-fast) never miss a new test silently."""
     missing = [item.nodeid for item in items if not any(item.get_closest_marker(m) for m in LAYERS)]
     if missing:
         raise pytest.UsageError(f"tests without a layer marker ({', '.join(LAYERS)}): " + ", ".join(missing[:5])

@@ -311,6 +311,27 @@ def test_edges_train_on_a_files_domains_and_its_test_split_is_scored(file_study)
     assert sorted(doc["base"]["mmlu"]["correct"]) == sorted(it.id for it in want)
 
 
+def test_transfer_matrix_and_own_domain_accuracy_take_a_file_domain_from_its_task(file_study):
+    """Each edge alone on each edge's file domain: the paired Δ of the report's transfer table equals the one
+    computed from the ``facts`` task's outcomes on that domain's test questions (7 each)."""
+    from edgefuse.report.tables import transfer_matrix
+
+    run_dir, doc, _ = file_study
+    tm = transfer_matrix(doc)
+    assert tm["columns"] == ["a", "c"] and tm["n"] == {"a": 7, "c": 7}
+    base = doc["base"]["facts"]["outcomes"]
+    for e in doc["seeds"][0]["edges"]:
+        got = e["eval"]["facts"]["outcomes"]
+        for col, domain in (("a", "arith"), ("c", "chem")):
+            ids = sorted(i for i in base if i.startswith(f"{domain}/"))
+            assert tm["cells"][e["edge"]][col] == paired_diff_ci([got[i] for i in ids], [base[i] for i in ids])
+        assert tm["base"]["a"] == bootstrap_ci([base[i] for i in sorted(base) if i.startswith("arith/")])
+    report = (run_dir / "report.md").read_text()
+    assert "| edge alone \\ domain | a (n=7) | c (n=7) |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| a | arith |"))
+    assert " n=7 (base " in row
+
+
 def test_an_edited_data_file_retrains(file_study, tmp_path):
     """The files' sha256 is in the data, prune (hence train) and evaluation keys: one changed answer re-runs the
     study from the data stage on (the config alone would not have told), but not MMLU-CD's build, which holds no
@@ -365,3 +386,32 @@ def test_letters_training_refuses_questions_with_more_than_four_choices(tmp_path
     items = [ChoiceItem("d/1", "d", "q?", ("a", "b", "c", "d", "e"), 4)]
     with pytest.raises(EdgefuseError, match="5 choices; the 'letters' objective scores the letters A-D only"):
         train_edge(tmp_path / "nowhere", "d", items, TrainConfig(objective="letters"), tmp_path / "out")
+
+
+def test_eval_choices_scores_a_file_from_the_command_line(cli, tiny, tmp_path):
+    """``edgefuse eval choices``: the same log-likelihoods as a plain forward per choice, both metrics' accuracy
+    from them; a bad row is one line naming file:line, with no output written."""
+    from edgefuse.evaluate.cloze import normalised
+
+    data, out = tmp_path / "quiz.jsonl", tmp_path / "res.json"
+    _write_rows(data, ROWS)
+    r = cli("eval", "choices", str(data), "--fields", FIELDS, "--model", "tiny-llama", "--device", "cpu",
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    model, tok = tiny
+    items = {it.id: it for it in load_items(ChoicesBench(kind="choices", path=str(data), fields=FIELDS))}
+    correct = []
+    for rec in res["items"]:
+        it = items[rec["id"]]
+        conts = [[cloze_continuation(it, c) for c in range(len(it.choices))]]
+        ref = naive_scores(model, tok, [cloze_prompt(it)], conts)
+        assert torch.allclose(torch.tensor([rec["scores"]]), ref, atol=1e-4)
+        correct.append(int(normalised(ref, [[len(c) for c in it.choices]]).argmax()) == it.answer)
+    assert res["accuracy"]["acc_norm"] == bootstrap_ci([int(c) for c in correct])
+    assert f"{len(ROWS)} questions" in r.stdout and "arithmetic: n=4" in r.stdout
+    _write_rows(data, ROWS[:1] + [{"q": "x", "opts": ["a"], "gold": 0, "topic": "t"}])
+    out.unlink()
+    r = cli("eval", "choices", str(data), "--fields", FIELDS, "--model", "tiny-llama", "--out", str(out))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {data}:2: needs at least 2 choices, has 1"]
+    assert not out.exists()

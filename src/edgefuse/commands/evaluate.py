@@ -1,5 +1,5 @@
 """``edgefuse eval mmlu``: accuracy of a model (optionally with an adapter, or with a retrieval mixture over a
-pool of adapters) on MMLU."""
+pool of adapters) on MMLU; ``edgefuse eval choices``: on any multiple-choice file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 from edgefuse.commands.options import device_option, dtype_option
 
-eval_app = typer.Typer(help="Evaluate a model on MMLU or MMLU-CD.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate a model on MMLU, MMLU-CD or any multiple-choice file.", no_args_is_help=True)
 
 
 def load_with_adapter(model_spec: str, adapter: Optional[Path], precision=None):
@@ -162,6 +162,63 @@ def eval_mmlu(
     console.print(f"{res['n']} items, {res['wall_s']:.1f} s, {res['tokens_per_s']} tokens/s")
     if retrieval:
         console.print(retrieval_line(res))
+    if out:
+        atomic_write_json(out, res)
+        console.print(f"results written to {out}")
+
+
+@eval_app.command("choices")
+def eval_choices(
+    path: Path = typer.Argument(..., help="A multiple-choice JSONL file (one question per line) or a BIG-bench "
+                                          "task.json.", show_default=False),
+    fields: Optional[str] = typer.Option(None, "--fields", help="JSONL field mapping, e.g. "
+                                         "'question=q,choices=a|b|c,answer=label,domain=topic' (default: the fields "
+                                         "question, choices, answer, domain)."),
+    domain: Optional[str] = typer.Option(None, "--domain", help="The file's one domain, when its rows name none."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="A seeded sample of N questions."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sample."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, gemma3-270m, tiny-llama, HF dir, .gguf or hub id."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory to apply."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results JSON here."),
+    device: Optional[str] = device_option(),
+    dtype: Optional[str] = dtype_option("Dtype the model scores in"),
+):
+    """Accuracy on any multiple-choice file, in cloze form (each choice's text after the question; any number of
+    choices): acc and acc_norm with 95% bootstrap intervals, overall and per domain. The same scoring as a study's
+    ``kind: choices`` task (`edgefuse.tasks.choices`)."""
+    import time
+
+    from pydantic import ValidationError
+
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.evaluate.stats import fmt_ci
+    from edgefuse.io import atomic_write_json, sha256_file
+    from edgefuse.models import fingerprint
+    from edgefuse.precision import resolve
+    from edgefuse.tasks.choices import ChoicesBench, load_items, results_document, score_items
+    from edgefuse.ui import console, progress_bar
+
+    given = {"fields": fields, "domain": domain, "limit": limit, "seed": seed}
+    try:  # the defaults are the task's (one source)
+        settings = ChoicesBench(kind="choices", path=str(path), **{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise EdgefuseError(e.errors()[0]["msg"]) from None
+    precision = resolve(device, dtype)
+    items = load_items(settings)  # a bad file fails here, naming file:line, before the model loads
+    m, tok = load_with_adapter(model, adapter, precision)
+    t0 = time.perf_counter()
+    with progress_bar("questions", len(items)) as advance:
+        scores = score_items(m, tok, items, batch_size, advance)
+    meta = {"model": model, "model_fingerprint": fingerprint(m), **precision.as_dict(), "path": str(path),
+            "file_sha256": sha256_file(path), "adapter": str(adapter) if adapter else None,
+            "settings": settings.model_dump()}
+    res = results_document(items, scores, meta, time.perf_counter() - t0)
+    acc = res["accuracy"]
+    console.print(f"{path.name} ({model}{' + ' + str(adapter) if adapter else ''}, cloze): {res['n']} questions, "
+                  f"acc {fmt_ci(acc['acc'])} %, acc_norm {fmt_ci(acc['acc_norm'])} %")
+    for d, v in acc["domains"].items():
+        console.print(f"  {d}: n={v['acc']['n']}, acc {fmt_ci(v['acc'])} %, acc_norm {fmt_ci(v['acc_norm'])} %")
     if out:
         atomic_write_json(out, res)
         console.print(f"results written to {out}")

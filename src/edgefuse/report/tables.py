@@ -41,10 +41,9 @@ def cd_diff(ev: dict, base: dict, k: int) -> dict | None:
     return paired_diff_ci(ev[key]["strict_outcomes"], base[key]["strict_outcomes"])
 
 
-def domain_acc(ev: dict, subjects: set[str], ids_subject: dict[str, str]) -> dict | None:
-    if "mmlu" not in ev:
-        return None
-    xs = [c for i, c in ev["mmlu"]["correct"].items() if ids_subject.get(i) in subjects]
+def domain_acc(outcomes: dict[str, int], subjects: set[str]) -> dict | None:
+    """Accuracy over the items of some subjects (an item id starts with its subject, or its file domain)."""
+    xs = [c for i, c in outcomes.items() if i.split("/", 1)[0] in subjects]
     return bootstrap_ci(xs) if xs else None
 
 
@@ -64,6 +63,17 @@ def task_diff(ev: dict, base: dict, key: str) -> dict | None:
         return None
     ids = sorted(base[key]["outcomes"])
     return paired_diff_ci([ev[key]["outcomes"][i] for i in ids], [base[key]["outcomes"][i] for i in ids])
+
+
+def item_outcomes(ev: dict, doc: dict) -> dict[str, int]:
+    """One evaluation's per-question outcomes by item id: MMLU's (the headline metric) and those of every configured
+    task (each in its own metric). Ids start with the subject or the ``data.choices`` domain; a cross-domain task's
+    outcomes are per instance (``cd-…``) and belong to no domain."""
+    out: dict[str, int] = {}
+    for key in task_columns(doc):
+        out.update((ev.get(key) or {}).get("outcomes") or {})
+    out.update((ev.get("mmlu") or {}).get("correct") or {})
+    return out
 
 
 def score_head(doc: dict) -> str:
@@ -176,8 +186,7 @@ def _subject_index(doc: dict) -> dict[str, str]:
 
 
 def subjects_of(domain: str) -> list[str]:
-    """An edge domain's MMLU subjects; a ``data.choices`` file's domain is its own (no MMLU item belongs to it, so
-    MMLU-based cells of such an edge stay empty; its scores are in its tasks' columns)."""
+    """An edge domain's MMLU subjects; a ``data.choices`` file's domain is its own (its items' ids start with it)."""
     return domain_subjects(domain) if is_domain(domain) else [domain]
 
 
@@ -227,7 +236,7 @@ def edges_table(doc: dict) -> str:
     """One row per edge. Memory: the edge's own tensor peak (``tensor_peak_bytes``; "–" in results older than
     it) with the plan's estimate, and apart from it the process's rise (``peak_memory_bytes``), which counts
     whatever shares the process and is therefore not the edge's figure (see the note under the table)."""
-    subj = _subject_index(doc)
+    base = item_outcomes(doc["base"], doc)
     lines = ["| edge | domains | seed | pruning (ratio) | params (pruned / base) | edge tensor peak MiB (estimate) | "
              f"process memory rise MiB | tokens/s | train s | loss, mean of last {LOSS_TAIL_STEPS} steps | "
              "own domain % [CI] n (base) | all MMLU % [CI] | Δ all vs base |",
@@ -237,7 +246,7 @@ def edges_table(doc: dict) -> str:
             tr, pr = e.get("train") or {}, e.get("prune") or {}
             subjects = {x for d in e["domains"] for x in subjects_of(d)}
             ev = e.get("eval") or {}
-            own, own_base = domain_acc(ev, subjects, subj), domain_acc(doc["base"], subjects, subj)
+            own, own_base = domain_acc(item_outcomes(ev, doc), subjects), domain_acc(base, subjects)
             loss = tr.get("loss_curve", [])
             lines.append("| " + " | ".join([
                 e["edge"], ", ".join(e["domains"]), str(e["seed"]), _pruning_cell(pr),
@@ -258,14 +267,17 @@ def edges_table(doc: dict) -> str:
 def transfer_matrix(doc: dict) -> dict | None:
     """Each edge adapter alone (rows) on each edge's domain (columns): paired Δ against the base model on the
     same test items. The diagonal is the own-domain gain, the rest cross-domain interference — what a fusion
-    result is made of. First seed, last round; None when edges were not evaluated alone."""
+    result is made of. A ``data.choices`` domain's items are those its tasks scored (`item_outcomes`). First seed,
+    last round; None when edges were not evaluated alone."""
     edges = [e for e in doc["seeds"][0]["edges"] if "mmlu" in (e.get("eval") or {})] if doc["seeds"] else []
-    base = doc["base"].get("mmlu", {}).get("correct")
+    base = item_outcomes(doc["base"], doc)
     if not edges or not base:
         return None
-    ids = domain_item_ids(doc, {e["edge"]: e["domains"] for e in edges})
+    ids = {e["edge"]: sorted(i for i in base if i.split("/", 1)[0] in {x for d in e["domains"] for x in subjects_of(d)})
+           for e in edges}
     columns = list(ids)
-    cells = {e["edge"]: {c: paired_diff_ci([e["eval"]["mmlu"]["correct"][i] for i in ids[c]],
+    outcomes = {e["edge"]: item_outcomes(e["eval"], doc) for e in edges}
+    cells = {e["edge"]: {c: paired_diff_ci([outcomes[e["edge"]][i] for i in ids[c]],
                                            [base[i] for i in ids[c]]) if ids[c] else None for c in columns}
              for e in edges}
     base_acc = {c: bootstrap_ci([base[i] for i in ids[c]]) if ids[c] else None for c in columns}
