@@ -189,7 +189,7 @@ def test_unstructured_study_on_flower_equals_single_process_run(tmp_path):
     cfg = write_config(tmp_path / "unstructured.yaml",
                        pruning={"method": "magnitude", "structure": "unstructured", "ratio": 0.5, "calib": 2})
     run_study(load_config(cfg), tmp_path / "local", show_progress=False)
-    simulate(cfg, tmp_path / "sim")
+    simulate(cfg, tmp_path / "sim", parallel=1)  # concurrent edges: test_federated.py; here the masks
     assert_same_fused(tmp_path / "local", tmp_path / "sim")
     assert scores(tmp_path / "local") == scores(tmp_path / "sim")
     assert results(tmp_path / "sim")["seeds"][0]["edges"][0]["prune"]["ratio"] == 0.5
