@@ -415,3 +415,23 @@ def test_eval_choices_scores_a_file_from_the_command_line(cli, tiny, tmp_path):
     r = cli("eval", "choices", str(data), "--fields", FIELDS, "--model", "tiny-llama", "--out", str(out))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {data}:2: needs at least 2 choices, has 1"]
     assert not out.exists()
+
+
+def test_flower_refuses_file_domain_edges_before_asking_the_federation(tmp_path):
+    """A Flower edge reads its own data, not the cloud's data.choices files: such a study is refused with one line
+    before the federation is asked for a node and before anything is written."""
+    pytest.importorskip("flwr")
+    from edgefuse.federated.trainer import FlowerTrainer
+
+    class UnaskedGrid:
+        def get_node_ids(self):
+            raise AssertionError("the federation must not be asked")
+
+    data = tmp_path / "facts.jsonl"
+    _write_rows(data, FILE_ROWS)
+    cfg = copy.deepcopy(TINY_STUDY) | {"edges": {"a": ["arith"], "law": ["law"]},
+                                       "data": {"choices": {"facts": {"path": str(data), "fields": FIELDS}}}}
+    with pytest.raises(EdgefuseError, match="edge a: domain 'arith' comes from data.choices"):
+        run_study(StudyConfig.model_validate(cfg), tmp_path / "run", show_progress=False,
+                  trainer=FlowerTrainer(UnaskedGrid(), wait_nodes=0))
+    assert not (tmp_path / "run").exists()

@@ -76,6 +76,15 @@ class FlowerTrainer:
         log.info("federation: %d nodes connected, edges mapped: %s", len(node_ids), self.node_of)
         return self.node_of
 
+    def check(self, cfg) -> None:
+        """A Flower edge reads its own MMLU-format data (node config ``data``), not the cloud's ``data.choices``
+        files: a study whose edges train on such a domain is refused before the federation is waited for."""
+        for edge, domains in cfg.edges.items():
+            files = [d for d in domains if not is_domain(d)]  # the config admits no other kind
+            if files:
+                raise EdgefuseError(f"edge {edge}: domain {files[0]!r} comes from data.choices; edges on such domains "
+                                    f"train in the process (edgefuse run), not yet on Flower")
+
     def device_budgets(self, edges: list[str]) -> dict[str, float]:
         """Memory budgets (GiB) the edge devices report in their node config (``memory-budget-gib``): the
         device knows what it can hold, so the cloud prunes that edge's model to fit it (`run_study` applies
@@ -100,10 +109,6 @@ class FlowerTrainer:
     # ------------------------------------------------------------------ round
     def job_message(self, st, job) -> dict[str, Any]:
         """Everything the edge needs and nothing of the data: plan, model reference, settings."""
-        files = [d for d in job.domains if not is_domain(d)]  # the config admits no other kind
-        if files:  # a Flower edge reads its own MMLU-format data (node config "data"), not the cloud's files
-            raise EdgefuseError(f"edge {job.edge}: domain {files[0]!r} comes from data.choices; edges on such "
-                                f"domains train in the process (edgefuse run), not yet on Flower")
         meta = read_model_meta(job.pruned_dir)
         d = st.cfg.data
         return {"edge": job.edge, "seed": job.seed, "round": job.round_no, "domains": list(job.domains),

@@ -106,6 +106,8 @@ def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progres
 
     t0 = time.perf_counter()
     precision = cfg.precision()  # an unreachable device or a dtype it cannot run fails here, before any work
+    if hasattr(trainer, "check"):
+        trainer.check(cfg)
     budgets = trainer.device_budgets(list(cfg.edges))
     if budgets:
         cfg = cfg.with_device_budgets(budgets)

@@ -57,6 +57,11 @@ class Trainer(Protocol):
 
     parallel: bool  # True: `train` gets every pending job of a round in one call
 
+    def check(self, cfg) -> None:
+        """Refuse, before any stage runs, a study this trainer cannot train (optional: `run_study` calls it when
+        present)."""
+        ...
+
     def device_budgets(self, edges: list[str]) -> dict[str, float]:
         """Memory budget (GiB) each edge's device reports; the edges it does not know are left out."""
         ...
