@@ -168,3 +168,59 @@ def test_lorahub_stage_equals_lorahub_called_directly(runs):
     assert trace == [t["weights"] for t in direct.trace] and len({tuple(w) for w in trace}) > 1  # the same search
     assert torch.tensor(direct.weights).abs().max() <= 1.5
     assert len(rec["eval"]["mmlu"]["correct"]) == 12 and rec["eval"]["mmlu_cd_k2"]["strict_outcomes"]
+
+
+QUIZ = [{"q": f"{t} question {i}?", "opts": [f"{t} {i} yes", f"{t} {i} no"] + ([f"{t} {i} maybe"] if i % 2 else []),
+         "gold": i % 2, "topic": t} for t in ("science", "law") for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def with_task(runs, tmp_path_factory):
+    """The composed run directory (copied) with a ``choices`` task added: the run's stage log and results."""
+    from edgefuse.config import StudyConfig
+    from edgefuse.runner import run_study
+
+    root = tmp_path_factory.mktemp("compose-task")
+    data = root / "quiz.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in QUIZ))
+    shutil.copytree(runs["run_dir"], root / "run")
+    (root / "run" / "stages.jsonl").unlink()
+    bench = {**STUDY["benchmarks"], "tasks": {"quiz": {"kind": "choices", "path": str(data),
+                                                       "fields": "question=q,choices=opts,answer=gold,domain=topic"}}}
+    cfg = StudyConfig.model_validate({**STUDY, "compose": COMPOSE, "benchmarks": bench})
+    doc = run_study(cfg, root / "run", show_progress=False)
+    return root / "run", doc, cfg, data
+
+
+def test_a_configured_task_is_scored_under_each_retrieval_mixture_as_the_scorer_does_alone(with_task, tiny, tmp_path):
+    """One stage per way of forming a request's mixture (shared by the two routings), planned where it runs; each
+    question's log-likelihoods equal `evaluate_mmlu_retrieval` (cloze) on the same pool and settings, per choice
+    count; the mixtures' rows of the results carry the task."""
+    from edgefuse.commands.evaluate import load_retrieval
+    from edgefuse.compose.retrieval import RetrievalSettings
+    from edgefuse.evaluate.retrieval import evaluate_mmlu_retrieval
+    from edgefuse.runner.estimate import plan
+    from edgefuse.tasks.choices import ChoicesBench, load_items
+
+    run_dir, doc, cfg, data = with_task
+    log = stage_log(run_dir)
+    name = "eval-retrieval-k2-softmax-t0.05-quiz-s0"
+    assert [r["stage"] for r in log].count(name) == 1
+    assert {r["stage"] for r in log if r["status"] == "ran"} == {r["stage"] for r in log if r["stage"].startswith("eval-")}
+    assert [s.name for s in plan(cfg, 12)] == [r["stage"] for r in log]
+    [key] = [r["key"] for r in log if r["stage"] == name]
+    got = {r["id"]: r for r in json.loads((run_dir / "stages" / f"{name}-{key}" / "quiz.json").read_text())["items"]}
+    model, tok = tiny
+    pool, encoder = load_retrieval(_pool_copies(run_dir, doc, tmp_path), model)
+    items = load_items(ChoicesBench(kind="choices", path=str(data),
+                                    fields="question=q,choices=opts,answer=gold,domain=topic"))
+    for n in (2, 3):
+        group = [it for it in items if len(it.choices) == n]
+        ref = evaluate_mmlu_retrieval(model, tok, group, pool, RetrievalSettings(top_k=2, weighting="softmax",
+                                      temperature=0.05), encoder=encoder, fmt="cloze")
+        for r in ref["items"]:
+            assert max(abs(a - b) for a, b in zip(got[r["id"]]["scores"], r["scores"])) <= 1e-5
+            assert {Path(k).name: w for k, w in r["mixture"].items()} == got[r["id"]]["mixture"]
+    composed = {c["name"]: c["eval"] for c in doc["seeds"][0]["composed"]}
+    assert all("quiz" in ev for ev in composed.values())
+    assert composed["retrieval-k2-softmax-t0.05-instance"]["quiz"] == composed["retrieval-k2-softmax-t0.05-segment"]["quiz"]

@@ -7,7 +7,8 @@
   as a fused adapter, then ``eval-lorahub-<tag>`` as any fused model;
   retrieval mixtures (LoraRetriever / RAMoLE, Zhao et al. 2024): ``eval-<retrieval>-mmlu-<tag>`` once per way of
   forming a request's mixture (k, weighting, temperature: routing does not matter for single questions), and
-  ``eval-<name>-cd-<tag>`` per configured mixture for MMLU-CD, routed per instance or per question segment.
+  ``eval-<name>-cd-<tag>`` per configured mixture for MMLU-CD, routed per instance or per question segment, and
+  ``eval-<retrieval>-<task>-<tag>`` for each configured task that is scored under mixtures (`edgefuse.tasks`).
 
 They run on the last round's recovered edge adapters. Every stage's ``inputs`` is its cache key, as everywhere.
 """
@@ -24,6 +25,7 @@ from edgefuse.runner import names as stage_names
 from edgefuse.runner.names import round_tag
 from edgefuse.runner.stages import _eval_total, _with_adapter, eval_inputs, evaluate_model, precision_inputs
 from edgefuse.runner.study import Study
+from edgefuse.tasks.base import EvalContext
 from edgefuse.tasks.mmlu import mmlu_summary
 from edgefuse.tasks.mmlu_cd import cd_key, cd_summary
 
@@ -181,6 +183,7 @@ def stage_mixtures(st: Study, edges: list[dict], seed: int, round_no: int) -> tu
         return pool
 
     mmlu_done: dict[str, dict] = {}
+    task_done: dict[tuple[str, str], dict] = {}
     records, accuracy = [], None
     for mix in st.cfg.compose.retrieval_mixture:
         if mix.k > len(edges):
@@ -219,6 +222,17 @@ def stage_mixtures(st: Study, edges: list[dict], seed: int, round_no: int) -> tu
             _, cd = st.stage("eval", stage_names.mixture_cd(mix.name, tag), common | {"retrieval": _retrieval(mix).as_dict()},
                              run_cd, total=sum(len(d["instances"]) for d in st.cd_docs.values()))
             ev |= cd
+        for task in (t for t in st.tasks if t.mixture):  # configured tasks, routed per question as MMLU
+            key = (mix.retrieval_tag, task.name)
+            if key not in task_done:
+                def run_task(work: Path, advance, mix=mix, task=task) -> dict:
+                    return task.evaluate_mixture(st, get_pool(), _retrieval(mix, "instance"),
+                                                 EvalContext(work, advance, mix.retrieval_tag))
+
+                _, task_done[key] = st.stage("eval", stage_names.mixture_task(mix.retrieval_tag, task.name, tag),
+                                             common | {"retrieval": retrieval_key(mix), "task": task.name}, run_task,
+                                             total=task.units(st))
+            ev |= task_done[key]
         records.append({"name": mix.name, "kind": "retrieval-mixture", "seed": seed, "round": round_no,
                          "settings": mix.model_dump(), "eval": ev})
     return records, accuracy

@@ -142,14 +142,16 @@ def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[Pla
                     out.append(PlannedStage("fuse", stage_names.interference(name, tag), s * (
                         K * RATES["interference_edge"] + K * K * RATES["interference_pair"])))
                 out.append(PlannedStage("eval", stage_names.evaluation(name, tag), s * full_eval))
-        out += composition_plan(cfg, round_tag(seed, cfg.rounds.count), s, n_mmlu, full_eval)
+        out += composition_plan(cfg, round_tag(seed, cfg.rounds.count), s, n_mmlu, full_eval, tasks)
     return out
 
 
-def composition_plan(cfg: StudyConfig, tag: str, s: float, n_mmlu: int, full_eval: float) -> list[PlannedStage]:
+def composition_plan(cfg: StudyConfig, tag: str, s: float, n_mmlu: int, full_eval: float,
+                     tasks: list[tuple[Task, float]] = ()) -> list[PlannedStage]:
     """The composition stages after the last round (`edgefuse.runner.composition`), in the order they run;
     ``full_eval``: one model's evaluation on every task (LoraHub's fused adapter is evaluated as any fused model).
-    Retrieval mixtures are evaluated on MMLU and MMLU-CD."""
+    Retrieval mixtures are evaluated on MMLU, MMLU-CD and each of ``tasks`` (with their seconds) that is scored
+    under mixtures."""
     from edgefuse.compose.schema import LORAHUB_NAME
 
     b, c = cfg.benchmarks, cfg.compose
@@ -173,6 +175,11 @@ def composition_plan(cfg: StudyConfig, tag: str, s: float, n_mmlu: int, full_eva
             alone = RATES["mmlu_item"][fmt] * RATES["mixture"] if b.mmlu_cd.single else 0.0
             cd = sum(b.mmlu_cd.n * k * (per_answer[k] + alone + 2 * RATES["query"]) for k in cd_ks)
             out.append(PlannedStage("eval", stage_names.mixture_cd(mix.name, tag), s * cd))
+        for task, sec in tasks:
+            if task.mixture and (mix.retrieval_tag, task.name) not in seen:
+                seen.add((mix.retrieval_tag, task.name))
+                out.append(PlannedStage("eval", stage_names.mixture_task(mix.retrieval_tag, task.name, tag),
+                                        s * sec * RATES["mixture"]))
     return out
 
 

@@ -66,6 +66,11 @@ def mixture_mmlu(retrieval_tag: str, tag: str) -> str:
     return f"eval-{retrieval_tag}-mmlu-{tag}"
 
 
+def mixture_task(retrieval_tag: str, task: str, tag: str) -> str:
+    """A retrieval mixture's evaluation on a configured task (`edgefuse.tasks`), shared as MMLU's is."""
+    return f"eval-{retrieval_tag}-{task}-{tag}"
+
+
 def mixture_cd(name: str, tag: str) -> str:
     return f"eval-{name}-cd-{tag}"
 

@@ -53,6 +53,7 @@ class Task(ABC):
 
     name: str = ""
     cross_domain: bool = False
+    mixture: bool = False  # scored under the study's retrieval mixtures too (`evaluate_mixture`)
 
     def prepare(self, st) -> None:
         """Build or load the task's data (its own stages, through ``st.stage``) before any model is evaluated."""
@@ -82,6 +83,11 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, st, model, ctx: EvalContext) -> dict[str, dict]:
         """Evaluate ``model``: results files into ``ctx.work``, summaries for results.json by key."""
+
+    def evaluate_mixture(self, st, pool, settings, ctx: EvalContext) -> dict[str, dict]:
+        """The same under a retrieval mixture over ``pool`` (`edgefuse.compose.retrieval`), each question routed
+        alone; only tasks with ``mixture`` set have it."""
+        raise NotImplementedError(f"task {self.name!r} is not scored under retrieval mixtures")
 
     def report_columns(self) -> dict[str, str]:
         """Results keys the report's generic columns show (key → column title): those of tasks whose summaries

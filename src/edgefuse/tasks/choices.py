@@ -18,10 +18,14 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
+from edgefuse.compose.embedding import embed_texts, example_text
+from edgefuse.compose.mixture import LoraMixture
+from edgefuse.compose.retrieval import retrieve
 from edgefuse.data.choices import ChoiceItem, load_choice_file
 from edgefuse.data.mmlu import MMLUDataset, SplitSpec, make_splits
 from edgefuse.data.prompts import cloze_continuation, cloze_prompt
 from edgefuse.evaluate.cloze import ClozeScorer, choose
+from edgefuse.evaluate.mixture import MixtureScorer
 from edgefuse.evaluate.stats import bootstrap_ci
 from edgefuse.io import atomic_write_json, sha256_file
 from edgefuse.tasks.base import EvalContext, Task, TaskSettings, headline_summary
@@ -96,7 +100,34 @@ def score_items(model, tokenizer, items: list[ChoiceItem], batch_size: int, prog
     return out
 
 
-def results_document(items: list[ChoiceItem], scores: list[list[float]], meta: dict, wall: float) -> dict:
+def score_items_mixture(model, tokenizer, items: list[ChoiceItem], pool, settings, batch_size: int,
+                        progress=None, encoder=None) -> tuple[list[list[float]], list[dict]]:
+    """`score_items` under a retrieval mixture: each question (text and choices) is its own query, and its top-k
+    adapters' outputs are mixed at every position (`edgefuse.evaluate.mixture.MixtureScorer`); also each question's
+    mixture, adapter name → weight."""
+    queries = embed_texts([example_text(it) for it in items], encoder)
+    weights = retrieve(queries, pool, settings)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        groups[len(it.choices)].append(i)
+    out: list[list[float]] = [[] for _ in items]
+    with LoraMixture(model, pool.adapters) as mix:
+        scorer = MixtureScorer(model, tokenizer, mix, batch_size)
+        for idx in groups.values():
+            part = [items[i] for i in idx]
+            ctxs, conts = scorer.encode_cloze([cloze_prompt(it) for it in part],
+                                              [[cloze_continuation(it, c) for c in range(len(it.choices))]
+                                               for it in part])
+            w = weights[idx]
+            for i, row in zip(idx, scorer.continuations(ctxs, conts, w, w, progress).tolist()):
+                out[i] = row
+    mixtures = [{pool.names[j]: round(float(weights[i, j]), 6) for j in torch.nonzero(weights[i]).flatten().tolist()}
+                for i in range(len(items))]
+    return out, mixtures
+
+
+def results_document(items: list[ChoiceItem], scores: list[list[float]], meta: dict, wall: float,
+                     extra: list[dict] | None = None) -> dict:
     """Per item both metrics' choice and outcome (acc: summed log-likelihood; acc_norm: per character of the choice
     text, as lm-eval-harness), overall and per domain with bootstrap intervals."""
     records, by_domain = [], defaultdict(lambda: {"acc": [], "acc_norm": []})
@@ -105,7 +136,7 @@ def results_document(items: list[ChoiceItem], scores: list[list[float]], meta: d
         pred, pred_norm = int(choose(ll, lengths, "acc")[0]), int(choose(ll, lengths, "acc_norm")[0])
         rec = {"id": it.id, "domain": it.subject, "answer": it.answer, "pred": pred, "pred_norm": pred_norm,
                "correct": pred == it.answer, "correct_norm": pred_norm == it.answer,
-               "scores": [round(x, 6) for x in row]}
+               "scores": [round(x, 6) for x in row], **({"mixture": extra[len(records)]} if extra else {})}
         records.append(rec)
         by_domain[it.subject]["acc"].append(int(rec["correct"]))
         by_domain[it.subject]["acc_norm"].append(int(rec["correct_norm"]))
@@ -118,6 +149,8 @@ def results_document(items: list[ChoiceItem], scores: list[list[float]], meta: d
 
 class ChoicesTask(Task):
     """One multiple-choice file, its questions evaluated on every model of the study."""
+
+    mixture = True
 
     def __init__(self, name: str, settings: ChoicesBench, data=None):
         self.name, self.settings, self.data = name, settings, data
@@ -154,6 +187,18 @@ class ChoicesTask(Task):
         res = results_document(items, scores, {"label": ctx.label, "task": self.name,
                                                "path": source_path(self.settings, self.data)},
                                time.perf_counter() - t0)
+        return self._summary(res, ctx)
+
+    def evaluate_mixture(self, st, pool, settings, ctx: EvalContext) -> dict[str, dict]:
+        items, t0 = self._items(), time.perf_counter()
+        scores, mixtures = score_items_mixture(st.model, st.tokenizer, items, pool, settings,
+                                               st.cfg.benchmarks.batch_size, ctx.advance)
+        res = results_document(items, scores, {"label": ctx.label, "task": self.name,
+                                               "path": source_path(self.settings, self.data),
+                                               "retrieval": settings.as_dict()}, time.perf_counter() - t0, mixtures)
+        return self._summary(res, ctx)
+
+    def _summary(self, res: dict, ctx: EvalContext) -> dict[str, dict]:
         file = f"{self.name}.json"
         atomic_write_json(ctx.work / file, res)
         norm = "_norm" if self.settings.metric == "acc_norm" else ""

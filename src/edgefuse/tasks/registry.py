@@ -32,7 +32,7 @@ KINDS: dict[str, TaskKind] = {
 }
 
 # names a configured task may not take: the results keys and summary fields of every evaluated model
-RESERVED = ("label", "format", "metric", "mmlu")
+RESERVED = ("label", "format", "metric", "mmlu", "cd")  # "cd": a mixture's MMLU-CD stage name (runner.names)
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
