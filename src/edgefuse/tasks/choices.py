@@ -50,7 +50,6 @@ class ChoicesBench(TaskSettings):
                                                                        "per character of the choice (acc_norm)")
     label: Optional[str] = Field(None, description="the report's column title (default: the task's name)")
 
-
     @model_validator(mode="after")
     def _one_source(self) -> "ChoicesBench":
         if (self.path is None) == (self.data is None):
