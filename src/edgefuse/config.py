@@ -28,6 +28,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _without_empty(dumped: dict, key: str) -> dict:
+    """A dump without ``key`` when it is empty: a field added after studies already ran leaves their dumps (part
+    of stage keys, and their config.json) as they were while it is unused."""
+    if not dumped.get(key):
+        dumped.pop(key, None)
+    return dumped
+
+
 class ChoiceFile(_Strict):
     """A multiple-choice file whose domains the study's edges can train on (`edgefuse.data.choices`)."""
 
@@ -46,12 +54,8 @@ class DataConfig(_Strict):
                                                            "as MMLU's subjects are, and edges may name them")
 
     @model_serializer(mode="wrap")
-    def _without_empty_choices(self, handler):
-        """A study without files dumps what it dumped before they existed: the dump is part of stage keys."""
-        out = handler(self)
-        if not out.get("choices"):
-            out.pop("choices", None)
-        return out
+    def _dump(self, handler):
+        return _without_empty(handler(self), "choices")
 
 
 class TrainingConfig(TrainConfig):
@@ -260,6 +264,10 @@ class BenchmarksConfig(_Strict):
     edges_alone_cd: bool = Field(False, description="also run MMLU-CD for each edge alone (MMLU always runs)")
     tasks: dict[str, SerializeAsAny[TaskSettings]] = Field({}, description="more benchmarks by name, each with its kind "
                                                            "(edgefuse.tasks.registry), evaluated after MMLU and MMLU-CD")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _without_empty(handler(self), "tasks")
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -54,7 +54,8 @@ def retrieval_accuracy(queries: torch.Tensor, subjects: Sequence[str], pool: Ada
     return {**bootstrap_ci(hits), "skipped": skipped, "top1": first}
 
 
-def _mixture_record(weights: torch.Tensor, pool: AdapterPool) -> dict[str, float]:
+def mixture_record(weights: torch.Tensor, pool: AdapterPool) -> dict[str, float]:
+    """One request's mixture as results files record it: adapter name → weight, for the adapters it mixes."""
     return {pool.names[j]: round(float(weights[j]), 6) for j in torch.nonzero(weights).flatten().tolist()}
 
 
@@ -105,7 +106,7 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
                                               [[cloze_continuation(it, c) for c in range(len(it.choices))]
                                                for it in items])
             scores = scorer.continuations(ctxs, conts, W, W, progress)
-    mixes = [{"mixture": _mixture_record(W[i], pool)} for i in range(len(items))]
+    mixes = [{"mixture": mixture_record(W[i], pool)} for i in range(len(items))]
     doc = results_document(items, scores, fmt, shots, time.perf_counter() - t0, scorer.tokens, meta, extra=mixes)
     doc["retrieval"] = _retrieval_block(pool, settings, queries, [it.subject for it in items])
     return doc
@@ -169,7 +170,7 @@ def evaluate_mmlu_cd_retrieval(model, tokenizer, doc: dict, dataset, pool: Adapt
     records = []
     for r, (inst, items, row, sc) in enumerate(zip(doc["instances"], instances, preds, scores.tolist())):
         rec = instance_record(inst, items, row, sc, [alone[it.id][pred_key] for it in items] if single else None)
-        records.append({**rec, "mixtures": [_mixture_record(segments[r, j], pool) for j in range(k)]})
+        records.append({**rec, "mixtures": [mixture_record(segments[r, j], pool) for j in range(k)]})
     return {
         "version": RESULTS_VERSION, "benchmark": "mmlu-cd", **(meta or {}),
         "benchmark_sha256": content_hash(doc), "benchmark_header": doc["header"], "format": fmt, "metric": metric,

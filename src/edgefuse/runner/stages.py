@@ -20,10 +20,10 @@ from edgefuse.artifacts import EdgePackageManifest, RoundStartManifest
 from edgefuse.config import StudyConfig
 from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
+from edgefuse.data.prompts import answered_prompt
+from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
 from edgefuse.runner import names as stage_names
 from edgefuse.runner.names import round_tag
-from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
-from edgefuse.data.prompts import answered_prompt
 from edgefuse.runner.study import Pending, Study
 from edgefuse.runner.trainers import Trainer, TrainJob
 from edgefuse.tasks.base import EvalContext, Task
@@ -58,7 +58,6 @@ def stage_data(st: Study) -> None:
     m = st.cfg.benchmarks.mmlu
     # from MMLU alone: its splits are per subject, so the files' questions change none of them
     st.mmlu_items = select(mmlu, "test", m.domains, None, m.limit, d.split_seed, st.split_spec)
-
 
 
 def stage_tasks(st: Study) -> None:
@@ -137,8 +136,6 @@ def eval_inputs(st: Study) -> dict:
     evaluation's key adds ``edges_alone_cd`` itself (`stage_recover_eval`)."""
     b = st.cfg.benchmarks
     bench = b.model_dump() | {k: type(b).model_fields[k].default for k in WHICH_MODELS}
-    if not bench["tasks"]:  # the key of a study with no configured tasks is the one it had before they existed
-        del bench["tasks"]
     tasks = {t.name: inputs for t in st.tasks if (inputs := t.key_inputs(st)) is not None}
     return {"model": st.base_fingerprint, "data": st.data_inputs(), "bench": bench,
             "cd": st.cd_hashes, **precision_inputs(st), **({"tasks": tasks} if tasks else {})}
