@@ -181,23 +181,23 @@ def rounds_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def _subject_index(doc: dict) -> dict[str, str]:
-    return {i: i.split("/", 1)[0] for i in doc["base"].get("mmlu", {}).get("correct", {})}
-
-
 def subjects_of(domain: str) -> list[str]:
     """An edge domain's MMLU subjects; a ``data.choices`` file's domain is its own (its items' ids start with it)."""
     return domain_subjects(domain) if is_domain(domain) else [domain]
 
 
-def domain_item_ids(doc: dict, edges: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Each edge's domain as the base model's MMLU test items of its domains' subjects (sorted ids)."""
-    subj = _subject_index(doc)
+def ids_by_edge(item_ids, edges: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each edge's domain as the given items of its domains' subjects (sorted ids; an id starts with its subject)."""
     out = {}
     for edge, domains in edges.items():
         subjects = {x for d in domains for x in subjects_of(d)}
-        out[edge] = sorted(i for i in subj if subj[i] in subjects)
+        out[edge] = sorted(i for i in item_ids if i.split("/", 1)[0] in subjects)
     return out
+
+
+def domain_item_ids(doc: dict, edges: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each edge's domain as the base model's MMLU test items of its domains' subjects (sorted ids)."""
+    return ids_by_edge(doc["base"].get("mmlu", {}).get("correct", {}), edges)
 
 
 LOSS_TAIL_STEPS = 20  # the edges table's loss column: mean training loss of the last N steps
@@ -273,8 +273,7 @@ def transfer_matrix(doc: dict) -> dict | None:
     base = item_outcomes(doc["base"], doc)
     if not edges or not base:
         return None
-    ids = {e["edge"]: sorted(i for i in base if i.split("/", 1)[0] in {x for d in e["domains"] for x in subjects_of(d)})
-           for e in edges}
+    ids = ids_by_edge(base, {e["edge"]: e["domains"] for e in edges})
     columns = list(ids)
     outcomes = {e["edge"]: item_outcomes(e["eval"], doc) for e in edges}
     cells = {e["edge"]: {c: paired_diff_ci([outcomes[e["edge"]][i] for i in ids[c]],
