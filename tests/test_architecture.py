@@ -224,6 +224,24 @@ def test_stage_names_have_one_source():
     assert stray == {}
 
 
+def test_estimate_and_run_read_one_plan(graph):
+    """The stage graph is written once, in `edgefuse.runner.plan` (issue 23, item 5): of the runner's modules only
+    the plan imports the stage names, the estimator prices the plan's specs and the run walks them
+    (`edgefuse.runner.walk`), and `Study.stage` takes a stage's kind and name from its spec, so no stage can run
+    under a name the plan did not list. tests/test_pipeline_e2e.py checks the same from the other side: the plan
+    lists exactly the stages a run records, in order."""
+    runner = f"{PACKAGE}.runner"
+    namers = sorted(m for m, ts in graph.items() if f"{runner}.names" in ts)
+    assert namers == [f"{runner}.plan"]
+    assert f"{runner}.plan" in graph[f"{runner}.estimate"] and f"{runner}.plan" in graph[f"{runner}.walk"]
+    assert {f"{runner}.walk", f"{runner}.estimate"} <= graph[f"{runner}.run"]
+    import inspect
+
+    from edgefuse.runner.study import Study
+
+    assert list(inspect.signature(Study.stage).parameters)[:2] == ["self", "spec"]
+
+
 def test_the_stage_name_check_sees_literals_and_f_strings(tmp_path):
     f = tmp_path / "m.py"
     f.write_text('a = f"fuse-{m}-{t}"\nb = "eval-base"\nc = "evaluation"\nd = f"{x}-fuse-"\n', encoding="utf-8")

@@ -237,7 +237,8 @@ KILLS = [
     ("after-checkpoint", "edgefuse.edge.train:_save_checkpoint", "after",
      "'train-law-' in str(a[0]) and a[3]['step'] == 4"),  # the checkpoint at step 4 is on disk
     ("fusion", "edgefuse.fusion:fuse_dirs", "after",
-     "k['method'] == 'ties' and k['cr'] == 'element'"),  # its output complete in the .partial, the stage not finished
+     "a[2].method == 'ties' and a[2].cr == 'element'"),  # (its FusionRequest) output complete in the .partial, the
+    # stage not finished
     ("evaluation", "edgefuse.evaluate.mmlu_cd:evaluate_mmlu_cd", "before",
      "k['meta']['label'] == 'ties+element'"),  # mmlu.json written, MMLU-CD not
 ]

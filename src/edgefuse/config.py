@@ -183,29 +183,34 @@ class FusionConfig(_Strict):
 
     @model_validator(mode="after")
     def _params_fit_their_methods(self) -> "FusionConfig":
-        """Every fused model's parameters, checked against the method's spec as its fuse stage will pass them
-        (`runner.stages`), so a misspelt or out-of-range parameter fails when the config loads, not after the edges
+        """Every fused model's `FusionRequest`, checked against the registry as its fuse stage will pass it
+        (`request`), so a misspelt or out-of-range parameter fails when the config loads, not after the edges
         trained."""
         from edgefuse.errors import EdgefuseError
-        from edgefuse.fusion.registry import get_method, resolve_params
 
         stray = [m for m in self.params if m not in self.methods]
         if stray:
             raise ValueError(f"params names method {stray[0]!r}, which is not among fusion.methods {self.methods}")
         for method, setting, name in self.fusions():
             try:
-                resolve_params(get_method(method), *self.fuse_args(method, setting))
+                self.request(method, setting).check()
             except EdgefuseError as e:
                 raise ValueError(f"{name}: {e}") from None
         return self
 
-    def fuse_args(self, method: str, setting: CRSetting) -> tuple[float | None, dict]:
-        """(density, parameters) a fused model is built with: the shared density where the method takes one, the
-        method's ``params`` and, unless off, the LoRA-CR setting's own (`CRSetting.fuse_params`)."""
+    def request(self, method: str, setting: CRSetting, seed: int = 0, weights: list[float] | None = None):
+        """The `edgefuse.fusion.FusionRequest` of one fused model: the shared rank (unless the method keeps the exact
+        concatenated rank) and density where the method takes one, the method's ``params`` and, unless off, the
+        LoRA-CR setting's own (`CRSetting.fuse_params`); ``weights``: the delivered edges' (default: equal)."""
         from edgefuse.fusion.registry import get_method
+        from edgefuse.fusion.request import FusionRequest
 
-        density = self.density if get_method(method).density is not None else None
-        return density, {**self.params.get(method, {}), **({} if setting.is_off else setting.fuse_params())}
+        spec = get_method(method)
+        return FusionRequest(
+            method, weights, rank=None if spec.exact_rank else self.rank,
+            density=self.density if spec.density is not None else None, seed=seed,
+            cr=None if setting.is_off else setting.strategy, cr_threshold=setting.threshold,
+            params={**self.params.get(method, {}), **({} if setting.is_off else setting.fuse_params())})
 
     @field_serializer("cr")
     def _plain_names(self, v: list[CRSetting]) -> list:

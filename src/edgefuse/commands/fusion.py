@@ -134,7 +134,7 @@ def register(app: typer.Typer) -> None:
         if list_:
             _print_list()
             return
-        from edgefuse.fusion import fuse_dirs
+        from edgefuse.fusion import FusionRequest, fuse_dirs
 
         if method is None:
             raise EdgefuseError("--method is required (see edgefuse fuse --list)")
@@ -144,27 +144,11 @@ def register(app: typer.Typer) -> None:
             raise EdgefuseError("--out is required")
         from edgefuse.ui import progress_bar
 
+        request = FusionRequest(method, _weights(weights), rank, density, seed, cr, cr_threshold,
+                                {**_params(param), **({} if cr_share is None else {"cr_share": cr_share})})
         with progress_bar(f"fuse ({method})", None) as advance:
-            res = fuse_dirs(
-                dirs,
-                out,
-                method,
-                _weights(weights),
-                rank,
-                density,
-                seed,
-                cr,
-                cr_threshold,
-                force,
-                merged_out,
-                model,
-                progress=advance,
-                device=device,
-                dtype=dtype,
-                **({} if activations is None else {"activations": activations}),
-                **_params(param),
-                **({} if cr_share is None else {"cr_share": cr_share}),
-            )
+            res = fuse_dirs(dirs, out, request, force=force, merged_out=merged_out, model=model, progress=advance,
+                            device=device, dtype=dtype, activations=activations)
         msg = f"fused {len(dirs)} adapters with {method}"
         if cr:
             c = res["cr"]

@@ -6,8 +6,10 @@ Everything works in factored form (ΔW = B·A); element-wise methods stream one 
 from edgefuse.fusion.api import fuse_adapters, fuse_dirs, merge_into_model
 from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.registry import list_cr_strategies, list_methods
+from edgefuse.fusion.request import FusionRequest
 
 __all__ = [
+    "FusionRequest",
     "analyze_conflicts",
     "fuse_adapters",
     "fuse_dirs",

@@ -32,14 +32,8 @@ from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
 from edgefuse.fusion.cr_activation import module_deviation, resolve_on_activations
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
 from edgefuse.fusion.gram_inputs import check_coverage, checked_once, input_width, module_grams
-from edgefuse.fusion.registry import (
-    CR_THRESHOLD,
-    METHODS,
-    get_cr_strategy,
-    get_method,
-    recipe_for,
-    resolve_params,
-)
+from edgefuse.fusion.registry import CR_THRESHOLD, METHODS, get_cr_strategy, get_method, recipe_for
+from edgefuse.fusion.request import FusionRequest, as_request
 from edgefuse.io import jsonable, sha256_file
 
 log = logging.getLogger("edgefuse.fusion")
@@ -69,7 +63,7 @@ def _check_inputs(adapters: list[LoraAdapter], weights: list[float]) -> None:
 
 def fuse_adapters(
     adapters: list[LoraAdapter],
-    method: str,
+    method: str | FusionRequest,
     weights: list[float] | None = None,
     rank: int | None = None,
     density: float | None = None,
@@ -82,6 +76,9 @@ def fuse_adapters(
 ) -> tuple[LoraAdapter, dict]:
     """Fuse K adapters with ``method`` (optionally after LoRA-CR) into one adapter; returns (adapter, stats).
 
+    ``method`` is a `FusionRequest`, or a method's name with the request's other fields as keywords (``weights``
+    … ``cr_threshold``, and the method's parameters).
+
     ``grams``: for a method that fuses with data (regmean) or LoRA-CR ``activation``, one mapping per adapter,
     module name → Gram matrix of that module's inputs on the adapter's domain
     (`edgefuse.interference.grams.GramSet.for_adapters`).
@@ -93,20 +90,13 @@ def fuse_adapters(
     ``progress``: called as ``progress(0, total=modules)`` once, then ``progress(1)`` per fused module (the
     ``advance`` of `edgefuse.ui.progress_bar`), since a large model's element-wise merge takes minutes.
     """
-    spec = get_method(method)
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    request = as_request(method, weights, rank, density, seed, cr, cr_threshold, params)
+    get_method(request.method)
+    weights = [1.0] * len(adapters) if request.weights is None else list(request.weights)
     _check_inputs(adapters, weights)
-    density, resolved = resolve_params(spec, density, params)
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise EdgefuseError(f"rank must be a positive integer, got {rank}")
-    if rank is not None and spec.exact_rank:
-        raise EdgefuseError(
-            f"{method} keeps the exact concatenated rank; use svd or task_arithmetic to choose a rank"
-        )
-    strategy = None if cr is None else get_cr_strategy(cr)
-    cr_grams = strategy is not None and strategy.needs_grams
-    if cr is not None:
-        CR_THRESHOLD.check(cr_threshold)
+    spec, density, resolved = request.check()
+    method, rank, seed, cr, cr_threshold = request.method, request.rank, request.seed, request.cr, request.cr_threshold
+    cr_grams = cr is not None and get_cr_strategy(cr).needs_grams
     names = module_names(adapters)
     grams = checked_once(grams)  # each distinct matrix fully checked once, here, before any module is fused
     check_coverage(method, spec.needs_grams or cr_grams, grams, adapters, names,
@@ -272,7 +262,7 @@ def _check_recorded_bases(adapters: list[LoraAdapter]) -> None:
 def fuse_dirs(
     adapter_dirs: list[str | Path],
     out: str | Path,
-    method: str,
+    method: str | FusionRequest,
     weights: list[float] | None = None,
     rank: int | None = None,
     density: float | None = None,
@@ -290,6 +280,9 @@ def fuse_dirs(
 ) -> dict:
     """Load, check, fuse and save (PEFT adapter + ``edgefuse.json``); optionally merged full weights.
 
+    ``method``: a `FusionRequest`, or a method's name with the request's fields as keywords (`fuse_adapters`); the
+    request is checked against the registry before anything is read.
+
     With ``model`` every adapter is also checked against that base model (fingerprint, targets, shapes);
     without it, each adapter's targets and shapes are checked against the architecture of the base model it
     records, read from that model's config without weights (skipped with a warning line when that config is not
@@ -299,6 +292,7 @@ def fuse_dirs(
     """
     from edgefuse.precision import resolve
 
+    request = as_request(method, weights, rank, density, seed, cr, cr_threshold, params)
     out = Path(out)
     for target in (out, merged_out):
         if target is not None and Path(target).exists() and not force:
@@ -308,7 +302,7 @@ def fuse_dirs(
     if (device, dtype) != (None, None) and merged_out is None:
         raise EdgefuseError("--device and --dtype apply to --merged-out (where the merge runs, the merged weights' dtype)")
     precision = resolve(device, dtype)
-    get_method(method)
+    request.check()
     base, tok = _load_base(model, precision.device)
     target = None if base is None else ModelShapes.of(base)
     adapters = [load_adapter(d, target, force=force) for d in adapter_dirs]
@@ -322,9 +316,7 @@ def fuse_dirs(
     if target is None:
         _check_recorded_bases(adapters)
     grams = None if activations is None else _domain_grams(activations, adapters, fps, force)
-    fused, stats = fuse_adapters(
-        adapters, method, weights, rank, density, seed, cr, cr_threshold, progress=progress, grams=grams, **params
-    )
+    fused, stats = fuse_adapters(adapters, request, progress=progress, grams=grams)
     if activations is not None:
         stats["activations"] = {"path": str(activations), "sha256": sha256_file(Path(activations) / "grams.json")}
     with single_threaded_ops():
@@ -335,10 +327,11 @@ def fuse_dirs(
     manifest = FusedAdapterManifest(
         base_fingerprint=next(iter(fps)) if len(fps) == 1 else None,
         base_model=next(iter(names)) if len(names) == 1 else None,
-        method=method,
+        method=request.method,
         parameters=jsonable({k: stats[k] for k in ("weights", "density", "seed", "params", "rank", "activations")
                              if k in stats}),
-        cr={"strategy": cr, "threshold": cr_threshold, "share": stats["params"]["cr_share"]} if cr else None,
+        cr={"strategy": request.cr, "threshold": request.cr_threshold, "share": stats["params"]["cr_share"]}
+        if request.cr else None,
         inputs=[
             {
                 "path": str(Path(d)),

@@ -21,9 +21,8 @@ from typing import Any
 
 from edgefuse.compose.schema import LORAHUB_NAME, MixtureSettings
 from edgefuse.io import atomic_write_json, hash_obj, read_json, sha256_file
-from edgefuse.runner import names as stage_names
-from edgefuse.runner.names import round_tag
-from edgefuse.runner.stages import _eval_total, _with_adapter, eval_inputs, evaluate_model, precision_inputs
+from edgefuse.runner.plan import StageSpec
+from edgefuse.runner.stages import eval_inputs, precision_inputs
 from edgefuse.runner.study import Study
 from edgefuse.tasks.base import EvalContext
 from edgefuse.tasks.mmlu import mmlu_summary
@@ -42,22 +41,20 @@ def embedding_inputs(st: Study, edge: str) -> dict:
             "embedding": st.cfg.compose.embedding.model_dump(), "encoder": f"{ENCODER_NAME} {MINILM_DIST}=={MINILM_VERSION}"}
 
 
-def stage_embeddings(st: Study) -> None:
-    """One ``embed`` stage per edge when the study has retrieval mixtures; the records go to ``st.embeddings``."""
+def stage_embed(st: Study, spec: StageSpec) -> None:
+    """One edge's retrieval embedding record (when the study has retrieval mixtures), into ``st.embeddings``."""
     from edgefuse.compose.embedding import edge_embedding
 
-    e = st.cfg.compose.embedding
-    if not st.cfg.compose.retrieval_mixture:
-        return
-    for edge, domains in st.cfg.edges.items():
-        def run(work: Path, advance, domains=domains) -> dict:
-            record = edge_embedding(st.items_of("edge", domains), e.examples, e.seed,
-                                    source=f"MMLU edge split of {', '.join(domains)}")
-            atomic_write_json(work / EMBED_FILE, record)
-            return {"file": EMBED_FILE, "n_examples": record["n_examples"]}
+    e, domains = st.cfg.compose.embedding, st.cfg.edges[spec.edge]
 
-        out, res = st.stage("embed", stage_names.embed(edge), embedding_inputs(st, edge), run)
-        st.embeddings[edge] = read_json(out / res["file"])
+    def run(work: Path, advance) -> dict:
+        record = edge_embedding(st.items_of("edge", domains), e.examples, e.seed,
+                                source=f"MMLU edge split of {', '.join(domains)}")
+        atomic_write_json(work / EMBED_FILE, record)
+        return {"file": EMBED_FILE, "n_examples": record["n_examples"]}
+
+    out, res = st.stage(spec, embedding_inputs(st, spec.edge), run)
+    st.embeddings[spec.edge] = read_json(out / res["file"])
 
 
 def _adapter_keys(edges: list[dict]) -> list[str]:
@@ -83,11 +80,13 @@ def _domains(edges: list[dict]) -> list[str]:
     return list(dict.fromkeys(d for e in edges for d in e["domains"]))
 
 
-def stage_lorahub(st: Study, edges: list[dict], seed: int, round_no: int) -> dict:
-    """LoraHub weights over the edge adapters → a fused adapter (kind fuse) → its evaluation (kind eval)."""
+def stage_lorahub(st: Study, spec: StageSpec, edges: list[dict]) -> tuple[Path, dict]:
+    """LoraHub weights over the edge adapters → a fused adapter (kind fuse; evaluated as any fused model by the next
+    stage); (the adapter's directory, its record for results.json without the evaluation)."""
     from edgefuse.adapters import load_adapter
     from edgefuse.compose.lorahub import lorahub, save_lorahub
 
+    seed = spec.seed
     settings = lorahub_settings(st, seed)
     domains = _domains(edges)
     b = st.cfg.benchmarks
@@ -111,15 +110,10 @@ def stage_lorahub(st: Study, edges: list[dict], seed: int, round_no: int) -> dic
                                             "start_objective": res.start_objective, "evaluations": len(res.trace),
                                             "examples": len(items)}}
 
-    tag = round_tag(seed, round_no)
-    fdir, fres = st.stage("fuse", stage_names.composed(LORAHUB_NAME, tag), inputs, run, total=settings["budget"] + 1)
+    fdir, fres = st.stage(spec, inputs, run, total=settings["budget"] + 1)
     adapter = fdir / fres["dir"]
-    _, ev = st.stage("eval", stage_names.evaluation(LORAHUB_NAME, tag),
-                     {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
-                     lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(st, m, work, adv, LORAHUB_NAME)),
-                     total=_eval_total(st))
-    return {"name": LORAHUB_NAME, "kind": "lorahub", "seed": seed, "round": round_no, "adapter": str(adapter),
-            "settings": settings, "lorahub": fres["lorahub"], "eval": ev}
+    return adapter, {"name": LORAHUB_NAME, "kind": "lorahub", "seed": seed, "round": spec.round,
+                     "adapter": str(adapter), "settings": settings, "lorahub": fres["lorahub"]}
 
 
 def edge_vector(st: Study, edge: dict) -> dict:
@@ -167,82 +161,98 @@ def mixture_inputs(st: Study, edges: list[dict]) -> dict:
             "edges": [e["edge"] for e in edges], "embeddings": [hash_obj(edge_vector(st, e)) for e in edges]}
 
 
-def stage_mixtures(st: Study, edges: list[dict], seed: int, round_no: int) -> tuple[list[dict], dict | None]:
-    """Each configured retrieval mixture on MMLU (shared by the mixtures that form requests' mixtures alike) and on
-    MMLU-CD; returns the mixtures' records and the retrieval accuracy on the MMLU test questions."""
-    from edgefuse.evaluate.retrieval import evaluate_mmlu_cd_retrieval, evaluate_mmlu_retrieval
+class MixtureRuns:
+    """One seed's retrieval mixtures over its last round's delivered edges: the adapter pool (built when first
+    needed), what every mixture evaluation's key shares, and each evaluation's result as its stage ran."""
 
-    b = st.cfg.benchmarks
-    tag = round_tag(seed, round_no)
-    common = mixture_inputs(st, edges)
-    pool = None
+    def __init__(self, st: Study, edges: list[dict]):
+        self.st, self.edges = st, edges
+        self._pool, self._common = None, None
+        self.mmlu: dict[str, dict] = {}  # retrieval tag → MMLU stage result
+        self.cd: dict[str, dict] = {}  # mixture name → MMLU-CD summaries by key
+        self.tasks: dict[tuple[str, str], dict] = {}  # (retrieval tag, task) → summaries by key
 
-    def get_pool():
-        nonlocal pool
-        pool = pool or mixture_pool(st, edges)
-        return pool
+    def fits(self, mix: MixtureSettings) -> bool:
+        return mix.k <= len(self.edges)
 
-    mmlu_done: dict[str, dict] = {}
-    task_done: dict[tuple[str, str], dict] = {}
-    records, accuracy = [], None
-    for mix in st.cfg.compose.retrieval_mixture:
-        if mix.k > len(edges):
-            log.warning("retrieval mixture %s left out: k = %d, but only %d edge adapters delivered",
-                        mix.name, mix.k, len(edges))
-            continue
-        ev: dict[str, Any] = {"label": mix.name, "format": b.format, "metric": b.headline_metric}
-        if b.mmlu.enabled:
-            rtag = mix.retrieval_tag
-            if rtag not in mmlu_done:
-                def run_mmlu(work: Path, advance, mix=mix) -> dict:
-                    res = evaluate_mmlu_retrieval(
-                        st.model, st.tokenizer, st.mmlu_items, get_pool(), _retrieval(mix, "instance"),
-                        shots=b.mmlu.shots, public=st.items_of("public") if b.mmlu.shots else (), fmt=b.format,
-                        batch_size=b.batch_size, progress=advance, meta={"label": rtag})
-                    atomic_write_json(work / "mmlu.json", res)
-                    return {"mmlu": mmlu_summary(st, res), "retrieval": res["retrieval"]}
+    def pool(self):
+        self._pool = self._pool or mixture_pool(self.st, self.edges)
+        return self._pool
 
-                inputs = common | {"retrieval": retrieval_key(mix)}
-                _, mmlu_done[rtag] = st.stage("eval", stage_names.mixture_mmlu(rtag, tag), inputs, run_mmlu,
-                                              total=len(st.mmlu_items))
-            ev["mmlu"] = mmlu_done[rtag]["mmlu"]
-            accuracy = accuracy or mmlu_done[rtag]["retrieval"]["accuracy"]
-        if st.cd_docs:
-            def run_cd(work: Path, advance, mix=mix) -> dict:
-                out = {}
-                for k, doc in st.cd_docs.items():
-                    res = evaluate_mmlu_cd_retrieval(
-                        st.model, st.tokenizer, doc, st.dataset, get_pool(), _retrieval(mix), fmt=b.format,
-                        metric=b.headline_metric, batch_size=b.batch_size, single=b.mmlu_cd.single, progress=advance,
-                        meta={"label": mix.name})
-                    atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
-                    out[cd_key(k)] = cd_summary(res, k)
-                return out
+    def common(self) -> dict:
+        self._common = self._common or mixture_inputs(self.st, self.edges)
+        return self._common
 
-            _, cd = st.stage("eval", stage_names.mixture_cd(mix.name, tag), common | {"retrieval": _retrieval(mix).as_dict()},
-                             run_cd, total=sum(len(d["instances"]) for d in st.cd_docs.values()))
-            ev |= cd
-        for task in (t for t in st.tasks if t.mixture):  # configured tasks, routed per question as MMLU
-            key = (mix.retrieval_tag, task.name)
-            if key not in task_done:
-                def run_task(work: Path, advance, mix=mix, task=task) -> dict:
-                    return task.evaluate_mixture(st, get_pool(), _retrieval(mix, "instance"),
-                                                 EvalContext(work, advance, mix.retrieval_tag))
-
-                _, task_done[key] = st.stage("eval", stage_names.mixture_task(mix.retrieval_tag, task.name, tag),
-                                             common | {"retrieval": retrieval_key(mix), "task": task.name}, run_task,
-                                             total=task.units(st))
-            ev |= task_done[key]
-        records.append({"name": mix.name, "kind": "retrieval-mixture", "seed": seed, "round": round_no,
-                         "settings": mix.model_dump(), "eval": ev})
-    return records, accuracy
+    def records(self, seed: int, round_no: int) -> tuple[list[dict], dict | None]:
+        """The mixtures' records for results.json in config order, and the retrieval accuracy on the MMLU test
+        questions (None without a mixture on MMLU); a mixture with more adapters than delivered edges is left out."""
+        b = self.st.cfg.benchmarks
+        records, accuracy = [], None
+        for mix in self.st.cfg.compose.retrieval_mixture:
+            if not self.fits(mix):
+                log.warning("retrieval mixture %s left out: k = %d, but only %d edge adapters delivered",
+                            mix.name, mix.k, len(self.edges))
+                continue
+            ev: dict[str, Any] = {"label": mix.name, "format": b.format, "metric": b.headline_metric}
+            if mix.retrieval_tag in self.mmlu:
+                ev["mmlu"] = self.mmlu[mix.retrieval_tag]["mmlu"]
+                accuracy = accuracy or self.mmlu[mix.retrieval_tag]["retrieval"]["accuracy"]
+            ev |= self.cd.get(mix.name, {})
+            for task in (t for t in self.st.tasks if t.mixture):
+                ev |= self.tasks[(mix.retrieval_tag, task.name)]
+            records.append({"name": mix.name, "kind": "retrieval-mixture", "seed": seed, "round": round_no,
+                            "settings": mix.model_dump(), "eval": ev})
+        return records, accuracy
 
 
-def stage_compose(st: Study, edges: list[dict], seed: int, round_no: int) -> dict:
-    """LoraHub and the retrieval mixtures over the given (last round's) edges: ``composed`` rows for the report and
-    the ``retrieval`` accuracy (None without a mixture on MMLU)."""
-    composed = []
-    if st.cfg.compose.lorahub is not None:
-        composed.append(stage_lorahub(st, edges, seed, round_no))
-    mixtures, accuracy = stage_mixtures(st, edges, seed, round_no) if st.cfg.compose.retrieval_mixture else ([], None)
-    return {"composed": composed + mixtures, "retrieval": accuracy}
+def stage_mixture_mmlu(st: Study, spec: StageSpec, runs: MixtureRuns) -> None:
+    """MMLU under a way of forming each question's mixture (shared by the mixtures that form them alike)."""
+    from edgefuse.evaluate.retrieval import evaluate_mmlu_retrieval
+
+    b, mix = st.cfg.benchmarks, spec.mixture
+    rtag = mix.retrieval_tag
+
+    def run_mmlu(work: Path, advance) -> dict:
+        res = evaluate_mmlu_retrieval(
+            st.model, st.tokenizer, st.mmlu_items, runs.pool(), _retrieval(mix, "instance"),
+            shots=b.mmlu.shots, public=st.items_of("public") if b.mmlu.shots else (), fmt=b.format,
+            batch_size=b.batch_size, progress=advance, meta={"label": rtag})
+        atomic_write_json(work / "mmlu.json", res)
+        return {"mmlu": mmlu_summary(st, res), "retrieval": res["retrieval"]}
+
+    inputs = runs.common() | {"retrieval": retrieval_key(mix)}
+    _, runs.mmlu[rtag] = st.stage(spec, inputs, run_mmlu, total=len(st.mmlu_items))
+
+
+def stage_mixture_cd(st: Study, spec: StageSpec, runs: MixtureRuns) -> None:
+    """MMLU-CD under one mixture, routed per instance or per question segment."""
+    from edgefuse.evaluate.retrieval import evaluate_mmlu_cd_retrieval
+
+    b, mix = st.cfg.benchmarks, spec.mixture
+
+    def run_cd(work: Path, advance) -> dict:
+        out = {}
+        for k, doc in st.cd_docs.items():
+            res = evaluate_mmlu_cd_retrieval(
+                st.model, st.tokenizer, doc, st.dataset, runs.pool(), _retrieval(mix), fmt=b.format,
+                metric=b.headline_metric, batch_size=b.batch_size, single=b.mmlu_cd.single, progress=advance,
+                meta={"label": mix.name})
+            atomic_write_json(work / f"mmlu_cd_k{k}.json", res)
+            out[cd_key(k)] = cd_summary(res, k)
+        return out
+
+    _, runs.cd[mix.name] = st.stage(spec, runs.common() | {"retrieval": _retrieval(mix).as_dict()},
+                                    run_cd, total=sum(len(d["instances"]) for d in st.cd_docs.values()))
+
+
+def stage_mixture_task(st: Study, spec: StageSpec, runs: MixtureRuns) -> None:
+    """A configured task under a way of forming each question's mixture, routed per question as MMLU."""
+    mix, task = spec.mixture, next(t for t in st.tasks if t.name == spec.task)
+
+    def run_task(work: Path, advance) -> dict:
+        return task.evaluate_mixture(st, runs.pool(), _retrieval(mix, "instance"),
+                                     EvalContext(work, advance, mix.retrieval_tag))
+
+    _, runs.tasks[(mix.retrieval_tag, task.name)] = st.stage(
+        spec, runs.common() | {"retrieval": retrieval_key(mix), "task": task.name}, run_task,
+        total=task.units(st))

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefuse.config import StudyConfig
-from edgefuse.runner import names as stage_names
+from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
+from edgefuse.fusion.registry import get_method
 from edgefuse.runner.cache import KINDS, finished_stage_files
-from edgefuse.runner.names import round_tag
+from edgefuse.runner.plan import StageSpec, plan_tasks, study_plan
 from edgefuse.tasks.base import Task
-from edgefuse.tasks.registry import study_tasks
 
 REFERENCE_PARAMS = 134.5e6  # SmolLM2-135M, the model the rates were measured with
 
@@ -56,27 +56,24 @@ RATES = {
 
 @dataclass
 class PlannedStage:
-    kind: str
-    name: str
+    """A stage of the plan (`edgefuse.runner.plan.StageSpec`) with its estimated seconds and whether a finished copy
+    is already in the run directory."""
+
+    spec: StageSpec
     seconds: float
     done: bool = False
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 def _scale(params: float | None) -> float:
     return 1.0 if params is None else params / REFERENCE_PARAMS
-
-
-def _elementwise(method: str) -> bool:
-    """Methods that sparsify ΔW element by element (they take a density) stream dense blocks: slower."""
-    from edgefuse.fusion.registry import get_method
-
-    return get_method(method).density is not None
-
-
-def _needs_grams(method: str) -> bool:
-    from edgefuse.fusion.registry import get_method
-
-    return get_method(method).needs_grams
 
 
 def _rate(name: str, fmt: str) -> float:
@@ -87,100 +84,98 @@ def _rate(name: str, fmt: str) -> float:
     return rate[own or fmt] if isinstance(rate, dict) else rate
 
 
-def task_seconds(cfg: StudyConfig, n_mmlu: int) -> list[tuple[Task, float]]:
-    """Each of the study's tasks with one model's evaluation of it at the reference size (`Task.work` × `RATES`)."""
-    fmt = cfg.benchmarks.format
-    return [(t, sum(units * _rate(name, fmt) for name, units in t.work(n_mmlu).items()))
-            for t in study_tasks(cfg.benchmarks, stage_names.cd_build, cfg.data)]
+class StageCosts:
+    """Each step's cost model: seconds of one `StageSpec` at the model size ``params`` (`price`)."""
+
+    def __init__(self, cfg: StudyConfig, n_mmlu: int, params: float | None, tasks: list[Task]):
+        self.cfg, self.n_mmlu, self.s, self.tasks = cfg, n_mmlu, _scale(params), tasks
+        self.fmt = cfg.benchmarks.format
+        self.task_s = {t.name: sum(units * _rate(name, self.fmt) for name, units in t.work(n_mmlu).items())
+                       for t in tasks}
+        self.full_eval = sum(self.task_s.values())  # one model on every task
+        cd = cfg.benchmarks.edges_alone_cd  # an edge alone: cross-domain tasks only with edges_alone_cd
+        self.edge_eval = sum(self.task_s[t.name] for t in tasks if cd or not t.cross_domain)
+        self.grams_pass = self.s * cfg.interference.tokens * RATES["grams_token"]
+
+    def price(self, spec: StageSpec) -> float:
+        return getattr(self, "_" + spec.step)(spec)
+
+    def _data(self, spec: StageSpec) -> float:
+        return RATES["setup"]
+
+    def _task_data(self, spec: StageSpec) -> float:
+        return spec.data.seconds
+
+    def _base_eval(self, spec: StageSpec) -> float:
+        return self.s * self.full_eval
+
+    _eval_fused = _eval_composed = _base_eval
+
+    def _embed(self, spec: StageSpec) -> float:
+        return RATES["embed"]
+
+    def _grams(self, spec: StageSpec) -> float:
+        """One base-model pass per distinct set of edge domains."""
+        return len({tuple(d) for d in self.cfg.edges.values()}) * self.grams_pass
+
+    def _prune(self, spec: StageSpec) -> float:
+        p = self.cfg.pruning_for(spec.edge)
+        calib = p.calib * RATES["prune_calib"] if p.method in ("taylor", "wanda") else 0.0
+        return self.s * (RATES["prune"] + calib)
+
+    def _train(self, spec: StageSpec) -> float:
+        """Its prompts; in the first round with ``interference.source: edges`` also the edge's Gram pass."""
+        t, cfg = self.cfg.training, self.cfg
+        edge_grams = cfg.collects_grams and cfg.interference.from_edges and spec.round == 1
+        return self.s * t.steps * t.batch * t.grad_accum * RATES["train_prompt"][t.objective] + (
+            self.grams_pass if edge_grams else 0.0)
+
+    def _recover(self, spec: StageSpec) -> float:
+        return self.s * RATES["recover"]
+
+    def _eval_edge(self, spec: StageSpec) -> float:
+        return self.s * self.edge_eval
+
+    def _edge_grams(self, spec: StageSpec) -> float:
+        return 1.0
+
+    def _fuse(self, spec: StageSpec) -> float:
+        """Element-wise methods stream dense blocks (slower); LoRA-CR adds its pass; RegMean reads each edge's Grams."""
+        method = get_method(spec.method)
+        fuse = RATES["fuse"]["elementwise" if method.density is not None else "plain"]
+        fuse += 0.0 if spec.cr.is_off else RATES["fuse"]["cr"]
+        fuse += len(self.cfg.edges) * RATES["regmean_edge"] if method.needs_grams else 0.0
+        return self.s * fuse
+
+    def _interference(self, spec: StageSpec) -> float:
+        K = len(self.cfg.edges)
+        return self.s * (K * RATES["interference_edge"] + K * K * RATES["interference_pair"])
+
+    def _lorahub(self, spec: StageSpec) -> float:
+        lh = self.cfg.compose.lorahub
+        per_eval = RATES["lorahub_eval"] + lh.examples * RATES["lorahub_example"][lh.objective or self.fmt]
+        return self.s * (lh.budget + 1) * per_eval
+
+    def _mixture_mmlu(self, spec: StageSpec) -> float:
+        return self.s * self.n_mmlu * RATES["mmlu_item"][self.fmt] * RATES["mixture"] + self.n_mmlu * RATES["query"]
+
+    def _mixture_cd(self, spec: StageSpec) -> float:
+        """Each answer is scored on the whole growing text (no cache across answers): about k items' worth."""
+        cd, item = self.cfg.benchmarks.mmlu_cd, RATES["mmlu_item"][self.fmt] * RATES["mixture"]
+        alone = item if cd.single else 0.0
+        return self.s * sum(cd.n * k * (item * k + alone + 2 * RATES["query"]) for k in cd.ks)
+
+    def _mixture_task(self, spec: StageSpec) -> float:
+        return self.s * self.task_s[spec.task] * RATES["mixture"]
 
 
-def eval_seconds(tasks: list[tuple[Task, float]], cd: bool = True) -> float:
-    """One model's evaluation: every task, or (``cd`` False) those that are not cross-domain."""
-    return sum(sec for t, sec in tasks if cd or not t.cross_domain)
-
-
-def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None) -> list[PlannedStage]:
-    """Every stage `edgefuse.runner.run_study` will pass through, in order, with its estimated seconds."""
-    s, b, f = _scale(params), cfg.benchmarks, cfg.fusion
-    tasks = task_seconds(cfg, n_mmlu)
-    full_eval, edge_eval = eval_seconds(tasks), eval_seconds(tasks, cd=b.edges_alone_cd)
-    out = [PlannedStage("data", stage_names.DATA, RATES["setup"])]
-    out += [PlannedStage("data", d.name, d.seconds) for t, _ in tasks for d in t.data_plan()]
-    out.append(PlannedStage("eval", stage_names.BASE_EVAL, s * full_eval))
-    if cfg.compose.retrieval_mixture:
-        out += [PlannedStage("embed", stage_names.embed(e), RATES["embed"]) for e in cfg.edges]
-    K = len(cfg.edges)
-    grams_pass = s * cfg.interference.tokens * RATES["grams_token"]
-    edge_grams = cfg.collects_grams and cfg.interference.from_edges  # each edge's pass is part of its training
-    if cfg.collects_grams and not edge_grams:  # one base-model pass per distinct set of edge domains
-        passes = len({tuple(d) for d in cfg.edges.values()})
-        out.append(PlannedStage("grams", stage_names.GRAMS, passes * grams_pass))
-    t = cfg.training
-    train_s = s * t.steps * t.batch * t.grad_accum * RATES["train_prompt"][t.objective]
-    for seed in cfg.seeds:
-        for e in cfg.edges:
-            p = cfg.pruning_for(e)
-            calib = p.calib * RATES["prune_calib"] if p.method in ("taylor", "wanda") else 0.0
-            out.append(PlannedStage("prune", stage_names.prune(e, seed), s * (RATES["prune"] + calib)))
-        for r in range(1, cfg.rounds.count + 1):
-            tag = round_tag(seed, r)
-            first_grams = edge_grams and r == 1
-            out += [PlannedStage("train", stage_names.train(e, tag), train_s + (grams_pass if first_grams else 0.0))
-                    for e in cfg.edges]
-            for e in cfg.edges:
-                out.append(PlannedStage("recover", stage_names.recover(e, tag), s * RATES["recover"]))
-                if b.edges_alone:
-                    out.append(PlannedStage("eval", stage_names.eval_edge(e, tag), s * edge_eval))
-            if first_grams:  # the edges' Gram matrices gathered into the study's Gram directory
-                out.append(PlannedStage("grams", stage_names.edge_grams(tag), 1.0))
-            for m, c, name in f.fusions():
-                fuse = RATES["fuse"]["elementwise" if _elementwise(m) else "plain"]
-                fuse += 0.0 if c.is_off else RATES["fuse"]["cr"]
-                fuse += K * RATES["regmean_edge"] if _needs_grams(m) else 0.0
-                out.append(PlannedStage("fuse", stage_names.fuse(name, tag), s * fuse))
-                if cfg.collects_grams:
-                    out.append(PlannedStage("fuse", stage_names.interference(name, tag), s * (
-                        K * RATES["interference_edge"] + K * K * RATES["interference_pair"])))
-                out.append(PlannedStage("eval", stage_names.evaluation(name, tag), s * full_eval))
-        out += composition_plan(cfg, round_tag(seed, cfg.rounds.count), s, n_mmlu, full_eval, tasks)
-    return out
-
-
-def composition_plan(cfg: StudyConfig, tag: str, s: float, n_mmlu: int, full_eval: float,
-                     tasks: list[tuple[Task, float]] = ()) -> list[PlannedStage]:
-    """The composition stages after the last round (`edgefuse.runner.composition`), in the order they run;
-    ``full_eval``: one model's evaluation on every task (LoraHub's fused adapter is evaluated as any fused model).
-    Retrieval mixtures are evaluated on MMLU, MMLU-CD and each of ``tasks`` (with their seconds) that is scored
-    under mixtures."""
-    from edgefuse.compose.schema import LORAHUB_NAME
-
-    b, c = cfg.benchmarks, cfg.compose
-    fmt, out = b.format, []
-    eval_s = n_mmlu * RATES["mmlu_item"][fmt] if b.mmlu.enabled else 0.0
-    cd_ks = b.mmlu_cd.ks if b.mmlu_cd.enabled else []
-    if c.lorahub is not None:
-        objective = c.lorahub.objective or fmt
-        per_eval = RATES["lorahub_eval"] + c.lorahub.examples * RATES["lorahub_example"][objective]
-        out.append(PlannedStage("fuse", stage_names.composed(LORAHUB_NAME, tag), s * (c.lorahub.budget + 1) * per_eval))
-        out.append(PlannedStage("eval", stage_names.evaluation(LORAHUB_NAME, tag), s * full_eval))
-    seen = set()
-    for mix in c.retrieval_mixture:
-        if b.mmlu.enabled and mix.retrieval_tag not in seen:
-            seen.add(mix.retrieval_tag)
-            out.append(PlannedStage("eval", stage_names.mixture_mmlu(mix.retrieval_tag, tag),
-                                    s * eval_s * RATES["mixture"] + n_mmlu * RATES["query"]))
-        if cd_ks:
-            # each answer is scored on the whole growing text (no cache across answers): about k items' worth
-            per_answer = {k: RATES["mmlu_item"][fmt] * k * RATES["mixture"] for k in cd_ks}
-            alone = RATES["mmlu_item"][fmt] * RATES["mixture"] if b.mmlu_cd.single else 0.0
-            cd = sum(b.mmlu_cd.n * k * (per_answer[k] + alone + 2 * RATES["query"]) for k in cd_ks)
-            out.append(PlannedStage("eval", stage_names.mixture_cd(mix.name, tag), s * cd))
-        for task, sec in tasks:
-            if task.mixture and (mix.retrieval_tag, task.name) not in seen:
-                seen.add((mix.retrieval_tag, task.name))
-                out.append(PlannedStage("eval", stage_names.mixture_task(mix.retrieval_tag, task.name, tag),
-                                        s * sec * RATES["mixture"]))
-    return out
+def plan(cfg: StudyConfig, n_mmlu: int, params: float | None = None,
+         tasks: list[Task] | None = None) -> list[PlannedStage]:
+    """Every stage `edgefuse.runner.run_study` will pass through (`edgefuse.runner.plan.study_plan`), in order, with
+    its estimated seconds; ``tasks``: the study's (built from the config when not given)."""
+    tasks = plan_tasks(cfg) if tasks is None else tasks
+    costs = StageCosts(cfg, n_mmlu, params, tasks)
+    return [PlannedStage(spec, costs.price(spec)) for spec in study_plan(cfg, tasks)]
 
 
 def mark_done(stages: list[PlannedStage], run_dir: Path) -> dict[str, float]:
@@ -229,20 +224,19 @@ def mmlu_count(cfg: StudyConfig) -> int:
         return 0
     if m.limit is not None:
         return m.limit
-    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
-
     d = cfg.data
     ds = load_mmlu(None if d.source == "embedded" else d.source)
     spec = SplitSpec(seed=d.split_seed, public_per_subject=d.public_per_subject, edge_fraction=d.edge_fraction)
     return len(select(ds, "test", m.domains, None, None, d.split_seed, spec))
 
 
-def estimate_study(cfg: StudyConfig, run_dir: Path, params: float | None = None,
-                   force: str | None = None) -> list[PlannedStage]:
+def estimate_study(cfg: StudyConfig, run_dir: Path, params: float | None = None, force: str | None = None,
+                   tasks: list[Task] | None = None) -> list[PlannedStage]:
     """The plan with this run directory's finished stages marked and its measured corrections applied;
-    ``force`` (a stage kind) marks that kind and every later one to run again."""
+    ``force`` (a stage kind) marks that kind and every later one to run again. `run_study` walks the specs of
+    this very list."""
 
-    stages = plan(cfg, mmlu_count(cfg), params)
+    stages = plan(cfg, mmlu_count(cfg), params, tasks)
     mark_done(stages, run_dir)
     for st in stages:
         st.done = st.done and not (force and KINDS.index(st.kind) >= KINDS.index(force))

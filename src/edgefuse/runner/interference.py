@@ -19,8 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edgefuse.io import atomic_write_json, jsonable, sha256_file
-from edgefuse.runner import names as stage_names
-from edgefuse.runner.names import round_tag
+from edgefuse.runner.plan import StageSpec
 from edgefuse.runner.study import Study
 
 GRAMS_DIR = "grams"
@@ -35,26 +34,24 @@ def grams_inputs(st: Study) -> dict:
             "edges": st.cfg.edges, **({"precision": extra} if extra else {})}
 
 
-def stage_grams(st: Study) -> None:
+def stage_grams(st: Study, spec: StageSpec) -> None:
     """Collect every edge's Gram matrices (once per distinct set of domains) into one Gram directory, named in the
     manifest by edge (the domain each recovered adapter records); sets ``st.grams_dir`` and ``st.grams_hash``."""
-    if not st.cfg.collects_grams or st.cfg.interference.from_edges:  # from the edges: `stage_edge_grams`
-        return
     from edgefuse.interference.collect import gram_matrices, manifest_fields, public_prompts, token_sequences
     from edgefuse.interference.grams import save_domain
 
-    spec = st.cfg.interference.spec(st.cfg.data.split_seed)
+    gram_spec = st.cfg.interference.spec(st.cfg.data.split_seed)
     edges = st.cfg.edges
 
     def run(work: Path, advance) -> dict:
-        prompts = {e: public_prompts(st.dataset, d, spec, st.split_spec) for e, d in edges.items()}  # all checked first
+        prompts = {e: public_prompts(st.dataset, d, gram_spec, st.split_spec) for e, d in edges.items()}  # all checked first
         out = work / GRAMS_DIR  # the stage's own work directory: finished (renamed) only once all is written
         out.mkdir()
         entries, aliases, done = {}, {}, {}
         for edge, domains in edges.items():  # one edge's matrices in memory at a time (~0.8 GB float64 on SmolLM2)
             key = tuple(domains)
             if key not in done:  # edges with the same domains share one pass
-                seqs = token_sequences(st.tokenizer, prompts[edge], spec.tokens, spec.per_prompt)
+                seqs = token_sequences(st.tokenizer, prompts[edge], gram_spec.tokens, gram_spec.per_prompt)
                 mats, aliases, n = gram_matrices(st.model, seqs)
                 done[key] = save_domain(out, edge, mats, n, len(seqs))
                 del mats
@@ -62,10 +59,11 @@ def stage_grams(st: Study) -> None:
             else:  # the same file under another edge's name
                 entries[edge] = done[key].model_copy()
             advance()
-        fields = manifest_fields(st.cfg.model, st.base_fingerprint, spec.split, spec.split_seed, spec.per_prompt)
+        fields = manifest_fields(st.cfg.model, st.base_fingerprint, gram_spec.split, gram_spec.split_seed,
+                                 gram_spec.per_prompt)
         return finish_dir(out, fields, aliases, entries)
 
-    out, res = st.stage("grams", stage_names.GRAMS, grams_inputs(st), run, total=len(edges))
+    out, res = st.stage(spec, grams_inputs(st), run, total=len(edges))
     use_grams(st, out, res)
 
 
@@ -89,7 +87,7 @@ def use_grams(st: Study, out: Path, res: dict, **extra) -> None:
                         **extra}
 
 
-def stage_edge_grams(st: Study, edges: list[dict], seed: int) -> None:
+def stage_edge_grams(st: Study, spec: StageSpec, edges: list[dict]) -> None:
     """``interference.source: edges``: the Gram matrices each edge sent with its first-round package (checked on
     arrival) gathered into the study's Gram directory, one domain per delivered edge; sets ``st.grams_dir`` and
     ``st.grams_hash`` as `stage_grams` does, so fusions and interference read them the same way."""
@@ -122,7 +120,7 @@ def stage_edge_grams(st: Study, edges: list[dict], seed: int) -> None:
             advance()
         return finish_dir(out, fields, aliases, entries)
 
-    out, res = st.stage("grams", stage_names.edge_grams(round_tag(seed, 1)), inputs, run, total=len(sources))
+    out, res = st.stage(spec, inputs, run, total=len(sources))
     use_grams(st, out, res, source="edges")
 
 
@@ -154,7 +152,7 @@ def summarize(stats: dict, edges: list[str]) -> list[dict]:
     return out
 
 
-def stage_interference(st: Study, edges: list[dict], fused_dir: Path, name: str, seed: int, round_no: int) -> dict:
+def stage_interference(st: Study, spec: StageSpec, edges: list[dict], fused_dir: Path) -> dict:
     """The interference of one fused adapter over its edges, on the study's Grams; its record for results.json."""
     from edgefuse.adapters import load_adapter
     from edgefuse.interference.grams import GramSet
@@ -172,9 +170,8 @@ def stage_interference(st: Study, edges: list[dict], fused_dir: Path, name: str,
         return {"file": STATS_FILE, "modules": stats["summary"]["modules"], "ratio": stats["summary"]["ratio"],
                 "domains": summarize(stats, names)}
 
-    tag = round_tag(seed, round_no)
-    out, res = st.stage("fuse", stage_names.interference(name, tag), inputs, run)
-    return {"name": name, "seed": seed, "round": round_no, "edges": names, "modules": res["modules"],
+    out, res = st.stage(spec, inputs, run)
+    return {"name": spec.model, "seed": spec.seed, "round": spec.round, "edges": names, "modules": res["modules"],
             "ratio": res["ratio"], "domains": res["domains"], "file": str(out / res["file"])}
 
 

@@ -18,12 +18,12 @@ from edgefuse.config import StudyConfig
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import atomic_write_json, writing
 from edgefuse.runner.cache import StageCache
-from edgefuse.runner.composition import stage_compose, stage_embeddings
 from edgefuse.runner.estimate import estimate_study, remaining_seconds
-from edgefuse.runner.interference import interference_doc, stage_grams
-from edgefuse.runner.stages import run_seed, stage_base_eval, stage_data, stage_tasks
+from edgefuse.runner.interference import interference_doc
+from edgefuse.runner.plan import plan_tasks
 from edgefuse.runner.study import Study
 from edgefuse.runner.trainers import LocalTrainer, Trainer
+from edgefuse.runner.walk import walk
 from edgefuse.runlock import run_lock, stale_note
 from edgefuse.ui import StudyProgress
 
@@ -112,7 +112,8 @@ def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progres
     if budgets:
         cfg = cfg.with_device_budgets(budgets)
     model, tokenizer = load_model(cfg.model, device=precision.device, dtype=precision.dtype)
-    stages = estimate_study(cfg, run_dir, count_parameters(model), force)
+    tasks = plan_tasks(cfg)
+    stages = estimate_study(cfg, run_dir, count_parameters(model), force, tasks)  # the plan this run walks
     remaining = remaining_seconds(stages)
     if cfg.max_minutes is not None and remaining > 60 * cfg.max_minutes:  # before anything is written
         raise EdgefuseError(f"the study's estimated duration is {remaining / 60:.0f} min, more than its "
@@ -130,19 +131,10 @@ def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progres
         atomic_write_json(run_dir / "config.json", cfg.model_dump())
         log.info("study %s in %s", cfg.name, run_dir)
         with StudyProgress(len(stages), enabled=show_progress) as progress:
-            st = Study(cfg, run_dir, StageCache(run_dir, force), progress, precision=precision)
+            st = Study(cfg, run_dir, StageCache(run_dir, force), progress, precision=precision, tasks=tasks)
             st.model, st.tokenizer = model, tokenizer
             st.base_fingerprint = fingerprint(st.model)
-            stage_data(st)
-            stage_tasks(st)
-            base = stage_base_eval(st)
-            stage_embeddings(st)
-            stage_grams(st)
-            seeds = []
-            for seed in cfg.seeds:
-                seeds.append(run_seed(st, seed, trainer))
-                if cfg.compose.enabled:  # LoraHub and retrieval mixtures of the last round's edge adapters
-                    seeds[-1] |= stage_compose(st, seeds[-1]["edges"], seed, cfg.rounds.count)
+            base, seeds = walk(st, [s.spec for s in stages], trainer)
         doc = {"name": cfg.name, "model": cfg.model, "base_fingerprint": st.base_fingerprint,
                "config": cfg.model_dump(), "precision": precision.as_dict(), "base": base, "seeds": seeds, "missing_edges": st.missing_edges,
                "stages": st.cache.records, "wall_s": round(time.perf_counter() - t0, 1),

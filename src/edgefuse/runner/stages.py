@@ -1,9 +1,7 @@
-"""The study's stages, each a pure function over files cached by `StageCache` (through `Study.stage`).
-
-  data → tasks' data (MMLU-CD: build per k) → base eval → (retrieval mixtures) per edge embed → (Grams: `edgefuse.runner.
-  interference`) grams → per seed: per edge prune; then per round: per edge train → recover → eval alone;
-  per fusion method × LoRA-CR strategy: fuse → (Grams) interference → eval;
-  after the last round (`edgefuse.runner.composition`): lorahub → eval, retrieval mixtures' evals.
+"""The study's stages, each a pure function over files cached by `StageCache` (through `Study.stage`): data, a
+task's data, the base evaluation, prune, train (one round's edges in one dispatch), recover, an edge alone, fuse and
+a fused model's evaluation. Each takes its `StageSpec` (name, and what it is about) from the study's plan
+(`edgefuse.runner.plan`), which `edgefuse.runner.walk` runs in order; the stages before it hand over their outputs.
 Every stage's ``inputs`` dict is its cache key: changing one (a key, a value's form) makes every existing run
 directory redo that stage and all after it, so they stay exactly as they are (tests/test_pipeline_e2e.py,
 ``test_stage_keys_are_those_the_code_before_the_runner_package_wrote``).
@@ -22,23 +20,19 @@ from edgefuse.edge.plan import plan_hash
 from edgefuse.errors import EdgefuseError
 from edgefuse.data.prompts import answered_prompt
 from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
-from edgefuse.runner import names as stage_names
-from edgefuse.runner.names import round_tag
+from edgefuse.runner.plan import StageSpec
 from edgefuse.runner.study import Pending, Study
 from edgefuse.runner.trainers import Trainer, TrainJob
 from edgefuse.tasks.base import EvalContext, Task
 from edgefuse.tasks.mmlu import mmlu_gold
-from edgefuse.tasks.registry import study_tasks
 
 log = logging.getLogger("edgefuse.run")
 
 
-def _edge_names(cfg: StudyConfig) -> list[str]:
-    return list(cfg.edges)
-
-
 # ----------------------------------------------------------------------------------------------- stages
-def stage_data(st: Study) -> None:
+def stage_data(st: Study, spec: StageSpec) -> None:
+    """The data and its splits (``splits.json``); then each task checks its own inputs (`Task.prepare`: a bad file
+    fails here, before any model is evaluated)."""
     from edgefuse.data.choices import load_choice_file, with_files
     from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
 
@@ -54,18 +48,17 @@ def stage_data(st: Study) -> None:
         atomic_write_json(work / "splits.json", splits, indent=None)
         return {k: len(v) for k, v in splits.items()} | {"skipped_rows": st.dataset.skipped}
 
-    st.stage("data", stage_names.DATA, st.data_inputs(), run)
+    st.stage(spec, st.data_inputs(), run)
     m = st.cfg.benchmarks.mmlu
     # from MMLU alone: its splits are per subject, so the files' questions change none of them
     st.mmlu_items = select(mmlu, "test", m.domains, None, m.limit, d.split_seed, st.split_spec)
-
-
-def stage_tasks(st: Study) -> None:
-    """The study's tasks (`edgefuse.tasks.registry.study_tasks`), each preparing its data (MMLU-CD: its instance
-    files, stages ``mmlu-cd-k<k>``) before any model is evaluated."""
-    st.tasks = study_tasks(st.cfg.benchmarks, stage_names.cd_build, st.cfg.data)
     for task in st.tasks:
         task.prepare(st)
+
+
+def stage_task_data(st: Study, spec: StageSpec) -> None:
+    """One of a task's data stages (MMLU-CD: the instance file of one k), as the task planned it."""
+    next(t for t in st.tasks if t.name == spec.task).build_data(st, spec.data)
 
 
 def evaluated_tasks(st: Study, cd: bool = True) -> list[Task]:
@@ -89,11 +82,11 @@ def evaluate_model(st: Study, model, work: Path, advance, label: str, cd: bool =
     return summary
 
 
-def eval_stage(st: Study, name: str, inputs: dict, fn, total: int | None) -> dict:
+def eval_stage(st: Study, spec: StageSpec, inputs: dict, fn, total: int | None) -> dict:
     """One evaluation stage (`Study.stage`, kind eval); its summary's MMLU part always carries the per-item gold
     scores (`edgefuse.evaluate.gold`), taken from the stage's own results file when the cached summary predates
     them, so a finished study gains them without evaluating again."""
-    stage_dir, res = st.stage("eval", name, inputs, fn, total=total)
+    stage_dir, res = st.stage(spec, inputs, fn, total=total)
     mmlu = res.get("mmlu")
     if mmlu is not None and "gold" not in mmlu:
         file = stage_dir / mmlu.get("file", "mmlu.json")
@@ -141,8 +134,8 @@ def eval_inputs(st: Study) -> dict:
             "cd": st.cd_hashes, **precision_inputs(st), **({"tasks": tasks} if tasks else {})}
 
 
-def stage_base_eval(st: Study) -> dict:
-    return eval_stage(st, stage_names.BASE_EVAL, eval_inputs(st),
+def stage_base_eval(st: Study, spec: StageSpec) -> dict:
+    return eval_stage(st, spec, eval_inputs(st),
                       lambda work, adv: evaluate_model(st, st.model, work, adv, "base"), total=_eval_total(st))
 
 
@@ -150,12 +143,13 @@ def train_config(st: Study, seed: int):
     return st.cfg.training.model_copy(update={"seed": seed})
 
 
-def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
+def stage_prune(st: Study, spec: StageSpec) -> tuple[Path, dict, dict]:
     """Prune the base model for one edge; returns (pruned dir, result, stage inputs)."""
     from edgefuse.edge.plan import save_pruned
     from edgefuse.edge.prune import prune_model
     from edgefuse.models import count_parameters
 
+    edge, seed = spec.edge, spec.seed
     cfg, domains, p = st.cfg, st.cfg.edges[edge], st.cfg.pruning_for(edge)
 
     def run_prune(work: Path, advance) -> dict:
@@ -175,29 +169,31 @@ def stage_prune(st: Study, edge: str, seed: int) -> tuple[Path, dict, dict]:
     inputs = {"model": st.base_fingerprint, "pruning": p.model_dump(), "edge": edge, "domains": domains,
               "seed": seed, "training": cfg.training.model_dump(), **precision_inputs(st),
               **({"files": st.file_hashes} if st.file_hashes else {})}  # in every train key too (it holds these)
-    out, res = st.stage("prune", stage_names.prune(edge, seed), inputs, run_prune)
+    out, res = st.stage(spec, inputs, run_prune)
     return out / res["dir"], res, inputs
 
 
-def stage_train_all(st: Study, pruned: dict[str, tuple[Path, dict, dict]], seed: int, trainer: Trainer,
-                    round_no: int = 1, start: Path | None = None) -> dict[str, tuple[Path, dict]]:
-    """Train every edge whose package is not cached, through ``trainer`` (local or Flower); (package, result) by edge.
+def stage_train_all(st: Study, specs: list[StageSpec], pruned: dict[str, tuple[Path, dict, dict]], trainer: Trainer,
+                    start: Path | None = None) -> dict[str, tuple[Path, dict]]:
+    """Train the edges of one round (``specs``, one seed and round) whose package is not cached, through ``trainer``
+    (local or Flower); (package, result) by edge.
 
     ``start`` (rounds after the first) is the fused full-model adapter every edge starts from; each
     job gets it projected to its own pruned shapes in ``work_dir / "init"``. A trainer with ``parallel`` gets
     every pending edge in one call; an edge it could not deliver is left out and recorded in ``missing_edges``.
     """
+    seed, round_no = specs[0].seed, specs[0].round
     tcfg = train_config(st, seed)
     grams = edge_gram_spec(st) if round_no == 1 else None  # the edges' own Gram matrices: first round only
     wanted: dict[str, tuple[str, Pending]] = {}  # stage name → (edge, stage)
-    for edge, (pdir, _, pinputs) in pruned.items():
-        name = stage_names.train(edge, round_tag(seed, round_no))
+    for spec in specs:
+        pdir, _, pinputs = pruned[spec.edge]
         inputs = {"prune": pinputs, "plan": sha256_file(pdir / "plan.json"), "train": tcfg.model_dump()}
         if start is not None:
             inputs |= {"round": round_no, "start": sha256_file(start / "adapter_model.safetensors")}
         if grams is not None:
             inputs |= {"grams": asdict(grams)}
-        wanted[name] = (edge, Pending(name, inputs, tcfg.steps))
+        wanted[spec.name] = (spec.edge, Pending(spec.name, inputs, tcfg.steps))
 
     def train(group: list[Pending]) -> None:
         jobs = []
@@ -256,8 +252,9 @@ def _package_result(st: Study, job: TrainJob) -> dict | None:
     return None
 
 
-def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, package: Path, train_res: dict,
-                       prune_res: dict, round_no: int = 1) -> dict:
+def stage_recover(st: Study, spec: StageSpec, pruned_dir: Path, package: Path, train_res: dict,
+                  prune_res: dict) -> tuple[dict, str]:
+    """One edge's package back to the full model's shapes; (its record for results.json, the adapter's sha256)."""
     from edgefuse.edge.recover import recover
 
     inputs = {"package": sha256_file(package / "adapter_model.safetensors"), "plan": sha256_file(pruned_dir / "plan.json")}
@@ -266,98 +263,59 @@ def stage_recover_eval(st: Study, edge: str, seed: int, pruned_dir: Path, packag
         recover(package, pruned_dir / "plan.json", work / "adapter")
         return {"dir": "adapter", "sha256": sha256_file(work / "adapter" / "adapter_model.safetensors")}
 
-    tag = round_tag(seed, round_no)
-    rec_dir, rec_res = st.stage("recover", stage_names.recover(edge, tag), inputs, run_recover)
-    adapter = rec_dir / rec_res["dir"]
-    out = {"edge": edge, "seed": seed, "round": round_no, "domains": st.cfg.edges[edge], "adapter": str(adapter),
-           "prune": prune_res, "train": train_res["stats"]}
+    rec_dir, rec_res = st.stage(spec, inputs, run_recover)
+    edge = spec.edge
+    out = {"edge": edge, "seed": spec.seed, "round": spec.round, "domains": st.cfg.edges[edge],
+           "adapter": str(rec_dir / rec_res["dir"]), "prune": prune_res, "train": train_res["stats"]}
     if train_res.get("grams"):  # the edge's own Gram matrices, beside its package (interference.source: edges)
         out["grams"] = str(package.parent / train_res["grams"])
-    if st.cfg.benchmarks.edges_alone:
-        cd = st.cfg.benchmarks.edges_alone_cd
-        key = {"eval": eval_inputs(st), "adapter": rec_res["sha256"], **({"cd": True} if cd else {})}
-        out["eval"] = eval_stage(st, stage_names.eval_edge(edge, tag), key,
-                                 lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(
-                                     st, m, work, adv, edge, cd=cd)),
-                                 total=_eval_total(st, cd))
-    return out
+    return out, rec_res["sha256"]
 
 
-def stage_edges(st: Study, seed: int, trainer: Trainer, pruned: dict[str, tuple[Path, dict, dict]],
-                round_no: int = 1, start: Path | None = None) -> list[dict]:
-    """train all (one dispatch, so federated edges train in parallel) → recover and evaluate each."""
-    packages = stage_train_all(st, pruned, seed, trainer, round_no, start)
-    return [stage_recover_eval(st, e, seed, pruned[e][0], packages[e][0], packages[e][1], pruned[e][1], round_no)
-            for e in _edge_names(st.cfg) if e in packages]
+def stage_eval_edge(st: Study, spec: StageSpec, edge: dict, sha256: str) -> dict:
+    """One recovered edge adapter alone on the study's tasks (cross-domain ones with ``edges_alone_cd``)."""
+    cd = st.cfg.benchmarks.edges_alone_cd
+    key = {"eval": eval_inputs(st), "adapter": sha256, **({"cd": True} if cd else {})}
+    adapter = Path(edge["adapter"])
+    return eval_stage(st, spec, key, lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(
+        st, m, work, adv, spec.edge, cd=cd)), total=_eval_total(st, cd))
 
 
-def stage_fusions(st: Study, edges: list[dict], seed: int, round_no: int = 1) -> list[dict]:
+def fusion_weights(st: Study, edges: list[dict]) -> list[float] | None:
+    """The configured fusion weights of the delivered edges (a missing edge's weight is left out)."""
+    f, names = st.cfg.fusion, list(st.cfg.edges)
+    return [f.weights[names.index(e["edge"])] for e in edges] if f.weights else None
+
+
+def stage_fuse(st: Study, spec: StageSpec, edges: list[dict]) -> tuple[Path, dict]:
+    """One fused model (``spec.method`` with ``spec.cr``) of the round's delivered edges; (its adapter directory,
+    the stage's result)."""
     from edgefuse.fusion import fuse_dirs
     from edgefuse.fusion.registry import get_method
 
-    f = st.cfg.fusion
-    names = _edge_names(st.cfg)
-    weights = [f.weights[names.index(e["edge"])] for e in edges] if f.weights else None  # without missing edges
-    results = []
-    for method, setting, name in f.fusions():
-        cr = setting.name
-        spec = get_method(method)  # the shared rank/density apply to the methods that take them
-        inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
-                  "cr": cr if setting.is_plain else setting.model_dump(exclude={"methods"}), "rank": f.rank, "density": f.density,
-                  "weights": weights, "params": f.params.get(method, {}), "seed": seed}
-        grams = spec.needs_grams or setting.needs_grams
-        if grams:  # RegMean, LoRA-CR activation: the Gram matrices are an input (other keys stay as they were)
-            inputs["grams"] = st.grams_hash
+    f, method, setting, seed = st.cfg.fusion, spec.method, spec.cr, spec.seed
+    weights = fusion_weights(st, edges)
+    method_spec = get_method(method)  # the shared rank/density apply to the methods that take them
+    inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
+              "cr": setting.name if setting.is_plain else setting.model_dump(exclude={"methods"}), "rank": f.rank,
+              "density": f.density, "weights": weights, "params": f.params.get(method, {}), "seed": seed}
+    grams = method_spec.needs_grams or setting.needs_grams
+    if grams:  # RegMean, LoRA-CR activation: the Gram matrices are an input (other keys stay as they were)
+        inputs["grams"] = st.grams_hash
 
-        def run_fuse(work: Path, advance, method=method, setting=setting, spec=spec, grams=grams) -> dict:
-            density, params = f.fuse_args(method, setting)  # as the config checked them when it loaded
-            stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", method=method,
-                              cr=None if setting.is_off else setting.strategy, cr_threshold=setting.threshold,
-                              weights=weights, rank=None if spec.exact_rank else f.rank, density=density,
-                              seed=seed, force=True, progress=advance,
-                              activations=st.grams_dir if grams else None, **params)
-            return {"dir": "fused", "stats": jsonable(stats)}
+    request = f.request(method, setting, seed, weights)  # as the config checked it when it loaded
 
-        tag = round_tag(seed, round_no)
-        fdir, fres = st.stage("fuse", stage_names.fuse(name, tag), inputs, run_fuse)
-        adapter = fdir / fres["dir"]
-        if st.grams_dir is not None:
-            from edgefuse.runner.interference import stage_interference
+    def run_fuse(work: Path, advance) -> dict:
+        stats = fuse_dirs([Path(e["adapter"]) for e in edges], work / "fused", request, force=True, progress=advance,
+                          activations=st.grams_dir if grams else None)
+        return {"dir": "fused", "stats": jsonable(stats)}
 
-            st.interference.append(stage_interference(st, edges, adapter, name, seed, round_no))
-        res = eval_stage(st, stage_names.evaluation(name, tag),
-                         {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
-                         lambda work, adv, adapter=adapter, name=name: _with_adapter(
-                             st, adapter, lambda m: evaluate_model(st, m, work, adv, name)),
-                         total=_eval_total(st))
-        results.append({"name": name, "method": method, "cr": cr, "seed": seed, "round": round_no,
-                        "adapter": str(adapter),
-                        "fusion": fres["stats"], "eval": res})
-    return results
+    fdir, fres = st.stage(spec, inputs, run_fuse)
+    return fdir / fres["dir"], fres
 
 
-def run_seed(st: Study, seed: int, trainer: Trainer) -> dict:
-    """Prune each edge once, then ``rounds.count`` rounds of train → recover → fuse → evaluate.
-
-    From the second round on, every edge starts from the fused model named by `StudyConfig.sent_back`
-    (in its own pruned shapes); the seed's ``edges``/``fused`` are the last round's, ``rounds`` all of them.
-    """
-    pruned = {e: stage_prune(st, e, seed) for e in _edge_names(st.cfg)}
-    rounds, start = [], None
-    for round_no in range(1, st.cfg.rounds.count + 1):
-        edges = stage_edges(st, seed, trainer, pruned, round_no, start)
-        if not edges:
-            raise EdgefuseError(f"round {round_no} (seed {seed}): no edge delivered an adapter")
-        if round_no == 1 and edge_gram_spec(st) is not None:  # the Gram directory the fusions use, from the edges
-            from edgefuse.runner.interference import stage_edge_grams
-
-            stage_edge_grams(st, edges, seed)
-        fused = stage_fusions(st, edges, seed, round_no)
-        sent = st.cfg.sent_back()
-        rounds.append({"round": round_no, "edges": edges, "fused": fused,
-                       "sent_back": sent if round_no < st.cfg.rounds.count else None})
-        start = next(Path(f["adapter"]) for f in fused if f["name"] == sent)
-    return {"seed": seed, "edges": rounds[-1]["edges"], "fused": rounds[-1]["fused"], "rounds": rounds,
-            "missing_edges": [m for m in st.missing_edges if m["seed"] == seed]}
-
-
+def stage_eval_adapter(st: Study, spec: StageSpec, adapter: Path) -> dict:
+    """A fused or composed model (the base model with ``adapter``) on every task of the study."""
+    return eval_stage(st, spec, {"eval": eval_inputs(st), "fused": sha256_file(adapter / "adapter_model.safetensors")},
+                      lambda work, adv: _with_adapter(st, adapter, lambda m: evaluate_model(st, m, work, adv, spec.model)),
+                      total=_eval_total(st))

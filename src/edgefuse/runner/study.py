@@ -95,15 +95,16 @@ class Study:
                     self.progress.stage_done(p.name, "finished" if p.name in out else "left out")
         return out
 
-    def stage(self, kind: str, name: str, inputs: Any, fn: Callable[[Path, Callable], dict],
+    def stage(self, spec, inputs: Any, fn: Callable[[Path, Callable], dict],
               total: int | None = None) -> tuple[Path, dict]:
-        """One stage: ``fn(work_dir, advance) -> result`` unless the cache has it."""
+        """One stage of the plan (``spec``: its ``kind`` and ``name``, a `edgefuse.runner.plan.StageSpec` or a task's
+        `PlannedData`): ``fn(work_dir, advance) -> result`` unless the cache has it."""
 
         def run(group: list[Pending]) -> None:
             [p] = group
             p.result = fn(p.work, p.advance)
 
-        return self.stages(kind, [Pending(name, inputs, total)], run)[name]
+        return self.stages(spec.kind, [Pending(spec.name, inputs, total)], run)[spec.name]
 
     def data_inputs(self) -> dict:
         """The data settings as stage inputs; with ``data.choices`` files, their sha256 too (an edited file is new

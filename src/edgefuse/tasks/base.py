@@ -38,10 +38,13 @@ class EvalContext:
 
 @dataclass(frozen=True)
 class PlannedData:
-    """A data stage a task runs before any evaluation, as the estimator plans it."""
+    """A data stage a task runs before any evaluation (`Task.build_data`), as the study's plan lists it: its stage
+    name, its estimated seconds, and what the task needs to know which one it is (MMLU-CD: its k)."""
 
     name: str
     seconds: float
+    key: Any = None
+    kind = "data"  # its cache kind (not a field: the same for every task's data stage)
 
 
 class Task(ABC):
@@ -56,11 +59,16 @@ class Task(ABC):
     mixture: bool = False  # scored under the study's retrieval mixtures too (`evaluate_mixture`)
 
     def prepare(self, st) -> None:
-        """Build or load the task's data (its own stages, through ``st.stage``) before any model is evaluated."""
+        """Check the task's own inputs once the study's data is loaded (a bad file fails here, before any model is
+        evaluated)."""
 
     def data_plan(self) -> list[PlannedData]:
-        """The data stages `prepare` runs, for the estimator's plan (same names, same order)."""
+        """The task's data stages, in the order the study runs them (`build_data`); none by default."""
         return []
+
+    def build_data(self, st, data: PlannedData) -> None:
+        """Build or load one of the data stages `data_plan` lists (through ``st.stage``, named ``data.name``)."""
+        raise NotImplementedError(f"task {self.name!r} plans no data stage")
 
     def key_inputs(self, st) -> Any:
         """What every evaluation's cache key must add for this task beyond the config (e.g. its data file's hash),

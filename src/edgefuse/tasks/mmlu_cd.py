@@ -62,21 +62,22 @@ class MMLUCDTask(Task):
         return [cd_key(k) for k in self.settings.ks]
 
     def data_plan(self) -> list[PlannedData]:
-        return [PlannedData(self.stage_name(k), BUILD_SECONDS) for k in self.settings.ks]
+        return [PlannedData(self.stage_name(k), BUILD_SECONDS, k) for k in self.settings.ks]
 
-    def prepare(self, st) -> None:
-        cd, data = self.settings, st.cfg.data
-        for k in cd.ks:
-            def run(work: Path, advance, k=k) -> dict:
-                doc = build_instances(st.dataset, k=k, n=cd.n, seed=data.split_seed, domains=cd.domains,
-                                      split="test", split_spec=st.split_spec)
-                return {"hash": write_benchmark(doc, work / f"{cd_key(k)}.jsonl"), "file": f"{cd_key(k)}.jsonl"}
+    def build_data(self, st, data: PlannedData) -> None:
+        """The instance file of one k (``data.key``)."""
+        cd, k = self.settings, data.key
 
-            # MMLU's data settings only: the instances hold no question of a data.choices file
-            inputs = {"data": data.model_dump(exclude={"choices"}), "cd": cd.model_dump(), "k": k}
-            out, res = st.stage("data", self.stage_name(k), inputs, run)
-            st.cd_docs[k] = load_benchmark(out / res["file"])
-            st.cd_hashes[k] = res["hash"]
+        def run(work: Path, advance) -> dict:
+            doc = build_instances(st.dataset, k=k, n=cd.n, seed=st.cfg.data.split_seed, domains=cd.domains,
+                                  split="test", split_spec=st.split_spec)
+            return {"hash": write_benchmark(doc, work / f"{cd_key(k)}.jsonl"), "file": f"{cd_key(k)}.jsonl"}
+
+        # MMLU's data settings only: the instances hold no question of a data.choices file
+        inputs = {"data": st.cfg.data.model_dump(exclude={"choices"}), "cd": cd.model_dump(), "k": k}
+        out, res = st.stage(data, inputs, run)
+        st.cd_docs[k] = load_benchmark(out / res["file"])
+        st.cd_hashes[k] = res["hash"]
 
     def units(self, st) -> int:
         return sum(len(d["instances"]) for d in st.cd_docs.values())
