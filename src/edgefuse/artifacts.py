@@ -22,6 +22,7 @@ from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from edgefuse.errors import EdgefuseError
+from edgefuse.io import atomic_write_json, read_json
 
 FORMAT_VERSION = 1
 
@@ -70,8 +71,6 @@ class Artifact(BaseModel):
 
     @classmethod
     def read(cls, path: str | Path) -> "Artifact":
-        from edgefuse.io import read_json
-
         return cls.parse(read_json(path), path)
 
     def dump(self) -> dict[str, Any]:
@@ -79,8 +78,6 @@ class Artifact(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
     def write(self, path: str | Path, indent: int | None = 2) -> None:
-        from edgefuse.io import atomic_write_json
-
         atomic_write_json(path, self.dump(), indent=indent)
 
 
@@ -253,8 +250,6 @@ def parse_manifest(raw: Any, path: object) -> Manifest:
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    from edgefuse.io import read_json
-
     return parse_manifest(read_json(path), path)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, ModelShapes, load_adapter
+from edgefuse.assets import EMBEDDED_MODELS, embedded_gguf
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.api import merge_into_model
 from edgefuse.io import publish, sha256_file
@@ -142,8 +143,6 @@ def export(adapter_dir: str | Path, out: str | Path, model: str | None = None, f
 
 def source_gguf(spec: str) -> Path | None:
     """The GGUF file a model spec was loaded from, if any: its tokenizer metadata is copied as is."""
-    from edgefuse.assets import EMBEDDED_MODELS, embedded_gguf
-
     if spec in EMBEDDED_MODELS:
         return embedded_gguf(spec)
     if spec.endswith(".gguf") and Path(spec).is_file():

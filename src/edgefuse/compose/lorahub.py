@@ -33,15 +33,24 @@ from typing import Any
 
 import torch
 
-from edgefuse.adapters import LoraAdapter, save_adapter
+from edgefuse.adapters import CONFIG_FILE, LoraAdapter, ModelShapes, WEIGHTS_FILE, load_adapter, save_adapter
 from edgefuse.artifacts import FusedAdapterManifest
 from edgefuse.compose.schema import LORAHUB_BOUND as DEFAULT_BOUND
 from edgefuse.compose.schema import LORAHUB_BUDGET as DEFAULT_BUDGET
 from edgefuse.compose.schema import LORAHUB_EXAMPLES, LORAHUB_METHOD
 from edgefuse.compose.schema import LORAHUB_L1 as DEFAULT_L1
 from edgefuse.compose.schema import LORAHUB_OBJECTIVES as OBJECTIVES
+from edgefuse.data.mmlu import load_mmlu, select
+from edgefuse.data.prompts import answer_text
+from edgefuse.data.taxonomy import domain_subjects
+from edgefuse.edge.batching import encode_cloze_items, encode_items
+from edgefuse.edge.train import answer_mask, cloze_loss, letter_loss
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import jsonable
+from edgefuse.evaluate.scoring import continuation_token_ids, lm_parts, make_batch
+from edgefuse.fusion.api import fuse_adapters, merge_into_model
+from edgefuse.fusion.registry import get_method
+from edgefuse.io import jsonable, sha256_file
+from edgefuse.models import load_model
 
 
 @dataclass
@@ -84,10 +93,6 @@ class ExampleLoss:
 
     def __init__(self, tokenizer, items: Sequence, objective: str = "letters", seq: int = 512,
                  batch_size: int = 8, device="cpu"):
-        from edgefuse.data.prompts import answer_text
-        from edgefuse.edge.batching import encode_cloze_items, encode_items
-        from edgefuse.evaluate.scoring import continuation_token_ids
-
         if objective not in OBJECTIVES:
             raise EdgefuseError(f"unknown LoraHub objective {objective!r}; use one of: {', '.join(OBJECTIVES)}")
         if not items:
@@ -106,9 +111,6 @@ class ExampleLoss:
             self.seqs, self.n_answer = encode_cloze_items(tokenizer, items, seq)
 
     def __call__(self, model) -> float:
-        from edgefuse.edge.train import answer_mask, cloze_loss, letter_loss
-        from edgefuse.evaluate.scoring import lm_parts, make_batch
-
         body, head, softcap = lm_parts(model)
         total, n = 0.0, len(self.seqs)
         with torch.no_grad():
@@ -130,8 +132,6 @@ class MergedModel:
         self.model, self.adapter, self.saved = model, adapter, {}
 
     def __enter__(self):
-        from edgefuse.fusion.api import merge_into_model
-
         for name in self.adapter.modules:
             try:
                 W = self.model.get_submodule(name).weight
@@ -160,8 +160,6 @@ def lorahub_objective(model, adapters: Sequence[LoraAdapter], weights: Sequence[
                       method: str = LORAHUB_METHOD, l1: float = DEFAULT_L1, seed: int = 0,
                       fusion_params: dict | None = None) -> tuple[float, float, LoraAdapter]:
     """(objective, example loss, fused adapter) at ``weights``: fuse, merge into ``model``, score, restore."""
-    from edgefuse.fusion.api import fuse_adapters
-
     fused, _ = fuse_adapters(list(adapters), method, [float(w) for w in weights], seed=seed,
                              **(fusion_params or {}))
     with MergedModel(model, fused) as merged:
@@ -189,7 +187,6 @@ def lorahub(model, tokenizer, adapters: Sequence[LoraAdapter], items: Sequence, 
         raise EdgefuseError(f"LoraHub weight bound must be > 0, got {bound!r}")
     if not (isinstance(l1, (int, float)) and l1 >= 0):
         raise EdgefuseError(f"LoraHub L1 coefficient must be >= 0, got {l1!r}")
-    from edgefuse.fusion.registry import get_method
 
     get_method(method)
     k = len(adapters)
@@ -267,13 +264,6 @@ def lorahub_dirs(adapter_dirs: Sequence[str | Path], out: str | Path, domains: S
     """Load the adapters and the base model, learn LoraHub weights on ``examples`` items of the MMLU
     ``public`` split of ``domains``, write the adapter (`save_lorahub`). Every check runs before the
     model loads; nothing is written unless the search succeeds."""
-    from edgefuse.adapters import CONFIG_FILE, WEIGHTS_FILE, ModelShapes, load_adapter
-    from edgefuse.data.mmlu import load_mmlu, select
-    from edgefuse.data.taxonomy import domain_subjects
-    from edgefuse.fusion.registry import get_method
-    from edgefuse.io import sha256_file
-    from edgefuse.models import load_model
-
     out = Path(out)
     if not adapter_dirs:
         raise EdgefuseError("LoraHub needs at least one adapter (--adapters DIR DIR ...)")

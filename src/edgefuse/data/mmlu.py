@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Iterable
 
 from edgefuse.assets import mmlu_jsonl
-from edgefuse.data.taxonomy import SUBJECT_TO_SUBCATEGORY, category_of, domain_subjects, normalise_subject
+from edgefuse.data.taxonomy import (SUBJECT_TO_SUBCATEGORY, category_of, check_subject, domain_subjects,
+    normalise_subject)
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import jsonl_rows
 
@@ -218,8 +219,6 @@ def select(
     split_spec: SplitSpec | None = None,
 ) -> list[MMLUItem]:
     """Items of one split, filtered by domains/subjects, optionally a seeded stratified subsample of ``limit``."""
-    from edgefuse.data.taxonomy import check_subject
-
     items = dataset.items
     if split is not None:
         if split not in SPLITS and split != "all":

@@ -42,9 +42,11 @@ from edgefuse.edge.memory import PeakMemory, TensorPeak, storage_bytes
 from edgefuse.edge.plan import load_pruned, plan_hash, read_model_meta
 from edgefuse.edge.schema import CHECKPOINT_STATE, TrainConfig
 from edgefuse.errors import EdgefuseError
+from edgefuse.fusion.lowrank import factored_svd, from_svd
 from edgefuse.io import atomic_dir, atomic_write_json, hash_obj, load_safetensors, read_json, sha256_file
 from edgefuse.models import continuation_token_ids, fingerprint, lm_parts, make_batch
 from edgefuse.precision import resolve
+from edgefuse.ui import progress_bar
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -188,8 +190,6 @@ def start_from(peft_model, init: LoraAdapter, scale: float) -> dict[str, Any]:
     the remaining A rows keep PEFT's random init, so those directions can still learn. Modules init
     lacks keep the usual start (B = 0). Returns how much of init's update the rank limit dropped.
     """
-    from edgefuse.fusion.lowrank import factored_svd, from_svd
-
     lora = {name.removeprefix("base_model.model."): m for name, m in peft_model.named_modules()
             if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
     unknown = sorted(set(init.modules) - set(lora))
@@ -287,8 +287,6 @@ def train_edge(pruned_dir: Path, domain: str, items: list[MMLUItem], config: Tra
         probe = heaviest_step(sched, range(start, end), config.grad_accum, [[len(x) for x in e] for e in encodings])
         bar = None
         if progress is None:
-            from edgefuse.ui import progress_bar
-
             bar = progress_bar(f"train {domain}", config.steps)
             progress = bar.__enter__()
             progress(start)

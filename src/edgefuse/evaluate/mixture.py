@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from edgefuse.compose.mixture import LoraMixture
+from edgefuse.data.prompts import cloze_continuation
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.cloze import ClozeScorer, PackedRows
-from edgefuse.evaluate.mmlu_cd import common_prefix
-from edgefuse.evaluate.scoring import head_logprobs, lm_parts, make_batch, unwrap
+from edgefuse.evaluate.cloze import ClozeScorer, PackedRows, choose, encode_choices
+from edgefuse.evaluate.mmlu_cd import CONTINUATIONS, cd_segments, common_prefix
+from edgefuse.evaluate.scoring import continuation_token_ids, head_logprobs, lm_parts, make_batch, unwrap
 from edgefuse.tokens import bos_prefix
 
 def token_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -142,11 +143,6 @@ def score_cd(scorer: MixtureScorer, instances: Sequence[Sequence], segments: tor
     """(n, k, 4) MMLU-CD scores under per-segment mixtures: ``segments`` (n, k, pool) and ``header``
     (n, pool). Answer j is conditioned on the model's own (metric's) choices at 1..j-1, as in
     `edgefuse.evaluate.mmlu_cd`; instance routing is the case where every segment has one mixture."""
-    from edgefuse.data.prompts import cloze_continuation
-    from edgefuse.evaluate.cloze import choose, encode_choices
-    from edgefuse.evaluate.mmlu_cd import CONTINUATIONS, cd_segments
-    from edgefuse.evaluate.scoring import continuation_token_ids
-
     if not instances:
         return torch.empty((0, 0, 4))
     k = len(instances[0])

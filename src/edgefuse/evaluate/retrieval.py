@@ -18,10 +18,17 @@ import torch
 from edgefuse.compose.embedding import embed_texts, example_text
 from edgefuse.compose.mixture import LoraMixture
 from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings, retrieve, similarities
+from edgefuse.data.mmlu_cd import content_hash
+from edgefuse.data.prompts import cloze_continuation, cloze_prompt
 from edgefuse.data.taxonomy import domain_subjects
 from edgefuse.errors import EdgefuseError
+from edgefuse.evaluate.cloze import check_format, choose
 from edgefuse.evaluate.mixture import MixtureScorer, score_cd
+from edgefuse.evaluate.mmlu import build_prompts, results_document
+from edgefuse.evaluate.mmlu_cd import RESULTS_VERSION, cd_metrics, instance_record, resolve
+from edgefuse.evaluate.scoring import continuation_token_ids
 from edgefuse.evaluate.stats import bootstrap_ci
+from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
 
 
 def own_adapters(subject: str, pool: AdapterPool) -> list[int]:
@@ -72,12 +79,6 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
                             progress: Callable[[int], None] | None = None, meta: dict | None = None) -> dict:
     """MMLU results document of the retrieval mixture: each question retrieves its own top-k adapters
     (the question and its choices are the query; few-shot examples are not)."""
-    from edgefuse.data.prompts import cloze_continuation, cloze_prompt
-    from edgefuse.evaluate.cloze import check_format
-    from edgefuse.evaluate.mmlu import build_prompts, results_document
-    from edgefuse.evaluate.scoring import continuation_token_ids
-    from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
-
     check_format(fmt)
     settings.check(len(pool))
     if fmt == "cloze" and shots:
@@ -134,10 +135,6 @@ def evaluate_mmlu_cd_retrieval(model, tokenizer, doc: dict, dataset, pool: Adapt
                                progress: Callable[[int], None] | None = None, meta: dict | None = None) -> dict:
     """MMLU-CD results document of the retrieval mixture, routed per instance or per question segment
     (``settings.routing``); the same items asked alone are routed per item (`evaluate_mmlu_retrieval`)."""
-    from edgefuse.data.mmlu_cd import content_hash
-    from edgefuse.evaluate.cloze import check_format, choose
-    from edgefuse.evaluate.mmlu_cd import RESULTS_VERSION, cd_metrics, instance_record, resolve
-
     check_format(fmt, metric)
     settings.check(len(pool))
     instances = resolve(doc, dataset)

@@ -24,6 +24,17 @@ from pathlib import Path
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from edgefuse.edge.plan import full_shape
+from edgefuse.federated.edge import run_job
+from edgefuse.federated.records import (
+    content_to_job,
+    content_to_masks,
+    content_to_start,
+    identity_content,
+    package_to_content,
+)
+from edgefuse.interference.spec import EDGE_GRAMS_DIR
+
 log = logging.getLogger("edgefuse.federated")
 
 # Error code in replies from a failed edge job (Flower reserves small codes for its own errors).
@@ -31,18 +42,11 @@ EDGE_JOB_FAILED = 1001
 
 
 def handle_identify(msg: Message, context: Context) -> Message:
-    from edgefuse.federated.records import identity_content
-
     return Message(identity_content(dict(context.node_config)), reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
     import tempfile
-
-    from edgefuse.federated.edge import run_job
-    from edgefuse.edge.plan import full_shape
-    from edgefuse.federated.records import content_to_job, content_to_masks, content_to_start, package_to_content
-    from edgefuse.interference.spec import EDGE_GRAMS_DIR
 
     try:
         job = content_to_job(msg.content)

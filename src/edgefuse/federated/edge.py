@@ -18,7 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgefuse.compose.embedding import edge_embedding, write_embedding
+from edgefuse.compose.schema import EmbeddingSettings
+from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
+from edgefuse.edge.plan import PruneResult, apply_masks, apply_plan, is_masked, save_pruned, validate_plan
+from edgefuse.edge.train import TrainConfig, train_edge
 from edgefuse.errors import EdgefuseError
+from edgefuse.interference.collect import write_edge_grams
+from edgefuse.interference.spec import EDGE_GRAMS_DIR, GramSpec
+from edgefuse.models import fingerprint, load_model
 
 
 def parse_domains(value: Any) -> list[str] | None:
@@ -35,9 +43,6 @@ def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Pa
     """Base model (node's ``model`` or the job's spec) + plan (+ masks for unstructured/2:4) → pruned
     directory, checked by fingerprint against the cloud's pruned model. ``with_base(model, tokenizer)`` runs on the
     checked base model before it is pruned (the edge's own Gram matrices)."""
-    from edgefuse.edge.plan import PruneResult, apply_masks, apply_plan, is_masked, save_pruned, validate_plan
-    from edgefuse.models import fingerprint, load_model
-
     plan = validate_plan(job["plan"], "plan received from the cloud")
     if is_masked(plan) and not masks:
         raise EdgefuseError(f"a {plan['structure']} plan needs the weight masks, and the job carries none")
@@ -58,8 +63,6 @@ def rebuild_pruned(job: dict[str, Any], node_config: dict[str, Any], out_dir: Pa
 
 def local_items(job: dict[str, Any], domains: list[str], node_config: dict[str, Any]):
     """This edge's private training items: its own data, the job's split settings, its domains."""
-    from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
-
     source = node_config.get("data") or "embedded"
     ds = load_mmlu(None if source == "embedded" else source)
     s = job["split"]
@@ -71,9 +74,6 @@ def local_items(job: dict[str, Any], domains: list[str], node_config: dict[str, 
 def embed_package(package: Path, items, settings: dict[str, Any], domains: list[str]) -> dict[str, Any]:
     """This edge's retrieval vector, from its own training items, written into its package's manifest (which
     the upload carries whole; the file hashes do not cover the manifest, so the package stays valid)."""
-    from edgefuse.compose.embedding import edge_embedding, write_embedding
-    from edgefuse.compose.schema import EmbeddingSettings
-
     s = EmbeddingSettings.model_validate(settings)  # the study's settings; anything left out takes the defaults
     record = edge_embedding(items, s.examples, s.seed, source=f"the edge's own training examples ({', '.join(domains)})")
     write_embedding(package, record)
@@ -86,10 +86,6 @@ def run_job(job: dict[str, Any], node_config: dict[str, Any], work_dir: Path | N
     """Train the job's edge adapter (from ``start_dir`` in later rounds); returns (package dir, temp dir to
     clean up after uploading). When the job asks (``"grams"``), the edge's Gram matrices are written beside the
     package (`edgefuse.interference.spec.EDGE_GRAMS_DIR`)."""
-    from edgefuse.edge.train import TrainConfig, train_edge
-    from edgefuse.interference.collect import write_edge_grams
-    from edgefuse.interference.spec import EDGE_GRAMS_DIR, GramSpec
-
     domains = parse_domains(node_config.get("domains")) or list(job["domains"])
     if sorted(domains) != sorted(job["domains"]):
         raise EdgefuseError(f"edge {job['edge']!r} holds domains {domains}, the study expects {job['domains']}")

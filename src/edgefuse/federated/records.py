@@ -28,9 +28,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, verify_hashes
 from edgefuse.errors import EdgefuseError
-from edgefuse.io import publish, writing
+from edgefuse.interference.grams import GramSet, check_upload, save_grams
+from edgefuse.io import load_safetensors, publish, writing
 
 JOB_RECORD = "job"
 ADAPTER_RECORD = "adapter"
@@ -87,8 +88,6 @@ def content_to_masks(content, shapes: dict[str, tuple[int, int]]) -> dict | None
 
 def content_to_start(content, directory: Path) -> Path | None:
     """Write the job's start adapter (if any) into ``directory`` and check its hashes; returns it or None."""
-    from edgefuse.adapters import verify_hashes
-
     if START_RECORD not in content.array_records:
         return None
     if START_FILES_RECORD not in content.config_records:
@@ -114,8 +113,6 @@ def content_to_job(content) -> dict[str, Any]:
 def _dir_records(adapter_dir: Path):
     """An adapter directory as (tensors, JSON texts of its PEFT config and manifest)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
-
-    from edgefuse.io import load_safetensors
 
     adapter_dir = Path(adapter_dir)
     tensors = load_safetensors(adapter_dir / WEIGHTS_FILE)
@@ -143,9 +140,6 @@ def _grams_records(grams_dir: Path):
     """A one-domain Gram directory as (tensors, its module layout and token/prompt counts)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    from edgefuse.interference.grams import GramSet
-    from edgefuse.io import load_safetensors
-
     gs = GramSet(grams_dir)
     if len(gs.domains) != 1:
         raise EdgefuseError(f"an edge sends one domain's Gram matrices, this directory has {len(gs.domains)}",
@@ -164,8 +158,6 @@ def content_to_grams(content, directory: Path, layout, fields: dict[str, Any], d
     one `EdgefuseError` naming ``what`` on a missing, malformed, wrongly shaped, non-finite or non-PSD matrix."""
     import numpy as np
     import torch
-
-    from edgefuse.interference.grams import check_upload, save_grams
 
     if GRAMS_RECORD not in content.array_records or GRAMS_META_RECORD not in content.config_records:
         raise EdgefuseError("reply lacks the Gram matrices the job asked for", path=what)

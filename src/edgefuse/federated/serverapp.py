@@ -20,6 +20,11 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from edgefuse.config import load_config
+from edgefuse.errors import EdgefuseError
+from edgefuse.federated.trainer import FlowerTrainer
+from edgefuse.runner import run_study
+
 log = logging.getLogger("edgefuse.run")
 
 # The run config's defaults. flwr reads them from ``[tool.flwr.app.config]`` in pyproject.toml, which must hold these
@@ -30,15 +35,9 @@ DEFAULTS: dict[str, Any] = {"config": "configs/federated-tiny.yaml", "run-dir": 
 
 def run_federated_study(grid: Grid, settings: dict[str, Any]) -> dict:
     """Load the config named in ``settings`` and run the study with Flower edges; returns the results doc."""
-    from edgefuse.config import load_config
-    from edgefuse.federated.trainer import FlowerTrainer
-    from edgefuse.runner import run_study
-
     s = {**DEFAULTS, **settings}
     cfg = load_config(Path(str(s["config"])).expanduser())
     if int(s["min-edges"]) > len(cfg.edges):
-        from edgefuse.errors import EdgefuseError
-
         raise EdgefuseError(f"min-edges {s['min-edges']} exceeds the {len(cfg.edges)} edges of the study")
     trainer = FlowerTrainer(grid, min_edges=int(s["min-edges"]), timeout=float(s["timeout"]) or None,
                             wait_nodes=float(s["wait-nodes"]))

@@ -17,8 +17,18 @@ import time
 from typing import Any
 
 from edgefuse.data.taxonomy import is_domain
-from edgefuse.errors import EdgefuseError
-from edgefuse.edge.plan import read_model_meta, read_plan
+from edgefuse.errors import EdgefuseError, WriteError
+from edgefuse.edge.plan import is_masked, load_pruned, read_model_meta, read_plan, weight_masks
+from edgefuse.federated.records import (
+    IDENTITY_RECORD,
+    MSG_IDENTIFY,
+    MSG_TRAIN,
+    content_to_files,
+    content_to_grams,
+    job_to_content,
+)
+from edgefuse.federated.verify import verify_package
+from edgefuse.interference.collect import gram_layout, manifest_fields
 from edgefuse.io import sha256_file
 
 log = logging.getLogger("edgefuse.run")
@@ -42,8 +52,6 @@ class FlowerTrainer:
     def discover(self, edges: list[str]) -> dict[str, int]:
         """Which SuperNode is which edge: ask every connected node for its node-config identity."""
         from flwr.app import Message, RecordDict
-
-        from edgefuse.federated.records import IDENTITY_RECORD, MSG_IDENTIFY
 
         deadline = time.monotonic() + self.wait_nodes
         node_ids: list[int] = []
@@ -128,8 +136,6 @@ class FlowerTrainer:
     @staticmethod
     def masks(job) -> dict | None:
         """Weight masks of an unstructured / 2:4 pruned model (its plan cannot list them); None otherwise."""
-        from edgefuse.edge.plan import is_masked, load_pruned, weight_masks
-
         plan = read_plan(job.pruned_dir)
         if not is_masked(plan):
             return None
@@ -138,8 +144,6 @@ class FlowerTrainer:
 
     def train(self, st, jobs: list) -> None:
         from flwr.app import Message
-
-        from edgefuse.federated.records import MSG_TRAIN, job_to_content
 
         edges = list(st.cfg.edges)
         if not self.node_of or any(j.edge not in self.node_of for j in jobs):
@@ -186,9 +190,6 @@ class FlowerTrainer:
         """Write one edge's reply into its package directory if it passes every check, else mark it rejected.
 
         A refused write (the cloud's own full disk) is no fault of the edge: it stops the study."""
-        from edgefuse.errors import WriteError
-        from edgefuse.federated.records import content_to_files
-
         upload, grams = job.work_dir / ".upload", job.work_dir / ".upload-grams"
         for d in (upload, grams):
             shutil.rmtree(d, ignore_errors=True)
@@ -211,17 +212,12 @@ class FlowerTrainer:
     def receive_grams(self, st, job, content, directory) -> None:
         """The edge's own Gram matrices (``interference.source: edges``), checked against the base model's module
         layout (one one-token forward, once per study) and written to ``directory``; raises on a bad upload."""
-        from edgefuse.federated.records import content_to_grams
-        from edgefuse.interference.collect import gram_layout, manifest_fields
-
         if self._layout is None:
             self._layout = gram_layout(st.model)
         fields = manifest_fields(st.cfg.model, st.base_fingerprint, "edge", st.cfg.data.split_seed, job.grams.per_prompt)
         content_to_grams(content, directory, self._layout, fields, job.edge, "Gram matrices")
 
     def accept(self, st, job, upload) -> None:
-        from edgefuse.federated.verify import verify_package
-
         meta = read_model_meta(job.pruned_dir)
         start = sha256_file(job.init_dir / "adapter_model.safetensors") if job.init_dir else None
         verify_package(upload, edge=job.edge, plan=read_plan(job.pruned_dir),

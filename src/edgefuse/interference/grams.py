@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from edgefuse.artifacts import GramDomain, GramsManifest
+from edgefuse.data.taxonomy import normalise_subject
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import atomic_dir, publish, safetensors_header, sha256_file
 
@@ -162,8 +163,6 @@ def save_domain(directory: Path, domain: str, mats: dict[str, torch.Tensor], tok
     """One domain's matrices as ``<domain>.safetensors`` in ``directory`` (one at a time: a study's many domains
     need not all sit in memory); its manifest entry."""
     from safetensors.torch import save_file
-
-    from edgefuse.data.taxonomy import normalise_subject
 
     file = f"{normalise_subject(domain)}.safetensors"
     save_file({k: v.to(dtype).contiguous() for k, v in mats.items()}, str(Path(directory) / file))

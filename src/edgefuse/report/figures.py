@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefuse.io import atomic_write_png
-from edgefuse.report.tables import cd_ks, cr_sweep_rows, interference_models, transfer_matrix
+from edgefuse.report.tables import cd_ks, cr_sweep_rows, gram_source, interference_models, transfer_matrix
 
 
 def _plt():
@@ -230,7 +230,6 @@ def fig_interference(doc: dict, path: Path) -> str | None:
     fig.tight_layout()
     atomic_write_png(fig, path, dpi=110)
     plt.close(fig)
-    from edgefuse.report.tables import gram_source
 
     return (f"Interference on activations (base-model Gram matrices over {gram_source(doc)}), squared norms "
             "pooled over modules. Left: how loud edge j's adapter is on domain i's inputs next to edge i's own "
