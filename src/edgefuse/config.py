@@ -17,7 +17,10 @@ from edgefuse.data.choices import load_choice_file
 from edgefuse.data.taxonomy import domain_subjects, is_domain
 from edgefuse.edge.schema import PruningConfig, TrainConfig
 from edgefuse.errors import EdgefuseError
+from edgefuse.fusion.registry import CR_STRATEGIES, METHODS, get_method, list_cr_strategies, list_methods
+from edgefuse.fusion.request import FusionRequest
 from edgefuse.interference.spec import GramSpec
+from edgefuse.precision import dtype_name, parse_device, resolve
 from edgefuse.tasks.base import TaskSettings
 from edgefuse.tasks.mmlu import MMLUBench
 from edgefuse.tasks.mmlu_cd import MMLUCDBench
@@ -103,8 +106,6 @@ class CRSetting(_Strict):
     @property
     def needs_grams(self) -> bool:
         """Its strategy scores or resolves on Gram matrices of each domain's module inputs (activation)."""
-        from edgefuse.fusion.registry import CR_STRATEGIES
-
         return not self.is_off and CR_STRATEGIES[self.strategy].needs_grams
 
     @property
@@ -129,8 +130,6 @@ class FusionConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
-        from edgefuse.fusion import list_methods
-
         known = list(list_methods())
         bad = [m for m in v if m not in known]
         if bad:
@@ -141,24 +140,18 @@ class FusionConfig(_Strict):
     def needs_grams(self) -> bool:
         """Some method or LoRA-CR setting fuses with Gram matrices of each edge's module inputs (RegMean,
         LoRA-CR activation)."""
-        from edgefuse.fusion.registry import METHODS
-
         return any(METHODS[m].needs_grams for m in self.methods) or any(s.needs_grams for s in self.cr)
 
     def fusions(self) -> list[tuple[str, "CRSetting", str]]:
         """(method, LoRA-CR setting, model name) of every fused model a study builds: each method with each
         setting, except a setting that cannot change the method's result (`CRStrategy.changes`: activation on
         regmean), which would be a second copy of the same model."""
-        from edgefuse.fusion.registry import CR_STRATEGIES
-
         return [(m, s, fused_model_name(m, s.name)) for m in self.methods for s in self.cr
                 if s.is_off or (CR_STRATEGIES[s.strategy].changes(m) and (s.methods is None or m in s.methods))]
 
     @field_validator("cr", mode="before")
     @classmethod
     def _known_cr(cls, v):
-        from edgefuse.fusion import list_cr_strategies
-
         known = [OFF, *list_cr_strategies()]
         out = []
         for s in v if isinstance(v, list) else [v]:
@@ -186,8 +179,6 @@ class FusionConfig(_Strict):
         """Every fused model's `FusionRequest`, checked against the registry as its fuse stage will pass it
         (`request`), so a misspelt or out-of-range parameter fails when the config loads, not after the edges
         trained."""
-        from edgefuse.errors import EdgefuseError
-
         stray = [m for m in self.params if m not in self.methods]
         if stray:
             raise ValueError(f"params names method {stray[0]!r}, which is not among fusion.methods {self.methods}")
@@ -198,13 +189,11 @@ class FusionConfig(_Strict):
                 raise ValueError(f"{name}: {e}") from None
         return self
 
-    def request(self, method: str, setting: CRSetting, seed: int = 0, weights: list[float] | None = None):
+    def request(self, method: str, setting: CRSetting, seed: int = 0,
+                weights: list[float] | None = None) -> FusionRequest:
         """The `edgefuse.fusion.FusionRequest` of one fused model: the shared rank (unless the method keeps the exact
         concatenated rank) and density where the method takes one, the method's ``params`` and, unless off, the
         LoRA-CR setting's own (`CRSetting.fuse_params`); ``weights``: the delivered edges' (default: equal)."""
-        from edgefuse.fusion.registry import get_method
-        from edgefuse.fusion.request import FusionRequest
-
         spec = get_method(method)
         return FusionRequest(
             method, weights, rank=None if spec.exact_rank else self.rank,
@@ -332,15 +321,11 @@ class StudyConfig(_Strict):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, v: Optional[str]) -> Optional[str]:
-        from edgefuse.precision import dtype_name
-
         return v if v is None else _value_error(dtype_name, v)
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: Optional[str]) -> Optional[str]:
-        from edgefuse.precision import parse_device
-
         if v is not None:
             _value_error(parse_device, v)
         return v
@@ -442,8 +427,6 @@ class StudyConfig(_Strict):
 
     def precision(self):
         """The study's `edgefuse.precision.Precision` (defaults filled in), checked against this machine."""
-        from edgefuse.precision import resolve
-
         return resolve(self.device, self.dtype)
 
     def pruning_for(self, edge: str) -> PruningConfig:

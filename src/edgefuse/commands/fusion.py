@@ -12,10 +12,16 @@ from typing import Optional
 
 import typer
 
+from edgefuse.adapters import load_adapter
+from edgefuse.commands.interference import interference_stats, print_interference
 from edgefuse.commands.options import device_option, dtype_option
 from edgefuse.errors import EdgefuseError
-from edgefuse.fusion.registry import CR_THRESHOLD
+from edgefuse.fusion import FusionRequest, analyze_conflicts, fuse_dirs
+from edgefuse.fusion.api import _check_inputs
+from edgefuse.fusion.registry import COMMON_PARAMS, CR_STRATEGIES, CR_THRESHOLD, FAMILIES, METHODS, RANK_POLICIES
+from edgefuse.io import atomic_write_json
 from edgefuse.report.figures import conflict_grid, plot_heatmap
+from edgefuse.ui import layer_grid, progress_bar
 
 _ADAPTERS_HELP = "the adapter directories follow: --adapters DIR DIR ..."
 
@@ -55,15 +61,6 @@ def list_lines() -> list[str]:
     """``fuse --list``: every method with its family, parameters and defaults, rank policy and paper, then the
     parameters all methods take and the LoRA-CR strategies — all read from `edgefuse.fusion.registry`. Plain
     lines, so a narrow terminal or a pipe never cuts them."""
-    from edgefuse.fusion.registry import (
-        COMMON_PARAMS,
-        CR_STRATEGIES,
-        CR_THRESHOLD,
-        FAMILIES,
-        METHODS,
-        RANK_POLICIES,
-    )
-
     out = ["fusion methods (--method NAME; parameters as --density X or --param KEY=VALUE)", ""]
     for s in METHODS.values():
         out.append(f"{s.name}  [{s.family}]  {s.summary}")
@@ -134,7 +131,6 @@ def register(app: typer.Typer) -> None:
         if list_:
             _print_list()
             return
-        from edgefuse.fusion import FusionRequest, fuse_dirs
 
         if method is None:
             raise EdgefuseError("--method is required (see edgefuse fuse --list)")
@@ -142,7 +138,6 @@ def register(app: typer.Typer) -> None:
             raise EdgefuseError("no adapters given (--adapters DIR DIR ...)")
         if out is None:
             raise EdgefuseError("--out is required")
-        from edgefuse.ui import progress_bar
 
         request = FusionRequest(method, _weights(weights), rank, density, seed, cr, cr_threshold,
                                 {**_params(param), **({} if cr_share is None else {"cr_share": cr_share})})
@@ -184,11 +179,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure conflicts between adapters: per-layer table and optional heatmap."""
         from rich.console import Console
-        from edgefuse.ui import layer_grid
 
-        from edgefuse.adapters import load_adapter
-        from edgefuse.fusion import analyze_conflicts
-        from edgefuse.io import atomic_write_json
 
         if not dirs or len(dirs) < 2:
             raise EdgefuseError("conflicts needs at least two adapters (--adapters DIR DIR ...)")
@@ -196,14 +187,11 @@ def register(app: typer.Typer) -> None:
         w = _weights(weights)
         if w is not None and len(w) != len(adapters):
             raise EdgefuseError(f"{len(w)} weights given for {len(adapters)} adapters")
-        from edgefuse.fusion.api import _check_inputs
 
         _check_inputs(adapters, w or [1.0] * len(adapters))
         if fused is not None and activations is None:
             raise EdgefuseError("--fused needs --activations")
         if activations is not None:
-            from edgefuse.commands.interference import interference_stats, print_interference
-
             inter, domains = interference_stats(adapters, w, activations, fused)
         stats = analyze_conflicts(adapters, w)
         layers, types, cells = conflict_grid(stats)

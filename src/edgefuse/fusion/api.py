@@ -15,26 +15,20 @@ from typing import Any, Callable
 
 import torch
 
-from edgefuse.adapters import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    LoraAdapter,
-    LoraModule,
-    ModelShapes,
-    all_finite,
-    check_targets,
-    load_adapter,
-    save_adapter,
-)
+from edgefuse.adapters import (CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule, ModelShapes, all_finite, check_targets,
+                               load_adapter, save_adapter)
 from edgefuse.artifacts import FusedAdapterManifest
 from edgefuse.errors import EdgefuseError
 from edgefuse.fusion.conflict import analyze_conflicts, resolve_conflicts
-from edgefuse.fusion.cr_activation import module_deviation, resolve_on_activations
 from edgefuse.fusion.context import Ctx, module_names, single_threaded_ops
+from edgefuse.fusion.cr_activation import module_deviation, resolve_on_activations
 from edgefuse.fusion.gram_inputs import check_coverage, checked_once, input_width, module_grams
 from edgefuse.fusion.registry import CR_THRESHOLD, METHODS, get_cr_strategy, get_method, recipe_for
 from edgefuse.fusion.request import FusionRequest, as_request
+from edgefuse.interference.grams import GramSet
 from edgefuse.io import jsonable, sha256_file
+from edgefuse.models import cast, load_model, save_model_dir
+from edgefuse.precision import resolve
 
 log = logging.getLogger("edgefuse.fusion")
 
@@ -233,7 +227,6 @@ def _load_base(model: str | None, device: str | None = None):
     adapters are then checked by fingerprint only."""
     if model is None:
         return None, None
-    from edgefuse.models import load_model
 
     return load_model(model, device=device)
 
@@ -290,8 +283,6 @@ def fuse_dirs(
     ``device`` and merged in float32; ``dtype`` is that of the ``merged_out`` weights. Nothing is written
     unless every check and the whole fusion succeed.
     """
-    from edgefuse.precision import resolve
-
     request = as_request(method, weights, rank, density, seed, cr, cr_threshold, params)
     out = Path(out)
     for target in (out, merged_out):
@@ -350,8 +341,6 @@ def fuse_dirs(
     )
     save_adapter(fused, out, manifest, base_model=manifest.base_model)
     if merged is not None:
-        from edgefuse.models import cast, save_model_dir
-
         save_model_dir(cast(merged, precision.device, precision.torch_dtype), tok, merged_out)
     return {
         **stats,
@@ -364,8 +353,6 @@ def fuse_dirs(
 def _domain_grams(activations: str | Path, adapters: list[LoraAdapter], fps: set[str], force: bool) -> list:
     """Each adapter's domain's Gram matrices per token (RegMean then weighs domains alike whatever text each had),
     refused when collected on another base model than the adapters record (unless ``force``)."""
-    from edgefuse.interference.grams import GramSet
-
     gs = GramSet(activations)
     if fps and fps != {gs.manifest.base_fingerprint} and not force:
         raise EdgefuseError("Gram matrices were collected on another base model than the adapters' "

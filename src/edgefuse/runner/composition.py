@@ -19,7 +19,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from edgefuse.adapters import load_adapter
+from edgefuse.artifacts import ExternalAdapterManifest, read_manifest
+from edgefuse.assets import MINILM_DIST, MINILM_VERSION
+from edgefuse.compose.embedding import EMBEDDING_KEY, ENCODER_NAME, edge_embedding
+from edgefuse.compose.lorahub import lorahub, save_lorahub
+from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings
 from edgefuse.compose.schema import LORAHUB_NAME, MixtureSettings
+from edgefuse.data.mmlu import select
+from edgefuse.evaluate.retrieval import evaluate_mmlu_cd_retrieval, evaluate_mmlu_retrieval
 from edgefuse.io import atomic_write_json, hash_obj, read_json, sha256_file
 from edgefuse.runner.plan import StageSpec
 from edgefuse.runner.stages import eval_inputs, precision_inputs
@@ -34,17 +42,12 @@ EMBED_FILE = "embedding.json"
 
 
 def embedding_inputs(st: Study, edge: str) -> dict:
-    from edgefuse.assets import MINILM_DIST, MINILM_VERSION
-    from edgefuse.compose.embedding import ENCODER_NAME
-
     return {"data": st.data_inputs(), "edge": edge, "domains": st.cfg.edges[edge],
             "embedding": st.cfg.compose.embedding.model_dump(), "encoder": f"{ENCODER_NAME} {MINILM_DIST}=={MINILM_VERSION}"}
 
 
 def stage_embed(st: Study, spec: StageSpec) -> None:
     """One edge's retrieval embedding record (when the study has retrieval mixtures), into ``st.embeddings``."""
-    from edgefuse.compose.embedding import edge_embedding
-
     e, domains = st.cfg.compose.embedding, st.cfg.edges[spec.edge]
 
     def run(work: Path, advance) -> dict:
@@ -71,8 +74,6 @@ def lorahub_settings(st: Study, seed: int) -> dict:
 
 def lorahub_items(st: Study, domains: list[str], settings: dict) -> list:
     """The public-split examples LoraHub learns on: a seeded stratified sample of the edges' domains."""
-    from edgefuse.data.mmlu import select
-
     return select(st.dataset, "public", domains, None, settings["examples"], settings["seed"], st.split_spec)
 
 
@@ -83,9 +84,6 @@ def _domains(edges: list[dict]) -> list[str]:
 def stage_lorahub(st: Study, spec: StageSpec, edges: list[dict]) -> tuple[Path, dict]:
     """LoraHub weights over the edge adapters → a fused adapter (kind fuse; evaluated as any fused model by the next
     stage); (the adapter's directory, its record for results.json without the evaluation)."""
-    from edgefuse.adapters import load_adapter
-    from edgefuse.compose.lorahub import lorahub, save_lorahub
-
     seed = spec.seed
     settings = lorahub_settings(st, seed)
     domains = _domains(edges)
@@ -119,18 +117,11 @@ def stage_lorahub(st: Study, spec: StageSpec, edges: list[dict]) -> tuple[Path, 
 def edge_vector(st: Study, edge: dict) -> dict:
     """An edge adapter's retrieval embedding record: the one its edge sent in the manifest (a Flower edge does,
     `edgefuse.federated.edge.embed_package`; recovery keeps it), else its ``embed`` stage's."""
-    from edgefuse.artifacts import read_manifest
-
     return read_manifest(Path(edge["adapter"]) / "edgefuse.json").embedding or st.embeddings[edge["edge"]]
 
 
 def mixture_pool(st: Study, edges: list[dict]):
     """The retrieval pool: each edge's recovered adapter with its retrieval vector (`edge_vector`), named by edge."""
-    from edgefuse.adapters import load_adapter
-    from edgefuse.artifacts import ExternalAdapterManifest
-    from edgefuse.compose.embedding import EMBEDDING_KEY
-    from edgefuse.compose.retrieval import AdapterPool
-
     adapters = []
     for e in edges:
         a = load_adapter(e["adapter"], st.model)
@@ -142,8 +133,6 @@ def mixture_pool(st: Study, edges: list[dict]):
 
 
 def _retrieval(mix: MixtureSettings, routing: str | None = None):
-    from edgefuse.compose.retrieval import RetrievalSettings
-
     return RetrievalSettings(top_k=mix.k, weighting=mix.weighting, temperature=mix.temperature,
                              routing=routing or mix.routing)
 
@@ -207,8 +196,6 @@ class MixtureRuns:
 
 def stage_mixture_mmlu(st: Study, spec: StageSpec, runs: MixtureRuns) -> None:
     """MMLU under a way of forming each question's mixture (shared by the mixtures that form them alike)."""
-    from edgefuse.evaluate.retrieval import evaluate_mmlu_retrieval
-
     b, mix = st.cfg.benchmarks, spec.mixture
     rtag = mix.retrieval_tag
 
@@ -226,8 +213,6 @@ def stage_mixture_mmlu(st: Study, spec: StageSpec, runs: MixtureRuns) -> None:
 
 def stage_mixture_cd(st: Study, spec: StageSpec, runs: MixtureRuns) -> None:
     """MMLU-CD under one mixture, routed per instance or per question segment."""
-    from edgefuse.evaluate.retrieval import evaluate_mmlu_cd_retrieval
-
     b, mix = st.cfg.benchmarks, spec.mixture
 
     def run_cd(work: Path, advance) -> dict:

@@ -18,6 +18,11 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from edgefuse.adapters import load_adapter
+from edgefuse.errors import EdgefuseError
+from edgefuse.interference.collect import gram_matrices, manifest_fields, public_prompts, token_sequences
+from edgefuse.interference.grams import MANIFEST_FILE, GramSet, save_domain, write_manifest
+from edgefuse.interference.metrics import interference
 from edgefuse.io import atomic_write_json, jsonable, sha256_file
 from edgefuse.runner.plan import StageSpec
 from edgefuse.runner.study import Study
@@ -37,9 +42,6 @@ def grams_inputs(st: Study) -> dict:
 def stage_grams(st: Study, spec: StageSpec) -> None:
     """Collect every edge's Gram matrices (once per distinct set of domains) into one Gram directory, named in the
     manifest by edge (the domain each recovered adapter records); sets ``st.grams_dir`` and ``st.grams_hash``."""
-    from edgefuse.interference.collect import gram_matrices, manifest_fields, public_prompts, token_sequences
-    from edgefuse.interference.grams import save_domain
-
     gram_spec = st.cfg.interference.spec(st.cfg.data.split_seed)
     edges = st.cfg.edges
 
@@ -69,8 +71,6 @@ def stage_grams(st: Study, spec: StageSpec) -> None:
 
 def finish_dir(out: Path, fields: dict, aliases: dict, entries: dict) -> dict:
     """Write the manifest of a grams stage's directory ``out`` over its domain files; the stage's result."""
-    from edgefuse.interference.grams import MANIFEST_FILE, write_manifest
-
     write_manifest(out, fields, aliases, entries)
     return {"dir": GRAMS_DIR, "sha256": sha256_file(out / MANIFEST_FILE),
             "tokens": {e: d.tokens for e, d in entries.items()},
@@ -94,8 +94,6 @@ def stage_edge_grams(st: Study, spec: StageSpec, edges: list[dict]) -> None:
     import os
     import shutil
 
-    from edgefuse.errors import EdgefuseError
-    from edgefuse.interference.grams import MANIFEST_FILE, GramSet
 
     sources = {e["edge"]: Path(e["grams"]) for e in edges}
     inputs = {"edges": {name: sha256_file(d / MANIFEST_FILE) for name, d in sources.items()}}
@@ -154,10 +152,6 @@ def summarize(stats: dict, edges: list[str]) -> list[dict]:
 
 def stage_interference(st: Study, spec: StageSpec, edges: list[dict], fused_dir: Path) -> dict:
     """The interference of one fused adapter over its edges, on the study's Grams; its record for results.json."""
-    from edgefuse.adapters import load_adapter
-    from edgefuse.interference.grams import GramSet
-    from edgefuse.interference.metrics import interference
-
     names = [e["edge"] for e in edges]
     inputs = {"grams": st.grams_hash, "adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges],
               "fused": sha256_file(fused_dir / "adapter_model.safetensors")}

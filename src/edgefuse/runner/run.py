@@ -17,6 +17,9 @@ from typing import Callable
 from edgefuse.config import StudyConfig
 from edgefuse.errors import EdgefuseError
 from edgefuse.io import atomic_write_json, writing
+from edgefuse.models import count_parameters, fingerprint, load_model
+from edgefuse.report import write_report
+from edgefuse.runlock import run_lock, stale_note
 from edgefuse.runner.cache import StageCache
 from edgefuse.runner.estimate import estimate_study, remaining_seconds
 from edgefuse.runner.interference import interference_doc
@@ -24,7 +27,6 @@ from edgefuse.runner.plan import plan_tasks
 from edgefuse.runner.study import Study
 from edgefuse.runner.trainers import LocalTrainer, Trainer
 from edgefuse.runner.walk import walk
-from edgefuse.runlock import run_lock, stale_note
 from edgefuse.ui import StudyProgress
 
 log = logging.getLogger("edgefuse.run")
@@ -101,9 +103,6 @@ def run_study(cfg: StudyConfig, run_dir: str | Path, force: str | None = None, s
 def _run_locked(cfg: StudyConfig, run_dir: Path, force: str | None, show_progress: bool, trainer: Trainer,
                 on_estimate: Callable[[list], None] | None, stale: dict | None) -> dict:
     """`run_study` while this process holds the run directory's lock (``stale``: a dead run's lock it took over)."""
-    from edgefuse.models import count_parameters, fingerprint, load_model
-    from edgefuse.report import write_report
-
     t0 = time.perf_counter()
     precision = cfg.precision()  # an unreachable device or a dtype it cannot run fails here, before any work
     if hasattr(trainer, "check"):

@@ -14,12 +14,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from edgefuse.adapters import load_adapter, save_adapter
 from edgefuse.artifacts import EdgePackageManifest, RoundStartManifest
-from edgefuse.config import StudyConfig
-from edgefuse.edge.plan import plan_hash
-from edgefuse.errors import EdgefuseError
+from edgefuse.data.choices import load_choice_file, with_files
+from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
 from edgefuse.data.prompts import answered_prompt
+from edgefuse.edge.plan import plan_hash, read_plan, save_pruned
+from edgefuse.edge.prune import prune_model
+from edgefuse.edge.recover import project_adapter, recover
+from edgefuse.errors import EdgefuseError
+from edgefuse.fusion import fuse_dirs
+from edgefuse.fusion.registry import get_method
+from edgefuse.interference.grams import MANIFEST_FILE as GRAMS_MANIFEST
 from edgefuse.io import atomic_write_json, jsonable, read_json, sha256_file
+from edgefuse.models import count_parameters
+from edgefuse.peft_utils import apply_adapter
 from edgefuse.runner.plan import StageSpec
 from edgefuse.runner.study import Pending, Study
 from edgefuse.runner.trainers import Trainer, TrainJob
@@ -33,9 +42,6 @@ log = logging.getLogger("edgefuse.run")
 def stage_data(st: Study, spec: StageSpec) -> None:
     """The data and its splits (``splits.json``); then each task checks its own inputs (`Task.prepare`: a bad file
     fails here, before any model is evaluated)."""
-    from edgefuse.data.choices import load_choice_file, with_files
-    from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
-
     d = st.cfg.data
     mmlu = load_mmlu(None if d.source == "embedded" else d.source)
     st.file_hashes = {name: sha256_file(f.path) for name, f in d.choices.items()}
@@ -101,8 +107,6 @@ def _eval_total(st: Study, cd: bool = True) -> int:
 
 def _with_adapter(st: Study, adapter_dir: Path, fn: Callable[[Any], dict]) -> dict:
     """Apply an adapter to the shared base model, run ``fn``, then remove the adapter again."""
-    from edgefuse.peft_utils import apply_adapter
-
     peft_model = apply_adapter(st.model, adapter_dir)
     try:
         return fn(peft_model)
@@ -145,10 +149,6 @@ def train_config(st: Study, seed: int):
 
 def stage_prune(st: Study, spec: StageSpec) -> tuple[Path, dict, dict]:
     """Prune the base model for one edge; returns (pruned dir, result, stage inputs)."""
-    from edgefuse.edge.plan import save_pruned
-    from edgefuse.edge.prune import prune_model
-    from edgefuse.models import count_parameters
-
     edge, seed = spec.edge, spec.seed
     cfg, domains, p = st.cfg, st.cfg.edges[edge], st.cfg.pruning_for(edge)
 
@@ -216,10 +216,6 @@ def stage_train_all(st: Study, specs: list[StageSpec], pruned: dict[str, tuple[P
 
 def write_start(fused_dir: Path, plan_path: Path, out_dir: Path) -> Path:
     """The fused adapter projected to one edge's pruned shapes, as a PEFT directory (its next round's start)."""
-    from edgefuse.adapters import load_adapter, save_adapter
-    from edgefuse.edge.plan import read_plan
-    from edgefuse.edge.recover import project_adapter
-
     if (out_dir / "adapter_model.safetensors").is_file():  # a resumed job: same inputs, same start
         return out_dir
     plan = read_plan(plan_path)
@@ -238,8 +234,6 @@ def edge_gram_spec(st: Study):
 def _package_result(st: Study, job: TrainJob) -> dict | None:
     """The train stage's result if the trainer wrote this job's package (and the Gram matrices it was asked for);
     else None, the edge left out and recorded with the reason."""
-    from edgefuse.interference.grams import MANIFEST_FILE as GRAMS_MANIFEST
-
     missing_grams = job.grams is not None and not (job.grams_dir / GRAMS_MANIFEST).is_file()
     if job.failure is None and (job.package_dir / "edgefuse.json").is_file() and not missing_grams:
         res = {"dir": "package", "stats": EdgePackageManifest.read(job.package_dir / "edgefuse.json").stats}
@@ -255,8 +249,6 @@ def _package_result(st: Study, job: TrainJob) -> dict | None:
 def stage_recover(st: Study, spec: StageSpec, pruned_dir: Path, package: Path, train_res: dict,
                   prune_res: dict) -> tuple[dict, str]:
     """One edge's package back to the full model's shapes; (its record for results.json, the adapter's sha256)."""
-    from edgefuse.edge.recover import recover
-
     inputs = {"package": sha256_file(package / "adapter_model.safetensors"), "plan": sha256_file(pruned_dir / "plan.json")}
 
     def run_recover(work: Path, advance) -> dict:
@@ -290,9 +282,6 @@ def fusion_weights(st: Study, edges: list[dict]) -> list[float] | None:
 def stage_fuse(st: Study, spec: StageSpec, edges: list[dict]) -> tuple[Path, dict]:
     """One fused model (``spec.method`` with ``spec.cr``) of the round's delivered edges; (its adapter directory,
     the stage's result)."""
-    from edgefuse.fusion import fuse_dirs
-    from edgefuse.fusion.registry import get_method
-
     f, method, setting, seed = st.cfg.fusion, spec.method, spec.cr, spec.seed
     weights = fusion_weights(st, edges)
     method_spec = get_method(method)  # the shared rank/density apply to the methods that take them

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgefuse.config import StudyConfig
+from edgefuse.data.mmlu import select
 from edgefuse.runner.cache import StageCache
 from edgefuse.ui import StudyProgress
 
@@ -112,6 +113,4 @@ class Study:
         return self.cfg.data.model_dump() | ({"files": self.file_hashes} if self.file_hashes else {})
 
     def items_of(self, split: str, domains: list[str] | None = None):
-        from edgefuse.data.mmlu import select
-
         return select(self.dataset, split, domains, None, None, self.cfg.data.split_seed, self.split_spec)

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from edgefuse.edge.train import checkpoint_dir_for, train_edge
+from edgefuse.interference.collect import write_edge_grams
+from edgefuse.interference.grams import MANIFEST_FILE as GRAMS_MANIFEST
+from edgefuse.interference.spec import EDGE_GRAMS_DIR
 from edgefuse.io import read_json
 
 if TYPE_CHECKING:
@@ -47,8 +51,6 @@ class TrainJob:
     @property
     def grams_dir(self) -> Path:
         """Where the edge's own Gram matrices go (a one-domain Gram directory), when ``grams`` asks for them."""
-        from edgefuse.interference.spec import EDGE_GRAMS_DIR
-
         return self.work_dir / EDGE_GRAMS_DIR
 
 
@@ -79,9 +81,6 @@ class LocalTrainer:
         return {}  # this machine's memory is the study's pruning settings' business
 
     def train(self, st: Study, jobs: list[TrainJob]) -> None:
-        from edgefuse.edge.train import checkpoint_dir_for, train_edge
-        from edgefuse.interference.grams import MANIFEST_FILE as GRAMS_MANIFEST
-
         for job in jobs:
             items = st.items_of("edge", job.domains)
             state = checkpoint_dir_for(job.package_dir) / "state.json"
@@ -91,7 +90,6 @@ class LocalTrainer:
             if job.grams is not None and not (job.grams_dir / GRAMS_MANIFEST).is_file():
                 # as a Flower edge does: the base model over this edge's own prompts (a resumed job has them already:
                 # they are written all or nothing)
-                from edgefuse.interference.collect import write_edge_grams
 
                 write_edge_grams(st.model, st.tokenizer, items, job.grams, job.grams_dir, job.edge, st.cfg.model,
                                  st.cfg.data.split_seed)
