@@ -55,7 +55,7 @@ class CheckedOnce(Mapping):
         self._checked: dict[int, torch.Tensor] = {}  # id → the tensor itself, so that its id cannot be reused
 
     def get_checked(self, name: str, d_in: int | None) -> torch.Tensor:
-        from edgefuse.interference.grams import check_gram
+        from edgefuse.interference.grams import check_gram  # local: tests/test_interference.py patches grams.check_gram
 
         G = self._grams[name]
         if self._checked.get(id(G)) is not G:
@@ -90,7 +90,7 @@ def checked_once(grams: list[Mapping] | None) -> list[Mapping] | None:
 
 def module_grams(grams: list[Mapping], name: str, d_in: int) -> list[torch.Tensor]:
     """Each domain's checked Gram matrix of module ``name`` (d_in × d_in, float64)."""
-    from edgefuse.interference.grams import check_gram
+    from edgefuse.interference.grams import check_gram  # local: tests/test_interference.py patches grams.check_gram
 
     out = []
     for k, g in enumerate(grams):
