@@ -3,7 +3,8 @@ fused adapter or with a retrieval mixture over a pool of adapters, by edgefuse's
 
 Why: lm-eval's own ``hf`` backend loads one PEFT adapter, but it cannot mix a pool per request
 (`edgefuse.compose`), and it runs each (context, continuation) pair as its own sequence; here the requests that
-share a context run it once, with their continuations packed after it (`edgefuse.evaluate.cloze.ClozeScorer`).
+share a context run it once, with their continuations packed after it (`edgefuse.evaluate.scorer`, the one scoring
+interface the study's tasks use too).
 
 Arguments (``--model_args`` as ``key=value,…``): ``model`` (any edgefuse model spec, default SmolLM2),
 ``adapter`` (a PEFT adapter directory) or ``pool`` (adapter directories joined by ``:``, each with its embedding:
@@ -22,19 +23,16 @@ log-likelihood requests are served: rolling perplexity and generation raise one 
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from edgefuse.compose.embedding import embed_texts, load_encoder
-from edgefuse.compose.mixture import LoraMixture
-from edgefuse.compose.retrieval import RetrievalSettings, load_pool, retrieve
-from edgefuse.evaluate.mixture import MixtureScorer
+from edgefuse.compose.embedding import load_encoder
+from edgefuse.compose.retrieval import RetrievalSettings, load_pool
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.cloze import ClozeScorer
+from edgefuse.evaluate.scorer import PackedScorer, RetrievalScorer, Scorer
 from edgefuse.models import DEFAULT_MODEL, load_model
 from edgefuse.peft_utils import apply_adapter
 from edgefuse.precision import resolve
@@ -66,47 +64,21 @@ class EdgefuseLM(LM):
             device = None
         precision = resolve(device, dtype)
         self.model, self.tokenizer = load_model(str(model), **precision.as_dict())
-        self.pool = self.settings = self.encoder = None
         if adapter:
             self.model = apply_adapter(self.model, Path(adapter))
         if pool:
             dirs = [Path(d) for d in str(pool).split(":") if d]
-            self.settings = RetrievalSettings.given(top_k=top_k, weighting=weighting, temperature=temperature)
-            self.settings.check(len(dirs))
-            self.pool = load_pool(dirs, self.model)
-            self.encoder = load_encoder("cpu")
+            settings = RetrievalSettings.given(top_k=top_k, weighting=weighting, temperature=temperature)
+            settings.check(len(dirs))
+            self.scorer: Scorer = RetrievalScorer(self.model, self.tokenizer, load_pool(dirs, self.model), settings,
+                                                  load_encoder("cpu"), batch_size, greedy=True)
+        else:
+            self.scorer = PackedScorer(self.model, self.tokenizer, batch_size, greedy=True)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), is_greedy) per request, in the requests' order."""
-        pairs = [tuple(r.args) for r in requests]
-        by_context: dict[str, list[int]] = defaultdict(list)
-        for i, (context, _) in enumerate(pairs):
-            if not context:
-                raise EdgefuseError("edgefuse scores continuations of a non-empty context; this task has an empty one "
-                                    "(rolling perplexity is not supported)")
-            by_context[context].append(i)
-        # the packed scorer takes the same number of continuations for every context of one call
-        by_size: dict[int, list[str]] = defaultdict(list)
-        for context, members in by_context.items():
-            by_size[len(members)].append(context)
-        out: list[tuple[float, bool] | None] = [None] * len(pairs)
-        for contexts in by_size.values():
-            conts = [[pairs[i][1] for i in by_context[c]] for c in contexts]
-            ll, greedy = self._score(contexts, conts)
-            for row, context in enumerate(contexts):
-                for j, i in enumerate(by_context[context]):
-                    out[i] = (float(ll[row, j]), bool(greedy[row, j]))
-        return out
-
-    def _score(self, contexts: list[str], conts: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pool is None:
-            scorer = ClozeScorer(self.model, self.tokenizer, self.batch_size_per_gpu, greedy=True)
-            return scorer.score(contexts, conts), scorer.greedy
-        weights = retrieve(embed_texts(contexts, self.encoder), self.pool, self.settings)
-        with LoraMixture(self.model, self.pool.adapters) as mix:
-            scorer = MixtureScorer(self.model, self.tokenizer, mix, self.batch_size_per_gpu)
-            ctxs, cids = scorer.encode_cloze(contexts, conts)
-            return scorer.continuations(ctxs, cids, weights, weights, greedy=True), scorer.greedy
+        """(log p(continuation | context), is_greedy) per request, in the requests' order (`Scorer.loglikelihood`:
+        the requests that share a context run it once)."""
+        return self.scorer.loglikelihood([tuple(r.args) for r in requests])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise EdgefuseError("edgefuse serves log-likelihood requests of a context and its continuations; "

@@ -18,15 +18,13 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from edgefuse.compose.embedding import embed_texts, example_text
-from edgefuse.compose.mixture import LoraMixture
-from edgefuse.compose.retrieval import retrieve
+from edgefuse.compose.embedding import example_text
 from edgefuse.data.choices import ChoiceItem, load_choice_file
 from edgefuse.data.mmlu import MMLUDataset, SplitSpec, make_splits
 from edgefuse.data.prompts import cloze_continuation, cloze_prompt
-from edgefuse.evaluate.cloze import ClozeScorer, choose
-from edgefuse.evaluate.mixture import MixtureScorer
+from edgefuse.evaluate.cloze import choose
 from edgefuse.evaluate.retrieval import mixture_record
+from edgefuse.evaluate.scorer import PackedScorer, RetrievalScorer
 from edgefuse.evaluate.stats import bootstrap_ci
 from edgefuse.io import atomic_write_json, sha256_file
 from edgefuse.tasks.base import EvalContext, Task, TaskSettings, headline_summary
@@ -83,19 +81,6 @@ def load_items(s: ChoicesBench, data=None) -> list[ChoiceItem]:
     return items
 
 
-def _by_choice_count(items: list[ChoiceItem], score_group) -> list[list[float]]:
-    """Every item's choice scores, ``score_group(indices)`` called once per group of items with equal choice counts
-    (the packed scorers take one count per call), the rows put back in item order."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        groups[len(it.choices)].append(i)
-    out: list[list[float]] = [[] for _ in items]
-    for idx in groups.values():
-        for i, row in zip(idx, score_group(idx).tolist()):
-            out[i] = row
-    return out
-
-
 def _cloze_pairs(items: list[ChoiceItem]) -> tuple[list[str], list[list[str]]]:
     """The cloze contexts and each item's continuations, one per choice."""
     return [cloze_prompt(it) for it in items], [[cloze_continuation(it, c) for c in range(len(it.choices))]
@@ -103,26 +88,18 @@ def _cloze_pairs(items: list[ChoiceItem]) -> tuple[list[str], list[list[str]]]:
 
 
 def score_items(model, tokenizer, items: list[ChoiceItem], batch_size: int, progress=None) -> list[list[float]]:
-    """Summed log-likelihood of every choice of every item, in cloze form."""
-    scorer = ClozeScorer(model, tokenizer, batch_size=batch_size)
-    return _by_choice_count(items, lambda idx: scorer.score(*_cloze_pairs([items[i] for i in idx]), progress=progress))
+    """Summed log-likelihood of every choice of every item, in cloze form (`edgefuse.evaluate.scorer`)."""
+    return PackedScorer(model, tokenizer, batch_size).score(*_cloze_pairs(items), progress).loglik
 
 
 def score_items_mixture(model, tokenizer, items: list[ChoiceItem], pool, settings, batch_size: int,
                         progress=None, encoder=None) -> tuple[list[list[float]], list[dict]]:
     """`score_items` under a retrieval mixture: each question (text and choices) is its own query, and its top-k
-    adapters' outputs are mixed at every position (`edgefuse.evaluate.mixture.MixtureScorer`); also each question's
-    mixture, adapter name → weight."""
-    weights = retrieve(embed_texts([example_text(it) for it in items], encoder), pool, settings)
-    with LoraMixture(model, pool.adapters) as mix:
-        scorer = MixtureScorer(model, tokenizer, mix, batch_size)
-
-        def score_group(idx: list[int]) -> torch.Tensor:
-            ctxs, conts = scorer.encode_cloze(*_cloze_pairs([items[i] for i in idx]))
-            return scorer.continuations(ctxs, conts, weights[idx], weights[idx], progress)
-
-        out = _by_choice_count(items, score_group)
-    return out, [mixture_record(w, pool) for w in weights]
+    adapters' outputs are mixed at every position (`edgefuse.evaluate.scorer.RetrievalScorer`); also each
+    question's mixture, adapter name → weight."""
+    scorer = RetrievalScorer(model, tokenizer, pool, settings, encoder, batch_size)
+    s = scorer.score(*_cloze_pairs(items), progress, queries=[example_text(it) for it in items])
+    return s.loglik, [mixture_record(w, pool) for w in s.weights]
 
 
 def results_document(items: list[ChoiceItem], scores: list[list[float]], meta: dict, wall: float,
