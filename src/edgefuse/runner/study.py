@@ -35,9 +35,34 @@ class Pending:
     result: dict | None = None  # None after running: the stage delivered nothing and stays unfinished
 
 
+class ReadOnlyDict(dict):
+    """A dict that refuses changes (a study input once fixed); still a dict for JSON and for cache keys."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("the study's inputs are fixed once its data is prepared (Study.fix_inputs)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+
+class ReadOnlyList(list):
+    """A list that refuses changes (a study input once fixed)."""
+
+    _refuse = ReadOnlyDict._refuse
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    __iadd__ = __imul__ = _refuse
+
+
+# What the data steps (`Walk` steps ``data`` and ``task_data``) prepare and every later stage only reads.
+PREPARED = ("cfg", "run_dir", "dataset", "split_spec", "base_fingerprint", "mmlu_items", "file_hashes", "tasks",
+            "cd_docs", "cd_hashes", "precision")
+
+
 @dataclass
 class Study:
-    """Everything the stages share: config, data, base model, cache and progress."""
+    """Everything the stages share: config, data, base model, cache and progress.
+
+    The inputs (`PREPARED`) are written by the data steps and then fixed (`fix_inputs`); what stages hand on to
+    later ones (the model with or without an adapter, embeddings, Gram directory, edges left out) stays writable."""
 
     cfg: StudyConfig
     run_dir: Path
@@ -60,6 +85,24 @@ class Study:
     grams_hash: str | None = None  # sha256 of its grams.json (which holds every domain file's sha256)
     grams_summary: dict = field(default_factory=dict)
     interference: list[dict] = field(default_factory=list)  # each fused model's interference record
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in PREPARED and self.__dict__.get("_fixed"):
+            raise AttributeError(f"Study.{name} is fixed once the study's data is prepared (Study.fix_inputs)")
+        object.__setattr__(self, name, value)
+
+    def fix_inputs(self) -> None:
+        """Make the study's inputs read-only: after the data steps every stage reads them and none may change them,
+        so a stage's result depends on what its key says and not on what an earlier stage did to shared state."""
+        for name in ("mmlu_items", "tasks"):
+            object.__setattr__(self, name, ReadOnlyList(getattr(self, name)))
+        for name in ("file_hashes", "cd_docs", "cd_hashes"):
+            object.__setattr__(self, name, ReadOnlyDict(getattr(self, name)))
+        object.__setattr__(self, "_fixed", True)
+
+    @property
+    def inputs_fixed(self) -> bool:
+        return bool(self.__dict__.get("_fixed"))
 
     def stages(self, kind: str, wanted: list[Pending], run: Callable[[list[Pending]], None],
                together: bool = False, label: str = "") -> dict[str, tuple[Path, dict]]:

@@ -5,8 +5,9 @@ fused adapters).
 Why a walk over the plan rather than loops of its own: the run and the estimate then cannot disagree on which
 stages exist or in which order (the estimate prices the same list, `run_study` walks it). The one exception to
 "one spec, one call" is training: a round's train specs go to the trainer together, so edges on remote devices
-train at the same time. Stages the plan lists but the run cannot do are skipped: an edge the trainer did not deliver
-has no recover or evaluation, a mixture with more adapters than delivered edges is not scored (and says so).
+train at the same time. Once the data steps ran, the study's inputs are fixed (`Study.fix_inputs`). Stages the
+plan lists but the run cannot do are skipped: an edge the trainer did not deliver has no recover or evaluation, a
+mixture with more adapters than delivered edges is not scored (and says so).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class SeedRun:
         return self.rounds.setdefault(r, RoundRun())
 
 
+PREPARE_STEPS = ("data", "task_data")  # the steps that write the study's inputs (`Study.fix_inputs`)
+
+
 class Walk:
     """The state of one run while it walks its plan; `walk` is the entry point."""
 
@@ -66,6 +70,8 @@ class Walk:
         i = 0
         while i < len(specs):
             spec = specs[i]
+            if spec.step not in PREPARE_STEPS and not self.st.inputs_fixed:  # the data is prepared: fixed from here
+                self.st.fix_inputs()
             if spec.step == "train":  # the round's edges in one dispatch
                 j = i
                 while j < len(specs) and specs[j].step == "train" and (specs[j].seed, specs[j].round) == (
