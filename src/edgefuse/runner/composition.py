@@ -10,7 +10,8 @@
   ``eval-<name>-cd-<tag>`` per configured mixture for MMLU-CD, routed per instance or per question segment, and
   ``eval-<retrieval>-<task>-<tag>`` for each configured task that is scored under mixtures (`edgefuse.tasks`).
 
-They run on the last round's recovered edge adapters. Every stage's ``inputs`` is its cache key, as everywhere.
+They run on the last round's recovered edge adapters, in the order `edgefuse.runner.plan.composition_plan` lists them
+(one function per step, called by `edgefuse.runner.walk`). Every stage's ``inputs`` is its cache key, as everywhere.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Each stage's cost is a count of work units (prompts trained, items scored, …) 
 seconds per unit. The rates (`RATES`) were measured on the project's 2-core CPU with SmolLM2-135M
 (BENCHMARKS.md, "Study duration estimate"); other models scale them by their parameter count, and
 a run directory that already holds finished stages corrects each kind's rates by how far its own
-measured wall times were from their estimates. The plan is also what the progress display counts.
+measured wall times were from their estimates. What is priced is the study's plan (`edgefuse.runner.plan`), the
+list `run_study` then walks; the progress display counts it too.
 """
 
 from __future__ import annotations
