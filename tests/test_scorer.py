@@ -10,7 +10,8 @@ from helpers.cloze_reference import ref_pair
 
 from edgefuse.adapters import load_adapter
 from edgefuse.compose.retrieval import AdapterPool, RetrievalSettings
-from edgefuse.evaluate.scorer import PackedScorer, RetrievalScorer
+from edgefuse.evaluate.retrieval import RetrievalScorer
+from edgefuse.evaluate.scorer import PackedScorer
 from edgefuse.models import tiny_model
 from edgefuse.peft_utils import apply_adapter
 

@@ -32,7 +32,8 @@ from lm_eval.api.registry import register_model
 from edgefuse.compose.embedding import load_encoder
 from edgefuse.compose.retrieval import RetrievalSettings, load_pool
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.scorer import PackedScorer, RetrievalScorer, Scorer
+from edgefuse.evaluate.retrieval import RetrievalScorer
+from edgefuse.evaluate.scorer import PackedScorer, Scorer
 from edgefuse.models import DEFAULT_MODEL, load_model
 from edgefuse.peft_utils import apply_adapter
 from edgefuse.precision import resolve

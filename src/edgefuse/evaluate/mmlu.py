@@ -6,10 +6,13 @@ import time
 from collections import defaultdict
 from typing import Callable, Sequence
 
+import torch
+
 from edgefuse.data.mmlu import MMLUItem, choice_label
 from edgefuse.data.prompts import cloze_continuation, cloze_prompt, mc_prompt
 from edgefuse.errors import EdgefuseError
-from edgefuse.evaluate.cloze import ClozeScorer, check_format, choose
+from edgefuse.evaluate.cloze import check_format, choose
+from edgefuse.evaluate.scorer import PackedScorer
 from edgefuse.evaluate.scoring import LetterScorer
 from edgefuse.evaluate.stats import bootstrap_ci
 
@@ -117,7 +120,6 @@ def _document(items, meta, fmt: str, shots: int, correct: dict[str, list[int]], 
 def _evaluate_cloze(model, tokenizer, items, batch_size, progress, meta) -> dict:
     """Cloze-form results: per item the summed log-likelihoods, the acc and the acc_norm choice."""
     t0 = time.perf_counter()
-    scorer = ClozeScorer(model, tokenizer, batch_size=batch_size)
     conts = [[cloze_continuation(it, i) for i in range(len(it.choices))] for it in items]
-    scores = scorer.score([cloze_prompt(it) for it in items], conts, progress=progress)
-    return results_document(items, scores, "cloze", 0, time.perf_counter() - t0, scorer.tokens_scored, meta)
+    s = PackedScorer(model, tokenizer, batch_size).score([cloze_prompt(it) for it in items], conts, progress)
+    return results_document(items, torch.tensor(s.loglik), "cloze", 0, time.perf_counter() - t0, s.tokens, meta)

@@ -26,6 +26,7 @@ from edgefuse.evaluate.cloze import check_format, choose
 from edgefuse.evaluate.mixture import MixtureScorer, score_cd
 from edgefuse.evaluate.mmlu import build_prompts, results_document
 from edgefuse.evaluate.mmlu_cd import RESULTS_VERSION, cd_metrics, instance_record, resolve
+from edgefuse.evaluate.scorer import Scorer
 from edgefuse.evaluate.scoring import continuation_token_ids
 from edgefuse.evaluate.stats import bootstrap_ci
 from edgefuse.tokens import bos_prefix, encode_prompts, keep_end
@@ -88,9 +89,9 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
     t0 = time.perf_counter()
     queries = embed_texts([example_text(it) for it in items], encoder)
     W = retrieve(queries, pool, settings)
-    with LoraMixture(model, pool.adapters) as mix:
-        scorer = MixtureScorer(model, tokenizer, mix, batch_size)
-        if fmt == "letters":
+    if fmt == "letters":
+        with LoraMixture(model, pool.adapters) as mix:
+            scorer = MixtureScorer(model, tokenizer, mix, batch_size)
             head = bos_prefix(tokenizer)  # the tokenizer's default BOS first, as LetterScorer does
             seqs = [keep_end(e, scorer.max_length, head)
                     for e in encode_prompts(tokenizer, build_prompts(items, shots, public))]
@@ -102,13 +103,14 @@ def evaluate_mmlu_retrieval(model, tokenizer, items: Sequence, pool: AdapterPool
                                                        [W[i].expand(len(seqs[i]), -1) for i in part], ids)
                 if progress is not None:
                     progress(len(part))
-        else:
-            ctxs, conts = scorer.encode_cloze([cloze_prompt(it) for it in items],
-                                              [[cloze_continuation(it, c) for c in range(len(it.choices))]
-                                               for it in items])
-            scores = scorer.continuations(ctxs, conts, W, W, progress)
+            tokens = scorer.tokens
+    else:  # the one scoring interface, with the mixtures routed above
+        res = RetrievalScorer(model, tokenizer, pool, settings, encoder, batch_size).score(
+            [cloze_prompt(it) for it in items],
+            [[cloze_continuation(it, c) for c in range(len(it.choices))] for it in items], progress, weights=W)
+        scores, tokens = torch.tensor(res.loglik), res.tokens
     mixes = [{"mixture": mixture_record(W[i], pool)} for i in range(len(items))]
-    doc = results_document(items, scores, fmt, shots, time.perf_counter() - t0, scorer.tokens, meta, extra=mixes)
+    doc = results_document(items, scores, fmt, shots, time.perf_counter() - t0, tokens, meta, extra=mixes)
     doc["retrieval"] = _retrieval_block(pool, settings, queries, [it.subject for it in items])
     return doc
 
@@ -177,3 +179,26 @@ def evaluate_mmlu_cd_retrieval(model, tokenizer, doc: dict, dataset, pool: Adapt
         "retrieval": _retrieval_block(pool, settings, queries, [it.subject for items in instances for it in items]),
         "instances": records,
     }
+
+
+class RetrievalScorer(Scorer):
+    """A retrieval mixture (LoraRetriever, Zhao et al. 2024, arXiv:2402.09997): each row's query is embedded
+    (``encoder``: the embedded MiniLM), its top-k adapters of ``pool`` are weighted by ``settings``
+    (`edgefuse.compose.retrieval.retrieve`), and that one mixture serves the row's context and every continuation
+    (`edgefuse.evaluate.mixture.MixtureScorer`, the same packing as `edgefuse.evaluate.scorer.PackedScorer`)."""
+
+    def __init__(self, model, tokenizer, pool, settings, encoder=None, batch_size: int = 8, greedy: bool = False):
+        super().__init__(greedy)
+        self.model, self.tokenizer, self.pool, self.settings = model, tokenizer, pool, settings
+        self.encoder, self.batch_size = encoder, batch_size
+
+    def route(self, queries):
+        return retrieve(embed_texts(list(queries), self.encoder), self.pool, self.settings)
+
+    def score_group(self, contexts, continuations, weights, progress):
+        with LoraMixture(self.model, self.pool.adapters) as mix:
+            scorer = MixtureScorer(self.model, self.tokenizer, mix, self.batch_size)
+            ctxs, conts = scorer.encode_cloze(contexts, continuations)
+            ll = scorer.continuations(ctxs, conts, weights, weights, progress, greedy=self.greedy)
+        self.tokens += scorer.tokens
+        return ll, scorer.greedy

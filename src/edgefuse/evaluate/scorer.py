@@ -1,10 +1,12 @@
 """One scoring interface (issue 23, item 4): the summed log-likelihood of each continuation after its context,
 for fixed-choice questions (`Scorer.score`) and for lm-eval's loose (context, continuation) requests
 (`Scorer.loglikelihood`), whatever model runs behind it: the base model or one adapter (`PackedScorer`), or a
-retrieval mixture over a pool of adapters whose weights are set per row (`RetrievalScorer`).
+retrieval mixture over a pool of adapters whose weights are set per row
+(`edgefuse.evaluate.retrieval.RetrievalScorer`, beside the retrieval evaluations, so that this module depends on the
+packed scorer alone and every benchmark can use it).
 
-Why: the lm-eval backend, the ``choices`` task and its mixture variant each grouped their requests by context and
-by number of choices and wrapped the packed scorers on their own. Here the grouping is written once: the packed
+Why: MMLU in cloze form, the lm-eval backend, the ``choices`` task and their mixture variants each grouped their
+requests and wrapped the packed scorers on their own. Here the grouping is written once: the packed
 implementation (`edgefuse.evaluate.cloze.ClozeScorer`: the context once, its continuations packed beside it) takes
 one number of continuations per call, so `score` groups rows by that number, and `loglikelihood` groups requests by
 context first. The batches are those each caller formed before, so the scores are the same.
@@ -19,12 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from edgefuse.compose.embedding import embed_texts
-from edgefuse.compose.mixture import LoraMixture
-from edgefuse.compose.retrieval import retrieve
 from edgefuse.errors import EdgefuseError
 from edgefuse.evaluate.cloze import ClozeScorer
-from edgefuse.evaluate.mixture import MixtureScorer as PackedMixture
 
 
 @dataclass
@@ -35,6 +33,7 @@ class Scores:
     loglik: list[list[float]]
     greedy: list[list[bool]] | None = None
     weights: list[torch.Tensor] | None = None
+    tokens: int = 0  # tokens run through the decoder (contexts once, continuations; no padding)
 
 
 class Scorer(ABC):
@@ -43,6 +42,7 @@ class Scorer(ABC):
 
     def __init__(self, greedy: bool = False):
         self.greedy = greedy  # also report whether each continuation is the greedy one (lm-eval's is_greedy)
+        self.tokens = 0  # tokens run through the decoder by every call so far
 
     def route(self, queries: Sequence[str]) -> torch.Tensor | None:
         """Each row's adapter weights (n, pool) from its query, all rows at once; None: no mixture."""
@@ -55,12 +55,16 @@ class Scorer(ABC):
         """(loglik (n, k), greedy (n, k) or None) for rows of k continuations each (``weights``: theirs, or None)."""
 
     def score(self, contexts: Sequence[str], continuations: Sequence[Sequence[str]],
-              progress: Callable[[int], None] | None = None, queries: Sequence[str] | None = None) -> Scores:
+              progress: Callable[[int], None] | None = None, queries: Sequence[str] | None = None,
+              weights: torch.Tensor | None = None) -> Scores:
         """Each row's continuations scored after its context; rows may have different numbers of continuations.
-        ``queries``: the text a mixture routes each row by (default: its context)."""
+        ``queries``: the text a mixture routes each row by (default: its context); ``weights``: each row's mixture
+        when the caller has routed already (`route` is then not called)."""
         if len(contexts) != len(continuations) or (queries is not None and len(queries) != len(contexts)):
             raise EdgefuseError("scoring needs one list of continuations (and one query) per context")
-        weights = self.route(list(contexts) if queries is None else list(queries))
+        tokens_before = self.tokens
+        if weights is None:
+            weights = self.route(list(contexts) if queries is None else list(queries))
         groups: dict[int, list[int]] = defaultdict(list)
         for i, conts in enumerate(continuations):
             groups[len(conts)].append(i)
@@ -73,6 +77,7 @@ class Scorer(ABC):
                 out.loglik[i] = ll[r].tolist()
                 if out.greedy is not None:
                     out.greedy[i] = [bool(g) for g in greedy[r]]
+        out.tokens = self.tokens - tokens_before
         return out
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]],
@@ -103,26 +108,6 @@ class PackedScorer(Scorer):
 
     def score_group(self, contexts, continuations, weights, progress):
         scorer = ClozeScorer(self.model, self.tokenizer, self.batch_size, greedy=self.greedy)
-        return scorer.score(contexts, continuations, progress), scorer.greedy
-
-
-class RetrievalScorer(Scorer):
-    """A retrieval mixture (LoraRetriever, Zhao et al. 2024, arXiv:2402.09997): each row's query is embedded
-    (``encoder``: the embedded MiniLM), its top-k adapters of ``pool`` are weighted by ``settings``
-    (`edgefuse.compose.retrieval.retrieve`), and that one mixture serves the row's context and every continuation
-    (`edgefuse.evaluate.mixture.MixtureScorer`, the same packing as `PackedScorer`)."""
-
-    def __init__(self, model, tokenizer, pool, settings, encoder=None, batch_size: int = 8, greedy: bool = False):
-        super().__init__(greedy)
-        self.model, self.tokenizer, self.pool, self.settings = model, tokenizer, pool, settings
-        self.encoder, self.batch_size = encoder, batch_size
-
-    def route(self, queries):
-        return retrieve(embed_texts(list(queries), self.encoder), self.pool, self.settings)
-
-    def score_group(self, contexts, continuations, weights, progress):
-        with LoraMixture(self.model, self.pool.adapters) as mix:
-            scorer = PackedMixture(self.model, self.tokenizer, mix, self.batch_size)
-            ctxs, conts = scorer.encode_cloze(contexts, continuations)
-            ll = scorer.continuations(ctxs, conts, weights, weights, progress, greedy=self.greedy)
+        ll = scorer.score(contexts, continuations, progress)
+        self.tokens += scorer.tokens_scored
         return ll, scorer.greedy

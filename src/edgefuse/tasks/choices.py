@@ -23,8 +23,8 @@ from edgefuse.data.choices import ChoiceItem, load_choice_file
 from edgefuse.data.mmlu import MMLUDataset, SplitSpec, make_splits
 from edgefuse.data.prompts import cloze_continuation, cloze_prompt
 from edgefuse.evaluate.cloze import choose
-from edgefuse.evaluate.retrieval import mixture_record
-from edgefuse.evaluate.scorer import PackedScorer, RetrievalScorer
+from edgefuse.evaluate.retrieval import RetrievalScorer, mixture_record
+from edgefuse.evaluate.scorer import PackedScorer
 from edgefuse.evaluate.stats import bootstrap_ci
 from edgefuse.io import atomic_write_json, sha256_file
 from edgefuse.tasks.base import EvalContext, Task, TaskSettings, headline_summary
@@ -95,7 +95,7 @@ def score_items(model, tokenizer, items: list[ChoiceItem], batch_size: int, prog
 def score_items_mixture(model, tokenizer, items: list[ChoiceItem], pool, settings, batch_size: int,
                         progress=None, encoder=None) -> tuple[list[list[float]], list[dict]]:
     """`score_items` under a retrieval mixture: each question (text and choices) is its own query, and its top-k
-    adapters' outputs are mixed at every position (`edgefuse.evaluate.scorer.RetrievalScorer`); also each
+    adapters' outputs are mixed at every position (`edgefuse.evaluate.retrieval.RetrievalScorer`); also each
     question's mixture, adapter name → weight."""
     scorer = RetrievalScorer(model, tokenizer, pool, settings, encoder, batch_size)
     s = scorer.score(*_cloze_pairs(items), progress, queries=[example_text(it) for it in items])
