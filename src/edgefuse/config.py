@@ -14,6 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
 
 from edgefuse.compose.schema import LORAHUB_NAME, ComposeConfig
 from edgefuse.data.choices import load_choice_file
+from edgefuse.data.mmlu import SplitSpec
 from edgefuse.data.taxonomy import domain_subjects, is_domain
 from edgefuse.edge.schema import PruningConfig, TrainConfig
 from edgefuse.errors import EdgefuseError
@@ -59,6 +60,16 @@ class DataConfig(_Strict):
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         return _without_empty(handler(self), "choices")
+
+    @property
+    def mmlu_source(self) -> str | None:
+        """The MMLU file `edgefuse.data.mmlu.load_mmlu` reads (None: the embedded one)."""
+        return None if self.source == "embedded" else self.source
+
+    def split_spec(self) -> SplitSpec:
+        """How every domain is split into public, edge and test questions under these settings."""
+        return SplitSpec(seed=self.split_seed, public_per_subject=self.public_per_subject,
+                         edge_fraction=self.edge_fraction)
 
 
 class TrainingConfig(TrainConfig):

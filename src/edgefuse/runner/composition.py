@@ -31,7 +31,7 @@ from edgefuse.data.mmlu import select
 from edgefuse.evaluate.retrieval import evaluate_mmlu_cd_retrieval, evaluate_mmlu_retrieval
 from edgefuse.io import atomic_write_json, hash_obj, read_json, sha256_file
 from edgefuse.runner.plan import StageSpec
-from edgefuse.runner.stages import eval_inputs, precision_inputs
+from edgefuse.runner.stages import adapter_keys, eval_inputs, precision_inputs
 from edgefuse.runner.study import Study
 from edgefuse.tasks.base import EvalContext
 from edgefuse.tasks.mmlu import mmlu_summary
@@ -61,11 +61,6 @@ def stage_embed(st: Study, spec: StageSpec) -> None:
     st.embeddings[spec.edge] = read_json(out / res["file"])
 
 
-def _adapter_keys(edges: list[dict]) -> list[str]:
-    """The edge adapters as fuse stages name them in their inputs (stage directory and file, content-addressed)."""
-    return [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges]
-
-
 def lorahub_settings(st: Study, seed: int) -> dict:
     """The study's LoraHub settings with the defaults that follow the study filled in (objective, seed)."""
     lh = st.cfg.compose.lorahub
@@ -89,7 +84,7 @@ def stage_lorahub(st: Study, spec: StageSpec, edges: list[dict]) -> tuple[Path, 
     settings = lorahub_settings(st, seed)
     domains = _domains(edges)
     b = st.cfg.benchmarks
-    inputs = {"adapters": _adapter_keys(edges), "lorahub": settings, "data": st.data_inputs(),
+    inputs = {"adapters": adapter_keys(edges), "lorahub": settings, "data": st.data_inputs(),
               "domains": domains, "seq": st.cfg.training.seq, "batch_size": b.batch_size, **precision_inputs(st)}
 
     def run(work: Path, advance) -> dict:
@@ -103,7 +98,7 @@ def stage_lorahub(st: Study, spec: StageSpec, edges: list[dict]) -> tuple[Path, 
         names = {a.base_model for a in adapters if a.base_model}
         save_lorahub(res, work / "fused", base_model=next(iter(names)) if len(names) == 1 else None,
                      inputs=[{"edge": e["edge"], "domains": e["domains"], "adapter": key}
-                             for e, key in zip(edges, _adapter_keys(edges))], base_fingerprint=st.base_fingerprint)
+                             for e, key in zip(edges, adapter_keys(edges))], base_fingerprint=st.base_fingerprint)
         return {"dir": "fused", "lorahub": {"weights": res.weights, "edges": [e["edge"] for e in edges],
                                             "loss": res.loss, "objective": res.objective, "start_loss": res.start_loss,
                                             "start_objective": res.start_objective, "evaluations": len(res.trace),
@@ -233,7 +228,7 @@ def stage_mixture_cd(st: Study, spec: StageSpec, runs: MixtureRuns) -> None:
 
 def stage_mixture_task(st: Study, spec: StageSpec, runs: MixtureRuns) -> None:
     """A configured task under a way of forming each question's mixture, routed per question as MMLU."""
-    mix, task = spec.mixture, next(t for t in st.tasks if t.name == spec.task)
+    mix, task = spec.mixture, st.task(spec.task)
 
     def run_task(work: Path, advance) -> dict:
         return task.evaluate_mixture(st, runs.pool(), _retrieval(mix, "instance"),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefuse.config import StudyConfig
-from edgefuse.data.mmlu import SplitSpec, load_mmlu, select
+from edgefuse.data.mmlu import load_mmlu, select
 from edgefuse.fusion.registry import get_method
 from edgefuse.runner.cache import KINDS, finished_stage_files
 from edgefuse.runner.plan import StageSpec, plan_tasks, study_plan
@@ -89,7 +89,7 @@ class StageCosts:
     """Each step's cost model: seconds of one `StageSpec` at the model size ``params`` (`price`)."""
 
     def __init__(self, cfg: StudyConfig, n_mmlu: int, params: float | None, tasks: list[Task]):
-        self.cfg, self.n_mmlu, self.s, self.tasks = cfg, n_mmlu, _scale(params), tasks
+        self.cfg, self.n_mmlu, self.s = cfg, n_mmlu, _scale(params)
         self.fmt = cfg.benchmarks.format
         self.task_s = {t.name: sum(units * _rate(name, self.fmt) for name, units in t.work(n_mmlu).items())
                        for t in tasks}
@@ -226,9 +226,7 @@ def mmlu_count(cfg: StudyConfig) -> int:
     if m.limit is not None:
         return m.limit
     d = cfg.data
-    ds = load_mmlu(None if d.source == "embedded" else d.source)
-    spec = SplitSpec(seed=d.split_seed, public_per_subject=d.public_per_subject, edge_fraction=d.edge_fraction)
-    return len(select(ds, "test", m.domains, None, None, d.split_seed, spec))
+    return len(select(load_mmlu(d.mmlu_source), "test", m.domains, None, None, d.split_seed, d.split_spec()))
 
 
 def estimate_study(cfg: StudyConfig, run_dir: Path, params: float | None = None, force: str | None = None,

@@ -25,6 +25,7 @@ from edgefuse.interference.grams import MANIFEST_FILE, GramSet, save_domain, wri
 from edgefuse.interference.metrics import interference
 from edgefuse.io import atomic_write_json, jsonable, sha256_file
 from edgefuse.runner.plan import StageSpec
+from edgefuse.runner.stages import adapter_keys, precision_inputs
 from edgefuse.runner.study import Study
 
 GRAMS_DIR = "grams"
@@ -34,9 +35,8 @@ STATS_FILE = "interference.json"
 def grams_inputs(st: Study) -> dict:
     """The grams stage's key: the base model, the data split, how much text (GramSpec), each edge's domains."""
     spec = st.cfg.interference.spec(st.cfg.data.split_seed)
-    extra = st.precision.non_default()  # as `stages.precision_inputs` (not imported: stages imports this module)
     return {"model": st.base_fingerprint, "data": st.data_inputs(), "grams": asdict(spec),
-            "edges": st.cfg.edges, **({"precision": extra} if extra else {})}
+            "edges": st.cfg.edges, **precision_inputs(st)}
 
 
 def stage_grams(st: Study, spec: StageSpec) -> None:
@@ -153,7 +153,7 @@ def summarize(stats: dict, edges: list[str]) -> list[dict]:
 def stage_interference(st: Study, spec: StageSpec, edges: list[dict], fused_dir: Path) -> dict:
     """The interference of one fused adapter over its edges, on the study's Grams; its record for results.json."""
     names = [e["edge"] for e in edges]
-    inputs = {"grams": st.grams_hash, "adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges],
+    inputs = {"grams": st.grams_hash, "adapters": adapter_keys(edges),
               "fused": sha256_file(fused_dir / "adapter_model.safetensors")}
 
     def run(work: Path, advance) -> dict:

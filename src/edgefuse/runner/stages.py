@@ -17,7 +17,7 @@ from typing import Any, Callable
 from edgefuse.adapters import load_adapter, save_adapter
 from edgefuse.artifacts import EdgePackageManifest, RoundStartManifest
 from edgefuse.data.choices import load_choice_file, with_files
-from edgefuse.data.mmlu import SplitSpec, load_mmlu, make_splits, select
+from edgefuse.data.mmlu import load_mmlu, make_splits, select
 from edgefuse.data.prompts import answered_prompt
 from edgefuse.edge.plan import plan_hash, read_plan, save_pruned
 from edgefuse.edge.prune import prune_model
@@ -43,11 +43,10 @@ def stage_data(st: Study, spec: StageSpec) -> None:
     """The data and its splits (``splits.json``); then each task checks its own inputs (`Task.prepare`: a bad file
     fails here, before any model is evaluated)."""
     d = st.cfg.data
-    mmlu = load_mmlu(None if d.source == "embedded" else d.source)
+    mmlu = load_mmlu(d.mmlu_source)
     st.file_hashes = {name: sha256_file(f.path) for name, f in d.choices.items()}
     st.dataset = with_files(mmlu, {name: load_choice_file(f.path, f.fields, f.domain) for name, f in d.choices.items()})
-    st.split_spec = SplitSpec(seed=d.split_seed, public_per_subject=d.public_per_subject,
-                              edge_fraction=d.edge_fraction)
+    st.split_spec = d.split_spec()
 
     def run(work: Path, advance) -> dict:
         splits = make_splits(st.dataset, st.split_spec)
@@ -64,7 +63,7 @@ def stage_data(st: Study, spec: StageSpec) -> None:
 
 def stage_task_data(st: Study, spec: StageSpec) -> None:
     """One of a task's data stages (MMLU-CD: the instance file of one k), as the task planned it."""
-    next(t for t in st.tasks if t.name == spec.task).build_data(st, spec.data)
+    st.task(spec.task).build_data(st, spec.data)
 
 
 def evaluated_tasks(st: Study, cd: bool = True) -> list[Task]:
@@ -273,6 +272,12 @@ def stage_eval_edge(st: Study, spec: StageSpec, edge: dict, sha256: str) -> dict
         st, m, work, adv, spec.edge, cd=cd)), total=_eval_total(st, cd))
 
 
+def adapter_keys(edges: list[dict]) -> list[str]:
+    """The edge adapters as the fuse, interference and LoraHub stages name them in their inputs (stage directory and
+    file, content-addressed)."""
+    return [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges]
+
+
 def fusion_weights(st: Study, edges: list[dict]) -> list[float] | None:
     """The configured fusion weights of the delivered edges (a missing edge's weight is left out)."""
     f, names = st.cfg.fusion, list(st.cfg.edges)
@@ -285,7 +290,7 @@ def stage_fuse(st: Study, spec: StageSpec, edges: list[dict]) -> tuple[Path, dic
     f, method, setting, seed = st.cfg.fusion, spec.method, spec.cr, spec.seed
     weights = fusion_weights(st, edges)
     method_spec = get_method(method)  # the shared rank/density apply to the methods that take them
-    inputs = {"adapters": [e["adapter"].rsplit("/stages/", 1)[-1] for e in edges], "method": method,
+    inputs = {"adapters": adapter_keys(edges), "method": method,
               "cr": setting.name if setting.is_plain else setting.model_dump(exclude={"methods"}), "rank": f.rank,
               "density": f.density, "weights": weights, "params": f.params.get(method, {}), "seed": seed}
     grams = method_spec.needs_grams or setting.needs_grams

@@ -150,6 +150,10 @@ class Study:
 
         return self.stages(spec.kind, [Pending(spec.name, inputs, total)], run)[spec.name]
 
+    def task(self, name: str):
+        """The study's task of that name (`edgefuse.tasks.base.Task`)."""
+        return next(t for t in self.tasks if t.name == name)
+
     def data_inputs(self) -> dict:
         """The data settings as stage inputs; with ``data.choices`` files, their sha256 too (an edited file is new
         data). A study without files keeps the keys it had before they existed."""

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from edgefuse.compose.embedding import example_text
 from edgefuse.data.choices import ChoiceItem, load_choice_file
-from edgefuse.data.mmlu import MMLUDataset, SplitSpec, make_splits
+from edgefuse.data.mmlu import MMLUDataset, make_splits
 from edgefuse.data.prompts import cloze_continuation, cloze_prompt
 from edgefuse.evaluate.cloze import choose
 from edgefuse.evaluate.retrieval import RetrievalScorer, mixture_record
@@ -72,9 +72,7 @@ def load_items(s: ChoicesBench, data=None) -> list[ChoiceItem]:
     else:
         f = data.choices[s.data]
         items = load_choice_file(f.path, f.fields, f.domain)
-        spec = SplitSpec(seed=data.split_seed, public_per_subject=data.public_per_subject,
-                         edge_fraction=data.edge_fraction)
-        test = set(make_splits(MMLUDataset(items, f.path), spec)["test"])
+        test = set(make_splits(MMLUDataset(items, f.path), data.split_spec())["test"])
         items = [it for it in items if it.id in test]
     if s.limit is not None and s.limit < len(items):
         items = sorted(random.Random(s.seed).sample(items, s.limit), key=lambda it: it.id)
