@@ -18,8 +18,9 @@ from edgefuse.evaluate.scoring import make_batch
 from edgefuse.models import tiny_model
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402 - after importorskip
+from peft import PeftModel  # noqa: E402 - after importorskip
 from peft.tuners.lora import LoraLayer  # noqa: E402
+from helpers.peft_adapters import save_random_adapters  # noqa: E402 - imports peft
 
 pytestmark = pytest.mark.unit
 
@@ -45,15 +46,7 @@ def report(name, err):
 
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixture")
-    dirs = []
-    for k, cfg in enumerate(CONFIGS):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(100 + k)
-            pm = get_peft_model(tiny_model()[0], LoraConfig(init_lora_weights=False, lora_dropout=0.0, **cfg))
-        pm.save_pretrained(str(root / f"a{k}"))
-        dirs.append(root / f"a{k}")
-    return dirs
+    return save_random_adapters(tmp_path_factory.mktemp("mixture"), CONFIGS, seed=100)
 
 
 @pytest.fixture(scope="module")

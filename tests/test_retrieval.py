@@ -32,8 +32,9 @@ from edgefuse.evaluate.scoring import continuation_token_ids, head_logprobs, lm_
 from edgefuse.models import tiny_model
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import PeftModel  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
+from helpers.peft_adapters import save_random_adapters  # noqa: E402 - imports peft
 
 pytestmark = pytest.mark.integration
 
@@ -54,15 +55,9 @@ def one_line_error(call) -> str:
 
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pool")
-    dirs = []
-    for k, cfg in enumerate(CONFIGS):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(200 + k)
-            pm = get_peft_model(tiny_model()[0], LoraConfig(init_lora_weights=False, lora_dropout=0.0, **cfg))
-        pm.save_pretrained(str(root / f"a{k}"))
-        ExternalAdapterManifest(domain=DOMAINS[k]).write(root / f"a{k}" / "edgefuse.json")
-        dirs.append(root / f"a{k}")
+    dirs = save_random_adapters(tmp_path_factory.mktemp("pool"), CONFIGS, seed=200)
+    for d, domain in zip(dirs, DOMAINS):
+        ExternalAdapterManifest(domain=domain).write(d / "edgefuse.json")
     return dirs
 
 

@@ -16,7 +16,7 @@ from edgefuse.models import tiny_model
 from edgefuse.peft_utils import apply_adapter
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402 - after importorskip
+from helpers.peft_adapters import save_random_adapters  # noqa: E402 - imports peft
 
 pytestmark = pytest.mark.unit
 
@@ -71,16 +71,9 @@ class KeywordEncoder:
 
 @pytest.fixture(scope="module")
 def two_adapters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scorer")
-    dirs = []
-    for k, cfg in enumerate([dict(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                             dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"])]):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(300 + k)
-            pm = get_peft_model(tiny_model()[0], LoraConfig(init_lora_weights=False, lora_dropout=0.0, **cfg))
-        pm.save_pretrained(str(root / f"a{k}"))
-        dirs.append(root / f"a{k}")
-    return dirs
+    return save_random_adapters(tmp_path_factory.mktemp("scorer"),
+                                [dict(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                                 dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"])], seed=300)
 
 
 def test_a_retrieval_mixture_routes_each_row_and_scores_as_its_adapter(two_adapters):
